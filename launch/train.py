@@ -1,0 +1,47 @@
+"""DeepSpeed entry point: `deepspeed --num_gpus N launch/train.py --preset debug ...` (same flags as `lumina-ds train`).
+
+Also runs under torchrun, mpirun, or alone (it then sets the rendezvous variables itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from lumina_ds.cli_train import add_train_arguments, run_config_from_args  # noqa: E402
+from lumina_ds.distributed.env import configure_accelerator  # noqa: E402
+from lumina_ds.errors import LuminaError  # noqa: E402
+
+
+def main() -> int:
+    configure_accelerator()
+    parser = argparse.ArgumentParser(description="lumina-ds training under a distributed launcher")
+    add_train_arguments(parser)
+    args = parser.parse_args()
+    try:
+        from lumina_ds.training.session import train
+
+        train(run_config_from_args(args))
+    except LuminaError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    # torch's gloo teardown can abort after a clean finish (DEEPSPEED_FACTS.md): sync, flush, leave directly
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:
+            code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,3 @@
+from lumina_ds.cli import entry
+
+entry()

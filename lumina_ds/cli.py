@@ -1,0 +1,117 @@
+"""`lumina-ds` command line: thin parsers that build a config and call one function each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from lumina_ds import __version__
+from lumina_ds.cli_train import add_train_arguments, run_config_from_args
+from lumina_ds.config.presets import PRESETS, get_preset
+from lumina_ds.errors import LuminaError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lumina_ds.training.session import train
+
+    summary = train(run_config_from_args(args))
+    return 0 if summary.get("stop_reason") != "error" else 1
+
+
+def cmd_estimate_parameters(args: argparse.Namespace) -> int:
+    from lumina_ds.models.counting import count_parameters
+
+    run = get_preset(args.preset)
+    count = count_parameters(run.model, seq_len=args.seq_len or run.seq_len)
+    if args.json:
+        print(json.dumps({"preset": args.preset, **count.as_dict()}))
+        return 0
+    print(f"preset {args.preset}: {count.total:,} parameters, {count.active:,} active per token")
+    for name, n in count.by_component.items():
+        if n:
+            print(f"  {name:<15} {n:>18,}  {100 * n / count.total:5.1f}%")
+    print(f"  training FLOPs/token {count.flops_per_token:.3e} (6*N_active + attention at seq {args.seq_len or run.seq_len})")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lumina_ds.generation import ChatSession, SamplingConfig, load_for_inference, one_shot, run_repl
+
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_tokens,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    sampling.validate()
+    bundle = load_for_inference(args.checkpoint, device=args.device)
+    session = ChatSession(bundle, sampling, system_prompt=args.system_prompt)
+    if args.prompt is not None:
+        print(one_shot(session, args.prompt))
+        return 0
+    run_repl(session)
+    return 0
+
+
+def _chat_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("chat", help="talk to a trained model (REPL, or one answer with --prompt)")
+    p.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True, help="run dir, checkpoints dir or tag")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_chat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lumina-ds", description="Train Mixture-of-Experts chat models with DeepSpeed.")
+    parser.add_argument("--version", action="version", version=f"lumina-ds {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (single process; use launch/train.py under deepspeed for more)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("estimate-parameters", help="total and active parameters of a preset, by component")
+    p.add_argument("--preset", "--config", dest="preset", choices=list(PRESETS), default="debug")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for the FLOPs estimate")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_estimate_parameters)
+    _chat_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LuminaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    """Console-script entry: like main(), but leaves through os._exit after a distributed run.
+
+    torch's gloo teardown can abort after a clean finish (see DEEPSPEED_FACTS.md), turning success into SIGABRT.
+    """
+    code = main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

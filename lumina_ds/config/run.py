@@ -1,0 +1,149 @@
+"""Per-component run configs (data, optimisation, checkpoints, logging, distribution) composed into RunConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lumina_ds.config.model import ModelConfig
+from lumina_ds.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
+SCHEDULERS = ("cosine", "linear", "onecycle", "none")
+
+
+@dataclass
+class DataConfig:
+    train_data: str | None = None
+    eval_data: str | None = None
+    tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the training data
+    seq_len: int | None = None  # packed row length; None = min(model.max_seq_len, 4096)
+    train_on: str = "assistant"  # assistant | all
+
+    def validate(self) -> None:
+        if self.train_on not in ("assistant", "all"):
+            raise ConfigError("E002", f"train_on={self.train_on!r} is not one of assistant, all")
+        if self.seq_len is not None and self.seq_len < 8:
+            raise ConfigError("E002", f"seq_len={self.seq_len} is too short", "use at least 8 tokens per row")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_ratio: float = 0.15
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    lr_scheduler: str = "cosine"
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    seed: int = 42
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every_n_batches: int = 100
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError("E002", f"unknown precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError("E002", f"unknown lr_scheduler {self.lr_scheduler!r}", f"choose one of {SCHEDULERS}")
+        if self.optimizer != "adamw":
+            raise ConfigError("E002", f"unknown optimizer {self.optimizer!r}", "adamw is the supported optimizer")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("E002", "micro_batch_size and grad_accum must be >= 1")
+        if self.epochs < 1 and self.max_steps is None:
+            raise ConfigError("E002", "epochs must be >= 1 (or give max_steps)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("E002", f"max_steps={self.max_steps} must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("E002", f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+            raise ConfigError("E002", "need 0 <= min_lr <= learning_rate and learning_rate > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps <= 0 or self.max_grad_norm < 0:
+            raise ConfigError("E002", "betas must be in [0, 1), eps > 0, max_grad_norm >= 0 (0 disables clipping)")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_n_batches: int = 500  # optimizer steps between checkpoints
+    save_total_limit: int = 5  # newest checkpoints kept; older ones deleted
+    resume: str | None = None  # a checkpoint tag dir, a checkpoints dir or a run dir
+    auto_resume: bool = False  # resume from the latest tag of this experiment if there is one
+
+    def validate(self) -> None:
+        if self.save_every_n_batches < 1 or self.save_total_limit < 1:
+            raise ConfigError("E002", "save_every_n_batches and save_total_limit must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs"
+    experiment_name: str = "run"
+    log_every_n_batches: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if self.log_every_n_batches < 1:
+            raise ConfigError("E002", "log_every_n_batches must be >= 1")
+        if not self.experiment_name or "/" in self.experiment_name:
+            raise ConfigError("E002", f"experiment_name {self.experiment_name!r} must be a non-empty plain name")
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = 1
+    expert_parallel_size: int = 1
+    moe_backend: str = "autoep"  # autoep | native
+    deepspeed_config: str | None = None  # a JSON file whose keys override the generated config
+    deterministic_gating: bool = False  # native MoE: no Gumbel 2nd-expert sampling, no random token selection
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("E002", f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.moe_backend not in ("autoep", "native"):
+            raise ConfigError("E002", f"moe_backend={self.moe_backend!r} must be autoep or native")
+        if self.moe_backend == "native" and self.zero_stage == 3:
+            raise ConfigError(
+                "E002",
+                "the native DeepSpeed MoE layer does not support ZeRO stage 3",
+                "use --moe-backend autoep with ZeRO-3, or --zero-stage 1/2 with the native backend",
+            )
+        if self.expert_parallel_size < 1:
+            raise ConfigError("E002", "expert_parallel_size must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    preset: str = "debug"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> None:
+        for part in (self.model, self.data, self.train, self.checkpoint, self.logging, self.distributed):
+            part.validate()
+        moe, ep = self.model.moe, self.distributed.expert_parallel_size
+        if ep > 1 and not moe.enabled:
+            raise ConfigError("E002", "expert_parallel_size > 1 needs a MoE model (num_experts > 0)")
+        if moe.enabled and moe.num_experts % ep:
+            divisors = [d for d in range(1, moe.num_experts + 1) if moe.num_experts % d == 0]
+            raise ConfigError(
+                "E002",
+                f"num_experts={moe.num_experts} is not divisible by expert_parallel_size={ep}",
+                f"use an expert-parallel size in {divisors}",
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or min(self.model.max_seq_len, 4096)

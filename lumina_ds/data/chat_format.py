@@ -1,0 +1,131 @@
+"""Chat format: message validation, special tokens and the one template shared by training and chat."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from lumina_ds.errors import ConfigError, DataError
+
+PAD = "<|pad|>"
+BOS = "<|bos|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END = "<|end|>"
+# Order matters: a freshly trained tokenizer assigns ids in this order, so PAD is id 0.
+SPECIAL_TOKENS: list[str] = [PAD, BOS, SYSTEM, USER, ASSISTANT, END]
+
+IGNORE_INDEX = -100
+TRAIN_ON_CHOICES = ("assistant", "all")
+
+_ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+
+def normalize_role(role: str) -> str | None:
+    """Map a role alias (case-insensitive) to "user", "assistant" or "system"; None if unknown."""
+    return _ROLE_ALIASES.get(role.strip().lower())
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation with a canonical role."""
+
+    role: str
+    content: str
+
+
+def _parse_message(index: int, raw: object) -> Message:
+    """Validate one entry of `messages`."""
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise DataError(
+            "E101", f"{where} is a {type(raw).__name__}, not an object", 'Write {"role": ..., "content": ...}.'
+        )
+    for field in ("role", "content"):
+        if field not in raw:
+            raise DataError("E102", f"{where} has no '{field}' field", 'Each message needs "role" and "content".')
+    role, content = raw["role"], raw["content"]
+    if not isinstance(role, str):
+        raise DataError("E101", f"{where}.role is a {type(role).__name__}, not a string")
+    if not isinstance(content, str):
+        raise DataError("E101", f"{where}.content is a {type(content).__name__}, not a string")
+    canonical = normalize_role(role)
+    if canonical is None:
+        known = ", ".join(sorted(_ROLE_ALIASES))
+        raise DataError("E101", f"{where} has unknown role {role!r}", f"Use one of: {known}.")
+    return Message(role=canonical, content=content)
+
+
+def parse_conversation(obj: object) -> list[Message]:
+    """Validate a decoded JSON line and return its messages with canonical roles."""
+    if not isinstance(obj, dict):
+        raise DataError("E101", f"line is a JSON {type(obj).__name__}, not an object", 'Write {"messages": [...]}.')
+    if "messages" not in obj:
+        raise DataError(
+            "E102", "object has no 'messages' field", 'Write {"messages": [{"role": ..., "content": ...}]}.'
+        )
+    raw_messages = obj["messages"]
+    if not isinstance(raw_messages, list):
+        raise DataError("E101", f"'messages' is a {type(raw_messages).__name__}, not a list")
+    if not raw_messages:
+        raise DataError("E102", "'messages' is empty", "Add at least one user and one assistant message.")
+    messages = [_parse_message(i, raw) for i, raw in enumerate(raw_messages)]
+    if not any(m.role == "assistant" for m in messages):
+        raise DataError("E101", "conversation has no assistant turn", "Nothing to learn from; add an assistant reply.")
+    return messages
+
+
+class TokenizerLike(Protocol):
+    """What the template needs from a tokenizer (ChatTokenizer satisfies it)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def token_id(self, token: str) -> int: ...
+
+
+class ChatTemplate:
+    """`<|bos|>` then `{ROLE}\\n{content}<|end|>\\n` per message; identical for training and generation."""
+
+    def format_text(self, messages: Sequence[Message]) -> str:
+        """Return the conversation as text (for display and debugging)."""
+        parts = [BOS] + [f"{ROLE_TOKENS[m.role]}\n{m.content}{END}\n" for m in messages]
+        return "".join(parts)
+
+    def encode_conversation(
+        self, messages: Sequence[Message], tokenizer: TokenizerLike, *, train_on: str = "assistant"
+    ) -> tuple[list[int], list[int]]:
+        """Return `input_ids` and pre-shifted `labels` (labels[t] is the target for position t, or -100)."""
+        if train_on not in TRAIN_ON_CHOICES:
+            raise ConfigError("E001", f"train_on must be one of {TRAIN_ON_CHOICES}, got {train_on!r}")
+        train_all = train_on == "all"
+        newline = tokenizer.encode("\n")
+        end_id = tokenizer.token_id(END)
+        ids = [tokenizer.token_id(BOS)]
+        trainable = [False]
+        for message in messages:
+            # Encoded piecewise so the trainable span is exactly content + END, whatever BPE would merge.
+            header = [tokenizer.token_id(ROLE_TOKENS[message.role]), *newline]
+            learn = train_all or message.role == "assistant"
+            content = tokenizer.encode(message.content)
+            for piece, flag in ((header, train_all), (content, learn), ([end_id], learn), (newline, train_all)):
+                ids.extend(piece)
+                trainable.extend([flag] * len(piece))
+        labels = [ids[t + 1] if trainable[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
+        labels.append(IGNORE_INDEX)
+        return ids, labels
+
+    def encode_prompt(self, messages: Sequence[Message], tokenizer: TokenizerLike) -> list[int]:
+        """Encode the conversation plus an open assistant header; the model then generates until END."""
+        ids, _ = self.encode_conversation(messages, tokenizer, train_on="all")
+        return [*ids, tokenizer.token_id(ASSISTANT), *tokenizer.encode("\n")]

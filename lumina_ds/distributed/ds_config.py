@@ -1,0 +1,94 @@
+"""DeepSpeed's JSON, generated from a RunConfig (DeepSpeed's own format; user JSON overrides any key)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lumina_ds.config.run import RunConfig
+from lumina_ds.errors import ConfigError
+
+
+def resolve_precision(requested: str, *, cuda: bool, bf16_supported: bool) -> str:
+    """`auto`: bf16 mixed precision where the GPU has it, fp16 mixed on older GPUs, fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    if not cuda:
+        return "fp32"
+    return "mixed_bf16" if bf16_supported else "mixed_fp16"
+
+
+def hardware_precision() -> tuple[bool, bool]:
+    cuda = torch.cuda.is_available()
+    return cuda, bool(cuda and torch.cuda.is_bf16_supported())
+
+
+def check_precision_supported(precision: str, *, cuda: bool, bf16_supported: bool) -> None:
+    if precision in ("fp16", "mixed_fp16") and not cuda:
+        raise ConfigError(
+            "E003", f"precision {precision} needs a CUDA GPU (DeepSpeed refuses fp16 on the CPU)",
+            "use --precision bf16 or fp32 on this machine",
+        )  # fmt: skip
+    if precision in ("bf16", "mixed_bf16") and cuda and not bf16_supported:
+        raise ConfigError("E003", "this GPU has no bf16 support", "use --precision mixed_fp16 (V100/T4) or fp32")
+
+
+def precision_sections(precision: str) -> dict[str, Any]:
+    """`bf16`/`fp16`: 16-bit weights, gradients and optimizer math; `mixed_*`: fp32 master weights (DeepSpeed's default)."""
+    if precision == "fp32":
+        return {}
+    if precision in ("bf16", "mixed_bf16"):
+        section: dict[str, Any] = {"enabled": True}
+        if precision == "bf16":
+            section.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+        return {"bf16": section}
+    # dynamic loss scaling (loss_scale 0) for both fp16 modes; DeepSpeed keeps fp32 masters for fp16
+    return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1}}  # fmt: skip
+
+
+def build_ds_config(run: RunConfig, *, world_size: int, precision: str) -> dict[str, Any]:
+    train, dist = run.train, run.distributed
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": {"stage": dist.zero_stage},
+        # our optimizer is a client torch AdamW built after expert replacement (see training/engine.py)
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "seed": train.seed,
+    }
+    config.update(precision_sections(precision))
+    if dist.deepspeed_config:
+        config = merge_overrides(config, load_override(dist.deepspeed_config))
+    return config
+
+
+def load_override(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError("E002", f"--deepspeed-config {path} does not exist")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError("E002", f"--deepspeed-config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("E002", f"--deepspeed-config {path} must hold a JSON object")
+    return data
+
+
+def merge_overrides(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: nested sections are merged key by key, everything else replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,20 @@
+"""Inference: loading a trained checkpoint, KV-cached sampling, and the chat session / REPL."""
+
+from lumina_ds.generation.chat import ChatSession, handle_command, one_shot, run_repl
+from lumina_ds.generation.loading import InferenceBundle, check_state_dict, load_for_inference, save_consolidated
+from lumina_ds.generation.sampling import SamplingConfig, filter_logits, generate, sample_next
+
+__all__ = [
+    "ChatSession",
+    "InferenceBundle",
+    "SamplingConfig",
+    "check_state_dict",
+    "filter_logits",
+    "generate",
+    "handle_command",
+    "load_for_inference",
+    "one_shot",
+    "run_repl",
+    "sample_next",
+    "save_consolidated",
+]

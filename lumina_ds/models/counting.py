@@ -1,0 +1,67 @@
+"""Parameter and FLOP counts by component, from a meta-device build (no memory is allocated)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lumina_ds.config.model import ModelConfig
+
+COMPONENT_ORDER = ("embedding", "lm_head", "attention", "norms", "router", "experts", "shared_experts", "dense_mlp")
+
+
+def component_of(param_name: str) -> str:
+    """Map a parameter name of Transformer to its component."""
+    parts = param_name.split(".")
+    if parts[0] in ("embed", "lm_head"):
+        return "embedding" if parts[0] == "embed" else "lm_head"
+    if len(parts) >= 2 and parts[-2].endswith("norm"):
+        return "norms"
+    if "attn" in parts:
+        return "attention"
+    if "gate" in parts:
+        return "router"
+    if "experts" in parts:
+        return "experts"
+    if "shared" in parts:
+        return "shared_experts"
+    return "dense_mlp"
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    active: int  # parameters a token passes through: top_k of num_experts routed experts
+    by_component: dict[str, int]
+    flops_per_token: float  # training (fwd + bwd) FLOPs per token at seq_len, 6*N_compute + 12*L*d*s
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "total": self.total,
+            "active": self.active,
+            "by_component": self.by_component,
+            "flops_per_token": self.flops_per_token,
+        }
+
+
+def count_parameters(config: ModelConfig, *, seq_len: int | None = None) -> ParameterCount:
+    """Counts of a meta-device build: the same module tree training uses, so the numbers cannot drift."""
+    with torch.device("meta"):
+        model = config.build()
+    by_component: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():  # tied weights are yielded once
+        by_component[component_of(name)] += p.numel()
+    counts = {c: by_component.get(c, 0) for c in COMPONENT_ORDER}
+    total = sum(counts.values())
+    moe = config.moe
+    inactive = counts["experts"] - counts["experts"] * moe.top_k // moe.num_experts if moe.enabled else 0
+    active = total - inactive
+    # compute per token: every active weight except the embedding lookup, plus the output projection
+    compute_params = active - counts["embedding"] - counts["lm_head"] + config.vocab_size * config.hidden_size
+    s = seq_len or config.max_seq_len
+    flops = 6.0 * compute_params + 12.0 * config.num_layers * config.hidden_size * s
+    return ParameterCount(total=total, active=active, by_component=counts, flops_per_token=flops)

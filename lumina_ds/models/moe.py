@@ -1,0 +1,131 @@
+"""Mixture-of-Experts math: top-k softmax router, stacked SwiGLU experts, load-balancing and z losses.
+
+The block is shaped like Hugging Face's and DeepSpeed AutoEP's (`gate` Linear(H, E), `experts.w1/w2/w3`
+of shape [E, ...], optional `shared` expert) so that AutoEP can replace it and export is a renaming.
+Where experts live across ranks is decided in `lumina_ds.distributed`, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lumina_ds.models.layers import SwiGLU
+
+
+class Router(nn.Linear):
+    """Gate logits computed in fp32 whatever the training precision (routing is precision-sensitive)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+def route_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k] summing to 1, expert indices [T, k])."""
+    probs = logits.softmax(dim=-1)  # [T, E]
+    weights, indices = probs.topk(top_k, dim=-1)  # [T, k]
+    return weights / weights.sum(dim=-1, keepdim=True), indices
+
+
+def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch/GShard loss E * sum_i f_i * P_i; f_i = share of the T*k assignments to expert i, P_i = mean prob.
+
+    Equals 1.0 for perfectly uniform routing and grows as routing collapses onto few experts.
+    """
+    num_experts = logits.shape[-1]
+    probs = logits.softmax(dim=-1)  # [T, E]
+    indices = probs.topk(top_k, dim=-1).indices  # [T, k]
+    counts = torch.bincount(indices.flatten(), minlength=num_experts).to(probs.dtype)  # [E]
+    fraction = counts / indices.numel()  # [E]
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean squared log-partition, keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def expert_counts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Tokens routed to each expert (before any capacity limit) [E]."""
+    indices = logits.topk(top_k, dim=-1).indices
+    return torch.bincount(indices.flatten(), minlength=logits.shape[-1])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: w1/w3 [E, F, H], w2 [E, H, F]."""
+
+    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/indices [T, k] -> [T, H]: tokens sorted by expert, one matmul chain per expert."""
+        num_experts, top_k = self.w1.shape[0], indices.shape[1]
+        flat = indices.flatten()  # [T*k]
+        order = flat.argsort(stable=True)  # [T*k]
+        token_of = order // top_k  # [T*k] source token of each sorted assignment
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        chunks = x[token_of].split(counts)  # E chunks of [n_e, H]
+        outs = [
+            F.linear(F.silu(F.linear(c, self.w1[e])) * F.linear(c, self.w3[e]), self.w2[e])
+            for e, c in enumerate(chunks)
+        ]
+        y = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)  # [T*k, H]
+        return torch.zeros_like(x).index_add_(0, token_of, y)
+
+
+class MoEBlock(nn.Module):
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        shared_intermediate_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = Router(hidden_size, num_experts, bias=False)
+        self.experts = GroupedExperts(
+            num_experts=num_experts, hidden_size=hidden_size, intermediate_size=intermediate_size
+        )
+        self.shared = SwiGLU(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, H = x.shape
+        flat = x.reshape(B * S, H)  # [T, H]
+        weights, indices = route_top_k(self.gate(flat), self.top_k)  # [T, k] each
+        out = self.experts(flat, weights, indices)  # [T, H]
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(B, S, H)
+
+
+class RouterLogitsCollector:
+    """Records each router's logits during a forward pass (a forward hook on every gate Linear).
+
+    A hook rather than a return value so that the same losses are computed when DeepSpeed replaces the
+    MoE block (AutoEP) or wraps it (native MoE): the expert-parallel code re-attaches it to their gates.
+    """
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+        self._handles: list[Any] = []
+
+    def attach(self, gates: list[nn.Module]) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = [gate.register_forward_hook(self._record) for gate in gates]
+
+    def clear(self) -> None:
+        self.logits.clear()
+
+    def _record(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        logits = output[0] if isinstance(output, tuple) else output
+        self.logits.append(logits.float().reshape(-1, logits.shape[-1]))

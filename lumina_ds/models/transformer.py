@@ -1,0 +1,161 @@
+"""Decoder-only MoE transformer: embedding, N x (RMSNorm, GQA attention, RMSNorm, SwiGLU or MoE), norm, LM head."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lumina_ds.models.attention import Attention, LayerKVCache, document_causal_mask
+from lumina_ds.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from lumina_ds.models.moe import (
+    GroupedExperts,
+    MoEBlock,
+    RouterLogitsCollector,
+    expert_counts,
+    load_balancing_loss,
+    router_z_loss,
+)
+
+if TYPE_CHECKING:
+    from lumina_ds.config.model import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class ModelOutput(TypedDict, total=False):
+    """A dict (not a dataclass) so DeepSpeed's ZeRO-3 hooks can walk the tensors in it."""
+
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor  # lm_loss + weighted aux and z losses
+    lm_loss: torch.Tensor  # mean cross-entropy over target tokens
+    aux_loss: torch.Tensor  # load-balancing loss, mean over MoE layers (unweighted)
+    z_loss: torch.Tensor  # router z-loss, mean over MoE layers (unweighted)
+    num_targets: torch.Tensor  # number of target tokens in the batch
+    expert_counts: torch.Tensor  # [num_moe_layers, E] tokens per expert in this forward
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        moe = config.moe
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = Attention(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            backend=config.attention_backend,
+        )
+        self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn: nn.Module
+        if moe.is_moe_layer(layer_idx):
+            self.ffn = MoEBlock(
+                hidden_size=config.hidden_size,
+                num_experts=moe.num_experts,
+                top_k=moe.top_k,
+                intermediate_size=moe.expert_intermediate_size,
+                shared_intermediate_size=moe.shared_intermediate_size * moe.num_shared_experts,
+            )
+        else:
+            self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attn_mask=attn_mask, kv_cache=kv_cache)  # [B, S, H]
+        return x + self.ffn(self.ffn_norm(x))  # [B, S, H]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rope = RotaryEmbedding(config.head_dim, theta=config.rope_theta)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.checkpoint_layers = False  # set by distributed.apply_activation_checkpointing
+        self.router_logits = RouterLogitsCollector()
+        self.router_logits.attach([m.gate for m in self.modules() if isinstance(m, MoEBlock)])
+        self.reset_parameters()
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.config.moe.is_moe_layer(i) for i in range(self.config.num_layers))
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        # residual-branch outputs shrink with depth (GPT-2) so the residual stream's variance stays bounded
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                last = name.rsplit(".", 1)[-1]
+                nn.init.normal_(module.weight, std=out_std if last in ("o_proj", "w2") else std)
+            elif isinstance(module, GroupedExperts):
+                for pname, p in module.named_parameters():
+                    nn.init.normal_(p, std=out_std if pname == "w2" else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: list[LayerKVCache] | None = None,
+    ) -> ModelOutput:
+        """input_ids [B, S]; labels [B, S] already shifted (labels[t] is the target at position t).
+
+        position_ids that restart at 0 mark packed documents: attention then stays within each document.
+        """
+        B, S = input_ids.shape
+        if position_ids is not None and attn_mask is None and not kv_cache:
+            attn_mask = document_causal_mask(position_ids)  # [B, 1, S, S]
+        if position_ids is None:
+            start = kv_cache[0].length if kv_cache else 0
+            position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)  # [B, S]
+        self.router_logits.clear()
+        x = self.embed(input_ids)  # [B, S, H]
+        rope = self.rope(position_ids)
+        for i, layer in enumerate(self.layers):
+            cache = kv_cache[i] if kv_cache else None
+            if self.checkpoint_layers and self.training and cache is None:
+                x = checkpoint(layer, x, rope, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, attn_mask, cache)
+        logits = self.lm_head(self.norm(x))  # [B, S, V]
+        out = ModelOutput(logits=logits)
+        if labels is not None:
+            out.update(self._losses(logits, labels))
+        return out
+
+    def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        moe = self.config.moe
+        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        num_targets = (labels != IGNORE_INDEX).sum()
+        if num_targets == 0:
+            lm_loss = logits.sum() * 0.0  # all targets masked: a zero that still has a graph
+        zero = lm_loss.new_zeros(())
+        routers = self.router_logits.logits
+        aux = torch.stack([load_balancing_loss(r, moe.top_k) for r in routers]).mean() if routers else zero
+        z = torch.stack([router_z_loss(r) for r in routers]).mean() if routers else zero
+        counts = torch.stack([expert_counts(r.detach(), moe.top_k) for r in routers]) if routers else zero
+        loss = lm_loss + moe.load_balancing_weight * aux + moe.router_z_loss_weight * z
+        return ModelOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=aux, z_loss=z, num_targets=num_targets, expert_counts=counts
+        )
+
+    def new_kv_cache(self) -> list[LayerKVCache]:
+        return [LayerKVCache() for _ in self.layers]

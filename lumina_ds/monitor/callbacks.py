@@ -1,0 +1,124 @@
+"""Logging callbacks. The loop hands them plain dicts of metrics; they know nothing about the model."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+
+class Callback:
+    """Hooks the trainer calls on rank 0; override what you need."""
+
+    def on_train_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_log(self, metrics: dict[str, Any]) -> None: ...
+
+    def on_eval(self, metrics: dict[str, Any]) -> None: ...
+
+    def on_step(self, step: int) -> None: ...
+
+    def on_train_end(self, summary: dict[str, Any]) -> None: ...
+
+
+def _fmt_int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def format_log_line(m: dict[str, Any]) -> str:
+    """The console block of the seed README: loss/ppl/lr, grad norm/throughput/memory, MoE balance."""
+    lines = [
+        f"Epoch {m['epoch']} | Step {m['step']:,}/{m['total_steps']:,} | {m['elapsed_s'] / 60:.1f} min elapsed",
+        f"Loss: {m['loss']:.6f} | PPL: {m['ppl']:.2f} | LR: {m['lr']:.2e} | β: {m['beta2']}",
+        f"GradNorm: {m['grad_norm']:.4f} | Tokens/s: {_fmt_int(m['tokens_per_s'])} | Mem: {m['memory']}",
+    ]
+    if m.get("num_experts"):
+        lines.append(
+            f"MoE: Balance={m['moe_balance']:.3f} | Experts Used: {m['experts_used']}/{m['num_experts']}"
+            f" | Routing Loss: {m['aux_loss']:.4f} | Z-Loss: {m['z_loss']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+class ConsoleLogger(Callback):
+    def __init__(self, *, progress_bar: bool = True, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.progress_bar = progress_bar and self.stream.isatty()
+        self._bar: Any = None
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        if self.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=info["total_steps"], initial=info["start_step"], unit="step", dynamic_ncols=True)
+
+    def on_step(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def _write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        self._write(format_log_line(metrics))
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        best = metrics["best_eval_ppl"]
+        self._write(
+            f"Validation Loss: {metrics['eval_loss']:.4f} | PPL: {metrics['eval_ppl']:.2f} | "
+            f"Best PPL: {best:.2f} @ step {metrics['best_step']:,} ({metrics['eval_tokens']:,} tokens)"
+        )
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._write("Training finished: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+class JsonlLogger(Callback):
+    """metrics.jsonl: one JSON object per logged step and per evaluation (appends, so resumes continue it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a", encoding="utf-8")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        self._write({k: v for k, v in metrics.items() if k not in ("memory", "total_steps", "beta2")})
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        self._write(metrics)
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        self.file.close()
+
+
+class TensorBoardLogger(Callback):
+    SCALARS = ("loss", "lm_loss", "ppl", "lr", "grad_norm", "tokens_per_s", "aux_loss", "z_loss", "moe_balance")
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        for key in self.SCALARS:
+            if key in metrics and metrics[key] is not None:
+                self.writer.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+        self.writer.flush()
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        self.writer.add_scalar("eval/loss", metrics["eval_loss"], metrics["step"])
+        self.writer.add_scalar("eval/ppl", metrics["eval_ppl"], metrics["step"])
+        self.writer.flush()
+
+    def on_train_end(self, summary: dict[str, Any]) -> None:
+        self.writer.close()

@@ -1,0 +1,60 @@
+"""Where things live in a run directory `<output-dir>/<experiment-name>/`.
+
+    config.yaml              the resolved RunConfig
+    tokenizer.json           the tokenizer the run trained with
+    metrics.jsonl            one JSON object per logged step
+    tensorboard/             TensorBoard event files
+    checkpoints/latest       name of the newest complete tag (written by DeepSpeed)
+    checkpoints/<tag>/       DeepSpeed shards + model.safetensors (consolidated weights, our parameter names)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lumina_ds.errors import CheckpointError
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+WEIGHTS_FILE = "model.safetensors"
+COMPLETE_MARKER = "complete.json"  # written last: a tag without it was interrupted mid-save
+TAG_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_complete_tags(checkpoints_dir: Path) -> list[str]:
+    """Complete tags, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    tags = [p.name for p in checkpoints_dir.iterdir() if TAG_PATTERN.match(p.name) and (p / COMPLETE_MARKER).exists()]
+    return sorted(tags, key=lambda t: int(TAG_PATTERN.match(t).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """A run dir, a checkpoints dir or a tag dir -> (checkpoints dir, newest complete tag)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("E303", f"checkpoint path {path} does not exist", "pass a run dir, its checkpoints/ or a tag")
+    if (path / COMPLETE_MARKER).exists() and TAG_PATTERN.match(path.name):
+        return path.parent, path.name
+    if TAG_PATTERN.match(path.name):
+        raise CheckpointError(
+            "E303", f"checkpoint {path} is incomplete (no {COMPLETE_MARKER}: the save was interrupted)",
+            "resume from an earlier tag in the same checkpoints/ directory",
+        )  # fmt: skip
+    checkpoints = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    tags = list_complete_tags(checkpoints)
+    if not tags:
+        raise CheckpointError("E303", f"no complete checkpoint under {path}", "train with --save-every-n-batches first")
+    return checkpoints, tags[-1]
+
+
+def run_dir_of(checkpoints_dir: Path) -> Path:
+    return checkpoints_dir.parent if checkpoints_dir.name == CHECKPOINTS_DIR else checkpoints_dir

@@ -1,0 +1,95 @@
+"""The only place that calls deepspeed.initialize: model + RunConfig -> a DeepSpeed engine."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lumina_ds.config.run import RunConfig
+from lumina_ds.distributed.ds_config import (
+    build_ds_config,
+    check_precision_supported,
+    hardware_precision,
+    resolve_precision,
+)
+from lumina_ds.distributed.env import DistInfo
+from lumina_ds.distributed.expert_parallel import attach_router_hooks
+from lumina_ds.distributed.parallelize import parallelize
+from lumina_ds.errors import ConfigError
+from lumina_ds.models.transformer import Transformer
+from lumina_ds.training.schedule import schedule_for
+
+
+@dataclass
+class EngineBundle:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    model: Transformer  # the module inside the engine (experts possibly replaced)
+    precision: str
+    ds_config: dict[str, Any]
+
+
+def _shape_of(param: nn.Parameter) -> torch.Size:
+    return torch.Size(getattr(param, "ds_shape", param.shape))  # ZeRO-3 params are flat placeholders
+
+
+def optimizer_factory(model: Transformer, run: RunConfig, *, cuda: bool) -> Any:
+    """AdamW over the module's parameters as they are when DeepSpeed calls it (after AutoEP replacement).
+
+    Weight decay skips vectors (norms); expert parameters get their own groups so ZeRO 1/2 reduce them over
+    the expert-data-parallel group only.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    train = run.train
+
+    def build(_params: Any) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if len(_shape_of(p)) >= 2]
+        no_decay = [p for p in params if len(_shape_of(p)) < 2]
+        groups = [
+            {"params": decay, "weight_decay": train.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+        return torch.optim.AdamW(
+            groups, lr=train.learning_rate, betas=(train.beta1, train.beta2), eps=train.eps, fused=cuda
+        )
+
+    return build
+
+
+def build_engine(model: Transformer, run: RunConfig, *, info: DistInfo, total_steps: int) -> EngineBundle:
+    import deepspeed
+
+    cuda, bf16_ok = hardware_precision()
+    precision = resolve_precision(run.train.precision, cuda=cuda, bf16_supported=bf16_ok)
+    check_precision_supported(precision, cuda=cuda, bf16_supported=bf16_ok)
+    if info.world_size % run.distributed.expert_parallel_size:
+        raise ConfigError(
+            "E002",
+            f"expert_parallel_size={run.distributed.expert_parallel_size} does not divide the "
+            f"{info.world_size} processes",
+            "choose an expert-parallel size that divides the number of GPUs/processes",
+        )
+    sections = parallelize(model, run, rank=info.rank)
+    ds_config = build_ds_config(run, world_size=info.world_size, precision=precision)
+    ds_config.update(sections)
+    schedule = schedule_for(run.train, total_steps)
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer_factory(model, run, cuda=cuda),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=ds_config,
+        )
+    except (ValueError, AssertionError) as exc:
+        raise ConfigError(
+            "E002", f"DeepSpeed rejected the configuration: {exc}", f"generated config: {json.dumps(ds_config)}"
+        ) from exc
+    if run.model.moe.enabled:
+        attach_router_hooks(engine.module)
+    return EngineBundle(engine=engine, model=engine.module, precision=precision, ds_config=ds_config)

@@ -1,0 +1,211 @@
+"""The training loop: micro-batches through the engine, evaluation, logging and checkpoints by collaborators.
+
+It knows the batch format and the model's output dict, nothing about the model's insides.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lumina_ds.data.loader import BatchIterator, PackedDataset
+from lumina_ds.distributed.env import DistInfo
+from lumina_ds.errors import TrainingError
+from lumina_ds.monitor.callbacks import Callback
+from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.metrics import WindowMetrics, all_reduce_sum, memory_summary
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    log_every: int
+    eval_every: int
+    save_every: int
+    early_stopping_patience: int | None = None
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_eval_loss: float = math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluation results
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    def __init__(self, *, engine: Any, batches: BatchIterator, eval_data: PackedDataset | None, info: DistInfo,
+                 settings: LoopSettings, checkpoints: CheckpointManager, callbacks: list[Callback],
+                 client_extra: dict[str, Any]) -> None:  # fmt: skip
+        self.engine = engine
+        self.batches = batches
+        self.eval_data = eval_data
+        self.info = info
+        self.settings = settings
+        self.checkpoints = checkpoints
+        self.callbacks = callbacks if info.is_main else []
+        self.client_extra = client_extra  # resolved config etc., saved with every checkpoint
+        self.state = TrainState()
+        self.window = WindowMetrics()
+        self._stop_signal: int | None = None
+
+    # ---- checkpoint state -------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        return {"trainer": self.state.as_dict(), "data": self.batches.state_dict(), **self.client_extra}
+
+    def restore(self, client_state: dict[str, Any]) -> None:
+        self.state = TrainState(**client_state["trainer"])
+        self.batches.load_state_dict(client_state["data"])
+
+    def save(self) -> None:
+        self.checkpoints.save(self.engine, self.state.step, self.client_state())
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self._install_signal_handlers()
+        for cb in self.callbacks:
+            cb.on_train_start({"total_steps": self.settings.total_steps, "start_step": self.state.step})
+        start, last_saved = time.time(), -1
+        iterator = iter(self.batches)
+        stop_reason = "max_steps"
+        while self.state.step < self.settings.total_steps:
+            step_start = time.perf_counter()
+            more = self._train_step(iterator)
+            self.window.seconds += time.perf_counter() - step_start  # eval and checkpoint time excluded
+            if not more:
+                stop_reason = "data exhausted"
+                break
+            self.state.step += 1
+            for cb in self.callbacks:
+                cb.on_step(self.state.step)
+            if self.state.step % self.settings.log_every == 0 or self.state.step == self.settings.total_steps:
+                self._log(time.time() - start)
+            if self.eval_data is not None and self.state.step % self.settings.eval_every == 0:
+                if self._evaluate_and_check_patience():
+                    stop_reason = "early stopping"
+                    break
+            if self.state.step % self.settings.save_every == 0:
+                self.save()
+                last_saved = self.state.step
+            if self._signalled():
+                stop_reason = f"signal {signal.Signals(self._stop_signal).name}"
+                break
+        return self._finish(stop_reason, last_saved, time.time() - start)
+
+    def _finish(self, stop_reason: str, last_saved: int, elapsed: float) -> dict[str, Any]:
+        if self.eval_data is not None and (not self.state.history or self.state.history[-1]["step"] != self.state.step):
+            self._evaluate_and_check_patience()
+        if last_saved != self.state.step:
+            self.save()
+        summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1)}
+        if self.state.history:
+            summary["final_eval_loss"] = round(self.state.history[-1]["eval_loss"], 4)
+        for cb in self.callbacks:
+            cb.on_train_end(summary)
+        return summary
+
+    def _train_step(self, iterator: Any) -> bool:
+        """One optimizer step = grad_accum micro-batches; False when the data ran out."""
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            batch = next(iterator, None)
+            if batch is None:
+                return False
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            out = self.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+            if not torch.isfinite(out["loss"]).item():
+                raise TrainingError(
+                    "E301", f"loss is {out['loss'].item()} at step {self.state.step + 1}: training diverged",
+                    "lower --learning-rate, raise --warmup-ratio, lower --max-grad-norm, or use --precision bf16/fp32",
+                )  # fmt: skip
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            self.window.add(out, tokens=batch["input_ids"].numel())
+        return True
+
+    def _log(self, elapsed: float) -> None:
+        metrics = self.window.summary()  # collective: every rank calls it
+        seconds = max(self.window.seconds, 1e-9)
+        self.window.reset()
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics.update(
+            step=self.state.step,
+            epoch=self.batches.epoch,
+            total_steps=self.settings.total_steps,
+            lr=float(self.engine.get_lr()[0]),
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            tokens_per_s=metrics["tokens"] / seconds,  # all ranks' tokens over the training steps' wall time
+            elapsed_s=elapsed,
+            memory=memory_summary(),
+            beta2=self.engine.optimizer.param_groups[0].get("betas", (None, None))[1],
+        )
+        for cb in self.callbacks:
+            cb.on_log(metrics)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Token-weighted mean loss over the whole eval set, rows sharded over ranks (padded so all ranks step)."""
+        assert self.eval_data is not None
+        self.engine.eval()
+        n, world, size = len(self.eval_data), self.info.world_size, self.engine.train_micro_batch_size_per_gpu()
+        mine = list(range(self.info.rank, n, world))
+        per_rank = -(-n // world)
+        total = torch.zeros(2, dtype=torch.float64)
+        for begin in range(0, per_rank, size):
+            chunk = mine[begin : begin + size]
+            batch = self.eval_data.batch(chunk or [0])
+            if not chunk:  # this rank ran out: a dummy batch with no targets keeps collectives in step
+                batch["labels"].fill_(-100)
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            out = self.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+            targets = float(out["num_targets"])
+            total += torch.tensor([float(out["lm_loss"]) * targets, targets], dtype=torch.float64)
+        self.engine.train()
+        loss_sum, targets = all_reduce_sum(total).tolist()
+        loss = loss_sum / max(targets, 1.0)
+        return {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(targets)}
+
+    def _evaluate_and_check_patience(self) -> bool:
+        """Evaluate, track the best; True when early stopping should end training."""
+        result = self.evaluate()
+        state = self.state
+        if result["eval_loss"] < state.best_eval_loss:
+            state.best_eval_loss, state.best_step, state.evals_without_improvement = result["eval_loss"], state.step, 0
+        else:
+            state.evals_without_improvement += 1
+        result.update(best_eval_ppl=math.exp(min(state.best_eval_loss, 50.0)), best_step=state.best_step)
+        state.history.append(result)
+        for cb in self.callbacks:
+            cb.on_eval(result)
+        patience = self.settings.early_stopping_patience
+        return patience is not None and state.evals_without_improvement >= patience
+
+    # ---- signals ----------------------------------------------------------------------------------
+    def _signalled(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT: ranks must agree, or the others would wait forever."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if float(all_reduce_sum(flag)[0]) > 0:
+            self._stop_signal = self._stop_signal or signal.SIGTERM
+            return True
+        return False
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT end training at the next step boundary with a checkpoint (never mid-save)."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass

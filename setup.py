@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lumina-ds",
+    version="0.1.0",
+    description="Train decoder-only Mixture-of-Experts chat models with DeepSpeed, from a laptop to 300B",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lumina_ds", "lumina_ds.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.8",
+        "tokenizers>=0.19",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+        "tqdm",
+        "safetensors",
+        "psutil",
+    ],
+    extras_require={"flash": ["flash-attn>=2.5"], "hf": ["transformers>=4.46"]},
+    entry_points={"console_scripts": ["lumina-ds=lumina_ds.cli:entry"]},
+)
