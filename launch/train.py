@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from lumina_ds.cli_train import add_train_arguments, run_config_from_args  # noqa: E402
-from lumina_ds.distributed.env import configure_accelerator  # noqa: E402
-from lumina_ds.errors import LuminaError  # noqa: E402
+from lumina_ds.cli_train import add_train_arguments, run_config_from_args
+from lumina_ds.distributed.env import configure_accelerator
+from lumina_ds.errors import LuminaError
 
 
 def main() -> int:

@@ -33,11 +33,16 @@ def cmd_estimate_parameters(args: argparse.Namespace) -> int:
     for name, n in count.by_component.items():
         if n:
             print(f"  {name:<15} {n:>18,}  {100 * n / count.total:5.1f}%")
-    print(f"  training FLOPs/token {count.flops_per_token:.3e} (6*N_active + attention at seq {args.seq_len or run.seq_len})")
+    print(
+        f"  training FLOPs/token {count.flops_per_token:.3e} "
+        f"(6*N_active + attention at seq {args.seq_len or run.seq_len})"
+    )
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
     from lumina_ds.generation import ChatSession, SamplingConfig, load_for_inference, one_shot, run_repl
 
     sampling = SamplingConfig(
@@ -48,17 +53,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    sampling.validate()
-    bundle = load_for_inference(args.checkpoint, device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    bundle = load_for_inference(args.checkpoint, device=device, dtype=dtype)
     session = ChatSession(bundle, sampling, system_prompt=args.system_prompt)
     if args.prompt is not None:
-        print(one_shot(session, args.prompt))
+        one_shot(session, args.prompt, stream=lambda text: print(text, end="", flush=True))
+        print()
         return 0
     run_repl(session)
     return 0
 
 
-def _chat_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk to a trained model (REPL, or one answer with --prompt)")
     p.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True, help="run dir, checkpoints dir or tag")
     p.add_argument("--prompt", help="answer this one message and exit")
@@ -69,12 +76,14 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_chat)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lumina-ds", description="Train Mixture-of-Experts chat models with DeepSpeed.")
+    parser = argparse.ArgumentParser(
+        prog="lumina-ds", description="Train Mixture-of-Experts chat models with DeepSpeed."
+    )
     parser.add_argument("--version", action="version", version=f"lumina-ds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (single process; use launch/train.py under deepspeed for more)")

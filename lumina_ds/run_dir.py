@@ -1,11 +1,11 @@
 """Where things live in a run directory `<output-dir>/<experiment-name>/`.
 
-    config.yaml              the resolved RunConfig
-    tokenizer.json           the tokenizer the run trained with
-    metrics.jsonl            one JSON object per logged step
-    tensorboard/             TensorBoard event files
-    checkpoints/latest       name of the newest complete tag (written by DeepSpeed)
-    checkpoints/<tag>/       DeepSpeed shards + model.safetensors (consolidated weights, our parameter names)
+config.yaml              the resolved RunConfig
+tokenizer.json           the tokenizer the run trained with
+metrics.jsonl            one JSON object per logged step
+tensorboard/             TensorBoard event files
+checkpoints/latest       name of the newest complete tag (written by DeepSpeed)
+checkpoints/<tag>/       DeepSpeed shards + model.safetensors (consolidated weights, our parameter names)
 """
 
 from __future__ import annotations
@@ -41,14 +41,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """A run dir, a checkpoints dir or a tag dir -> (checkpoints dir, newest complete tag)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError("E303", f"checkpoint path {path} does not exist", "pass a run dir, its checkpoints/ or a tag")
+        raise CheckpointError(
+            "E303", f"checkpoint path {path} does not exist", "pass a run dir, its checkpoints/ or a tag"
+        )
     if (path / COMPLETE_MARKER).exists() and TAG_PATTERN.match(path.name):
         return path.parent, path.name
     if TAG_PATTERN.match(path.name):
         raise CheckpointError(
-            "E303", f"checkpoint {path} is incomplete (no {COMPLETE_MARKER}: the save was interrupted)",
+            "E303",
+            f"checkpoint {path} is incomplete (no {COMPLETE_MARKER}: the save was interrupted)",
             "resume from an earlier tag in the same checkpoints/ directory",
-        )  # fmt: skip
+        )
     checkpoints = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     tags = list_complete_tags(checkpoints)
     if not tags:

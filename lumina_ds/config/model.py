@@ -90,7 +90,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError("E002", f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.attention_backend not in ("auto", "sdpa", "flash"):
-            raise ConfigError("E002", f"unknown attention_backend {self.attention_backend!r}", "use auto, sdpa or flash")
+            raise ConfigError(
+                "E002", f"unknown attention_backend {self.attention_backend!r}", "use auto, sdpa or flash"
+            )
         if min(self.vocab_size, self.num_layers, self.max_seq_len, self.intermediate_size) <= 0:
             raise ConfigError("E002", "vocab_size, num_layers, max_seq_len and intermediate_size must be positive")
         self.moe.validate()

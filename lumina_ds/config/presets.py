@@ -41,8 +41,17 @@ class _Shape:
     rope_theta: float = 10000.0
 
 
-def _build(shape: _Shape, *, lr: float, micro_batch: int, grad_accum: int, lb_weight: float, capacity: float,
-           warmup_ratio: float, checkpointing: bool) -> RunConfig:  # fmt: skip
+def _build(
+    shape: _Shape,
+    *,
+    lr: float,
+    micro_batch: int,
+    grad_accum: int,
+    lb_weight: float,
+    capacity: float,
+    warmup_ratio: float,
+    checkpointing: bool,
+) -> RunConfig:
     model = ModelConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
@@ -74,13 +83,31 @@ def _build(shape: _Shape, *, lr: float, micro_batch: int, grad_accum: int, lb_we
 
 
 def _small(shape: _Shape, *, lr: float, micro_batch: int, lb_weight: float, capacity: float) -> RunConfig:
-    return _build(shape, lr=lr, micro_batch=micro_batch, grad_accum=1, lb_weight=lb_weight, capacity=capacity,
-                  warmup_ratio=0.05, checkpointing=False)  # fmt: skip
+    return _build(
+        shape,
+        lr=lr,
+        micro_batch=micro_batch,
+        grad_accum=1,
+        lb_weight=lb_weight,
+        capacity=capacity,
+        warmup_ratio=0.05,
+        checkpointing=False,
+    )
 
 
-def _large(shape: _Shape, *, lr: float, micro_batch: int, grad_accum: int, lb_weight: float, capacity: float) -> RunConfig:
-    return _build(shape, lr=lr, micro_batch=micro_batch, grad_accum=grad_accum, lb_weight=lb_weight,
-                  capacity=capacity, warmup_ratio=0.1, checkpointing=True)  # fmt: skip
+def _large(
+    shape: _Shape, *, lr: float, micro_batch: int, grad_accum: int, lb_weight: float, capacity: float
+) -> RunConfig:
+    return _build(
+        shape,
+        lr=lr,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        lb_weight=lb_weight,
+        capacity=capacity,
+        warmup_ratio=0.1,
+        checkpointing=True,
+    )
 
 
 @register

@@ -14,7 +14,9 @@ from torch import nn
 
 AUTOEP_RENAMES = ((".ffn.router.gate.", ".ffn.gate."), (".ffn.shared_experts.", ".ffn.shared."))
 NATIVE_GATE = ".ffn.moe.deepspeed_moe.gate.wg."
-NATIVE_EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight$")
+NATIVE_EXPERT = re.compile(
+    r"^(layers\.\d+\.ffn)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight$"
+)
 
 
 def _full_tensor(param: nn.Parameter) -> torch.Tensor:

@@ -29,15 +29,16 @@ def hardware_precision() -> tuple[bool, bool]:
 def check_precision_supported(precision: str, *, cuda: bool, bf16_supported: bool) -> None:
     if precision in ("fp16", "mixed_fp16") and not cuda:
         raise ConfigError(
-            "E003", f"precision {precision} needs a CUDA GPU (DeepSpeed refuses fp16 on the CPU)",
+            "E003",
+            f"precision {precision} needs a CUDA GPU (DeepSpeed refuses fp16 on the CPU)",
             "use --precision bf16 or fp32 on this machine",
-        )  # fmt: skip
+        )
     if precision in ("bf16", "mixed_bf16") and cuda and not bf16_supported:
         raise ConfigError("E003", "this GPU has no bf16 support", "use --precision mixed_fp16 (V100/T4) or fp32")
 
 
 def precision_sections(precision: str) -> dict[str, Any]:
-    """`bf16`/`fp16`: 16-bit weights, gradients and optimizer math; `mixed_*`: fp32 master weights (DeepSpeed's default)."""
+    """`bf16`/`fp16`: 16-bit weights, gradients and optimizer math; `mixed_*`: fp32 master weights."""
     if precision == "fp32":
         return {}
     if precision in ("bf16", "mixed_bf16"):
@@ -46,8 +47,16 @@ def precision_sections(precision: str) -> dict[str, Any]:
             section.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
         return {"bf16": section}
     # dynamic loss scaling (loss_scale 0) for both fp16 modes; DeepSpeed keeps fp32 masters for fp16
-    return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                     "hysteresis": 2, "min_loss_scale": 1}}  # fmt: skip
+    return {
+        "fp16": {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    }
 
 
 def build_ds_config(run: RunConfig, *, world_size: int, precision: str) -> dict[str, Any]:

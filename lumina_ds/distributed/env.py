@@ -50,6 +50,20 @@ def limit_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every init detail at INFO and torch warns about its deprecated collectives: keep the console
+    for our own lines (LUMINA_DS_VERBOSE=1 restores them)."""
+    if os.environ.get("LUMINA_DS_VERBOSE"):
+        return
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -70,6 +84,7 @@ def init_distributed() -> DistInfo:
     import deepspeed
     import torch.distributed as dist
 
+    quiet_deepspeed()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

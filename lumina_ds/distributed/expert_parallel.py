@@ -94,6 +94,7 @@ class NativeMoEBlock(nn.Module):
 def apply_native_moe(model: Transformer, *, ep_size: int, ep_rank: int, deterministic: bool) -> None:
     for idx in moe_layer_indices(model):
         block = model.layers[idx]
+        assert isinstance(block.ffn, MoEBlock)
         block.ffn = NativeMoEBlock(
             block.ffn, moe=model.config.moe, ep_size=ep_size, ep_rank=ep_rank, deterministic=deterministic
         )

@@ -16,7 +16,9 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 
 def uses_autoep(run: RunConfig) -> bool:
     # at ep 1 our own block is the same math without the all-to-all, so AutoEP only replaces it when ep > 1
-    return run.model.moe.enabled and run.distributed.moe_backend == "autoep" and run.distributed.expert_parallel_size > 1
+    return (
+        run.model.moe.enabled and run.distributed.moe_backend == "autoep" and run.distributed.expert_parallel_size > 1
+    )
 
 
 def parallelize(model: Transformer, run: RunConfig, *, rank: int) -> dict[str, Any]:

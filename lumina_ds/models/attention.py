@@ -43,9 +43,7 @@ class LayerKVCache:
 
 
 class Attention(nn.Module):
-    def __init__(
-        self, *, hidden_size: int, num_heads: int, num_kv_heads: int, backend: str = "auto"
-    ) -> None:
+    def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, backend: str = "auto") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

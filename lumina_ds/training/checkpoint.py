@@ -70,9 +70,10 @@ class CheckpointManager:
             if self.info.is_main:
                 shutil.rmtree(tag_dir, ignore_errors=True)  # never leave a half-written tag behind
             raise CheckpointError(
-                "E303", f"saving checkpoint {tag_dir} failed: {exc}",
+                "E303",
+                f"saving checkpoint {tag_dir} failed: {exc}",
                 "free disk space (earlier checkpoints are intact) or lower --save-total-limit",
-            ) from exc  # fmt: skip
+            ) from exc
         _barrier()
         if self.info.is_main:
             self.rotate()
@@ -109,7 +110,8 @@ class CheckpointManager:
         if meta.get("world_size") != self.info.world_size:
             raise CheckpointError(
                 "E303",
-                f"checkpoint {tag} was saved by {meta.get('world_size')} processes, this run has {self.info.world_size}",
+                f"checkpoint {tag} was saved by {meta.get('world_size')} processes, "
+                f"this run has {self.info.world_size}",
                 "resume with the same number of GPUs/processes as the run that saved it",
             )
         try:

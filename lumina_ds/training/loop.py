@@ -5,6 +5,7 @@ It knows the batch format and the model's output dict, nothing about the model's
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -43,9 +44,18 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, *, engine: Any, batches: BatchIterator, eval_data: PackedDataset | None, info: DistInfo,
-                 settings: LoopSettings, checkpoints: CheckpointManager, callbacks: list[Callback],
-                 client_extra: dict[str, Any]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        engine: Any,
+        batches: BatchIterator,
+        eval_data: PackedDataset | None,
+        info: DistInfo,
+        settings: LoopSettings,
+        checkpoints: CheckpointManager,
+        callbacks: list[Callback],
+        client_extra: dict[str, Any],
+    ) -> None:
         self.engine = engine
         self.batches = batches
         self.eval_data = eval_data
@@ -89,15 +99,15 @@ class Trainer:
                 cb.on_step(self.state.step)
             if self.state.step % self.settings.log_every == 0 or self.state.step == self.settings.total_steps:
                 self._log(time.time() - start)
-            if self.eval_data is not None and self.state.step % self.settings.eval_every == 0:
-                if self._evaluate_and_check_patience():
-                    stop_reason = "early stopping"
-                    break
+            evaluate_now = self.eval_data is not None and self.state.step % self.settings.eval_every == 0
+            if evaluate_now and self._evaluate_and_check_patience():
+                stop_reason = "early stopping"
+                break
             if self.state.step % self.settings.save_every == 0:
                 self.save()
                 last_saved = self.state.step
             if self._signalled():
-                stop_reason = f"signal {signal.Signals(self._stop_signal).name}"
+                stop_reason = f"signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
                 break
         return self._finish(stop_reason, last_saved, time.time() - start)
 
@@ -123,9 +133,10 @@ class Trainer:
             out = self.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
             if not torch.isfinite(out["loss"]).item():
                 raise TrainingError(
-                    "E301", f"loss is {out['loss'].item()} at step {self.state.step + 1}: training diverged",
+                    "E301",
+                    f"loss is {out['loss'].item()} at step {self.state.step + 1}: training diverged",
                     "lower --learning-rate, raise --warmup-ratio, lower --max-grad-norm, or use --precision bf16/fp32",
-                )  # fmt: skip
+                )
             self.engine.backward(out["loss"])
             self.engine.step()
             self.window.add(out, tokens=batch["input_ids"].numel())
@@ -172,7 +183,12 @@ class Trainer:
         self.engine.train()
         loss_sum, targets = all_reduce_sum(total).tolist()
         loss = loss_sum / max(targets, 1.0)
-        return {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(targets)}
+        return {
+            "step": self.state.step,
+            "eval_loss": loss,
+            "eval_ppl": math.exp(min(loss, 50.0)),
+            "eval_tokens": int(targets),
+        }
 
     def _evaluate_and_check_patience(self) -> bool:
         """Evaluate, track the best; True when early stopping should end training."""
@@ -205,7 +221,5 @@ class Trainer:
             self._stop_signal = signum
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. under a test runner thread)
                 signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. under a test runner thread)
-                pass

@@ -59,7 +59,9 @@ class WindowMetrics:
 
     def summary(self) -> dict[str, Any]:
         """Means over micro-batches and ranks; expert counts summed over both."""
-        local = torch.tensor([self.loss, self.lm_loss, self.aux, self.z, self.micro_batches, self.tokens], dtype=torch.float64)
+        local = torch.tensor(
+            [self.loss, self.lm_loss, self.aux, self.z, self.micro_batches, self.tokens], dtype=torch.float64
+        )
         loss, lm_loss, aux, z, n, tokens = all_reduce_sum(local).tolist()
         out: dict[str, Any] = {
             "loss": loss / n,
@@ -80,4 +82,9 @@ def moe_balance(counts: torch.Tensor | None) -> dict[str, Any]:
     c = counts.double()
     cv = (c.std(dim=1, unbiased=False) / c.mean(dim=1).clamp_min(1e-9)).mean()
     used = int((counts > 0).sum(dim=1).min())  # the worst layer
-    return {"expert_counts": counts.tolist(), "moe_balance": float(cv), "experts_used": used, "num_experts": counts.shape[1]}
+    return {
+        "expert_counts": counts.tolist(),
+        "moe_balance": float(cv),
+        "experts_used": used,
+        "num_experts": counts.shape[1],
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from lumina_ds.config.run import TrainConfig
 
@@ -25,20 +26,19 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, kind: str, 
         return start + (1.0 - start) * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
-    if kind == "linear":
-        shape = 1.0 - progress
-    else:  # cosine and onecycle's annealing phase
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    # linear decays straight down; cosine (and onecycle's annealing phase) follow half a cosine
+    shape = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def schedule_for(train: TrainConfig, total_steps: int):  # type: ignore[no-untyped-def]
+def schedule_for(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """A function step -> multiplier, for torch's LambdaLR."""
     warmup = warmup_steps_for(train, total_steps)
     min_ratio = train.min_lr / train.learning_rate
 
     def fn(step: int) -> float:
-        return lr_multiplier(step, total_steps=total_steps, warmup_steps=warmup, kind=train.lr_scheduler,
-                             min_ratio=min_ratio)  # fmt: skip
+        return lr_multiplier(
+            step, total_steps=total_steps, warmup_steps=warmup, kind=train.lr_scheduler, min_ratio=min_ratio
+        )
 
     return fn

