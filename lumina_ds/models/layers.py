@@ -38,9 +38,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, *, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.head_dim = head_dim
+        self.theta = theta
         self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def reset_parameters(self) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after a meta-device build and `to_empty`."""
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] -> cos, sin [B, S, head_dim] in fp32."""

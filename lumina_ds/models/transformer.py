@@ -107,6 +107,8 @@ class Transformer(nn.Module):
                     nn.init.normal_(p, std=out_std if pname == "w2" else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
 
     def forward(
         self,

@@ -1,0 +1,79 @@
+"""The generated DeepSpeed JSON: batch arithmetic, precision sections, overrides, AutoEP patterns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lumina_ds.config.presets import get_preset
+from lumina_ds.distributed.ds_config import build_ds_config, merge_overrides, precision_sections, resolve_precision
+from lumina_ds.distributed.expert_parallel import autoep_section
+from lumina_ds.distributed.parallelize import parallelize
+from lumina_ds.errors import ConfigError
+
+
+def test_batch_arithmetic_micro_times_accum_times_ranks() -> None:
+    run = get_preset("debug")
+    run.train.micro_batch_size, run.train.grad_accum, run.train.max_grad_norm = 4, 3, 0.5
+    ds = build_ds_config(run, world_size=8, precision="fp32")
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 4 * 3 * 8
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": run.distributed.zero_stage}
+    assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_precision_modes() -> None:
+    assert precision_sections("fp32") == {}
+    assert precision_sections("mixed_bf16") == {"bf16": {"enabled": True}}
+    pure = precision_sections("bf16")["bf16"]
+    assert pure["bf16_master_weights_and_grads"] and pure["bf16_optimizer_states"]
+    assert precision_sections("mixed_fp16")["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert resolve_precision("auto", cuda=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", cuda=True, bf16_supported=True) == "mixed_bf16"
+    assert resolve_precision("auto", cuda=True, bf16_supported=False) == "mixed_fp16"
+    assert resolve_precision("bf16", cuda=False, bf16_supported=False) == "bf16"
+
+
+def test_user_json_overrides_nested_keys(tmp_path: Path) -> None:
+    override = tmp_path / "ds.json"
+    override.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "steps_per_print": 5}))
+    run = get_preset("debug")
+    run.distributed.zero_stage, run.distributed.deepspeed_config = 2, str(override)
+    ds = build_ds_config(run, world_size=1, precision="fp32")
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["steps_per_print"] == 5
+    assert merge_overrides({"a": {"b": 1}}, {"a": 2}) == {"a": 2}
+
+
+def test_bad_override_file_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    run = get_preset("debug")
+    run.distributed.deepspeed_config = str(bad)
+    with pytest.raises(ConfigError) as err:
+        build_ds_config(run, world_size=1, precision="fp32")
+    assert err.value.code == "E002"
+
+
+def test_autoep_pattern_matches_only_moe_layers() -> None:
+    run = get_preset("debug")
+    run.model.num_layers, run.model.moe.moe_every = 4, 2
+    section = autoep_section(run.model.build(), ep_size=2)
+    assert section["moe_layer_pattern"] == r"layers\.(1|3)\.ffn"
+    assert section["autoep_size"] == 2 and section["top_k"] == 2 and not section["has_shared_experts"]
+
+
+def test_parallelize_only_adds_autoep_when_experts_are_split() -> None:
+    run = get_preset("debug")
+    model = run.model.build()
+    assert parallelize(model, run, rank=0) == {}  # ep 1: our own block, no replacement
+    run.distributed.expert_parallel_size = 2
+    assert "expert_parallel" in parallelize(run.model.build(), run, rank=0)
+    run.train.gradient_checkpointing = True
+    model = run.model.build()
+    parallelize(model, run, rank=0)
+    assert model.checkpoint_layers
