@@ -23,7 +23,6 @@ import platform
 import resource
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -222,47 +221,45 @@ def param_counts(model: nn.Module, top_k: int, num_experts: int) -> tuple[int, i
 class MemoryMeter:
     """Peak memory of a run: CUDA max_memory_allocated, or on CPU the peak RSS increase over a baseline.
 
-    On CPU a thread samples the process RSS every 2 ms (psutil); the baseline is taken after gc + malloc_trim,
-    before the model is built, so the number covers weights, grads, optimizer state, activations and the allocator's
-    cache. ru_maxrss (the whole process's lifetime high-water mark) is reported alongside.
+    On CPU the kernel's RSS high-water mark is reset (`echo 5 > /proc/self/clear_refs`) after gc + malloc_trim, before
+    the model is built; the peak is VmHWM afterwards minus the RSS then. It covers weights, grads, optimizer state,
+    activations and the allocator's cache. Without /proc (not Linux) it falls back to getrusage's ru_maxrss, which is
+    the whole process's lifetime peak and so over-counts for every implementation after the first.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def kind(self) -> str:
-        if self.device.type == "cuda":
-            return "cuda max_memory_allocated"
-        return "cpu peak RSS increase over pre-build baseline (psutil, 2 ms sampling)"
+        self.peak_bytes = 0
+        self.kind = "cuda max_memory_allocated"
+        if device.type != "cuda":
+            self.kind = "cpu peak RSS increase over pre-build RSS (VmHWM after clear_refs)"
 
     def __enter__(self) -> MemoryMeter:
         release_memory()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             return self
-        self.baseline = self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+        except OSError:
+            self.kind = "cpu process lifetime peak RSS (ru_maxrss) minus pre-build RSS"
+        self.baseline = psutil.Process().memory_info().rss
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated()
-            return
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.peak_bytes = self.peak - self.baseline
+        else:
+            self.peak_bytes = max(0, peak_rss_bytes() - self.baseline)
+
+
+def peak_rss_bytes() -> int:
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def release_memory() -> None:

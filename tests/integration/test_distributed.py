@@ -73,3 +73,12 @@ def test_resume_reproduces_uninterrupted_run(workdir: Path) -> None:
     for a, b in zip(full_logs[5:], resumed_logs, strict=True):
         assert a["step"] == b["step"]
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["step"], a["loss"], b["loss"])
+
+
+def test_zero3_autoep_bf16(workdir: Path) -> None:
+    run_dir = train_two_ranks(workdir, "bf16", ["--zero-stage", "3", "--expert-parallel-size", "2", "--precision",
+                                                "bf16", "--max-steps", "4", "--eval-every-n-batches", "4"])  # fmt: skip
+    logs, evals = read_metrics(run_dir)
+    assert len(logs) == 4 and all(math.isfinite(r["loss"]) for r in logs)
+    # bf16 weights: the consolidated model (loaded in fp32) agrees with the engine to bf16 precision
+    assert math.isclose(eval_loss_of_consolidated(run_dir), evals[-1]["eval_loss"], rel_tol=2e-2)

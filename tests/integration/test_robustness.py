@@ -1,0 +1,47 @@
+"""What happens to a run when things go wrong: signals, interrupted saves, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.integration.conftest import FAST, TRAIN, child_env, lumina, read_metrics
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(workdir: Path) -> None:
+    cmd = [sys.executable, "-m", "lumina_ds", "train", *FAST, "--train-data", TRAIN, "--max-steps", "10000",
+           "--experiment-name", "sig", "--save-every-n-batches", "100000"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = workdir / "runs" / "sig" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stop_reason=signal SIGTERM" in stdout
+    logs, _ = read_metrics(workdir / "runs" / "sig")
+    last = logs[-1]["step"]
+    assert (workdir / "runs" / "sig" / "checkpoints" / f"step_{last:08d}" / "complete.json").exists()
+
+
+def test_incomplete_tag_is_skipped_and_corrupt_checkpoint_is_e303(workdir: Path) -> None:
+    base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "ck", "--save-every-n-batches", "2"]
+    assert lumina([*base, "--max-steps", "4"], cwd=workdir).returncode == 0
+    checkpoints = workdir / "runs" / "ck" / "checkpoints"
+    (checkpoints / "step_00000004" / "complete.json").unlink()  # as if killed mid-save
+    resumed = lumina([*base, "--max-steps", "5", "--auto-resume"], cwd=workdir)
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout
+
+    states = checkpoints / "step_00000005" / "mp_rank_00_model_states.pt"
+    states.write_bytes(b"not a checkpoint")
+    broken = lumina([*base, "--max-steps", "6", "--auto-resume"], cwd=workdir)
+    assert broken.returncode == 1
+    assert "[E303]" in broken.stderr and "corrupt" in broken.stderr
+    missing = lumina([*base, "--max-steps", "6", "--resume", str(workdir / "nowhere")], cwd=workdir)
+    assert missing.returncode == 1 and "[E303]" in missing.stderr
