@@ -1,0 +1,132 @@
+"""The training loop with a plain-torch stand-in for the DeepSpeed engine: fast, single process."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lumina_ds.config.model import ModelConfig, MoEConfig
+from lumina_ds.config.run import CheckpointConfig
+from lumina_ds.data.loader import BatchIterator, PackedDataset
+from lumina_ds.data.packing import pack_conversations
+from lumina_ds.data.sampler import ShardedSampler
+from lumina_ds.distributed.env import DistInfo
+from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.loop import LoopSettings, Trainer
+
+INFO = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+class FakeEngine:
+    """The slice of DeepSpeedEngine the loop uses, over a plain module and AdamW."""
+
+    def __init__(self, model: torch.nn.Module, *, accum: int = 1, micro: int = 2) -> None:
+        self.module = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+        self.device = torch.device("cpu")
+        self.accum, self.micro, self.micro_steps, self.saved = accum, micro, 0, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.accum
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.micro
+
+    def get_global_grad_norm(self) -> float:
+        return 1.0
+
+    def get_lr(self) -> list[float]:
+        return [1e-2]
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def train(self) -> None:
+        self.module.train()
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+        self.saved.append((tag, client_state))
+
+
+def rows(n: int, seq_len: int = 16, seed: int = 0) -> Any:
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for _ in range(n):
+        ids = rng.integers(6, 64, size=int(rng.integers(5, seq_len))).tolist()
+        encoded.append((ids, [*ids[1:], -100]))
+    return pack_conversations(encoded, seq_len=seq_len, pad_id=0)
+
+
+def make_trainer(tmp_path: Path, *, total_steps: int, eval_every: int = 1000, patience: int | None = None,
+                 epochs: int | None = None) -> Trainer:  # fmt: skip
+    torch.manual_seed(0)
+    model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                        moe=MoEConfig(num_experts=2, top_k=1, expert_intermediate_size=16)).build()  # fmt: skip
+    train = rows(40)
+    batches = BatchIterator(train, ShardedSampler(len(train), seed=1), micro_batch_size=2, num_epochs=epochs)
+    settings = LoopSettings(total_steps=total_steps, log_every=1, eval_every=eval_every, save_every=10**6,
+                            early_stopping_patience=patience)  # fmt: skip
+    return Trainer(engine=FakeEngine(model), batches=batches, eval_data=PackedDataset(rows(7, seed=3)), info=INFO,
+                   settings=settings, checkpoints=CheckpointManager(tmp_path, CheckpointConfig(), INFO),
+                   callbacks=[], client_extra={})  # fmt: skip
+
+
+def test_evaluate_is_token_weighted_over_every_row(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, total_steps=1)
+    data = trainer.eval_data
+    assert data is not None
+    total, targets = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):  # one row at a time, weighted by its number of targets
+            batch = data.batch([i])
+            out = trainer.engine.module(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+            total += float(out["lm_loss"]) * int(out["num_targets"])
+            targets += int(out["num_targets"])
+    result = trainer.evaluate()
+    assert result["eval_tokens"] == targets == data.rows.num_target_tokens
+    assert math.isclose(result["eval_loss"], total / targets, rel_tol=1e-6)
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, total_steps=50, eval_every=1, patience=2)
+    losses = iter([3.0, 2.0, 2.5, 2.1, 1.0])
+    trainer.evaluate = lambda: {"step": trainer.state.step, "eval_loss": next(losses), "eval_ppl": 1.0,  # type: ignore[method-assign]
+                                "eval_tokens": 1}  # fmt: skip
+    summary = trainer.fit()
+    assert summary["stop_reason"] == "early stopping" and summary["steps"] == 4
+    assert trainer.state.best_step == 2 and trainer.state.best_eval_loss == 2.0
+    assert trainer.engine.saved[-1][0] == "step_00000004"  # the final checkpoint is written
+
+
+def test_epochs_end_when_the_data_runs_out(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, total_steps=10**6, epochs=2)
+    summary = trainer.fit()
+    assert summary["stop_reason"] == "data exhausted"
+    assert summary["steps"] == 2 * trainer.batches.batches_per_epoch
+
+
+def test_client_state_round_trip_continues_the_data(tmp_path: Path) -> None:
+    first = make_trainer(tmp_path, total_steps=3)
+    first.fit()
+    state = first.engine.saved[-1][1]
+    second = make_trainer(tmp_path, total_steps=5)
+    second.restore(state)
+    assert second.state.step == 3
+    assert second.batches.state_dict() == first.batches.state_dict()
