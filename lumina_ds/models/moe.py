@@ -20,7 +20,8 @@ class Router(nn.Linear):
     """Gate logits computed in fp32 whatever the training precision (routing is precision-sensitive)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the matmul back down
+            return F.linear(x.float(), self.weight.float())
 
 
 def route_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,10 +72,9 @@ class GroupedExperts(nn.Module):
         token_of = order // top_k  # [T*k] source token of each sorted assignment
         counts = torch.bincount(flat, minlength=num_experts).tolist()
         chunks = x[token_of].split(counts)  # E chunks of [n_e, H]
-        outs = [
-            F.linear(F.silu(F.linear(c, self.w1[e])) * F.linear(c, self.w3[e]), self.w2[e])
-            for e, c in enumerate(chunks)
-        ]
+        # unbind once: indexing w1[e] per expert would make backward zero-fill a full [E, F, H] gradient E times
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        outs = [F.linear(F.silu(F.linear(c, w1[e])) * F.linear(c, w3[e]), w2[e]) for e, c in enumerate(chunks)]
         y = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)  # [T*k, H]
         return torch.zeros_like(x).index_add_(0, token_of, y)
 
