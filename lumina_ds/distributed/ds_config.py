@@ -37,6 +37,14 @@ def check_precision_supported(precision: str, *, cuda: bool, bf16_supported: boo
         raise ConfigError("E003", "this GPU has no bf16 support", "use --precision mixed_fp16 (V100/T4) or fp32")
 
 
+def select_precision(requested: str) -> str:
+    """The precision this machine will run `requested` at; E003 when it cannot."""
+    cuda, bf16_ok = hardware_precision()
+    precision = resolve_precision(requested, cuda=cuda, bf16_supported=bf16_ok)
+    check_precision_supported(precision, cuda=cuda, bf16_supported=bf16_ok)
+    return precision
+
+
 def precision_sections(precision: str) -> dict[str, Any]:
     """`bf16`/`fp16`: 16-bit weights, gradients and optimizer math; `mixed_*`: fp32 master weights."""
     if precision == "fp32":

@@ -10,12 +10,7 @@ import torch
 from torch import nn
 
 from lumina_ds.config.run import RunConfig
-from lumina_ds.distributed.ds_config import (
-    build_ds_config,
-    check_precision_supported,
-    hardware_precision,
-    resolve_precision,
-)
+from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.distributed.expert_parallel import attach_router_hooks
 from lumina_ds.distributed.parallelize import parallelize
@@ -62,12 +57,12 @@ def optimizer_factory(model: Transformer, run: RunConfig, *, cuda: bool) -> Any:
     return build
 
 
-def build_engine(model: Transformer, run: RunConfig, *, info: DistInfo, total_steps: int) -> EngineBundle:
+def build_engine(
+    model: Transformer, run: RunConfig, *, info: DistInfo, total_steps: int, precision: str
+) -> EngineBundle:
+    """`precision` as resolved by `select_precision` (never "auto")."""
     import deepspeed
 
-    cuda, bf16_ok = hardware_precision()
-    precision = resolve_precision(run.train.precision, cuda=cuda, bf16_supported=bf16_ok)
-    check_precision_supported(precision, cuda=cuda, bf16_supported=bf16_ok)
     if info.world_size % run.distributed.expert_parallel_size:
         raise ConfigError(
             "E002",
@@ -82,7 +77,7 @@ def build_engine(model: Transformer, run: RunConfig, *, info: DistInfo, total_st
     try:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=optimizer_factory(model, run, cuda=cuda),
+            optimizer=optimizer_factory(model, run, cuda=torch.cuda.is_available()),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=ds_config,
         )

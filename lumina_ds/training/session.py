@@ -15,6 +15,7 @@ from lumina_ds.data.loader import BatchIterator, ChatDataset, PackedDataset, bui
 from lumina_ds.data.reader import read_conversations
 from lumina_ds.data.sampler import ShardedSampler
 from lumina_ds.data.tokenizer import ChatTokenizer, conversation_texts, train_bpe_tokenizer
+from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, init_distributed
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, TensorBoardLogger
@@ -105,6 +106,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     run.validate()
     if not run.data.train_data:
         raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
+    precision = select_precision(run.train.precision)  # E003 before any process group or data work
     info = init_distributed()
     run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
     if info.is_main:
@@ -130,7 +132,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         f"{run.seq_len} tokens | {info.world_size} process(es) on {info.device} | {total_steps} steps",
     )
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
-    bundle = build_engine(run.model.build(), run, info=info, total_steps=total_steps)
+    bundle = build_engine(run.model.build(), run, info=info, total_steps=total_steps, precision=precision)
     log(
         info,
         f"precision {bundle.precision} | ZeRO {run.distributed.zero_stage} | EP {run.distributed.expert_parallel_size}",

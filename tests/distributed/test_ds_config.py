@@ -77,3 +77,11 @@ def test_parallelize_only_adds_autoep_when_experts_are_split() -> None:
     model = run.model.build()
     parallelize(model, run, rank=0)
     assert model.checkpoint_layers
+
+
+def test_shipped_override_files_merge_into_the_generated_config() -> None:
+    run = get_preset("debug")
+    run.distributed.zero_stage = 2
+    run.distributed.deepspeed_config = str(Path(__file__).resolve().parents[2] / "ds_configs" / "overlap_comm.json")
+    zero = build_ds_config(run, world_size=2, precision="fp32")["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 50_000_000

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from tests.integration.conftest import EVAL, EXAMPLES, FAST, TRAIN, lumina, read_metrics
 
 REQUIRED_LOG_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "aux_loss", "expert_counts"}
@@ -74,6 +77,12 @@ def test_config_errors_have_codes(workdir: Path) -> None:
     assert proc.returncode == 1 and "[E002]" in proc.stderr and "[1, 2, 4]" in proc.stderr
     proc = lumina(["chat", "--checkpoint", str(workdir / "nothing"), "--prompt", "hi"], cwd=workdir)
     assert proc.returncode == 1 and "[E303]" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only where there is no GPU")
+def test_fp16_without_gpu_is_a_hardware_error(workdir: Path) -> None:
+    proc = lumina(["train", "--train-data", TRAIN, "--precision", "fp16"], cwd=workdir)
+    assert proc.returncode == 1 and "[E003]" in proc.stderr and "GPU" in proc.stderr
 
 
 def test_module_help(workdir: Path) -> None:
