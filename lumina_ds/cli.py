@@ -17,8 +17,8 @@ from lumina_ds.errors import LuminaError
 def cmd_train(args: argparse.Namespace) -> int:
     from lumina_ds.training.session import train
 
-    summary = train(run_config_from_args(args))
-    return 0 if summary.get("stop_reason") != "error" else 1
+    train(run_config_from_args(args))
+    return 0
 
 
 def cmd_estimate_parameters(args: argparse.Namespace) -> int:

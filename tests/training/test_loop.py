@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from lumina_ds.config.model import ModelConfig, MoEConfig
@@ -15,6 +17,7 @@ from lumina_ds.data.loader import BatchIterator, PackedDataset
 from lumina_ds.data.packing import pack_conversations
 from lumina_ds.data.sampler import ShardedSampler
 from lumina_ds.distributed.env import DistInfo
+from lumina_ds.errors import CheckpointError
 from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.loop import LoopSettings, Trainer
 
@@ -130,3 +133,24 @@ def test_client_state_round_trip_continues_the_data(tmp_path: Path) -> None:
     second.restore(state)
     assert second.state.step == 3
     assert second.batches.state_dict() == first.batches.state_dict()
+
+
+def test_full_disk_during_save_is_e303_and_keeps_earlier_checkpoints(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, total_steps=1)
+    manager = trainer.checkpoints
+    earlier = manager.dir / "step_00000001"
+    earlier.mkdir(parents=True)
+    (earlier / "complete.json").write_text("{}")
+
+    def no_space(directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        (Path(directory) / tag).mkdir(parents=True)
+        (Path(directory) / tag / "partial.pt").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer.engine.save_checkpoint = no_space  # type: ignore[method-assign]
+    trainer.state.step = 2
+    with pytest.raises(CheckpointError) as err:
+        trainer.save()
+    assert err.value.code == "E303" and "No space left" in str(err.value)
+    assert not (manager.dir / "step_00000002").exists()  # the half-written tag is gone
+    assert (earlier / "complete.json").exists()  # the earlier checkpoint is untouched
