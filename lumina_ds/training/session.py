@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,17 +102,17 @@ def check_resumable(saved: dict[str, Any] | None, run: RunConfig) -> None:
         )
 
 
-def train(run: RunConfig) -> dict[str, Any]:
-    """Run training as configured; every rank calls this. Returns the summary (steps, final eval loss, ...)."""
-    run.validate()
-    if not run.data.train_data:
-        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
-    precision = select_precision(run.train.precision)  # E003 before any process group or data work
-    info = init_distributed()
-    run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
+@dataclass
+class PreparedData:
+    batches: BatchIterator
+    eval_data: PackedDataset | None
+    total_steps: int
+    description: str
+
+
+def prepare_data(run: RunConfig, run_dir: Path, info: DistInfo) -> PreparedData:
+    """Tokenizer, packed train/eval rows, this rank's resumable batches, and the number of optimizer steps."""
+    assert run.data.train_data is not None
     tokenizer = prepare_tokenizer(run, run_dir, info)
     fit_vocab(run, tokenizer, info)
     train_data, eval_data = build_datasets(
@@ -123,44 +124,70 @@ def train(run: RunConfig) -> dict[str, Any]:
     sampler = ShardedSampler(len(train_data.rows), rank=info.rank, world_size=info.world_size, seed=run.train.seed)
     epochs = None if run.train.max_steps is not None else run.train.epochs
     batches = BatchIterator(train_data.rows, sampler, micro_batch_size=run.train.micro_batch_size, num_epochs=epochs)
-    total_steps = total_steps_for(run, batches)
-    if info.is_main:
-        save_config(run, run_dir / CONFIG_FILE)
-    log(
-        info,
-        f"run dir {run_dir} | {train_data.num_conversations} conversations -> {len(train_data.rows)} rows of "
-        f"{run.seq_len} tokens | {info.world_size} process(es) on {info.device} | {total_steps} steps",
+    description = f"{train_data.num_conversations} conversations -> {len(train_data.rows)} rows of {run.seq_len} tokens"
+    return PreparedData(
+        batches=batches,
+        eval_data=PackedDataset(eval_data.rows) if eval_data is not None else None,
+        total_steps=total_steps_for(run, batches),
+        description=description,
     )
-    torch.manual_seed(run.train.seed)  # identical initial weights on every rank
-    bundle = build_engine(run.model.build(), run, info=info, total_steps=total_steps, precision=precision)
-    log(
-        info,
-        f"precision {bundle.precision} | ZeRO {run.distributed.zero_stage} | EP {run.distributed.expert_parallel_size}",
-    )
-    checkpoints = CheckpointManager(run_dir, run.checkpoint, info)
+
+
+def build_trainer(run: RunConfig, run_dir: Path, info: DistInfo, data: PreparedData, engine: Any) -> Trainer:
     settings = LoopSettings(
-        total_steps=total_steps,
+        total_steps=data.total_steps,
         log_every=run.logging.log_every_n_batches,
         eval_every=run.train.eval_every_n_batches,
         save_every=run.checkpoint.save_every_n_batches,
         early_stopping_patience=run.train.early_stopping_patience,
     )
-    trainer = Trainer(
-        engine=bundle.engine,
-        batches=batches,
-        eval_data=PackedDataset(eval_data.rows) if eval_data is not None else None,
+    return Trainer(
+        engine=engine,
+        batches=data.batches,
+        eval_data=data.eval_data,
         info=info,
         settings=settings,
-        checkpoints=checkpoints,
+        checkpoints=CheckpointManager(run_dir, run.checkpoint, info),
         callbacks=build_callbacks(run, run_dir) if info.is_main else [],
         client_extra={"config": config_to_dict(run)},
     )
-    resume = checkpoints.find_resume()
-    if resume is not None:
-        client_state = checkpoints.load(bundle.engine, *resume)
-        check_resumable(client_state.get("config"), run)
-        trainer.restore(client_state)
-        log(info, f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
+
+
+def resume_if_asked(trainer: Trainer, run: RunConfig, info: DistInfo) -> None:
+    resume = trainer.checkpoints.find_resume()
+    if resume is None:
+        return
+    client_state = trainer.checkpoints.load(trainer.engine, *resume)
+    check_resumable(client_state.get("config"), run)
+    trainer.restore(client_state)
+    log(info, f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
+
+
+def train(run: RunConfig) -> dict[str, Any]:
+    """Run training as configured; every rank calls this. Returns the summary (steps, final eval loss, ...)."""
+    run.validate()
+    if not run.data.train_data:
+        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
+    precision = select_precision(run.train.precision)  # E003 before any process group or data work
+    info = init_distributed()
+    run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    data = prepare_data(run, run_dir, info)
+    if info.is_main:
+        save_config(run, run_dir / CONFIG_FILE)
+    log(info, f"run dir {run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
+    torch.manual_seed(run.train.seed)  # identical initial weights on every rank
+    bundle = build_engine(run.model.build(), run, info=info, total_steps=data.total_steps, precision=precision)
+    dist_cfg = run.distributed
+    log(
+        info,
+        f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
+        f"{data.total_steps} steps",
+    )
+    trainer = build_trainer(run, run_dir, info, data, bundle.engine)
+    resume_if_asked(trainer, run, info)
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
     return summary

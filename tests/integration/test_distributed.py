@@ -39,10 +39,11 @@ def train_two_ranks(workdir: Path, name: str, extra: list[str]) -> Path:
     return workdir / "runs" / name
 
 
-def check_run(run_dir: Path) -> None:
+def check_run(run_dir: Path, *, grad_accum: int = 1) -> None:
     logs, evals = read_metrics(run_dir)
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.5  # it learns
-    assert all(sum(layer) == 2 * 4 * 128 * 2 for layer in logs[0]["expert_counts"])  # both ranks' tokens, top-2
+    # every token of both ranks' micro-batches (4 rows x 128), routed to top-2 experts in each MoE layer
+    assert all(sum(layer) == 2 * grad_accum * 4 * 128 * 2 for layer in logs[0]["expert_counts"])
     # the consolidated weights (experts gathered from both ranks, renamed) reproduce the engine's eval loss
     assert math.isclose(eval_loss_of_consolidated(run_dir), evals[-1]["eval_loss"], rel_tol=1e-4)
 
@@ -57,8 +58,8 @@ def test_zero3_autoep_ep2(workdir: Path) -> None:
 def test_zero2_native_moe_ep2(workdir: Path) -> None:
     run_dir = train_two_ranks(workdir, "native", ["--zero-stage", "2", "--expert-parallel-size", "2", "--moe-backend",
                                                   "native", "--deterministic-gating", "--max-steps", "12",
-                                                  "--eval-every-n-batches", "12"])  # fmt: skip
-    check_run(run_dir)
+                                                  "--eval-every-n-batches", "12", "--grad-accum", "2"])  # fmt: skip
+    check_run(run_dir, grad_accum=2)
     tag = run_dir / "checkpoints" / "step_00000012"
     assert len(list(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 2 * 4  # 2 layers x 4 experts
 
@@ -75,9 +76,10 @@ def test_resume_reproduces_uninterrupted_run(workdir: Path) -> None:
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["step"], a["loss"], b["loss"])
 
 
-def test_zero3_autoep_bf16(workdir: Path) -> None:
+def test_zero3_autoep_bf16_with_activation_checkpointing(workdir: Path) -> None:
     run_dir = train_two_ranks(workdir, "bf16", ["--zero-stage", "3", "--expert-parallel-size", "2", "--precision",
-                                                "bf16", "--max-steps", "4", "--eval-every-n-batches", "4"])  # fmt: skip
+                                                "bf16", "--max-steps", "4", "--eval-every-n-batches", "4",
+                                                "--gradient-checkpointing"])  # fmt: skip
     logs, evals = read_metrics(run_dir)
     assert len(logs) == 4 and all(math.isfinite(r["loss"]) for r in logs)
     # bf16 weights: the consolidated model (loaded in fp32) agrees with the engine to bf16 precision
