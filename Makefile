@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(BIN)/lumina-ds train --preset debug --train-data examples/conversations.jsonl \
 		--eval-data examples/conversations_eval.jsonl --max-steps 200 --experiment-name demo --output-dir runs
 	$(BIN)/lumina-ds chat --checkpoint $(DEMO_DIR) --prompt "Explain RoPE in one sentence." \
-		--max-tokens 64 --temperature 0.7 --seed 0
+		--max-tokens 64 --temperature 0.2 --seed 0
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
