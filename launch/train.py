@@ -6,7 +6,6 @@ Also runs under torchrun, mpirun, or alone (it then sets the rendezvous variable
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,15 +32,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # torch's gloo teardown can abort after a clean finish (DEEPSPEED_FACTS.md): sync, flush, leave directly
-    import torch.distributed as dist
+    from lumina_ds.distributed.env import exit_process
 
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        except RuntimeError:
-            code = code or 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(main())

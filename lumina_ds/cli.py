@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -112,14 +111,9 @@ def entry() -> None:
 
     torch's gloo teardown can abort after a clean finish (see DEEPSPEED_FACTS.md), turning success into SIGABRT.
     """
-    code = main()
-    import torch.distributed as dist
+    from lumina_ds.distributed.env import exit_process
 
-    if dist.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(main())
 
 
 if __name__ == "__main__":

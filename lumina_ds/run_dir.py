@@ -10,8 +10,11 @@ checkpoints/<tag>/       DeepSpeed shards + model.safetensors (consolidated weig
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+import torch
 
 from lumina_ds.errors import CheckpointError
 
@@ -61,3 +64,14 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
 
 def run_dir_of(checkpoints_dir: Path) -> Path:
     return checkpoints_dir.parent if checkpoints_dir.name == CHECKPOINTS_DIR else checkpoints_dir
+
+
+def write_weights(state: dict[str, torch.Tensor], target: Path) -> Path:
+    """Safetensors via a temp file and a rename, so a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, target)
+    return target

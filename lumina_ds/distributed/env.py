@@ -64,6 +64,35 @@ def quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a process without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def exit_process(code: int) -> None:
+    """End a process that may have run distributed: sync, flush, and leave through os._exit.
+
+    torch's gloo teardown can abort with SIGABRT after a clean finish (DEEPSPEED_FACTS.md); skipping interpreter
+    teardown avoids it. Callers close their files and writers first (os._exit runs no cleanup).
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        sys.exit(code)
+    try:
+        dist.barrier()
+    except RuntimeError:  # a peer already died: report failure
+        code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lumina_ds.config.io import load_config
@@ -16,7 +15,14 @@ from lumina_ds.config.run import RunConfig
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import CheckpointError
 from lumina_ds.models.transformer import Transformer
-from lumina_ds.run_dir import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, resolve_checkpoint, run_dir_of
+from lumina_ds.run_dir import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    resolve_checkpoint,
+    run_dir_of,
+    write_weights,
+)
 
 TIED_KEY = "lm_head.weight"
 MAX_KEYS_IN_MESSAGE = 8
@@ -44,17 +50,13 @@ def save_consolidated(model: nn.Module, path: str | Path) -> Path:
     caller must gather the parameters first. Written to a temp file then renamed, so readers never see half a file."""
     path = Path(path)
     target = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
     tied = _is_tied(model)
     state = {
-        name.removeprefix("_orig_mod."): tensor.detach().to("cpu").contiguous()  # torch.compile wrapper prefix
+        name.removeprefix("_orig_mod."): tensor  # torch.compile wrapper prefix
         for name, tensor in model.state_dict().items()
         if not (tied and name.removeprefix("_orig_mod.") == TIED_KEY)
     }
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, target)
-    return target
+    return write_weights(state, target)
 
 
 def _require(path: Path, what: str, hint: str) -> Path:

@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from lumina_ds.config.run import CheckpointConfig
 from lumina_ds.distributed.consolidate import consolidated_state_dict
-from lumina_ds.distributed.env import DistInfo
+from lumina_ds.distributed.env import DistInfo, barrier
 from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
@@ -25,6 +24,7 @@ from lumina_ds.run_dir import (
     list_complete_tags,
     resolve_checkpoint,
     tag_for_step,
+    write_weights,
 )
 
 
@@ -43,11 +43,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 class CheckpointManager:
     def __init__(self, run_dir: Path, config: CheckpointConfig, info: DistInfo) -> None:
         self.dir = run_dir / CHECKPOINTS_DIR
@@ -63,7 +58,7 @@ class CheckpointManager:
             torch.save(rng_state(), tag_dir / f"rng_rank{self.info.rank}.pt")
             weights = consolidated_state_dict(engine.module)
             if self.info.is_main:
-                self._write_weights(weights, tag_dir)
+                write_weights(weights, tag_dir / WEIGHTS_FILE)
                 meta = {"step": step, "world_size": self.info.world_size, "time": time.time()}
                 (tag_dir / COMPLETE_MARKER).write_text(json.dumps(meta))
         except OSError as exc:
@@ -74,19 +69,11 @@ class CheckpointManager:
                 f"saving checkpoint {tag_dir} failed: {exc}",
                 "free disk space (earlier checkpoints are intact) or lower --save-total-limit",
             ) from exc
-        _barrier()
+        barrier()
         if self.info.is_main:
             self.rotate()
-        _barrier()
+        barrier()
         return tag_dir
-
-    @staticmethod
-    def _write_weights(weights: dict[str, torch.Tensor], tag_dir: Path) -> None:
-        from safetensors.torch import save_file
-
-        tmp = tag_dir / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
-        tmp.replace(tag_dir / WEIGHTS_FILE)
 
     def rotate(self) -> None:
         """Keep the newest `save_total_limit` complete tags; drop older ones and interrupted saves before them."""

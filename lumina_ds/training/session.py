@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from lumina_ds.config.io import config_to_dict, save_config
 from lumina_ds.config.run import RunConfig
@@ -17,18 +16,13 @@ from lumina_ds.data.reader import read_conversations
 from lumina_ds.data.sampler import ShardedSampler
 from lumina_ds.data.tokenizer import ChatTokenizer, conversation_texts, train_bpe_tokenizer
 from lumina_ds.distributed.ds_config import select_precision
-from lumina_ds.distributed.env import DistInfo, init_distributed
+from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, TensorBoardLogger
 from lumina_ds.run_dir import CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE
 from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.engine import build_engine
 from lumina_ds.training.loop import LoopSettings, Trainer
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def log(info: DistInfo, message: str) -> None:
@@ -50,7 +44,7 @@ def prepare_tokenizer(run: RunConfig, run_dir: Path, info: DistInfo) -> ChatToke
             texts = conversation_texts(conversations)
             train_bpe_tokenizer(texts, vocab_size=run.model.vocab_size).save(own)
             log(info, f"trained a byte-level BPE tokenizer (vocab {run.model.vocab_size}) -> {own}")
-        _barrier()
+        barrier()
         tokenizer = ChatTokenizer.from_file(own)
     if info.is_main and not own.exists():
         tokenizer.save(own)
@@ -173,7 +167,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     data = prepare_data(run, run_dir, info)
     if info.is_main:
         save_config(run, run_dir / CONFIG_FILE)
