@@ -9,6 +9,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,17 +166,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Token-weighted mean loss over the whole eval set, rows sharded over ranks (padded so all ranks step)."""
-        assert self.eval_data is not None
         self.engine.eval()
-        n, world, size = len(self.eval_data), self.info.world_size, self.engine.train_micro_batch_size_per_gpu()
-        mine = list(range(self.info.rank, n, world))
-        per_rank = -(-n // world)
         total = torch.zeros(2, dtype=torch.float64)
-        for begin in range(0, per_rank, size):
-            chunk = mine[begin : begin + size]
-            batch = self.eval_data.batch(chunk or [0])
-            if not chunk:  # this rank ran out: a dummy batch with no targets keeps collectives in step
-                batch["labels"].fill_(-100)
+        for batch in self._eval_batches():
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
             out = self.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
             targets = float(out["num_targets"])
@@ -189,6 +182,23 @@ class Trainer:
             "eval_ppl": math.exp(min(loss, 50.0)),
             "eval_tokens": int(targets),
         }
+
+    def _eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of the eval rows, in batches of the same shape on every rank.
+
+        Equal shapes keep collectives in step: ZeRO-3 gathers and the native MoE's all-to-all (whose capacity
+        depends on the batch's token count) would otherwise deadlock or crash. Padding rows carry no targets.
+        """
+        assert self.eval_data is not None
+        n, world, size = len(self.eval_data), self.info.world_size, self.engine.train_micro_batch_size_per_gpu()
+        mine = list(range(self.info.rank, n, world))
+        per_rank = -(-n // world)
+        for begin in range(0, per_rank, size):
+            rows = min(size, per_rank - begin)
+            chunk = mine[begin : begin + rows]
+            batch = self.eval_data.batch(chunk + [0] * (rows - len(chunk)))
+            batch["labels"][len(chunk) :] = -100
+            yield batch
 
     def _evaluate_and_check_patience(self) -> bool:
         """Evaluate, track the best; True when early stopping should end training."""

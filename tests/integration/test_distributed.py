@@ -84,3 +84,15 @@ def test_zero3_autoep_bf16_with_activation_checkpointing(workdir: Path) -> None:
     assert len(logs) == 4 and all(math.isfinite(r["loss"]) for r in logs)
     # bf16 weights: the consolidated model (loaded in fp32) agrees with the engine to bf16 precision
     assert math.isclose(eval_loss_of_consolidated(run_dir), evals[-1]["eval_loss"], rel_tol=2e-2)
+
+
+def test_autoep_ep2_trains_exactly_like_our_block_at_ep1(workdir: Path) -> None:
+    """AutoEP replaces our MoE block with its own router, grouped experts and all-to-all: same math, same losses."""
+    common = ["--zero-stage", "1", "--max-steps", "6", "--eval-every-n-batches", "6"]
+    own = train_two_ranks(workdir, "ep1", [*common, "--expert-parallel-size", "1"])
+    autoep = train_two_ranks(workdir, "ep2", [*common, "--expert-parallel-size", "2"])
+    (own_logs, own_evals), (ep_logs, ep_evals) = read_metrics(own), read_metrics(autoep)
+    for a, b in zip(own_logs, ep_logs, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+        assert a["expert_counts"] == b["expert_counts"]  # the router hook sees the same routing after replacement
+    assert abs(own_evals[-1]["eval_loss"] - ep_evals[-1]["eval_loss"]) < 1e-5

@@ -154,3 +154,25 @@ def test_full_disk_during_save_is_e303_and_keeps_earlier_checkpoints(tmp_path: P
     assert err.value.code == "E303" and "No space left" in str(err.value)
     assert not (manager.dir / "step_00000002").exists()  # the half-written tag is gone
     assert (earlier / "complete.json").exists()  # the earlier checkpoint is untouched
+
+
+def test_eval_batches_have_equal_shapes_on_every_rank_and_cover_each_row_once(tmp_path: Path) -> None:
+    """Unequal shards would desynchronise ZeRO-3 gathers and the native MoE all-to-all (whose capacity follows the
+    token count): every rank gets batches of the same shapes, padded with target-free rows."""
+    seen: list[int] = []
+    shapes: dict[int, list[tuple[int, ...]]] = {}
+    for rank in (0, 1):
+        trainer = make_trainer(tmp_path, total_steps=1)  # micro-batch 2
+        trainer.eval_data = PackedDataset(rows(8, seed=3))  # 7 packed rows: ranks get 4 and 3
+        trainer.info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+        n = len(trainer.eval_data)
+        assert n == 7
+        batches = list(trainer._eval_batches())
+        shapes[rank] = [tuple(b["input_ids"].shape) for b in batches]
+        for b in batches:
+            for row_labels, row_ids in zip(b["labels"], b["input_ids"], strict=True):
+                if (row_labels != -100).any():
+                    match = [i for i in range(n) if torch.equal(trainer.eval_data.batch([i])["input_ids"][0], row_ids)]
+                    seen.extend(match[:1])
+    assert shapes[0] == shapes[1]
+    assert sorted(seen) == list(range(n))
