@@ -30,7 +30,8 @@ def _fmt_int(x: float) -> str:
 def format_log_line(m: dict[str, Any]) -> str:
     """The console block of the seed README: loss/ppl/lr, grad norm/throughput/memory, MoE balance."""
     lines = [
-        f"Epoch {m['epoch']} | Step {m['step']:,}/{m['total_steps']:,} | {m['elapsed_s'] / 60:.1f} min elapsed",
+        f"Epoch {m['epoch']} | Step {m['step']:,}/{m['total_steps']:,} | {m['elapsed_s'] / 60:.1f} min elapsed"
+        f" | ETA {m['eta_s'] / 60:.1f} min",
         f"Loss: {m['loss']:.6f} | PPL: {m['ppl']:.2f} | LR: {m['lr']:.2e} | β: {m['beta2']}",
         f"GradNorm: {m['grad_norm']:.4f} | Tokens/s: {_fmt_int(m['tokens_per_s'])} | Mem: {m['memory']}",
     ]

@@ -68,6 +68,7 @@ class Trainer:
         self.state = TrainState()
         self.window = WindowMetrics()
         self._stop_signal: int | None = None
+        self._start_step = 0
 
     # ---- checkpoint state -------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -86,6 +87,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start({"total_steps": self.settings.total_steps, "start_step": self.state.step})
         start, last_saved = time.time(), -1
+        self._start_step = self.state.step
         iterator = iter(self.batches)
         stop_reason = "max_steps"
         while self.state.step < self.settings.total_steps:
@@ -156,11 +158,17 @@ class Trainer:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             tokens_per_s=metrics["tokens"] / seconds,  # all ranks' tokens over the training steps' wall time
             elapsed_s=elapsed,
+            eta_s=self._eta(elapsed),
             memory=memory_summary(),
             beta2=self.engine.optimizer.param_groups[0].get("betas", (None, None))[1],
         )
         for cb in self.callbacks:
             cb.on_log(metrics)
+
+    def _eta(self, elapsed: float) -> float:
+        """Seconds left at this session's average pace (evaluations and checkpoints included)."""
+        done = self.state.step - self._start_step
+        return elapsed / max(done, 1) * (self.settings.total_steps - self.state.step)
 
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
