@@ -55,6 +55,21 @@ def expert_counts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.bincount(indices.flatten(), minlength=logits.shape[-1])
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick for x (grouped GEMMs are not on autocast's list)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm: on CPU any dtype; on CUDA bf16 on Hopper or newer (its CUTLASS kernel), else the loop."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.is_cuda and compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored stacked: w1/w3 [E, F, H], w2 [E, H, F]."""
 
@@ -65,18 +80,32 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [T, H], weights/indices [T, k] -> [T, H]: tokens sorted by expert, one matmul chain per expert."""
+        """x [T, H], weights/indices [T, k] -> [T, H]: tokens sorted by expert, then each expert's SwiGLU."""
         num_experts, top_k = self.w1.shape[0], indices.shape[1]
         flat = indices.flatten()  # [T*k]
         order = flat.argsort(stable=True)  # [T*k]
         token_of = order // top_k  # [T*k] source token of each sorted assignment
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
-        chunks = x[token_of].split(counts)  # E chunks of [n_e, H]
+        counts = torch.bincount(flat, minlength=num_experts)  # [E]
+        xs = x[token_of]  # [T*k, H] grouped by expert
+        y = self._grouped(xs, counts) if use_grouped_mm(xs) else self._looped(xs, counts)  # [T*k, H]
+        y = y * weights.flatten()[order, None].to(y.dtype)  # [T*k, H]
+        return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts in one grouped GEMM per weight: no per-expert shapes, no host sync on the counts."""
+        dtype = compute_dtype(xs)
+        offs = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's group
+        xs = xs.to(dtype)
+        gate = torch._grouped_mm(xs, self.w1.to(dtype).transpose(1, 2), offs=offs)  # [T*k, F]
+        up = torch._grouped_mm(xs, self.w3.to(dtype).transpose(1, 2), offs=offs)  # [T*k, F]
+        return torch._grouped_mm(F.silu(gate) * up, self.w2.to(dtype).transpose(1, 2), offs=offs)  # [T*k, H]
+
+    def _looped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        chunks = xs.split(counts.tolist())  # E chunks of [n_e, H]
         # unbind once: indexing w1[e] per expert would make backward zero-fill a full [E, F, H] gradient E times
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         outs = [F.linear(F.silu(F.linear(c, w1[e])) * F.linear(c, w3[e]), w2[e]) for e, c in enumerate(chunks)]
-        y = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)  # [T*k, H]
-        return torch.zeros_like(x).index_add_(0, token_of, y)
+        return torch.cat(outs)  # [T*k, H]
 
 
 class MoEBlock(nn.Module):
