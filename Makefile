@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
 	$(BIN)/lumina-ds train --preset debug --train-data examples/conversations.jsonl \
 		--eval-data examples/conversations_eval.jsonl --max-steps 200 --experiment-name demo --output-dir runs
-	$(BIN)/lumina-ds chat --checkpoint $(DEMO_DIR) --prompt "Explain RoPE in one sentence." \
+	$(BIN)/lumina-ds chat --checkpoint $(DEMO_DIR) --prompt "Explain RoPE briefly." \
 		--max-tokens 64 --temperature 0.2 --seed 0
 
 lint: $(VENV)/.installed
