@@ -28,14 +28,54 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(cls(), name)
+        key = f"{where}.{name}".lstrip(".")
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value, f"{where}.{name}".lstrip("."))
+            kwargs[name] = _from_dict(type(default), value, key)
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(key, default, value)
     return cls(**kwargs)
 
 
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """Check a scalar against its field's default type; YAML reads `1e-4` as a string, so floats are parsed."""
+    if value is None or default is None:
+        return value  # optional fields
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        try:
+            return float(value) if not isinstance(value, bool) else _bad(key, default, value)
+        except (TypeError, ValueError):
+            ok = False
+    else:
+        ok = isinstance(value, type(default))
+    return value if ok else _bad(key, default, value)
+
+
+def _bad(key: str, default: Any, value: Any) -> Any:
+    raise ConfigError(
+        "E002",
+        f"{key} must be a {type(default).__name__}, got {value!r}",
+        f"for example {key.split('.')[-1]}: {default!r}",
+    )
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if both_dicts else value
+    return merged
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A `preset:` key makes that preset the base the other keys override; without one, the dataclass defaults."""
+    if isinstance(data, dict) and "preset" in data:
+        from lumina_ds.config.presets import get_preset
+
+        data = _deep_merge(config_to_dict(get_preset(str(data["preset"]))), data)
     return _from_dict(RunConfig, data, "")
 
 

@@ -132,3 +132,30 @@ def test_missing_and_invalid_yaml_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     raises_config_error(lambda: load_config(bad), "E002", "not valid YAML")
+
+
+def test_yaml_with_a_preset_overrides_only_what_it_names(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: b7\nmodel:\n  moe:\n    top_k: 1\ntrain:\n  learning_rate: 1e-4\n")
+    config = load_config(path)
+    b7 = get_preset("b7")
+    assert config.model.moe.top_k == 1 and config.train.learning_rate == 1e-4  # "1e-4" is a string to YAML
+    assert config.model.hidden_size == b7.model.hidden_size and config.model.vocab_size == b7.model.vocab_size
+    assert config.train.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("train:\n  epochs: three\n", "train.epochs must be a int"),
+        ("train:\n  learning_rate: fast\n", "train.learning_rate must be a float"),
+        ("train:\n  gradient_checkpointing: 1\n", "must be a bool"),
+        ("preset: b9\n", "unknown preset"),
+    ],
+)
+def test_yaml_values_of_the_wrong_type_are_e002(text: str, fragment: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert fragment in str(err.value)
