@@ -54,12 +54,12 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
     return value if ok else _bad(key, default, value)
 
 
+KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
 def _bad(key: str, default: Any, value: Any) -> Any:
-    raise ConfigError(
-        "E002",
-        f"{key} must be a {type(default).__name__}, got {value!r}",
-        f"for example {key.split('.')[-1]}: {default!r}",
-    )
+    kind = KIND_NAMES.get(type(default).__name__, type(default).__name__)
+    raise ConfigError("E002", f"{key} must be {kind}, got {value!r}", f"for example {key.split('.')[-1]}: {default!r}")
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -147,9 +147,9 @@ def test_yaml_with_a_preset_overrides_only_what_it_names(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("train:\n  epochs: three\n", "train.epochs must be a int"),
-        ("train:\n  learning_rate: fast\n", "train.learning_rate must be a float"),
-        ("train:\n  gradient_checkpointing: 1\n", "must be a bool"),
+        ("train:\n  epochs: three\n", "train.epochs must be an integer"),
+        ("train:\n  learning_rate: fast\n", "train.learning_rate must be a number"),
+        ("train:\n  gradient_checkpointing: 1\n", "must be true or false"),
         ("preset: b9\n", "unknown preset"),
     ],
 )
