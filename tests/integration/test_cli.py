@@ -88,3 +88,37 @@ def test_fp16_without_gpu_is_a_hardware_error(workdir: Path) -> None:
 def test_module_help(workdir: Path) -> None:
     proc = lumina(["--help"], cwd=workdir)
     assert proc.returncode == 0 and "estimate-parameters" in proc.stdout and "chat" in proc.stdout
+
+
+def test_an_outside_tokenizer_gets_the_chat_tokens_and_the_model_fits_it(workdir: Path) -> None:
+    """--tokenizer takes any HF tokenizer.json: missing chat special tokens are appended, the embedding grows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = (EXAMPLES / "conversations.jsonl").read_text().splitlines()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=3000, special_tokens=["[UNK]"], show_progress=False))
+    tok.add_tokens([f"word{i}" for i in range(2500)])  # larger than the debug preset's 2048 embedding rows
+    grown = -(-(tok.get_vocab_size() + 6) // 64) * 64  # + the 6 chat tokens, padded to a multiple of 64
+    path = workdir / "outside.json"
+    tok.save(str(path))
+    args = [
+        "train",
+        *FAST,
+        "--train-data",
+        TRAIN,
+        "--tokenizer",
+        str(path),
+        "--max-steps",
+        "2",
+        "--experiment-name",
+        "tok",
+    ]
+    proc = lumina(args, cwd=workdir)
+    assert proc.returncode == 0
+    assert f"model vocab 2048 -> {grown}" in proc.stdout
+    assert "added them with new ids" in proc.stdout + proc.stderr
+    chat = lumina(
+        ["chat", "--checkpoint", str(workdir / "runs" / "tok"), "--prompt", "hi", "--max-tokens", "4"], cwd=workdir
+    )
+    assert chat.returncode == 0
