@@ -107,7 +107,7 @@ class ChatTemplate:
     ) -> tuple[list[int], list[int]]:
         """Return `input_ids` and pre-shifted `labels` (labels[t] is the target for position t, or -100)."""
         if train_on not in TRAIN_ON_CHOICES:
-            raise ConfigError("E001", f"train_on must be one of {TRAIN_ON_CHOICES}, got {train_on!r}")
+            raise ConfigError("E002", f"train_on must be one of {TRAIN_ON_CHOICES}, got {train_on!r}")
         train_all = train_on == "all"
         newline = tokenizer.encode("\n")
         end_id = tokenizer.token_id(END)

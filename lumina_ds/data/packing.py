@@ -58,7 +58,7 @@ def _group_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
 def pack_conversations(encoded: Sequence[tuple[list[int], list[int]]], *, seq_len: int, pad_id: int) -> PackedRows:
     """Pack `(input_ids, labels)` pairs into rows of `seq_len`; longer conversations are truncated."""
     if seq_len < 2:
-        raise ConfigError("E001", f"seq_len must be at least 2, got {seq_len}")
+        raise ConfigError("E002", f"seq_len must be at least 2, got {seq_len}")
     # A truncated conversation keeps its label at the cut: it is a real next-token target from the same document.
     clipped = [(ids[:seq_len], labels[:seq_len]) for ids, labels in encoded]
     truncated = sum(len(ids) > seq_len for ids, _ in encoded)

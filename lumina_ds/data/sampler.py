@@ -17,7 +17,7 @@ class ShardedSampler:
         self, num_samples: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError("E001", f"invalid rank {rank} for world size {world_size}")
+            raise ConfigError("E002", f"invalid rank {rank} for world size {world_size}")
         if num_samples // world_size == 0:
             raise DataError(
                 "E105",

@@ -91,7 +91,7 @@ class ChatTokenizer:
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> ChatTokenizer:
     """Train a byte-level BPE tokenizer; special tokens get ids 0..5 and any UTF-8 text round-trips."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ConfigError("E001", f"vocab_size {vocab_size} is too small", "Use at least 262 (256 bytes + 6 specials).")
+        raise ConfigError("E002", f"vocab_size {vocab_size} is too small", "Use at least 262 (256 bytes + 6 specials).")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

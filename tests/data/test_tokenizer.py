@@ -77,7 +77,7 @@ def test_conversation_texts_yields_every_content() -> None:
 def test_vocab_size_too_small_is_rejected() -> None:
     with pytest.raises(ConfigError) as info:
         train_bpe_tokenizer(["hello"], vocab_size=100)
-    assert info.value.code == "E001"
+    assert info.value.code == "E002"
 
 
 def test_missing_special_tokens_are_added(tmp_path: Path) -> None:
