@@ -79,6 +79,7 @@ class Trainer:
         self.batches.load_state_dict(client_state["data"])
 
     def save(self) -> None:
+        self._check_finite()  # never checkpoint diverged weights
         self.checkpoints.save(self.engine, self.state.step, self.client_state())
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -134,18 +135,28 @@ class Trainer:
                 return False
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
             out = self.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
-            if not torch.isfinite(out["loss"]).item():
-                raise TrainingError(
-                    "E301",
-                    f"loss is {out['loss'].item()} at step {self.state.step + 1}: training diverged",
-                    "lower --learning-rate, raise --warmup-ratio, lower --max-grad-norm, or use --precision bf16/fp32",
-                )
             self.engine.backward(out["loss"])
             self.engine.step()
             self.window.add(out, tokens=batch["input_ids"].numel())
         return True
 
+    def _check_finite(self) -> None:
+        """E301 when a loss since the last log line was NaN/inf (checked per log line and before every save).
+
+        Collective, so that every rank raises together rather than some waiting in the next all-reduce.
+        """
+        diverged = torch.tensor([0.0 if self.window.all_finite() else 1.0])
+        if float(all_reduce_sum(diverged)[0]) > 0:
+            raise TrainingError(
+                "E301",
+                f"non-finite loss within the {self.settings.log_every} steps up to step {self.state.step}: "
+                "training diverged",
+                "lower --learning-rate, raise --warmup-ratio, lower --max-grad-norm, or use --precision bf16/fp32; "
+                "resume from the last checkpoint (it was saved before the divergence)",
+            )
+
     def _log(self, elapsed: float) -> None:
+        self._check_finite()
         metrics = self.window.summary()  # collective: every rank calls it
         seconds = max(self.window.seconds, 1e-9)
         self.window.reset()

@@ -30,38 +30,40 @@ def memory_summary() -> str:
 
 
 class WindowMetrics:
-    """Sums of per-micro-batch values since the last log line."""
+    """Sums of per-micro-batch values since the last log line, kept on the device.
+
+    Nothing here reads a value back to the host per micro-batch: on a GPU that would stall the queue between forward
+    and backward. The host sees the sums once per log line (`summary`) or when asked (`all_finite`).
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.micro_batches = 0
-        self.loss = 0.0
-        self.lm_loss = 0.0
-        self.aux = 0.0
-        self.z = 0.0
         self.tokens = 0
         self.seconds = 0.0  # wall time of the training steps in the window
+        self.sums: torch.Tensor | None = None  # [4]: loss, lm_loss, aux_loss, z_loss
         self.counts: torch.Tensor | None = None  # [num_moe_layers, E]
 
     def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
         self.micro_batches += 1
-        self.loss += float(out["loss"].detach())
-        self.lm_loss += float(out["lm_loss"].detach())
-        self.aux += float(out["aux_loss"].detach())
-        self.z += float(out["z_loss"].detach())
         self.tokens += tokens
+        values = torch.stack([out[k].detach().float() for k in ("loss", "lm_loss", "aux_loss", "z_loss")])
+        self.sums = values if self.sums is None else self.sums + values
         counts = out["expert_counts"]
         if counts.ndim == 2:
-            counts = counts.detach().cpu().long()
+            counts = counts.detach().long()
             self.counts = counts if self.counts is None else self.counts + counts
+
+    def all_finite(self) -> bool:
+        """Whether every loss in the window was finite (NaN and inf survive summation)."""
+        return self.sums is None or bool(torch.isfinite(self.sums).all())
 
     def summary(self) -> dict[str, Any]:
         """Means over micro-batches and ranks; expert counts summed over both."""
-        local = torch.tensor(
-            [self.loss, self.lm_loss, self.aux, self.z, self.micro_batches, self.tokens], dtype=torch.float64
-        )
+        sums = self.sums.double().cpu().tolist() if self.sums is not None else [0.0] * 4
+        local = torch.tensor([*sums, self.micro_batches, self.tokens], dtype=torch.float64)
         loss, lm_loss, aux, z, n, tokens = all_reduce_sum(local).tolist()
         out: dict[str, Any] = {
             "loss": loss / n,
@@ -71,7 +73,7 @@ class WindowMetrics:
             "z_loss": z / n,
             "tokens": int(tokens),
         }
-        out.update(moe_balance(all_reduce_sum(self.counts) if self.counts is not None else None))
+        out.update(moe_balance(all_reduce_sum(self.counts.cpu()) if self.counts is not None else None))
         return out
 
 

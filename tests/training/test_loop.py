@@ -17,7 +17,7 @@ from lumina_ds.data.loader import BatchIterator, PackedDataset
 from lumina_ds.data.packing import pack_conversations
 from lumina_ds.data.sampler import ShardedSampler
 from lumina_ds.distributed.env import DistInfo
-from lumina_ds.errors import CheckpointError
+from lumina_ds.errors import CheckpointError, TrainingError
 from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.loop import LoopSettings, Trainer
 
@@ -176,3 +176,13 @@ def test_eval_batches_have_equal_shapes_on_every_rank_and_cover_each_row_once(tm
                     seen.extend(match[:1])
     assert shapes[0] == shapes[1]
     assert sorted(seen) == list(range(n))
+
+
+def test_divergence_is_e301_and_nothing_diverged_is_saved(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, total_steps=10)
+    with torch.no_grad():
+        trainer.engine.module.embed.weight[:, 0] = float("nan")  # every forward now gives a NaN loss
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    assert err.value.code == "E301" and "step 1" in str(err.value)
+    assert trainer.engine.saved == []
