@@ -24,7 +24,8 @@ def cmd_estimate_parameters(args: argparse.Namespace) -> int:
     from lumina_ds.models.counting import count_parameters
 
     run = get_preset(args.preset)
-    count = count_parameters(run.model, seq_len=args.seq_len or run.seq_len)
+    seq_len = args.seq_len or run.seq_len
+    count = count_parameters(run.model, seq_len=seq_len)
     if args.json:
         print(json.dumps({"preset": args.preset, **count.as_dict()}))
         return 0
@@ -32,10 +33,7 @@ def cmd_estimate_parameters(args: argparse.Namespace) -> int:
     for name, n in count.by_component.items():
         if n:
             print(f"  {name:<15} {n:>18,}  {100 * n / count.total:5.1f}%")
-    print(
-        f"  training FLOPs/token {count.flops_per_token:.3e} "
-        f"(6*N_active + attention at seq {args.seq_len or run.seq_len})"
-    )
+    print(f"  training FLOPs/token {count.flops_per_token:.3e} (6*N_active + attention at seq {seq_len})")
     return 0
 
 

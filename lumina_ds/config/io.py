@@ -44,9 +44,9 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
+    elif isinstance(default, float) and not isinstance(value, bool):
         try:
-            return float(value) if not isinstance(value, bool) else _bad(key, default, value)
+            return float(value)
         except (TypeError, ValueError):
             ok = False
     else:

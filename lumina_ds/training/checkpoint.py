@@ -69,10 +69,9 @@ class CheckpointManager:
                 f"saving checkpoint {tag_dir} failed: {exc}",
                 "free disk space (earlier checkpoints are intact) or lower --save-total-limit",
             ) from exc
-        barrier()
+        barrier()  # every rank's shards are written before rank 0 may delete older tags
         if self.info.is_main:
             self.rotate()
-        barrier()
         return tag_dir
 
     def rotate(self) -> None:

@@ -20,7 +20,7 @@ from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import TrainingError
 from lumina_ds.monitor.callbacks import Callback
 from lumina_ds.training.checkpoint import CheckpointManager
-from lumina_ds.training.metrics import WindowMetrics, all_reduce_sum, memory_summary
+from lumina_ds.training.metrics import WindowMetrics, all_reduce_sum, any_rank, memory_summary
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Trainer:
         self.info = info
         self.settings = settings
         self.checkpoints = checkpoints
-        self.callbacks = callbacks if info.is_main else []
+        self.callbacks = callbacks  # the caller gives them to rank 0 only
         self.client_extra = client_extra  # resolved config etc., saved with every checkpoint
         self.state = TrainState()
         self.window = WindowMetrics()
@@ -145,8 +145,7 @@ class Trainer:
 
         Collective, so that every rank raises together rather than some waiting in the next all-reduce.
         """
-        diverged = torch.tensor([0.0 if self.window.all_finite() else 1.0])
-        if float(all_reduce_sum(diverged)[0]) > 0:
+        if any_rank(not self.window.all_finite()):
             raise TrainingError(
                 "E301",
                 f"non-finite loss within the {self.settings.log_every} steps up to step {self.state.step}: "
@@ -186,14 +185,14 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Token-weighted mean loss over the whole eval set, rows sharded over ranks (padded so all ranks step)."""
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.engine.device)  # loss sum, targets; read once
         for batch in self._eval_batches():
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
             out = self.engine(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
-            targets = float(out["num_targets"])
-            total += torch.tensor([float(out["lm_loss"]) * targets, targets], dtype=torch.float64)
+            targets = out["num_targets"].double()
+            total += torch.stack([out["lm_loss"].double() * targets, targets])
         self.engine.train()
-        loss_sum, targets = all_reduce_sum(total).tolist()
+        loss_sum, targets = all_reduce_sum(total.cpu()).tolist()
         loss = loss_sum / max(targets, 1.0)
         return {
             "step": self.state.step,
@@ -236,9 +235,8 @@ class Trainer:
 
     # ---- signals ----------------------------------------------------------------------------------
     def _signalled(self) -> bool:
-        """Whether any rank got SIGTERM/SIGINT: ranks must agree, or the others would wait forever."""
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
-        if float(all_reduce_sum(flag)[0]) > 0:
+        """Whether any rank got SIGTERM/SIGINT (all ranks then stop at this step)."""
+        if any_rank(self._stop_signal is not None):
             self._stop_signal = self._stop_signal or signal.SIGTERM
             return True
         return False

@@ -19,6 +19,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on at least one: ranks that disagree would wait on each other forever."""
+    return float(all_reduce_sum(torch.tensor([1.0 if flag else 0.0]))[0]) > 0
+
+
 def memory_summary() -> str:
     if torch.cuda.is_available():
         used = torch.cuda.max_memory_allocated() / 2**30
