@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lumina_ds import __version__
+from lumina_ds import __version__, cli_data, cli_env, cli_scale, cli_validate
 from lumina_ds.cli_train import add_train_arguments, run_config_from_args
 from lumina_ds.config.presets import PRESETS, get_preset
 from lumina_ds.errors import LuminaError
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_estimate_parameters)
     _chat_parser(sub)
+    for module in (cli_validate, cli_data, cli_scale, cli_env):
+        module.register(sub)
     return parser
 
 
