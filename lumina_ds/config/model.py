@@ -10,6 +10,9 @@ from lumina_ds.errors import ConfigError
 if TYPE_CHECKING:
     from lumina_ds.models.transformer import Transformer
 
+# auto picks per forward (flash-attn, then flex_attention on CUDA; SDPA on CPU); an explicit one that cannot run is E003
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
+
 
 @dataclass
 class MoEConfig:
@@ -67,7 +70,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    attention_backend: str = "auto"  # auto | sdpa | flash
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -89,9 +92,11 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError("E002", f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.attention_backend not in ("auto", "sdpa", "flash"):
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
-                "E002", f"unknown attention_backend {self.attention_backend!r}", "use auto, sdpa or flash"
+                "E002",
+                f"unknown attention_backend {self.attention_backend!r}",
+                f"use one of {', '.join(ATTENTION_BACKENDS)}",
             )
         if min(self.vocab_size, self.num_layers, self.max_seq_len, self.intermediate_size) <= 0:
             raise ConfigError("E002", "vocab_size, num_layers, max_seq_len and intermediate_size must be positive")

@@ -1,16 +1,53 @@
-"""Grouped-query causal self-attention with RoPE, SDPA (or flash-attn on GPU) and a KV cache."""
+"""Grouped-query causal self-attention with RoPE and a KV cache; packed-document masks for SDPA, flex and flash-attn.
+
+Packed rows hold several documents; position_ids restart at 0 where each begins. A token may attend only to earlier
+tokens of its own document. The transformer resolves the attention backend and builds the matching `DocumentMask`
+once per forward; every layer reuses it:
+
+- sdpa: a dense [B, 1, S, S] bool mask for F.scaled_dot_product_attention (any device; O(B*S^2) memory).
+- flex: a flex_attention BlockMask (compiled on CUDA; O(B*(S/128)^2) block metadata).
+- flash: cu_seqlens over the flattened batch for flash_attn_varlen_func (CUDA, fp16/bf16; nothing S^2).
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lumina_ds.errors import ConfigError
 from lumina_ds.models.layers import apply_rotary
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
 FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
+FLEX_ATTENTION_AVAILABLE = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class DocumentMask(NamedTuple):
+    """Attention metadata of one forward, built once and shared by all layers.
+
+    A NamedTuple rather than a dataclass: DeepSpeed ZeRO-3's module hooks walk tuples but not other objects.
+    Only the field of `backend` is set; with none set the forward is plain causal.
+    """
+
+    backend: str  # resolved path: "sdpa" | "flex" | "flash"
+    dense: torch.Tensor | None = None  # sdpa: [B, 1, S, T] bool, True = may attend
+    block_mask: BlockMask | None = None  # flex
+    cu_seqlens: torch.Tensor | None = None  # flash: [num_docs + 1] int32 offsets into the flattened B*S tokens
+    max_seqlen: int = 0  # flash: longest document, in tokens
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, S] -> [B, S] index of each token's document within its row (a new one at each 0)."""
+    return (position_ids == 0).cumsum(dim=-1)
 
 
 def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -19,10 +56,128 @@ def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     Block-diagonal causal: a token sees earlier tokens of its own document only.
     """
     S = position_ids.shape[1]
-    doc = (position_ids == 0).cumsum(dim=-1)  # [B, S] document index of each token
+    doc = document_ids(position_ids)  # [B, S]
     same_doc = doc[:, :, None] == doc[:, None, :]  # [B, S, S]
     causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()  # [S, S]
     return (same_doc & causal)[:, None]  # [B, 1, S, S]
+
+
+def document_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """position_ids [B, S] -> (cu_seqlens [D + 1] int32, max_seqlen): every document of every row is one sequence.
+
+    The batch is flattened row-major to B*S tokens; a row's start always starts a document (as in
+    `document_ids`). Reading max_seqlen syncs with the device once per forward: flash-attn takes it as an int.
+    """
+    B, S = position_ids.shape
+    starts = position_ids == 0  # [B, S]
+    starts[:, 0] = True
+    offsets = starts.flatten().nonzero().flatten()  # [D] first token of each document
+    end = torch.full((1,), B * S, dtype=offsets.dtype, device=offsets.device)
+    cu_seqlens = torch.cat([offsets, end]).to(torch.int32)  # [D + 1]
+    return cu_seqlens, int(cu_seqlens.diff().max())
+
+
+def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """position_ids [B, S] -> flex_attention BlockMask of `causal & same document` (heads share it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, S = position_ids.shape
+    doc = document_ids(position_ids)  # [B, S]
+
+    def causal_same_doc(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    # compiled on CUDA so the dense [B, S, S] mask is never materialized; eager on CPU avoids a compile per test
+    return create_block_mask(causal_same_doc, B, None, S, S, device=position_ids.device, _compile=position_ids.is_cuda)
+
+
+def build_document_mask(position_ids: torch.Tensor, backend: str) -> DocumentMask:
+    """The one DocumentMask of a forward over packed rows, in the form `backend` consumes."""
+    if backend == "flash":
+        cu_seqlens, max_seqlen = document_cu_seqlens(position_ids)
+        return DocumentMask(backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if backend == "flex":
+        return DocumentMask(backend, block_mask=document_block_mask(position_ids))
+    return DocumentMask(backend, dense=document_causal_mask(position_ids))
+
+
+def resolve_backend(requested: str, *, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
+    """The path a non-cached forward takes: "sdpa", "flex" or "flash". An explicit choice that cannot run is E003.
+
+    auto: flash-attn on CUDA in fp16/bf16 when installed, else flex_attention on CUDA, else SDPA (always on CPU).
+    """
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        if cuda and dtype in HALF_DTYPES and FLASH_ATTN_AVAILABLE:
+            return "flash"
+        return "flex" if cuda and FLEX_ATTENTION_AVAILABLE else "sdpa"
+    if requested == "flash":
+        _check_flash(device=device, dtype=dtype)
+    elif requested == "flex":
+        _check_flex(device=device, needs_grad=needs_grad)
+    return requested
+
+
+def _check_flash(*, device: torch.device, dtype: torch.dtype) -> None:
+    hint = "use --attention-backend auto (or sdpa), which picks a path this machine can run"
+    if not FLASH_ATTN_AVAILABLE:
+        raise ConfigError(
+            "E003", "attention_backend 'flash' needs the flash-attn package", f"pip install -e .[flash]; or {hint}"
+        )
+    if device.type != "cuda" or dtype not in HALF_DTYPES:
+        raise ConfigError(
+            "E003",
+            f"attention_backend 'flash' runs on CUDA in fp16/bf16 only, this forward is on {device.type} in {dtype}",
+            f"train with --precision bf16 on a GPU; or {hint}",
+        )
+
+
+def _check_flex(*, device: torch.device, needs_grad: bool) -> None:
+    hint = "use --attention-backend auto (or sdpa), which picks a path this machine can run"
+    if not FLEX_ATTENTION_AVAILABLE:
+        raise ConfigError("E003", f"attention_backend 'flex' needs torch>=2.5, this is {torch.__version__}", hint)
+    if device.type != "cuda" and needs_grad:
+        raise ConfigError(
+            "E003",
+            f"attention_backend 'flex' has no backward on {device.type} (torch {torch.__version__}); "
+            "it runs forward-only there",
+            hint,
+        )
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., object]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # uncompiled flex_attention materializes the full score matrix: compile once per process on CUDA
+    return torch.compile(flex_attention)
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """q [B, nh, S, hd], k/v [B, nkv, S, hd] -> [B, nh, S, hd]; compiled on CUDA, eager (forward-only) on CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn: Callable[..., object] = flex_attention
+    if q.is_cuda:
+        fn = _compiled_flex()
+    out = fn(q, k, v, block_mask=block_mask, enable_gqa=True)
+    assert isinstance(out, torch.Tensor)  # one tensor unless return_lse/return_aux is asked for
+    return out
+
+
+def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+    """q [B, nh, S, hd], k/v [B, nkv, S, hd] -> [B, S, nh, hd]: each document is one flash-attn sequence."""
+    from flash_attn import flash_attn_varlen_func  # optional extra, GPU only
+
+    assert mask.cu_seqlens is not None, "flash DocumentMask without cu_seqlens"
+    B, nh, S, hd = q.shape
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(B * S, t.shape[1], hd)  # [B*S, heads, hd], row-major like cu_seqlens
+
+    cu, longest = mask.cu_seqlens, mask.max_seqlen
+    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, longest, longest, causal=True)  # GQA inside
+    return out.view(B, S, nh, hd)
 
 
 class LayerKVCache:
@@ -48,7 +203,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
-        self.backend = backend
+        self.backend = backend  # requested; the transformer resolves it per forward into the DocumentMask
         self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
@@ -59,10 +214,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         *,
-        attn_mask: torch.Tensor | None = None,
+        mask: DocumentMask | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """x [B, S, H]; attn_mask [B, 1, S, T] bool (True = attend) or None for plain causal."""
+        """x [B, S, H]; mask from the transformer (None: plain causal, as in KV-cache decoding)."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
@@ -72,16 +227,30 @@ class Attention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(k, v)  # [B, nkv, past+S, hd]
-        if self._use_flash(q, attn_mask, past):
-            out = self._flash(q, k, v)  # [B, S, nh, hd]
-        else:
-            out = self._sdpa(q, k, v, attn_mask, past).transpose(1, 2)  # [B, S, nh, hd]
+        out = self._attend(q, k, v, mask, past)  # [B, S, nh, hd]
         return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
 
-    def _use_flash(self, q: torch.Tensor, attn_mask: torch.Tensor | None, past: int) -> bool:
-        if self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE or attn_mask is not None or past:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask | None, past: int
+    ) -> torch.Tensor:
+        """-> [B, S, nh, hd] by the path the mask names; document fields unset mean plain causal."""
+        if mask is not None and mask.cu_seqlens is not None:
+            return flash_varlen_attention(q, k, v, mask)
+        if mask is not None and mask.block_mask is not None:
+            return flex_document_attention(q, k, v, mask.block_mask).transpose(1, 2)
+        dense = mask.dense if mask is not None else None
+        if dense is None and self._use_flash(q, mask, past):
+            return self._flash(q, k, v)
+        # flex without documents also lands here: SDPA's fused causal kernel is at least as fast as a causal BlockMask
+        return self._sdpa(q, k, v, dense, past).transpose(1, 2)
+
+    def _use_flash(self, q: torch.Tensor, mask: DocumentMask | None, past: int) -> bool:
+        if mask is not None:
+            return mask.backend == "flash"  # resolved by the transformer: CUDA, fp16/bf16, installed
+        # KV-cache decoding keeps its own rule: the first chunk may use flash-attn, later ones SDPA
+        if self.backend not in ("auto", "flash") or not FLASH_ATTN_AVAILABLE or past:
             return False
-        return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        return q.is_cuda and q.dtype in HALF_DTYPES
 
     def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from flash_attn import flash_attn_func  # optional extra, GPU only

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lumina_ds.models.attention import Attention, LayerKVCache, document_causal_mask
+from lumina_ds.models.attention import Attention, DocumentMask, LayerKVCache, build_document_mask, resolve_backend
 from lumina_ds.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from lumina_ds.models.moe import (
     GroupedExperts,
@@ -67,10 +67,10 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        attn_mask: torch.Tensor | None = None,
+        mask: DocumentMask | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, attn_mask=attn_mask, kv_cache=kv_cache)  # [B, S, H]
+        x = x + self.attn(self.attn_norm(x), rope, mask=mask, kv_cache=kv_cache)  # [B, S, H]
         return x + self.ffn(self.ffn_norm(x))  # [B, S, H]
 
 
@@ -120,28 +120,43 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         """input_ids [B, S]; labels [B, S] already shifted (labels[t] is the target at position t).
 
-        position_ids that restart at 0 mark packed documents: attention then stays within each document.
+        position_ids that restart at 0 mark packed documents: attention then stays within each document. attn_mask
+        [B, 1, S, T] bool (True = attend) overrides that and always runs on SDPA.
         """
         B, S = input_ids.shape
-        if position_ids is not None and attn_mask is None and not kv_cache:
-            attn_mask = document_causal_mask(position_ids)  # [B, 1, S, S]
+        self.router_logits.clear()
+        x = self.embed(input_ids)  # [B, S, H]
+        mask = self._attention_mask(x, position_ids, attn_mask, cached=bool(kv_cache))
         if position_ids is None:
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)  # [B, S]
-        self.router_logits.clear()
-        x = self.embed(input_ids)  # [B, S, H]
         rope = self.rope(position_ids)
         for i, layer in enumerate(self.layers):
             cache = kv_cache[i] if kv_cache else None
             if self.checkpoint_layers and self.training and cache is None:
-                x = checkpoint(layer, x, rope, attn_mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
-                x = layer(x, rope, attn_mask, cache)
+                x = layer(x, rope, mask, cache)
         logits = self.lm_head(self.norm(x))  # [B, S, V]
         out = ModelOutput(logits=logits)
         if labels is not None:
             out.update(self._losses(logits, labels))
         return out
+
+    def _attention_mask(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None, attn_mask: torch.Tensor | None, *, cached: bool
+    ) -> DocumentMask | None:
+        """The one mask of this forward, shared by every layer (so no layer rebuilds it)."""
+        if attn_mask is not None:
+            return DocumentMask("sdpa", dense=attn_mask)
+        if cached:
+            return None  # incremental decoding: causal over the cache, one document per row
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        backend = resolve_backend(
+            self.config.attention_backend, device=x.device, dtype=dtype, needs_grad=x.requires_grad
+        )
+        return DocumentMask(backend) if position_ids is None else build_document_mask(position_ids, backend)
 
     def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
         moe = self.config.moe
