@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from lumina_ds.errors import ConfigError, DataError
+from lumina_ds.errors import ConfigError
 
 PAD = "<|pad|>"
 BOS = "<|bos|>"
@@ -27,6 +27,8 @@ _ROLE_ALIASES = {
     "assistant": "assistant",
     "ai": "assistant",
     "bot": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
     "system": "system",
 }
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -37,6 +39,11 @@ def normalize_role(role: str) -> str | None:
     return _ROLE_ALIASES.get(role.strip().lower())
 
 
+def known_roles() -> list[str]:
+    """Every accepted role spelling (lower case), sorted."""
+    return sorted(_ROLE_ALIASES)
+
+
 @dataclass(frozen=True)
 class Message:
     """One turn of a conversation with a canonical role."""
@@ -45,45 +52,17 @@ class Message:
     content: str
 
 
-def _parse_message(index: int, raw: object) -> Message:
-    """Validate one entry of `messages`."""
-    where = f"messages[{index}]"
-    if not isinstance(raw, dict):
-        raise DataError(
-            "E101", f"{where} is a {type(raw).__name__}, not an object", 'Write {"role": ..., "content": ...}.'
-        )
-    for field in ("role", "content"):
-        if field not in raw:
-            raise DataError("E102", f"{where} has no '{field}' field", 'Each message needs "role" and "content".')
-    role, content = raw["role"], raw["content"]
-    if not isinstance(role, str):
-        raise DataError("E101", f"{where}.role is a {type(role).__name__}, not a string")
-    if not isinstance(content, str):
-        raise DataError("E101", f"{where}.content is a {type(content).__name__}, not a string")
-    canonical = normalize_role(role)
-    if canonical is None:
-        known = ", ".join(sorted(_ROLE_ALIASES))
-        raise DataError("E101", f"{where} has unknown role {role!r}", f"Use one of: {known}.")
-    return Message(role=canonical, content=content)
-
-
 def parse_conversation(obj: object) -> list[Message]:
-    """Validate a decoded JSON line and return its messages with canonical roles."""
-    if not isinstance(obj, dict):
-        raise DataError("E101", f"line is a JSON {type(obj).__name__}, not an object", 'Write {"messages": [...]}.')
-    if "messages" not in obj:
-        raise DataError(
-            "E102", "object has no 'messages' field", 'Write {"messages": [{"role": ..., "content": ...}]}.'
-        )
-    raw_messages = obj["messages"]
-    if not isinstance(raw_messages, list):
-        raise DataError("E101", f"'messages' is a {type(raw_messages).__name__}, not a list")
-    if not raw_messages:
-        raise DataError("E102", "'messages' is empty", "Add at least one user and one assistant message.")
-    messages = [_parse_message(i, raw) for i, raw in enumerate(raw_messages)]
-    if not any(m.role == "assistant" for m in messages):
-        raise DataError("E101", "conversation has no assistant turn", "Nothing to learn from; add an assistant reply.")
-    return messages
+    """Check a decoded JSON line and return the messages training uses; raises DataError for the first error."""
+    # checks.py imports Message from here, so the shared checks are imported when first needed.
+    from lumina_ds.data.checks import check_object
+
+    checked = check_object(obj)
+    error = checked.error
+    if error is not None:
+        raise error.to_error()
+    assert checked.messages is not None
+    return checked.messages
 
 
 class TokenizerLike(Protocol):

@@ -1,25 +1,24 @@
-"""Stream a JSONL chat file line by line; bad lines are skipped and reported, never fatal."""
+"""Stream a JSONL chat file line by line; bad lines are skipped and reported (or, with strict, fatal)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lumina_ds.data.chat_format import Message, parse_conversation
+from lumina_ds.data.chat_format import Message
+from lumina_ds.data.checks import check_line
 from lumina_ds.errors import DataError
-
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
 class SkippedLine:
-    """A line that was not used, with the error code and why."""
+    """A line that was not used, with the error code, why, and the stable kind name (see checks.KINDS)."""
 
     line_no: int
     code: str
     reason: str
+    kind: str = ""
 
 
 @dataclass
@@ -32,46 +31,48 @@ class ReadResult:
 
 
 def parse_line(line_no: int, raw: bytes) -> list[Message] | SkippedLine | None:
-    """Parse one raw line: messages, a SkippedLine, or None for a blank line."""
-    if line_no == 1 and raw.startswith(_UTF8_BOM):
-        raw = raw[len(_UTF8_BOM) :]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return SkippedLine(line_no, "E103", f"invalid UTF-8 at byte {exc.start}: {exc.reason}")
-    if not text.strip():
+    """Parse one raw line: the messages training uses, a SkippedLine for its first error, or None if blank."""
+    checked = check_line(line_no, raw)
+    if checked is None:
         return None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return SkippedLine(line_no, "E101", f"invalid JSON: {exc.msg} (column {exc.colno})")
-    try:
-        return parse_conversation(obj)
-    except DataError as exc:
-        return SkippedLine(line_no, exc.code, exc.message)
+    if checked.messages is not None:
+        return checked.messages
+    error = checked.error
+    assert error is not None
+    return SkippedLine(line_no, error.code, error.reason, error.kind)
 
 
-def _iter_lines(path: str | Path) -> Iterator[tuple[int, list[Message] | SkippedLine | None]]:
-    """Yield every line parsed, blank lines as None; raises E104 if the file is missing."""
+def open_data_file(path: str | Path) -> Path:
+    """Return the path of an existing data file; raises E104 if it is missing."""
     path = Path(path)
     if not path.is_file():
         raise DataError("E104", f"data file not found: {path}", "Check the path; expected a .jsonl file.")
+    return path
+
+
+def _iter_lines(path: str | Path, *, strict: bool) -> Iterator[tuple[int, list[Message] | SkippedLine | None]]:
+    """Yield every line parsed, blank lines as None; strict raises the first error line as a DataError."""
+    path = open_data_file(path)
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
-            yield line_no, parse_line(line_no, raw)
+            parsed = parse_line(line_no, raw)
+            if strict and isinstance(parsed, SkippedLine):
+                hint = f"Run `lumina-ds validate-data {path}` to list every problem; --fix-errors repairs some."
+                raise DataError(parsed.code, f"{path} line {line_no}: {parsed.reason}", hint)
+            yield line_no, parsed
 
 
-def iter_conversations(path: str | Path) -> Iterator[tuple[int, list[Message] | SkippedLine]]:
+def iter_conversations(path: str | Path, *, strict: bool = False) -> Iterator[tuple[int, list[Message] | SkippedLine]]:
     """Yield `(line_no, messages or SkippedLine)` for every non-blank line, streaming (1-based line numbers)."""
-    for line_no, parsed in _iter_lines(path):
+    for line_no, parsed in _iter_lines(path, strict=strict):
         if parsed is not None:
             yield line_no, parsed
 
 
-def read_conversations(path: str | Path) -> ReadResult:
-    """Read a whole JSONL chat file into memory, collecting skipped lines."""
+def read_conversations(path: str | Path, *, strict: bool = False) -> ReadResult:
+    """Read a whole JSONL chat file into memory, collecting skipped lines (strict: raise at the first one)."""
     result = ReadResult()
-    for line_no, item in _iter_lines(path):
+    for line_no, item in _iter_lines(path, strict=strict):
         result.total_lines = line_no
         if isinstance(item, SkippedLine):
             result.skipped.append(item)
