@@ -1,11 +1,11 @@
 # make demo: install, train the debug preset on the bundled chats, ask it one question
-# make test: install dev dependencies, lint, type-check, run the whole suite (what CI runs)
+# make test: install dev dependencies and Open MPI, lint, type-check, run the whole suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO_DIR := runs/demo
 
-.PHONY: install dev demo test lint typecheck pytest clean
+.PHONY: install dev system-deps demo test lint typecheck pytest clean
 
 $(VENV)/.installed: setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -16,7 +16,20 @@ $(VENV)/.installed: setup.py requirements-dev.txt
 	$(PY) -m pip install -q -e .
 	touch $@
 
-install dev: $(VENV)/.installed
+install: $(VENV)/.installed
+
+dev: system-deps $(VENV)/.installed
+
+# Open MPI for the mpirun and `deepspeed --launcher openmpi` tests (mpi4py's wheel loads it at run time; `make demo`
+# does not need it). Debian/Ubuntu packages; sudo only when not root (CI runs as root).
+system-deps:
+	@if command -v mpirun >/dev/null && command -v ompi_info >/dev/null; then \
+		echo "system-deps: $$(mpirun --version | head -n 1)"; \
+	else \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev; \
+	fi
 
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
@@ -32,7 +45,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy lumina_ds
 
-pytest: $(VENV)/.installed
+pytest: system-deps $(VENV)/.installed
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

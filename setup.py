@@ -22,6 +22,6 @@ setup(
         "safetensors",
         "psutil",
     ],
-    extras_require={"flash": ["flash-attn>=2.5"], "hf": ["transformers>=4.46"]},
+    extras_require={"flash": ["flash-attn>=2.5"], "hf": ["transformers>=4.46"], "mpi": ["mpi4py>=4.0"]},
     entry_points={"console_scripts": ["lumina-ds=lumina_ds.cli:entry"]},
 )

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from lumina_ds.errors import ConfigError
 
 
 def cuda_available() -> bool:
@@ -26,28 +31,123 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_rendezvous_env() -> None:
-    """A run started without a launcher is rank 0 of 1; a unique port keeps parallel runs from colliding.
+# (rank, world size, local rank, ranks on this node) variables of each MPI launcher: Open MPI's mpirun, Hydra (MPICH,
+# Intel MPI). A rank started by one of them has no RANK/WORLD_SIZE of its own.
+MPI_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+LOCAL_WORLD_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")  # torchrun, deepspeed's per-node launcher
 
-    Without all five variables DeepSpeed falls back to MPI discovery, which needs mpi4py and forces port 29500.
+
+def ensure_rendezvous_env() -> None:
+    """Give every rank the five variables torch's env:// rendezvous needs, whatever started it.
+
+    torchrun and the deepspeed launcher set them; mpirun and srun set their own (translated here); a run started
+    without a launcher is rank 0 of 1 on a free port, so parallel runs do not collide. DeepSpeed's own MPI discovery
+    (used when any of the five is missing) forces port 29500 and `hostname -I`'s first address, so it is never used.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         return
-    if "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
-        return  # mpirun: DeepSpeed discovers ranks through mpi4py
+    for names in MPI_VARIABLES:
+        if names[0] in os.environ and names[1] in os.environ:
+            os.environ.update(mpi_rendezvous(names))
+            return
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
+        os.environ.update(slurm_rendezvous())
+        return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def mpi_rendezvous(names: tuple[str, str, str, str]) -> dict[str, str]:
+    """Rendezvous variables of a rank started by mpirun: ranks from the launcher's variables; rank 0's address and a
+    free port of rank 0's host shared through mpi4py unless MASTER_ADDR / MASTER_PORT were passed (`-x NAME=value`)."""
+    rank, world = int(os.environ[names[0]]), int(os.environ[names[1]])
+    local_rank = int(os.environ.get(names[2], rank))
+    local_world = int(os.environ.get(names[3], world))
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None:
+        comm = mpi_world()
+        if addr is None:
+            addr = comm.bcast(host_address(single_node=local_world == world) if rank == 0 else None, root=0)
+        if port is None:
+            port = str(comm.bcast(free_port() if rank == 0 else None, root=0))
+    return rendezvous(rank=rank, world=world, local_rank=local_rank, local_world=local_world, addr=addr, port=port)
+
+
+def mpi_world() -> Any:
+    """mpi4py's COMM_WORLD (importing it initialises MPI; exit_process finalises it)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ConfigError(
+            "E003",
+            f"started by mpirun without MASTER_ADDR/MASTER_PORT, and mpi4py is not installed ({exc})",
+            "pip install 'lumina-ds[mpi]' (mpi4py), or pass -x MASTER_ADDR=<first host> -x MASTER_PORT=29500 to mpirun",
+        ) from exc
+    return MPI.COMM_WORLD
+
+
+def host_address(*, single_node: bool) -> str:
+    """Where the other ranks reach rank 0: loopback when all ranks share this host, else its first address."""
+    if single_node:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        out = []
+    return out[0] if out else socket.gethostbyname(socket.gethostname())
+
+
+def slurm_rendezvous() -> dict[str, str]:
+    """Rendezvous variables of a task started by `srun python ...` (launch/slurm/train.sbatch exports MASTER_ADDR)."""
+    rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_STEP_NUM_TASKS"])
+    nodes = int(os.environ.get("SLURM_STEP_NUM_NODES", "1"))
+    addr = os.environ.get("MASTER_ADDR")
+    if addr is None:
+        if nodes > 1:
+            raise ConfigError(
+                "E003",
+                f"srun started {world} tasks on {nodes} nodes but MASTER_ADDR is not set",
+                "export MASTER_ADDR=<first host of the job> before srun (launch/slurm/train.sbatch does)",
+            )
+        addr = "127.0.0.1"
+    # every task derives the same port from the job id: no task can tell the others a free one
+    port = os.environ.get("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    local_world = world // nodes if world % nodes == 0 else world
+    return rendezvous(
+        rank=rank,
+        world=world,
+        local_rank=int(os.environ.get("SLURM_LOCALID", "0")),
+        local_world=local_world,
+        addr=addr,
+        port=port,
+    )
+
+
+def rendezvous(*, rank: int, world: int, local_rank: int, local_world: int, addr: str, port: str) -> dict[str, str]:
+    values = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world}
+    return {**{k: str(v) for k, v in values.items()}, "MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
+def local_world_size() -> int:
+    """Ranks on this host (torchrun, deepspeed and the translations above say so), else the whole world."""
+    for name in LOCAL_WORLD_VARIABLES:
+        if name in os.environ:
+            return int(os.environ[name])
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def limit_cpu_threads() -> None:
-    """Several CPU ranks on few cores: one intra-op thread each is ~3x faster than oversubscribing."""
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
-    if not cuda_available() and world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    """Several CPU ranks on few cores: one share of the cores each is ~3x faster than oversubscribing."""
+    ranks_here = local_world_size()
+    if not cuda_available() and ranks_here > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
 def quiet_deepspeed() -> None:
@@ -78,19 +178,26 @@ def exit_process(code: int) -> None:
     torch's gloo teardown can abort with SIGABRT after a clean finish (DEEPSPEED_FACTS.md); skipping interpreter
     teardown avoids it. Callers close their files and writers first (os._exit runs no cleanup).
     """
-    import sys
-
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        finalize_mpi()
         sys.exit(code)
     try:
         dist.barrier()
     except RuntimeError:  # a peer already died: report failure
         code = code or 1
+    finalize_mpi()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def finalize_mpi() -> None:
+    """A rank that initialised MPI (mpi4py) and skips MPI_Finalize is reported by mpirun as a failed job."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 @dataclass(frozen=True)
@@ -117,10 +224,11 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+    local_rank = int(os.environ["LOCAL_RANK"])
     if cuda_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # a launcher that gives each rank its own CUDA_VISIBLE_DEVICES (srun --gpus-per-task) leaves one device
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
