@@ -65,6 +65,7 @@ _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffd
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 # strict=False: a raw tab or CR inside a string is unambiguous text; other raw controls are caught by _BAD_CHARS.
 _decode_json = json.JSONDecoder(strict=False).decode
+_CANONICAL_ROLES = frozenset({"user", "assistant", "system"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,7 @@ def _check_message(index: int, item: object, issues: list[Issue]) -> Message | N
         field, value = ("role", role) if not isinstance(role, str) else ("content", content)
         issues.append(Issue("wrong_type", f"{where}.{field} is a {type(value).__name__}, not a string"))
         return None
-    canonical = normalize_role(role)
+    canonical = role if role in _CANONICAL_ROLES else normalize_role(role)
     if canonical is None:
         issues.append(Issue("unknown_role", f"{where} has unknown role {role!r} (known: {', '.join(known_roles())})"))
         return None
