@@ -7,7 +7,7 @@ from typing import Any
 
 from lumina_ds.config.io import load_config
 from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import PRECISIONS, SCHEDULERS, RunConfig
+from lumina_ds.config.run import DATA_STRATEGIES, PRECISIONS, SCHEDULERS, RunConfig
 
 # flag dest -> (config section, field); sections "model.moe" reach into the nested MoE config
 FLAG_FIELDS: dict[str, tuple[str, str]] = {
@@ -16,6 +16,12 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("data", "tokenizer"),
     "seq_len": ("data", "seq_len"),
     "train_on": ("data", "train_on"),
+    "data_strategy": ("data", "strategy"),
+    "num_workers": ("data", "num_workers"),
+    "prefetch_factor": ("data", "prefetch_factor"),
+    "shard_size_mb": ("data", "shard_size_mb"),
+    "prepared_dir": ("data", "prepared_dir"),
+    "strict": ("data", "strict"),
     "epochs": ("train", "epochs"),
     "max_steps": ("train", "max_steps"),
     "micro_batch_size": ("train", "micro_batch_size"),
@@ -61,11 +67,27 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
 
 def _group_data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--train-data", help="JSONL conversations to train on")
+    g.add_argument("--train-data", help="JSONL conversations: FILE[,FILE2:WEIGHT,...] (weight = copies per epoch)")
     g.add_argument("--eval-data", help="JSONL conversations to evaluate on")
     g.add_argument("--tokenizer", help="a tokenizer.json (default: train a byte-level BPE on the training data)")
     g.add_argument("--seq-len", type=int, help="packed row length in tokens (default: min(context, 4096))")
     g.add_argument("--train-on", choices=("assistant", "all"), help="which tokens carry loss (default: assistant)")
+    g.add_argument(
+        "--train-data-strategy",
+        "--data-strategy",
+        dest="data_strategy",
+        choices=DATA_STRATEGIES,
+        help="memory: tokenize into RAM; sharded: memory-mapped token shards; streaming: tokenize on the fly "
+        "(default auto: < 500 MB memory, < 10 GB sharded, else streaming)",
+    )
+    for flag, value in (("--force-streaming", "streaming"), ("--force-memory-loading", "memory")):
+        g.add_argument(flag, dest="data_strategy", action="store_const", const=value, help=f"= --data-strategy {value}")
+    g.add_argument("--disable-sharding", dest="data_strategy", action="store_const", const="memory", help="= memory")
+    g.add_argument("--num-workers", type=int, help="tokenizing processes / streaming loader workers (default 2)")
+    g.add_argument("--prefetch-factor", type=int, help="chunks each streaming worker keeps ready (default 2)")
+    g.add_argument("--shard-size-mb", type=int, help="JSONL megabytes per prepared shard (default 256)")
+    g.add_argument("--prepared-dir", help="prepared-shard cache (default: <output-dir>/prepared)")
+    g.add_argument("--strict", action="store_true", default=None, help="stop at the first malformed line (E101-E103)")
 
 
 def _group_optim(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,8 @@ from lumina_ds.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
 SCHEDULERS = ("cosine", "linear", "onecycle", "none")
 
+DATA_STRATEGIES = ("auto", "memory", "sharded", "streaming")
+
 
 @dataclass
 class DataConfig:
@@ -18,12 +20,25 @@ class DataConfig:
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the training data
     seq_len: int | None = None  # packed row length; None = min(model.max_seq_len, 4096)
     train_on: str = "assistant"  # assistant | all
+    strategy: str = "auto"  # auto | memory | sharded | streaming (auto: by dataset size and free RAM)
+    num_workers: int = 2  # tokenizing processes (memory/sharded) and loader workers (streaming)
+    prefetch_factor: int = 2  # chunks each streaming worker keeps ready
+    shard_size_mb: int = 256  # JSONL bytes per prepared shard
+    prepared_dir: str | None = None  # prepared-shard cache; None = <output_dir>/prepared
+    strict: bool = False  # stop at the first malformed line instead of skipping it
 
     def validate(self) -> None:
         if self.train_on not in ("assistant", "all"):
             raise ConfigError("E002", f"train_on={self.train_on!r} is not one of assistant, all")
         if self.seq_len is not None and self.seq_len < 8:
             raise ConfigError("E002", f"seq_len={self.seq_len} is too short", "use at least 8 tokens per row")
+        if self.strategy not in DATA_STRATEGIES:
+            raise ConfigError("E002", f"unknown data strategy {self.strategy!r}", f"use one of {DATA_STRATEGIES}")
+        for name in ("prefetch_factor", "shard_size_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError("E002", f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError("E002", f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass

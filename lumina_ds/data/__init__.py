@@ -1,4 +1,9 @@
-"""Chat data: format and template, tokenizer, JSONL reader, packing, resumable sharded batches."""
+"""Chat data: format and template, tokenizer, validation, tokenized/streamed documents, packing, resumable batches.
+
+Names that need torch (the batch stream and pipeline) are imported lazily, so validation and preparation stay light.
+"""
+
+from typing import Any
 
 from lumina_ds.data.chat_format import (
     ASSISTANT,
@@ -15,11 +20,24 @@ from lumina_ds.data.chat_format import (
     normalize_role,
     parse_conversation,
 )
-from lumina_ds.data.loader import BatchIterator, ChatDataset, PackedDataset, build_datasets, load_chat_dataset
-from lumina_ds.data.packing import PackedRows, pack_conversations
+from lumina_ds.data.documents import DocEncoder, JsonlDocs, SourceSpec, TokenizedDocs, parse_train_data
+from lumina_ds.data.mixture import Mixture
+from lumina_ds.data.packing import PackedDataset, PackedRows
+from lumina_ds.data.prepare import EncodeSettings, PrepareReport, prepare_source, tokenize_source
 from lumina_ds.data.reader import ReadResult, SkippedLine, iter_conversations, parse_line, read_conversations
-from lumina_ds.data.sampler import ShardedSampler
 from lumina_ds.data.tokenizer import ChatTokenizer, conversation_texts, train_bpe_tokenizer
+
+_LAZY = {
+    "PackedBatches": "lumina_ds.data.stream",
+    "RankView": "lumina_ds.data.stream",
+    "RowPacker": "lumina_ds.data.stream",
+    "count_rows": "lumina_ds.data.stream",
+    "LoaderSettings": "lumina_ds.data.pipeline",
+    "build_batches": "lumina_ds.data.pipeline",
+    "choose_strategy": "lumina_ds.data.pipeline",
+    "eval_rows": "lumina_ds.data.pipeline",
+    "open_sources": "lumina_ds.data.pipeline",
+}
 
 __all__ = [
     "ASSISTANT",
@@ -31,24 +49,37 @@ __all__ = [
     "SYSTEM",
     "TRAIN_ON_CHOICES",
     "USER",
-    "BatchIterator",
-    "ChatDataset",
     "ChatTemplate",
     "ChatTokenizer",
+    "DocEncoder",
+    "EncodeSettings",
+    "JsonlDocs",
     "Message",
+    "Mixture",
     "PackedDataset",
     "PackedRows",
+    "PrepareReport",
     "ReadResult",
-    "ShardedSampler",
     "SkippedLine",
-    "build_datasets",
+    "SourceSpec",
+    "TokenizedDocs",
     "conversation_texts",
     "iter_conversations",
-    "load_chat_dataset",
     "normalize_role",
-    "pack_conversations",
     "parse_conversation",
     "parse_line",
+    "parse_train_data",
+    "prepare_source",
     "read_conversations",
+    "tokenize_source",
     "train_bpe_tokenizer",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

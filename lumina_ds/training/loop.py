@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from lumina_ds.data.loader import BatchIterator, PackedDataset
+from lumina_ds.data.packing import PackedDataset
+from lumina_ds.data.stream import PackedBatches
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import TrainingError
 from lumina_ds.monitor.callbacks import Callback
@@ -49,7 +50,7 @@ class Trainer:
         self,
         *,
         engine: Any,
-        batches: BatchIterator,
+        batches: PackedBatches,
         eval_data: PackedDataset | None,
         info: DistInfo,
         settings: LoopSettings,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,20 @@ import torch
 
 from lumina_ds.config.io import config_to_dict, save_config
 from lumina_ds.config.run import RunConfig
-from lumina_ds.data.loader import BatchIterator, ChatDataset, PackedDataset, build_datasets
-from lumina_ds.data.reader import read_conversations
-from lumina_ds.data.sampler import ShardedSampler
+from lumina_ds.data.documents import SourceSpec, parse_train_data
+from lumina_ds.data.packing import PackedDataset
+from lumina_ds.data.pipeline import (
+    LoaderSettings,
+    SourceSet,
+    build_batches,
+    default_prepared_dir,
+    eval_rows,
+    micro_batches_for_epochs,
+    open_sources,
+)
+from lumina_ds.data.prepare import EncodeSettings, PrepareReport
+from lumina_ds.data.reader import SkippedLine, iter_conversations
+from lumina_ds.data.stream import PackedBatches
 from lumina_ds.data.tokenizer import ChatTokenizer, conversation_texts, train_bpe_tokenizer
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
@@ -24,10 +37,26 @@ from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.engine import build_engine
 from lumina_ds.training.loop import LoopSettings, Trainer
 
+TOKENIZER_SAMPLE_BYTES = 200 * 10**6  # text the BPE trainer sees at most
+
 
 def log(info: DistInfo, message: str) -> None:
     if info.is_main:
         print(message, flush=True)
+
+
+def _tokenizer_texts(specs: list[SourceSpec]) -> Iterator[str]:
+    """Message contents of the training files, streamed, up to TOKENIZER_SAMPLE_BYTES (BPE needs a sample only)."""
+    budget = TOKENIZER_SAMPLE_BYTES
+    for spec in specs:
+        for _, item in iter_conversations(spec.path):
+            if isinstance(item, SkippedLine):
+                continue
+            for text in conversation_texts([item]):
+                budget -= len(text)
+                yield text
+            if budget <= 0:
+                return
 
 
 def prepare_tokenizer(run: RunConfig, run_dir: Path, info: DistInfo) -> ChatTokenizer:
@@ -40,8 +69,7 @@ def prepare_tokenizer(run: RunConfig, run_dir: Path, info: DistInfo) -> ChatToke
     else:
         if info.is_main:
             assert run.data.train_data is not None
-            conversations = read_conversations(run.data.train_data).conversations
-            texts = conversation_texts(conversations)
+            texts = _tokenizer_texts(parse_train_data(run.data.train_data))
             train_bpe_tokenizer(texts, vocab_size=run.model.vocab_size).save(own)
             log(info, f"trained a byte-level BPE tokenizer (vocab {run.model.vocab_size}) -> {own}")
         barrier()
@@ -59,22 +87,34 @@ def fit_vocab(run: RunConfig, tokenizer: ChatTokenizer, info: DistInfo) -> None:
         run.model.vocab_size = padded
 
 
-def report_skipped(name: str, data: ChatDataset, info: DistInfo) -> None:
-    if data.skipped and info.is_main:
-        shown = ", ".join(f"line {s.line_no} ({s.code}: {s.reason})" for s in data.skipped[:5])
-        more = f" and {len(data.skipped) - 5} more" if len(data.skipped) > 5 else ""
-        print(f"{name}: skipped {len(data.skipped)} malformed line(s): {shown}{more}", file=sys.stderr, flush=True)
+def report_skipped(report: PrepareReport, info: DistInfo) -> None:
+    if report.skipped and info.is_main:
+        shown = ", ".join(f"line {s.line_no} ({s.code}: {s.reason})" for s in report.skipped_examples[:5])
+        more = f" and {report.skipped - 5} more" if report.skipped > 5 else ""
+        print(
+            f"{report.source}: skipped {report.skipped} malformed line(s): {shown}{more}", file=sys.stderr, flush=True
+        )
 
 
-def total_steps_for(run: RunConfig, batches: BatchIterator) -> int:
+def total_steps_for(run: RunConfig, sources: SourceSet, batches: PackedBatches, info: DistInfo) -> tuple[int, str]:
+    """Optimizer steps: --max-steps, or the epochs' micro-batches of the slowest rank (estimated when streaming)."""
     if run.train.max_steps is not None:
-        return run.train.max_steps
-    steps = run.train.epochs * batches.batches_per_epoch // run.train.grad_accum
+        return run.train.max_steps, f"{run.train.max_steps} steps"
+    micro, exact = micro_batches_for_epochs(
+        sources,
+        batches.view.mixture,
+        epochs=run.train.epochs,
+        world_size=info.world_size,
+        seq_len=run.seq_len,
+        micro_batch_size=run.train.micro_batch_size,
+    )
+    steps = micro // run.train.grad_accum
     if steps < 1:
         raise ConfigError(
             "E002", "the training data does not fill one optimizer step", "lower --grad-accum or --batch-size"
         )
-    return steps
+    how = "" if exact else " (estimated from the first conversations of each file)"
+    return steps, f"{run.train.epochs} epoch(s) = {steps} steps{how}"
 
 
 def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
@@ -98,33 +138,71 @@ def check_resumable(saved: dict[str, Any] | None, run: RunConfig) -> None:
 
 @dataclass
 class PreparedData:
-    batches: BatchIterator
+    batches: PackedBatches
     eval_data: PackedDataset | None
     total_steps: int
     description: str
 
 
+def _loader_settings(run: RunConfig) -> LoaderSettings:
+    data = run.data
+    prepared = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(run.logging.output_dir)
+    return LoaderSettings(
+        strategy=data.strategy,
+        num_workers=data.num_workers,
+        prefetch_factor=data.prefetch_factor,
+        shard_size_mb=data.shard_size_mb,
+        prepared_dir=prepared,
+        strict=data.strict,
+    )
+
+
+def local_world_size(info: DistInfo) -> int:
+    """Processes on this node (for splitting CPU workers between them)."""
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return info.world_size
+
+
 def prepare_data(run: RunConfig, run_dir: Path, info: DistInfo) -> PreparedData:
-    """Tokenizer, packed train/eval rows, this rank's resumable batches, and the number of optimizer steps."""
+    """Tokenizer, training sources by strategy, this rank's resumable batches, eval rows, optimizer steps."""
     assert run.data.train_data is not None
     tokenizer = prepare_tokenizer(run, run_dir, info)
     fit_vocab(run, tokenizer, info)
-    train_data, eval_data = build_datasets(
-        run.data.train_data, run.data.eval_data, tokenizer=tokenizer, seq_len=run.seq_len, train_on=run.data.train_on
+    encode = EncodeSettings.of(tokenizer, train_on=run.data.train_on, strict=run.data.strict)
+    loader = _loader_settings(run)
+    sources = open_sources(
+        parse_train_data(run.data.train_data),
+        encode,
+        loader,
+        local_world_size=local_world_size(info),
+        is_local_main=info.local_rank == 0,
+        barrier=barrier,
     )
-    report_skipped("train", train_data, info)
-    if eval_data is not None:
-        report_skipped("eval", eval_data, info)
-    sampler = ShardedSampler(len(train_data.rows), rank=info.rank, world_size=info.world_size, seed=run.train.seed)
-    epochs = None if run.train.max_steps is not None else run.train.epochs
-    batches = BatchIterator(train_data.rows, sampler, micro_batch_size=run.train.micro_batch_size, num_epochs=epochs)
-    description = f"{train_data.num_conversations} conversations -> {len(train_data.rows)} rows of {run.seq_len} tokens"
-    return PreparedData(
-        batches=batches,
-        eval_data=PackedDataset(eval_data.rows) if eval_data is not None else None,
-        total_steps=total_steps_for(run, batches),
-        description=description,
+    log(info, f"data strategy: {sources.strategy} ({sources.reason})")
+    for report in sources.reports:
+        log(info, report.summary())
+        report_skipped(report, info)
+    batches = build_batches(
+        sources,
+        seed=run.train.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        seq_len=run.seq_len,
+        pad_id=tokenizer.pad_id,
+        micro_batch_size=run.train.micro_batch_size,
+        loader=loader,
     )
+    eval_data = None
+    if run.data.eval_data:
+        rows, report = eval_rows(Path(run.data.eval_data), encode, seq_len=run.seq_len, pad_id=tokenizer.pad_id)
+        report_skipped(report, info)
+        eval_data = PackedDataset(rows)
+    total_steps, steps_text = total_steps_for(run, sources, batches, info)
+    files = ", ".join(f"{spec.path.name} x{spec.weight:g}" for spec in sources.specs)
+    description = f"{files} | {batches.view.mixture.docs_per_epoch:,} lines/epoch | {steps_text}"
+    return PreparedData(batches=batches, eval_data=eval_data, total_steps=total_steps, description=description)
 
 
 def build_trainer(run: RunConfig, run_dir: Path, info: DistInfo, data: PreparedData, engine: Any) -> Trainer:

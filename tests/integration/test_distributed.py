@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lumina_ds.data.loader import load_chat_dataset
+from lumina_ds.data import EncodeSettings
+from lumina_ds.data.pipeline import eval_rows
 from lumina_ds.generation import load_for_inference
 from tests.integration.conftest import EVAL, FAST, TRAIN, deepspeed_launch, read_metrics
 
@@ -18,8 +19,7 @@ pytestmark = pytest.mark.slow
 def eval_loss_of_consolidated(run_dir: Path) -> float:
     """Token-weighted eval loss of the saved model.safetensors in one plain process (no DeepSpeed)."""
     bundle = load_for_inference(run_dir)
-    data = load_chat_dataset(EVAL, tokenizer=bundle.tokenizer, seq_len=128)
-    rows = data.rows
+    rows, _ = eval_rows(Path(EVAL), EncodeSettings.of(bundle.tokenizer), seq_len=128, pad_id=bundle.tokenizer.pad_id)
     total, targets = 0.0, 0
     with torch.no_grad():
         for i in range(len(rows)):

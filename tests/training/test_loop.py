@@ -13,9 +13,10 @@ import torch
 
 from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.run import CheckpointConfig
-from lumina_ds.data.loader import BatchIterator, PackedDataset
-from lumina_ds.data.packing import pack_conversations
-from lumina_ds.data.sampler import ShardedSampler
+from lumina_ds.data.documents import TokenizedDocs, TokenizedPart
+from lumina_ds.data.mixture import Mixture
+from lumina_ds.data.packing import PackedDataset, PackedRows
+from lumina_ds.data.stream import PackedBatches, RankView, RowPacker
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError, TrainingError
 from lumina_ds.training.checkpoint import CheckpointManager
@@ -68,25 +69,37 @@ class FakeEngine:
         self.saved.append((tag, client_state))
 
 
-def rows(n: int, seq_len: int = 16, seed: int = 0) -> Any:
+def docs(n: int, seq_len: int = 16, seed: int = 0) -> TokenizedDocs:
+    """n random conversations of 5..seq_len-1 tokens, every next token a target."""
     rng = np.random.default_rng(seed)
-    encoded = []
-    for _ in range(n):
-        ids = rng.integers(6, 64, size=int(rng.integers(5, seq_len))).tolist()
-        encoded.append((ids, [*ids[1:], -100]))
-    return pack_conversations(encoded, seq_len=seq_len, pad_id=0)
+    lengths = rng.integers(5, seq_len, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    targets = np.ones(offsets[-1], dtype=np.uint8)
+    targets[offsets[1:] - 1] = 0
+    tokens = rng.integers(6, 64, size=offsets[-1]).astype(np.int32)
+    return TokenizedDocs("synthetic", [TokenizedPart(tokens, targets, offsets)])
 
 
-def make_trainer(tmp_path: Path, *, total_steps: int, eval_every: int = 1000, patience: int | None = None,
-                 epochs: int | None = None) -> Trainer:  # fmt: skip
+def eval_rows(n: int, seed: int) -> PackedRows:
+    source = docs(n, seed=seed)
+    packed = list(RowPacker(seq_len=16, pad_id=0).rows(iter([(0, 0, source.fetch(range(n)))])))
+    return PackedRows(*(np.stack([getattr(r, k) for r in packed]) for k in ("input_ids", "labels", "position_ids")))
+
+
+def train_batches(n: int) -> PackedBatches:
+    view = RankView([docs(n)], Mixture([n], [1.0], seed=1))
+    return PackedBatches(view, seq_len=16, pad_id=0, micro_batch_size=2)
+
+
+def make_trainer(tmp_path: Path, *, total_steps: int, eval_every: int = 1000,
+                 patience: int | None = None) -> Trainer:  # fmt: skip
     torch.manual_seed(0)
     model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                         moe=MoEConfig(num_experts=2, top_k=1, expert_intermediate_size=16)).build()  # fmt: skip
-    train = rows(40)
-    batches = BatchIterator(train, ShardedSampler(len(train), seed=1), micro_batch_size=2, num_epochs=epochs)
+    batches = train_batches(60)
     settings = LoopSettings(total_steps=total_steps, log_every=1, eval_every=eval_every, save_every=10**6,
                             early_stopping_patience=patience)  # fmt: skip
-    return Trainer(engine=FakeEngine(model), batches=batches, eval_data=PackedDataset(rows(7, seed=3)), info=INFO,
+    return Trainer(engine=FakeEngine(model), batches=batches, eval_data=PackedDataset(eval_rows(12, seed=3)), info=INFO,
                    settings=settings, checkpoints=CheckpointManager(tmp_path, CheckpointConfig(), INFO),
                    callbacks=[], client_extra={})  # fmt: skip
 
@@ -116,13 +129,6 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path:
     assert summary["stop_reason"] == "early stopping" and summary["steps"] == 4
     assert trainer.state.best_step == 2 and trainer.state.best_eval_loss == 2.0
     assert trainer.engine.saved[-1][0] == "step_00000004"  # the final checkpoint is written
-
-
-def test_epochs_end_when_the_data_runs_out(tmp_path: Path) -> None:
-    trainer = make_trainer(tmp_path, total_steps=10**6, epochs=2)
-    summary = trainer.fit()
-    assert summary["stop_reason"] == "data exhausted"
-    assert summary["steps"] == 2 * trainer.batches.batches_per_epoch
 
 
 def test_client_state_round_trip_continues_the_data(tmp_path: Path) -> None:
@@ -163,7 +169,7 @@ def test_eval_batches_have_equal_shapes_on_every_rank_and_cover_each_row_once(tm
     shapes: dict[int, list[tuple[int, ...]]] = {}
     for rank in (0, 1):
         trainer = make_trainer(tmp_path, total_steps=1)  # micro-batch 2
-        trainer.eval_data = PackedDataset(rows(8, seed=3))  # 7 packed rows: ranks get 4 and 3
+        trainer.eval_data = PackedDataset(eval_rows(10, seed=3))  # 7 packed rows: ranks get 4 and 3
         trainer.info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
         n = len(trainer.eval_data)
         assert n == 7

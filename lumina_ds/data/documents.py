@@ -1,0 +1,203 @@
+"""Conversations as token documents: the batched encoder and the two ways to hold them (tokenized or raw JSONL).
+
+A document is one line of an input file; blank and malformed lines are documents with no tokens, so that every
+strategy (memory, sharded, streaming) numbers and shuffles the same documents and yields the same token stream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from lumina_ds.data.chat_format import IGNORE_INDEX, ROLE_TOKENS, TRAIN_ON_CHOICES, Message
+from lumina_ds.data.reader import SkippedLine, parse_line
+from lumina_ds.data.tokenizer import ChatTokenizer
+from lumina_ds.errors import ConfigError, DataError
+
+# ids int32 [T] and target flags uint8 [T]: target[t] = 1 when position t predicts ids[t + 1]
+EncodedDoc = tuple[np.ndarray, np.ndarray]
+
+_WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One training file and its mixing weight (copies of each conversation per epoch, on average)."""
+
+    path: Path
+    weight: float = 1.0
+
+
+def parse_train_data(spec: str) -> list[SourceSpec]:
+    """`a.jsonl,b.jsonl:0.3` -> sources; a missing file is E104, a bad weight E002."""
+    sources = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        match = _WEIGHT_SUFFIX.match(item)
+        path, weight = (Path(match["path"]), float(match["weight"])) if match else (Path(item), 1.0)
+        if weight <= 0:
+            raise ConfigError("E002", f"mixing weight of {path} must be positive, got {weight}", "write FILE:0.5")
+        if not path.is_file():
+            raise DataError("E104", f"data file not found: {path}", "Check the path; expected a .jsonl file.")
+        sources.append(SourceSpec(path, weight))
+    if not sources:
+        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl[,FILE2.jsonl:WEIGHT]")
+    return sources
+
+
+def labels_of(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Pre-shifted labels [T] int64: ids[t + 1] where target[t], else IGNORE_INDEX."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    flags = target[:-1].astype(bool)
+    labels[:-1][flags] = ids[1:][flags]
+    return labels
+
+
+class DocEncoder:
+    """Encodes raw JSONL lines into documents with the chat template, one tokenizer call per chunk of lines."""
+
+    def __init__(self, tokenizer: ChatTokenizer, *, train_on: str = "assistant") -> None:
+        if train_on not in TRAIN_ON_CHOICES:
+            raise ConfigError("E002", f"train_on must be one of {TRAIN_ON_CHOICES}, got {train_on!r}")
+        self.tokenizer = tokenizer
+        self.train_all = train_on == "all"
+        self._newline = tokenizer.encode("\n")
+        self._bos = tokenizer.bos_id
+        self._end = tokenizer.end_id
+        self._role = {role: tokenizer.token_id(token) for role, token in ROLE_TOKENS.items()}
+
+    def encode_lines(self, lines: Sequence[tuple[int, bytes]]) -> list[EncodedDoc | SkippedLine | None]:
+        """`(line_no, raw)` pairs -> a document, a SkippedLine, or None (blank) per line."""
+        parsed = [parse_line(line_no, raw) for line_no, raw in lines]
+        contents = [m.content for item in parsed if isinstance(item, list) for m in item]
+        encodings = self.tokenizer.backend.encode_batch(contents, add_special_tokens=False) if contents else []
+        pieces = iter(encodings)
+        out: list[EncodedDoc | SkippedLine | None] = []
+        for item in parsed:
+            if isinstance(item, list):
+                out.append(self._assemble(item, [next(pieces).ids for _ in item]))
+            else:
+                out.append(item)
+        return out
+
+    def encode_messages(self, messages: Sequence[Message]) -> EncodedDoc:
+        """One conversation (already parsed) -> document."""
+        contents = self.tokenizer.backend.encode_batch([m.content for m in messages], add_special_tokens=False)
+        return self._assemble(messages, [c.ids for c in contents])
+
+    def _assemble(self, messages: Sequence[Message], contents: Sequence[list[int]]) -> EncodedDoc:
+        # Same layout as ChatTemplate.encode_conversation (a test keeps them equal), built from batched encodings.
+        ids = [self._bos]
+        trainable = [False]
+        for message, content in zip(messages, contents, strict=True):
+            learn = self.train_all or message.role == "assistant"
+            header = [self._role[message.role], *self._newline]
+            for piece, flag in ((header, self.train_all), (content, learn), ([self._end], learn)):
+                ids.extend(piece)
+                trainable.extend([flag] * len(piece))
+            ids.extend(self._newline)
+            trainable.extend([self.train_all] * len(self._newline))
+        target = np.zeros(len(ids), dtype=np.uint8)
+        target[:-1] = trainable[1:]
+        return np.asarray(ids, dtype=np.int32), target
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+@dataclass
+class TokenizedPart:
+    """Consecutive documents of one source: tokens and target flags back to back, `offsets` [n_docs + 1]."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    offsets: np.ndarray
+
+
+class TokenizedDocs:
+    """Documents of one source held as token arrays, in RAM (memory strategy) or memory-mapped (sharded)."""
+
+    def __init__(self, name: str, parts: Sequence[TokenizedPart]) -> None:
+        self.name = name
+        self.parts = list(parts)
+        counts = np.array([len(p.offsets) - 1 for p in self.parts], dtype=np.int64)
+        self._first_doc = np.concatenate([[0], np.cumsum(counts)])  # [n_parts + 1]
+        self.lengths = np.concatenate([np.diff(p.offsets) for p in self.parts]) if self.parts else np.zeros(0, int)
+
+    def __len__(self) -> int:
+        return int(self._first_doc[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens over all documents."""
+        return int(self.lengths.sum())
+
+    def doc(self, index: int) -> EncodedDoc | None:
+        """Tokens and target flags of document `index`; None when the line held no conversation."""
+        part_index = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+        part = self.parts[part_index]
+        local = index - int(self._first_doc[part_index])
+        start, stop = int(part.offsets[local]), int(part.offsets[local + 1])
+        if start == stop:
+            return None
+        return np.asarray(part.tokens[start:stop], dtype=np.int32), np.asarray(part.targets[start:stop])
+
+    def fetch(self, indices: Sequence[int]) -> list[EncodedDoc | SkippedLine | None]:
+        """The given documents (problems were reported when the source was tokenized)."""
+        return [self.doc(int(i)) for i in indices]
+
+
+def scan_line_offsets(path: Path, *, block_bytes: int = 1 << 24) -> np.ndarray:
+    """Byte offset of every line start plus the file size: [n_lines + 1] int64, lines numbered as `for line in f`."""
+    starts = [np.zeros(1, dtype=np.int64)]
+    size = 0
+    with path.open("rb") as handle:
+        while block := handle.read(block_bytes):
+            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64)
+            starts.append(newlines + size + 1)
+            size += len(block)
+    offsets = np.concatenate(starts)
+    if offsets[-1] != size:  # last line has no trailing newline
+        offsets = np.append(offsets, size)
+    return offsets
+
+
+class JsonlDocs:
+    """Documents of one source read from the JSONL file on demand (streaming strategy); nothing is cached."""
+
+    def __init__(self, path: Path, encoder: DocEncoder) -> None:
+        self.name = str(path)
+        self.path = path
+        self.encoder = encoder
+        self.offsets = scan_line_offsets(path)
+        self.lengths: np.ndarray | None = None  # unknown until tokenized
+        self._handle: BinaryIO | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_handle": None}  # each loader worker opens its own handle
+
+    def read_lines(self, indices: Sequence[int]) -> list[tuple[int, bytes]]:
+        """Raw bytes of the given documents, with 1-based line numbers."""
+        if self._handle is None:
+            self._handle = self.path.open("rb")
+        out = []
+        for index in indices:
+            start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+            self._handle.seek(start)
+            out.append((index + 1, self._handle.read(stop - start)))
+        return out
+
+    def fetch(self, indices: Sequence[int]) -> list[EncodedDoc | SkippedLine | None]:
+        """Read and encode the given documents."""
+        return self.encoder.encode_lines(self.read_lines([int(i) for i in indices]))

@@ -1,0 +1,192 @@
+"""From `--train-data` to this rank's batches: strategy choice, tokenized or streamed sources, steps per epoch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from lumina_ds.config.run import DATA_STRATEGIES
+from lumina_ds.data.documents import JsonlDocs, SourceSpec, parse_train_data
+from lumina_ds.data.mixture import Mixture
+from lumina_ds.data.packing import PackedRows
+from lumina_ds.data.prepare import EncodeSettings, PrepareReport, prepare_source, tokenize_source
+from lumina_ds.data.stream import DocSource, PackedBatches, RankView, RowPacker, count_rows
+from lumina_ds.errors import ConfigError, DataError
+
+MEMORY_LIMIT_BYTES = 500 * 10**6  # below: tokenize into RAM
+STREAMING_LIMIT_BYTES = 10 * 10**9  # above: stream from the JSONL files
+RAM_BYTES_PER_INPUT_BYTE = 3.0  # tokenizing into RAM peaks near 3x the JSONL size (strings, lists, arrays)
+ESTIMATE_SAMPLE_DOCS = 2000
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How the training data is loaded (DataConfig's loader fields)."""
+
+    strategy: str = "auto"
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    shard_size_mb: int = 256
+    prepared_dir: Path = Path("runs/prepared")
+    strict: bool = False
+
+
+def choose_strategy(total_bytes: int, *, requested: str, available_ram: int) -> tuple[str, str]:
+    """(strategy, why): by size, and never into RAM when tokenizing would take more than half of what is free."""
+    if requested not in DATA_STRATEGIES:
+        raise ConfigError("E002", f"unknown data strategy {requested!r}", f"choose one of {DATA_STRATEGIES}")
+    size = f"{total_bytes / 1e6:,.1f} MB of JSONL"
+    if requested != "auto":
+        return requested, f"{size}, chosen by flag"
+    if total_bytes >= STREAMING_LIMIT_BYTES:
+        return "streaming", f"{size} >= 10 GB"
+    needed = total_bytes * RAM_BYTES_PER_INPUT_BYTE
+    if total_bytes < MEMORY_LIMIT_BYTES and needed < available_ram / 2:
+        return "memory", f"{size} < 500 MB"
+    if total_bytes < MEMORY_LIMIT_BYTES:
+        return "sharded", f"{size}, but tokenizing into RAM would need {needed / 2**30:.1f} GiB of the free RAM"
+    return "sharded", f"{size} between 500 MB and 10 GB"
+
+
+@dataclass
+class SourceSet:
+    """Opened training sources and what tokenizing them reported."""
+
+    specs: list[SourceSpec]
+    sources: list[DocSource]
+    reports: list[PrepareReport] = field(default_factory=list)
+    strategy: str = "memory"
+    reason: str = ""
+
+
+def open_sources(
+    specs: Sequence[SourceSpec],
+    encode: EncodeSettings,
+    loader: LoaderSettings,
+    *,
+    local_world_size: int = 1,
+    is_local_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> SourceSet:
+    """Open every source with the chosen strategy; with shards, one process per node builds a missing cache."""
+    total = sum(s.path.stat().st_size for s in specs)
+    strategy, reason = choose_strategy(
+        total, requested=loader.strategy, available_ram=psutil.virtual_memory().available
+    )
+    result = SourceSet(list(specs), [], strategy=strategy, reason=reason)
+    workers = max(1, loader.num_workers // max(local_world_size, 1))
+    if strategy == "streaming":
+        result.sources = [JsonlDocs(s.path, encode.encoder()) for s in specs]
+    elif strategy == "memory":
+        for spec in specs:
+            docs, report = tokenize_source(spec.path, encode, num_workers=workers, progress=is_local_main)
+            result.sources.append(docs)
+            result.reports.append(report)
+    else:
+        shard_bytes = loader.shard_size_mb << 20
+        built = []
+        if is_local_main:
+            for spec in specs:
+                _, report = prepare_source(
+                    spec.path,
+                    encode,
+                    prepared_dir=loader.prepared_dir,
+                    num_workers=loader.num_workers,
+                    shard_bytes=shard_bytes,
+                    progress=True,
+                )
+                built.append(report)
+        barrier()
+        for spec in specs:
+            docs, report = prepare_source(spec.path, encode, prepared_dir=loader.prepared_dir, shard_bytes=shard_bytes)
+            result.sources.append(docs)
+            result.reports.append(report)
+        result.reports = built or result.reports  # the builder's reports say whether the cache was reused
+    return result
+
+
+def mixture_of(sources: SourceSet, *, seed: int) -> Mixture:
+    return Mixture([len(s) for s in sources.sources], [s.weight for s in sources.specs], seed=seed)
+
+
+def _lengths_or_sample(source: DocSource) -> tuple[np.ndarray, bool]:
+    """Token counts of every document (exact) or of the first documents (a sample, for streaming)."""
+    if source.lengths is not None:
+        return source.lengths, True
+    items = source.fetch(range(min(len(source), ESTIMATE_SAMPLE_DOCS)))
+    return np.array([len(item[0]) if isinstance(item, tuple) else 0 for item in items], dtype=np.int64), False
+
+
+def micro_batches_for_epochs(
+    sources: SourceSet, mixture: Mixture, *, epochs: int, world_size: int, seq_len: int, micro_batch_size: int
+) -> tuple[int, bool]:
+    """Micro-batches every rank can yield in `epochs` epochs (the minimum over ranks) and whether it is exact.
+
+    Exact when every document's length is known; for streaming, estimated from the first documents of each source.
+    """
+    measured = [_lengths_or_sample(s) for s in sources.sources]
+    if all(exact for _, exact in measured):
+        lengths = np.concatenate([m for m, _ in measured])
+        rows = [
+            sum(
+                count_rows(lengths[mixture.rank_docs(e, rank=r, world_size=world_size)], seq_len) for e in range(epochs)
+            )
+            for r in range(world_size)
+        ]
+        return min(rows) // micro_batch_size, True
+    rows_per_epoch = 0.0
+    for source_index, (sample, _) in enumerate(measured):
+        rows_per_doc = count_rows(sample, seq_len) / max(len(sample), 1)
+        rows_per_epoch += rows_per_doc * mixture.count(source_index) / world_size
+    return int(rows_per_epoch * epochs) // micro_batch_size, False
+
+
+def build_batches(
+    sources: SourceSet,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    seq_len: int,
+    pad_id: int,
+    micro_batch_size: int,
+    loader: LoaderSettings,
+) -> PackedBatches:
+    """This rank's resumable batches; loader workers only where documents are tokenized on the fly."""
+    view = RankView(sources.sources, mixture_of(sources, seed=seed), rank=rank, world_size=world_size)
+    workers = loader.num_workers if sources.strategy == "streaming" else 0
+    return PackedBatches(
+        view,
+        seq_len=seq_len,
+        pad_id=pad_id,
+        micro_batch_size=micro_batch_size,
+        num_workers=workers,
+        prefetch_factor=loader.prefetch_factor,
+        strict=loader.strict,
+    )
+
+
+def eval_rows(path: Path, encode: EncodeSettings, *, seq_len: int, pad_id: int) -> tuple[PackedRows, PrepareReport]:
+    """The evaluation file in file order, packed into rows once (it is small and read every evaluation)."""
+    (spec,) = parse_train_data(str(path))
+    docs, report = tokenize_source(spec.path, encode)
+    if report.conversations == 0:
+        raise DataError(
+            "E106",
+            f"no usable conversations in {path} ({report.skipped} of {report.lines} lines skipped)",
+            f"Run `lumina-ds validate-data {path}` to see what is wrong.",
+        )
+    packer = RowPacker(seq_len=seq_len, pad_id=pad_id)
+    rows = list(packer.rows(iter([(0, 0, docs.fetch(range(len(docs))))])))
+    stacked = {key: np.stack([getattr(r, key) for r in rows]) for key in ("input_ids", "labels", "position_ids")}
+    return PackedRows(**stacked, num_conversations=report.conversations), report
+
+
+def default_prepared_dir(output_dir: str) -> Path:
+    """Shared by every experiment under one output dir, so prepared shards are reused across runs."""
+    return Path(os.path.expanduser(output_dir)) / "prepared"

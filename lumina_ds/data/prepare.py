@@ -1,0 +1,373 @@
+"""Tokenize JSONL sources into token parts, in parallel worker processes, in RAM or as memory-mapped shards on disk.
+
+Prepared shards live in `<prepared_dir>/<stem>-<key>/`, where the key hashes the file's content, the tokenizer and
+the template settings: a second run with the same inputs reuses them, a changed file or tokenizer builds new ones.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lumina_ds.data.documents import DocEncoder, TokenizedDocs, TokenizedPart, token_dtype
+from lumina_ds.data.reader import SkippedLine
+from lumina_ds.data.tokenizer import ChatTokenizer
+from lumina_ds.errors import DataError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+LINES_PER_CHUNK = 512  # lines per tokenizer call: large enough to amortise, small enough to stay cache-friendly
+MAX_REPORTED_SKIPS = 20
+IN_PROCESS_BYTES = 8 << 20  # below this, worker start-up costs more than it saves
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """Everything that decides a source's tokens (part of the cache key)."""
+
+    tokenizer_json: str
+    train_on: str = "assistant"
+    strict: bool = False
+
+    def encoder(self) -> DocEncoder:
+        from tokenizers import Tokenizer
+
+        return DocEncoder(ChatTokenizer(Tokenizer.from_str(self.tokenizer_json)), train_on=self.train_on)
+
+    @classmethod
+    def of(cls, tokenizer: ChatTokenizer, *, train_on: str = "assistant", strict: bool = False) -> EncodeSettings:
+        return cls(tokenizer.backend.to_str(), train_on, strict)
+
+
+@dataclass
+class PrepareReport:
+    """What tokenizing one source found."""
+
+    source: str
+    lines: int = 0
+    conversations: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    skipped_examples: list[SkippedLine] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+    cached: bool = False
+
+    def summary(self) -> str:
+        speed = self.bytes / 1e6 / max(self.seconds, 1e-9)
+        how = "reused prepared shards" if self.cached else f"{self.seconds:.1f}s, {speed:.1f} MB/s"
+        return (
+            f"{self.source}: {self.conversations:,} conversations, {self.tokens:,} tokens, "
+            f"{self.skipped} line(s) skipped ({how})"
+        )
+
+
+@dataclass
+class _Task:
+    path: str
+    start: int
+    stop: int
+    settings: EncodeSettings
+    out_prefix: str | None  # write the part here (sharded) instead of returning arrays
+
+
+@dataclass
+class _TaskResult:
+    lines: int
+    lengths: np.ndarray
+    tokens: np.ndarray | None
+    targets: np.ndarray | None
+    skipped: int
+    skipped_examples: list[tuple[int, str, str]]  # (line index within the range, code, reason)
+    first_error: tuple[int, str, str] | None
+
+
+def byte_ranges(path: Path, *, target_bytes: int) -> list[tuple[int, int]]:
+    """Split a file into ranges of about `target_bytes`, each starting at a line start."""
+    size = path.stat().st_size
+    bounds = [0]
+    with path.open("rb") as handle:
+        while bounds[-1] + target_bytes < size:
+            handle.seek(bounds[-1] + target_bytes)
+            handle.readline()  # move to the next line start
+            if handle.tell() >= size:
+                break
+            bounds.append(handle.tell())
+    bounds.append(size)
+    return list(itertools.pairwise(bounds))
+
+
+def _range_lines(path: str, start: int, stop: int) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        while handle.tell() < stop and (raw := handle.readline()):
+            yield raw
+
+
+def _encode_range(task: _Task, first_line_no: int) -> _TaskResult:
+    encoder = task.settings.encoder()
+    dtype = token_dtype(encoder.tokenizer.vocab_size)
+    lengths: list[int] = []
+    tokens: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    skipped, first_error = 0, None
+    examples: list[tuple[int, str, str]] = []
+    chunk: list[tuple[int, bytes]] = []
+    for raw in [*_range_lines(task.path, task.start, task.stop), None]:
+        if raw is not None:
+            # line numbers matter only for BOM handling here (line 1); reports use the range-local index
+            chunk.append((first_line_no + len(lengths) + len(chunk), raw))
+            if len(chunk) < LINES_PER_CHUNK:
+                continue
+        for item in encoder.encode_lines(chunk):
+            if isinstance(item, SkippedLine):
+                skipped += 1
+                local = (len(lengths), item.code, item.reason)
+                first_error = first_error or local
+                if len(examples) < MAX_REPORTED_SKIPS:
+                    examples.append(local)
+            if isinstance(item, tuple):
+                tokens.append(item[0].astype(dtype))
+                targets.append(item[1])
+            lengths.append(len(item[0]) if isinstance(item, tuple) else 0)
+        chunk = []
+        if first_error and task.settings.strict:
+            break
+    return _TaskResult(
+        lines=len(lengths),
+        lengths=np.asarray(lengths, dtype=np.int64),
+        tokens=np.concatenate(tokens) if tokens else np.zeros(0, dtype),
+        targets=np.concatenate(targets) if targets else np.zeros(0, np.uint8),
+        skipped=skipped,
+        skipped_examples=examples,
+        first_error=first_error,
+    )
+
+
+def _run_task(task: _Task) -> _TaskResult:
+    """Worker entry: tokenize one range; with `out_prefix`, write it as a shard and return only its lengths."""
+    result = _encode_range(task, first_line_no=1 if task.start == 0 else 2)
+    if task.out_prefix is not None:
+        assert result.tokens is not None and result.targets is not None
+        np.save(task.out_prefix + ".tokens.npy", result.tokens)
+        np.save(task.out_prefix + ".targets.npy", result.targets)
+        np.save(task.out_prefix + ".lengths.npy", result.lengths)
+        result.tokens = result.targets = None
+    return result
+
+
+def _results(tasks: list[_Task], num_workers: int) -> Iterator[_TaskResult]:
+    """Task results in order; worker processes (spawned: no inherited threads or CUDA) when worth it."""
+    size = sum(t.stop - t.start for t in tasks)
+    if num_workers <= 1 or len(tasks) == 1 or size < IN_PROCESS_BYTES:
+        yield from map(_run_task, tasks)
+        return
+    with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(_run_task, tasks)
+
+
+def _progress(total_bytes: int, label: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc=f"tokenizing {label}",
+        disable=not enabled or total_bytes < IN_PROCESS_BYTES,
+        file=sys.stderr,
+    )
+
+
+def _collect(tasks: list[_Task], results: Iterator[_TaskResult], report: PrepareReport, bar: Any) -> list[_TaskResult]:
+    done: list[_TaskResult] = []
+    started = time.perf_counter()
+    for task, result in zip(tasks, results, strict=False):
+        first_line = report.lines + 1
+        report.lines += result.lines
+        report.skipped += result.skipped
+        report.conversations += int((result.lengths > 0).sum())
+        report.tokens += int(result.lengths.sum())
+        for local, code, reason in result.skipped_examples:
+            if len(report.skipped_examples) < MAX_REPORTED_SKIPS:
+                report.skipped_examples.append(SkippedLine(first_line + local, code, reason))
+        if result.first_error and task.settings.strict:
+            local, code, reason = result.first_error
+            raise DataError(
+                code, f"{task.path} line {first_line + local}: {reason}", "fix the line or drop --strict to skip it"
+            )
+        done.append(result)
+        bar.update(task.stop - task.start)
+        bar.set_postfix(conv_s=f"{report.conversations / max(time.perf_counter() - started, 1e-9):,.0f}")
+    return done
+
+
+def tokenize_source(
+    path: Path,
+    settings: EncodeSettings,
+    *,
+    num_workers: int = 1,
+    shard_bytes: int = 256 << 20,
+    out_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[TokenizedDocs, PrepareReport]:
+    """Tokenize a JSONL file: into RAM, or (with `out_dir`) into memory-mapped shards written there."""
+    started = time.perf_counter()
+    size = path.stat().st_size
+    # enough ranges to keep every worker busy and the progress bar moving
+    target = min(shard_bytes, max(1 << 20, size // max(4 * num_workers, 1) + 1))
+    ranges = byte_ranges(path, target_bytes=target) if size else [(0, 0)]
+    prefixes = [str(out_dir / f"part-{i:05d}") if out_dir else None for i in range(len(ranges))]
+    tasks = [_Task(str(path), a, b, settings, prefix) for (a, b), prefix in zip(ranges, prefixes, strict=True)]
+    report = PrepareReport(source=str(path), bytes=size)
+    with _progress(size, path.name, progress) as bar:
+        results = _collect(tasks, _results(tasks, num_workers), report, bar)
+    report.seconds = time.perf_counter() - started
+    if out_dir is not None:
+        return open_shards(out_dir, name=str(path)), report
+    parts = [_part(r.tokens, r.targets, r.lengths) for r in results]
+    return TokenizedDocs(str(path), parts), report
+
+
+def _part(tokens: np.ndarray | None, targets: np.ndarray | None, lengths: np.ndarray) -> TokenizedPart:
+    assert tokens is not None and targets is not None
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    assert offsets[-1] == len(tokens) == len(targets)
+    return TokenizedPart(tokens=tokens, targets=targets, offsets=offsets)
+
+
+def open_shards(directory: Path, *, name: str) -> TokenizedDocs:
+    """Memory-map the parts of a prepared directory; E109 if a file is missing or inconsistent."""
+    parts = []
+    for lengths_file in sorted(directory.glob("part-*.lengths.npy")):
+        prefix = str(lengths_file)[: -len(".lengths.npy")]
+        try:
+            lengths = np.load(lengths_file)
+            tokens = np.load(prefix + ".tokens.npy", mmap_mode="r")
+            targets = np.load(prefix + ".targets.npy", mmap_mode="r")
+            parts.append(_part(tokens, targets, lengths))
+        except (OSError, ValueError, AssertionError) as exc:
+            raise DataError(
+                "E109",
+                f"prepared shard {prefix} is unreadable or inconsistent: {exc}",
+                f"delete {directory} and prepare again (lumina-ds prepare-data)",
+            ) from exc
+    return TokenizedDocs(name, parts)
+
+
+def content_hash(path: Path, *, memo_dir: Path | None = None) -> str:
+    """blake2b of the file's bytes; remembered per (path, size, mtime) in `memo_dir` to skip re-reading big files."""
+    stat = path.stat()
+    memo_file = memo_dir / "hashes.json" if memo_dir else None
+    memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = _read_json(memo_file) if memo_file else {}
+    if memo_key in memo:
+        return str(memo[memo_key])
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+    value = digest.hexdigest()
+    if memo_file is not None:
+        memo[memo_key] = value
+        _write_json_atomic(memo_file, memo)
+    return value
+
+
+def cache_key(path: Path, settings: EncodeSettings, *, memo_dir: Path | None = None) -> str:
+    """Key of a prepared source: its content, the tokenizer, the template settings and the format version."""
+    digest = hashlib.blake2b(digest_size=8)
+    for piece in (content_hash(path, memo_dir=memo_dir), settings.tokenizer_json, settings.train_on):
+        digest.update(piece.encode())
+    digest.update(str(FORMAT_VERSION).encode())
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def prepare_source(
+    path: Path,
+    settings: EncodeSettings,
+    *,
+    prepared_dir: Path,
+    num_workers: int = 1,
+    shard_bytes: int = 256 << 20,
+    progress: bool = False,
+) -> tuple[TokenizedDocs, PrepareReport]:
+    """Prepared shards of `path` from the cache, built first when missing (atomically: temp dir, then rename)."""
+    try:
+        prepared_dir.mkdir(parents=True, exist_ok=True)
+        target = prepared_dir / f"{path.stem}-{cache_key(path, settings, memo_dir=prepared_dir)}"
+        if (target / META_FILE).is_file():
+            return _load_cached(target, path)
+        return _build(path, settings, target, num_workers, shard_bytes, progress)
+    except OSError as exc:
+        hint = "free disk space or pass --prepared-dir on a larger disk" if exc.errno == errno.ENOSPC else ""
+        raise DataError("E108", f"cannot write prepared shards under {prepared_dir}: {exc}", hint) from exc
+
+
+def _load_cached(target: Path, path: Path) -> tuple[TokenizedDocs, PrepareReport]:
+    meta = json.loads((target / META_FILE).read_text())
+    report = PrepareReport(source=str(path), cached=True, bytes=int(meta["bytes"]))
+    for key in ("lines", "conversations", "tokens", "skipped"):
+        setattr(report, key, int(meta[key]))
+    report.skipped_examples = [SkippedLine(*item) for item in meta["skipped_examples"]]
+    docs = open_shards(target, name=str(path))
+    if len(docs) != report.lines or docs.num_tokens != report.tokens:
+        raise DataError("E109", f"prepared shards in {target} do not match their meta.json", f"delete {target}")
+    return docs, report
+
+
+def _build(
+    path: Path, settings: EncodeSettings, target: Path, num_workers: int, shard_bytes: int, progress: bool
+) -> tuple[TokenizedDocs, PrepareReport]:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _, report = tokenize_source(
+            path, settings, num_workers=num_workers, shard_bytes=shard_bytes, out_dir=tmp, progress=progress
+        )
+        meta = {k: v for k, v in report.__dict__.items() if k not in ("skipped_examples", "cached", "seconds")}
+        meta["skipped_examples"] = [[s.line_no, s.code, s.reason] for s in report.skipped_examples]
+        meta["format_version"] = FORMAT_VERSION
+        meta["train_on"] = settings.train_on
+        _write_json_atomic(tmp / META_FILE, meta)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / META_FILE).is_file():  # not another process winning the race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_shards(target, name=str(path)), report
+
+
+def prepared_bytes(docs: Sequence[TokenizedDocs]) -> int:
+    """Bytes the token arrays take (RAM for the memory strategy, disk for shards)."""
+    return sum(p.tokens.nbytes + p.targets.nbytes + p.offsets.nbytes for d in docs for p in d.parts)
