@@ -3,7 +3,103 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import TYPE_CHECKING
+
+from lumina_ds.config.presets import PRESETS, get_preset
+from lumina_ds.config.run import PRECISIONS
+from lumina_ds.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lumina_ds.distributed.planner import Cluster
+
+
+def _cluster_args(p: argparse.ArgumentParser, *, nodes: int | None = None) -> None:
+    p.add_argument("--preset", "--config", dest="preset", choices=list(PRESETS), required=True)
+    p.add_argument("--nodes", type=int, default=nodes, required=nodes is None)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GB (GiB, as torch reports)")
+    p.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="host memory per node (default 1024)")
+    p.add_argument("--gpu", default="h100", help="GPU model for the step-time model (h100, h200, a100, ...)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's, max 4096)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto plans mixed bf16")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    from lumina_ds.distributed.planner import Cluster
+
+    if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_mem_gb <= 0:
+        raise ConfigError("E002", "--nodes, --gpus-per-node and --gpu-mem-gb must be positive")
+    return Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.gpu)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lumina_ds.distributed.plan_report import format_plan, plan_as_dict
+    from lumina_ds.distributed.planner import plan
+
+    result = plan(get_preset(args.preset), _cluster(args), seq_len=args.seq_len, precision=args.precision,
+                  mfu=args.mfu)  # fmt: skip
+    print(json.dumps(plan_as_dict(result), indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_analyze_memory(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from lumina_ds.distributed.memory import Layout, estimate_memory, format_breakdown, with_bucket_rules
+    from lumina_ds.distributed.preflight import preflight
+
+    run = get_preset(args.preset)
+    run.distributed.zero_stage, run.distributed.expert_parallel_size = args.zero_stage, args.expert_parallel_size
+    run.distributed.moe_backend = args.moe_backend
+    preflight(run, args.gpus, precision=args.precision)
+    ckpt = run.train.gradient_checkpointing if args.gradient_checkpointing is None else args.gradient_checkpointing
+    layout = Layout(zero_stage=args.zero_stage, gpus=args.gpus, gpus_per_node=min(args.gpus, args.gpus_per_node),
+                    expert_parallel_size=args.expert_parallel_size, micro_batch_size=args.batch_size,
+                    seq_len=args.sequence_length or run.seq_len, gradient_checkpointing=ckpt,
+                    precision=args.precision, offload_optimizer=args.offload_optimizer,
+                    offload_param=args.offload_param)  # fmt: skip
+    layout = with_bucket_rules(layout, run.model.hidden_size)
+    if args.precision == "auto":
+        layout = replace(layout, precision="mixed_bf16")
+    estimate = estimate_memory(run.model, layout)
+    if args.json:
+        print(json.dumps({"preset": args.preset, **estimate.as_dict()}, indent=2))
+        return 0
+    print(f"{args.preset}: ZeRO-{layout.zero_stage}, {layout.gpus} GPUs, EP {layout.expert_parallel_size}, "
+          f"micro-batch {layout.micro_batch_size} x seq {layout.seq_len}, {layout.precision}, "
+          f"recompute {'on' if ckpt else 'off'}")  # fmt: skip
+    print(format_breakdown(estimate))
+    return 0
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="fastest ZeRO / expert-parallel / offload / batch layout that fits a cluster")
+    _cluster_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_plan)
+
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze-memory", help="per-GPU memory breakdown of one layout")
+    p.add_argument("--preset", "--config", dest="preset", choices=list(PRESETS), required=True)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3)
+    p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1)
+    p.add_argument("--sequence-length", "--seq-len", dest="sequence_length", type=int, default=None)
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--expert-parallel-size", type=int, default=1)
+    p.add_argument("--moe-backend", choices=("autoep", "native"), default="autoep")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--offload-param", action="store_true")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = mixed bf16 (a GPU run)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_analyze_memory)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `lumina-ds` parser."""
+    _plan_parser(sub)
+    _analyze_parser(sub)

@@ -25,7 +25,7 @@ while it is recomputed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -146,13 +146,14 @@ class Layout:
         return self.zero_stage == 3 if self.overlap_comm is None else self.overlap_comm
 
 
-def bucket_sizes_for(hidden_size: int) -> dict[str, int]:
+def with_bucket_rules(layout: Layout, hidden_size: int) -> Layout:
     """The bucket rules of Hugging Face's DeepSpeed integration ("auto"): scale with h², not fixed at 5e8."""
-    return {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "persistence_threshold": 10 * hidden_size,
-    }
+    return replace(
+        layout,
+        reduce_bucket_size=hidden_size * hidden_size,
+        prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+        persistence_threshold=10 * hidden_size,
+    )
 
 
 @dataclass
