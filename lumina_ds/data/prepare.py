@@ -66,6 +66,7 @@ class PrepareReport:
     bytes: int = 0
     seconds: float = 0.0
     cached: bool = False
+    directory: str = ""  # where the prepared shards are (sharded strategy)
 
     def summary(self) -> str:
         speed = self.bytes / 1e6 / max(self.seconds, 1e-9)
@@ -337,6 +338,7 @@ def _load_cached(target: Path, path: Path) -> tuple[TokenizedDocs, PrepareReport
     for key in ("lines", "conversations", "tokens", "skipped"):
         setattr(report, key, int(meta[key]))
     report.skipped_examples = [SkippedLine(*item) for item in meta["skipped_examples"]]
+    report.directory = str(target)
     docs = open_shards(target, name=str(path))
     if len(docs) != report.lines or docs.num_tokens != report.tokens:
         raise DataError("E109", f"prepared shards in {target} do not match their meta.json", f"delete {target}")
@@ -353,7 +355,9 @@ def _build(
         _, report = tokenize_source(
             path, settings, num_workers=num_workers, shard_bytes=shard_bytes, out_dir=tmp, progress=progress
         )
-        meta = {k: v for k, v in report.__dict__.items() if k not in ("skipped_examples", "cached", "seconds")}
+        report.directory = str(target)
+        skip = ("skipped_examples", "cached", "seconds", "directory")
+        meta = {k: v for k, v in report.__dict__.items() if k not in skip}
         meta["skipped_examples"] = [[s.line_no, s.code, s.reason] for s in report.skipped_examples]
         meta["format_version"] = FORMAT_VERSION
         meta["train_on"] = settings.train_on

@@ -112,3 +112,20 @@ def conversation_texts(conversations: Iterable[Sequence[Message]]) -> Iterator[s
     for messages in conversations:
         for message in messages:
             yield message.content
+
+
+def sample_texts(paths: Iterable[str | Path], *, max_bytes: int) -> Iterator[str]:
+    """Message contents of JSONL chat files, streamed in file order, until about `max_bytes` of text (bad lines are
+    skipped): a BPE vocabulary needs a sample, not a multi-GB corpus in memory."""
+    from lumina_ds.data.reader import SkippedLine, iter_conversations
+
+    budget = max_bytes
+    for path in paths:
+        for _, item in iter_conversations(path):
+            if isinstance(item, SkippedLine):
+                continue
+            for text in conversation_texts([item]):
+                budget -= len(text.encode())
+                yield text
+            if budget <= 0:
+                return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 
 from lumina_ds.config.io import config_to_dict, save_config
 from lumina_ds.config.run import RunConfig
-from lumina_ds.data.documents import SourceSpec, parse_train_data
+from lumina_ds.data.documents import parse_train_data
 from lumina_ds.data.packing import PackedDataset
 from lumina_ds.data.pipeline import (
     LoaderSettings,
@@ -25,9 +24,8 @@ from lumina_ds.data.pipeline import (
     open_sources,
 )
 from lumina_ds.data.prepare import EncodeSettings, PrepareReport
-from lumina_ds.data.reader import SkippedLine, iter_conversations
 from lumina_ds.data.stream import PackedBatches
-from lumina_ds.data.tokenizer import ChatTokenizer, conversation_texts, train_bpe_tokenizer
+from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.errors import CheckpointError, ConfigError
@@ -45,20 +43,6 @@ def log(info: DistInfo, message: str) -> None:
         print(message, flush=True)
 
 
-def _tokenizer_texts(specs: list[SourceSpec]) -> Iterator[str]:
-    """Message contents of the training files, streamed, up to TOKENIZER_SAMPLE_BYTES (BPE needs a sample only)."""
-    budget = TOKENIZER_SAMPLE_BYTES
-    for spec in specs:
-        for _, item in iter_conversations(spec.path):
-            if isinstance(item, SkippedLine):
-                continue
-            for text in conversation_texts([item]):
-                budget -= len(text)
-                yield text
-            if budget <= 0:
-                return
-
-
 def prepare_tokenizer(run: RunConfig, run_dir: Path, info: DistInfo) -> ChatTokenizer:
     """An explicit --tokenizer; else the run's own (a resumed run keeps its vocabulary); else train a BPE."""
     own = run_dir / TOKENIZER_FILE
@@ -69,7 +53,8 @@ def prepare_tokenizer(run: RunConfig, run_dir: Path, info: DistInfo) -> ChatToke
     else:
         if info.is_main:
             assert run.data.train_data is not None
-            texts = _tokenizer_texts(parse_train_data(run.data.train_data))
+            paths = [spec.path for spec in parse_train_data(run.data.train_data)]
+            texts = sample_texts(paths, max_bytes=TOKENIZER_SAMPLE_BYTES)
             train_bpe_tokenizer(texts, vocab_size=run.model.vocab_size).save(own)
             log(info, f"trained a byte-level BPE tokenizer (vocab {run.model.vocab_size}) -> {own}")
         barrier()

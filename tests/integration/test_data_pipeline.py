@@ -1,0 +1,56 @@
+"""The data strategies through the CLI: prepared shards reused, the same losses for every strategy, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import EVAL, FAST, TRAIN, lumina, read_metrics
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    proc = lumina(["tokenizer", "train", TRAIN, "--vocab-size", "1024", "--output", str(path)], cwd=path.parent)
+    assert proc.returncode == 0 and "1,024 tokens" in proc.stdout
+    return path
+
+
+def train(workdir: Path, name: str, tokenizer: Path, *extra: str) -> Path:
+    args = [*FAST, "--train-data", f"{TRAIN},{EVAL}:0.5", "--tokenizer", str(tokenizer), "--max-steps", "8"]
+    args += ["--experiment-name", name, "--output-dir", "runs", "--eval-every-n-batches", "100", *extra]
+    proc = lumina(["train", *args], cwd=workdir)
+    assert proc.returncode == 0
+    return workdir / "runs" / name
+
+
+def test_prepare_data_then_train_reuses_the_shards(workdir: Path, tokenizer_file: Path) -> None:
+    prepare = ["prepare-data", TRAIN, EVAL, "--tokenizer", str(tokenizer_file), "--output", "prep"]
+    first = lumina(prepare, cwd=workdir)
+    assert first.returncode == 0 and "reused" not in first.stdout
+    assert len(list((workdir / "prep").glob("conversations-*"))) == 1
+    proc = lumina(
+        ["train", *FAST, "--train-data", TRAIN, "--tokenizer", str(tokenizer_file), "--max-steps", "2",
+         "--prepared-dir", "prep", "--data-strategy", "sharded", "--output-dir", "runs"],
+        cwd=workdir,
+    )  # fmt: skip
+    assert proc.returncode == 0
+    assert "data strategy: sharded" in proc.stdout and "reused prepared shards" in proc.stdout
+    assert len(list((workdir / "prep").glob("conversations-*"))) == 1  # nothing rebuilt
+
+
+def test_every_strategy_trains_on_the_same_tokens_and_resumes_exactly(workdir: Path, tokenizer_file: Path) -> None:
+    memory = train(workdir, "memory", tokenizer_file, "--data-strategy", "memory", "--save-every-n-batches", "4")
+    reference, _ = read_metrics(memory)
+    assert [r["step"] for r in reference] == list(range(1, 9))
+    for strategy in ("sharded", "streaming"):
+        logs, _ = read_metrics(train(workdir, strategy, tokenizer_file, "--data-strategy", strategy))
+        assert [r["loss"] for r in logs] == pytest.approx([r["loss"] for r in reference], abs=1e-6), strategy
+    resumed = train(
+        workdir, "resumed", tokenizer_file, "--force-streaming", "--num-workers", "2",
+        "--resume", str(memory / "checkpoints" / "step_00000004"),
+    )  # fmt: skip
+    logs, _ = read_metrics(resumed)
+    assert [r["step"] for r in logs] == [5, 6, 7, 8]
+    assert [r["loss"] for r in logs] == pytest.approx([r["loss"] for r in reference[4:]], abs=1e-6)
