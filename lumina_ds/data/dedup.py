@@ -22,7 +22,7 @@ class DigestSet:
     """A set of 64-bit digests in an open-addressing table: 8 bytes per slot (a Python set of ints costs ~70)."""
 
     def __init__(self, capacity_log2: int = 16) -> None:
-        self._slots = array("Q", bytes(8 << capacity_log2))
+        self._slots = array("Q", [0]) * (1 << capacity_log2)
         self._mask = (1 << capacity_log2) - 1
         self._size = 0
 
@@ -54,7 +54,7 @@ class DigestSet:
 
     def _grow(self) -> None:
         old = self._slots
-        self._slots = array("Q", bytes(16 * len(old)))
+        self._slots = array("Q", [0]) * (2 * len(old))
         self._mask = 2 * len(old) - 1
         self._size = 0
         for digest in old:
