@@ -34,6 +34,8 @@ THREE_TURNS = [
         ("assistant", "assistant"),
         ("AI", "assistant"),
         ("bot", "assistant"),
+        ("gpt", "assistant"),
+        ("Model", "assistant"),
         ("System", "system"),
         ("wizard", None),
         ("", None),
@@ -58,6 +60,8 @@ def test_parse_conversation_normalizes_roles() -> None:
         ({"messages": [{"role": "user"}]}, "E102", "no 'content'"),
         ({"messages": [{"role": 1, "content": "x"}]}, "E101", "role is a int"),
         ({"messages": [{"role": "user", "content": "x"}]}, "E101", "no assistant turn"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "ai", "content": ""}]}, "E102", "assistant"),
+        ({"messages": [{"role": "user", "content": "x\x00"}, {"role": "ai", "content": "y"}]}, "E103", "U+0000"),
     ],
 )
 def test_parse_conversation_errors(obj: object, code: str, fragment: str) -> None:

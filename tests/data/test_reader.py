@@ -62,6 +62,20 @@ def test_iter_conversations_streams_line_numbers(examples_dir: Path) -> None:
     assert good == [1, 13, 16]
 
 
+def test_strict_iteration_raises_at_the_first_bad_line(examples_dir: Path) -> None:
+    items = iter_conversations(examples_dir / "bad_lines.jsonl", strict=True)
+    assert next(items)[0] == 1
+    with pytest.raises(DataError) as info:
+        next(items)
+    assert info.value.code == "E101"
+    assert "bad_lines.jsonl line 2: invalid JSON" in info.value.message
+
+
+def test_skipped_lines_name_their_kind(examples_dir: Path) -> None:
+    kinds = {s.line_no: s.kind for s in read_conversations(examples_dir / "bad_lines.jsonl").skipped}
+    assert (kinds[2], kinds[11], kinds[12]) == ("invalid_json", "invalid_utf8", "role_order")
+
+
 def test_example_files_are_clean(examples_dir: Path) -> None:
     train = read_conversations(examples_dir / "conversations.jsonl")
     evaluation = read_conversations(examples_dir / "conversations_eval.jsonl")
