@@ -77,9 +77,12 @@ def document_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
-def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
-    """position_ids [B, S] -> flex_attention BlockMask of `causal & same document` (heads share it)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def document_block_mask(position_ids: torch.Tensor, *, compiled: bool | None = None) -> BlockMask:
+    """position_ids [B, S] -> flex_attention BlockMask of `causal & same document` (heads share it).
+
+    compiled (default: on CUDA) builds it without ever materializing the dense [B, S, S] mask.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     B, S = position_ids.shape
     doc = document_ids(position_ids)  # [B, S]
@@ -87,8 +90,12 @@ def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
     def causal_same_doc(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
-    # compiled on CUDA so the dense [B, S, S] mask is never materialized; eager on CPU avoids a compile per test
-    return create_block_mask(causal_same_doc, B, None, S, S, device=position_ids.device, _compile=position_ids.is_cuda)
+    # a new closure per forward does not recompile: its captured tensor is a graph input. Eager on CPU: no compile
+    compiled = position_ids.is_cuda if compiled is None else compiled
+    build: Callable[..., object] = _compiled(create_block_mask) if compiled else create_block_mask
+    block_mask = build(causal_same_doc, B, None, S, S, device=position_ids.device)
+    assert isinstance(block_mask, BlockMask)
+    return block_mask
 
 
 def build_document_mask(position_ids: torch.Tensor, backend: str) -> DocumentMask:
@@ -146,21 +153,25 @@ def _check_flex(*, device: torch.device, needs_grad: bool) -> None:
 
 
 @functools.cache
-def _compiled_flex() -> Callable[..., object]:
+def _compiled(fn: Callable[..., object]) -> Callable[..., object]:
+    """torch.compile once per process and function (flex kernels are only fused when compiled)."""
+    return torch.compile(fn)
+
+
+def flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *, compiled: bool | None = None
+) -> torch.Tensor:
+    """q [B, nh, S, hd], k/v [B, nkv, S, hd] -> [B, nh, S, hd]; compiled (default: on CUDA) or eager.
+
+    Uncompiled flex_attention materializes the full score matrix: fine for CPU evaluation and tests only. On CPU it
+    runs forward-only either way (torch has no CPU backward for it).
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
-    # uncompiled flex_attention materializes the full score matrix: compile once per process on CUDA
-    return torch.compile(flex_attention)
-
-
-def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-    """q [B, nh, S, hd], k/v [B, nkv, S, hd] -> [B, nh, S, hd]; compiled on CUDA, eager (forward-only) on CPU."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    fn: Callable[..., object] = flex_attention
-    if q.is_cuda:
-        fn = _compiled_flex()
-    out = fn(q, k, v, block_mask=block_mask, enable_gqa=True)
+    attend: Callable[..., object] = flex_attention
+    if q.is_cuda if compiled is None else compiled:
+        attend = _compiled(flex_attention)
+    out = attend(q, k, v, block_mask=block_mask, enable_gqa=True)
     assert isinstance(out, torch.Tensor)  # one tensor unless return_lse/return_aux is asked for
     return out
 

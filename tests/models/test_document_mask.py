@@ -193,13 +193,14 @@ def test_flex_block_mask_equals_dense_sdpa_mask_with_gqa() -> None:
     )
 
 
-def test_compiled_flex_equals_dense_sdpa_mask() -> None:
-    """The compiled kernel (what CUDA runs) with our BlockMask, here compiled for CPU: ~10-20 s of compilation."""
-    from torch.nn.attention.flex_attention import flex_attention
-
+def test_compiled_flex_path_equals_dense_sdpa_mask() -> None:
+    """What CUDA runs (compiled block-mask builder and kernel), compiled here for CPU: ~10-20 s of compilation."""
     q, k, v, pos = qkv_and_positions(seq_len=32)
-    compiled = torch.compile(flex_attention)
-    out = compiled(q, k, v, block_mask=document_block_mask(pos), enable_gqa=True)
+    block_mask = document_block_mask(pos, compiled=True)
+    eager = document_block_mask(pos)
+    assert torch.equal(block_mask.kv_num_blocks, eager.kv_num_blocks)
+    assert torch.equal(block_mask.kv_indices, eager.kv_indices)
+    out = flex_document_attention(q, k, v, block_mask, compiled=True)
     torch.testing.assert_close(out, sdpa_reference(q, k, v, pos), rtol=0, atol=1e-5)
 
 
