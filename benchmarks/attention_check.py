@@ -110,7 +110,8 @@ def unavailable(path: str, precision: str, device: torch.device) -> str | None:
 
 def run_once(path: str, inputs: Tensors, pos: torch.Tensor, backward: bool) -> Tensors:
     """Mask build + forward (+ backward): what one training step's attention costs. -> (out, dq, dk, dv)."""
-    q, k, v, dout = (t.detach().requires_grad_(backward) for t in inputs)
+    q, k, v = (t.detach().requires_grad_(backward) for t in inputs[:3])
+    dout = inputs[3]
     backend = mask_backend(path)
     mask = build_document_mask(pos, backend) if backend else None
     out = attend(path, q, k, v, mask)
