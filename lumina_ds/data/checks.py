@@ -168,31 +168,31 @@ def check_object(obj: object) -> LineCheck:
 
 def _check_message(index: int, item: object, issues: list[Issue]) -> Message | None:
     """Validate one entry of `messages`; on error append it to `issues` and return None."""
-    where = f"messages[{index}]"
     if not isinstance(item, dict):
-        issues.append(Issue("message_not_object", f"{where} is a {type(item).__name__}, not an object"))
+        issues.append(Issue("message_not_object", f"messages[{index}] is a {type(item).__name__}, not an object"))
         return None
     if "role" not in item or "content" not in item:
         field = "role" if "role" not in item else "content"
-        issues.append(Issue(f"missing_{field}", f"{where} has no '{field}' field"))
+        issues.append(Issue(f"missing_{field}", f"messages[{index}] has no '{field}' field"))
         return None
     role, content = item["role"], item["content"]
     if not isinstance(role, str) or not isinstance(content, str):
         field, value = ("role", role) if not isinstance(role, str) else ("content", content)
-        issues.append(Issue("wrong_type", f"{where}.{field} is a {type(value).__name__}, not a string"))
+        issues.append(Issue("wrong_type", f"messages[{index}].{field} is a {type(value).__name__}, not a string"))
         return None
     canonical = role if role in _CANONICAL_ROLES else normalize_role(role)
     if canonical is None:
-        issues.append(Issue("unknown_role", f"{where} has unknown role {role!r} (known: {', '.join(known_roles())})"))
+        known = ", ".join(known_roles())
+        issues.append(Issue("unknown_role", f"messages[{index}] has unknown role {role!r} (known: {known})"))
         return None
     if canonical != role:
-        _warn(issues, "role_alias", f"{where}.role {role!r} read as {canonical!r}")
+        _warn(issues, "role_alias", f"messages[{index}].role {role!r} read as {canonical!r}")
     bad = _BAD_CHARS.search(content)
     if bad is not None:
-        issues.append(_bad_char_issue(where, bad.group(), bad.start()))
+        issues.append(_bad_char_issue(f"messages[{index}]", bad.group(), bad.start()))
         return None
     if content and (content[0].isspace() or content[-1].isspace()) and not content.isspace():
-        _warn(issues, "whitespace", f"{where}.content has leading or trailing whitespace")
+        _warn(issues, "whitespace", f"messages[{index}].content has leading or trailing whitespace")
     return Message(canonical, content)
 
 
