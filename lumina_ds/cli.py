@@ -14,8 +14,11 @@ from lumina_ds.errors import LuminaError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lumina_ds.training.session import train
+    from lumina_ds.training.session import profile_data_loading, train
 
+    if args.profile_data_loading:
+        profile_data_loading(run_config_from_args(args), batches=args.profile_data_loading)
+        return 0
     train(run_config_from_args(args))
     return 0
 
@@ -85,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (single process; use launch/train.py under deepspeed for more)")
     add_train_arguments(p)
+    p.add_argument(
+        "--profile-data-loading",
+        type=int,
+        nargs="?",
+        const=200,
+        default=0,
+        metavar="BATCHES",
+        help="time the data pipeline for BATCHES micro-batches (default 200) without a model, then exit",
+    )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("estimate-parameters", help="total and active parameters of a preset, by component")
     p.add_argument("--preset", "--config", dest="preset", choices=list(PRESETS), default="debug")

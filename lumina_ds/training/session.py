@@ -24,6 +24,7 @@ from lumina_ds.data.pipeline import (
     open_sources,
 )
 from lumina_ds.data.prepare import EncodeSettings, PrepareReport
+from lumina_ds.data.profile import LoaderRate, measure_batches
 from lumina_ds.data.stream import PackedBatches
 from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer
 from lumina_ds.distributed.ds_config import select_precision
@@ -248,3 +249,18 @@ def train(run: RunConfig) -> dict[str, Any]:
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
     return summary
+
+
+def profile_data_loading(run: RunConfig, *, batches: int = 200) -> LoaderRate:
+    """Build this run's data pipeline and time its batches, without a model (`--profile-data-loading`)."""
+    run.validate()
+    if not run.data.train_data:
+        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(run, run_dir, info)
+    log(info, data.description)
+    rate = measure_batches(data.batches, count=batches)
+    log(info, f"data loading: {rate.summary()}")
+    return rate
