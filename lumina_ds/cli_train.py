@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from lumina_ds.config.io import load_config
+from lumina_ds.config.model import ATTENTION_BACKENDS
 from lumina_ds.config.presets import PRESETS, get_preset
 from lumina_ds.config.run import DATA_STRATEGIES, PRECISIONS, SCHEDULERS, RunConfig
 
@@ -139,7 +140,7 @@ def _group_parallel(p: argparse.ArgumentParser) -> None:
     g.add_argument("--capacity-factor", type=float)
     g.add_argument("--load-balancing-weight", type=float)
     g.add_argument("--router-z-loss-weight", type=float)
-    g.add_argument("--attention-backend", choices=("auto", "sdpa", "flash"))
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS)
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
 
 
