@@ -123,9 +123,12 @@ def entry() -> None:
 
     torch's gloo teardown can abort after a clean finish (see DEEPSPEED_FACTS.md), turning success into SIGABRT.
     """
+    code = main()
+    if "torch" not in sys.modules:  # a light command (validate-data, plan, ...): nothing distributed ran
+        sys.exit(code)
     from lumina_ds.distributed.env import exit_process
 
-    exit_process(main())
+    exit_process(code)
 
 
 if __name__ == "__main__":
