@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from lumina_ds.distributed.planner import Cluster
 
 
-def _cluster_args(p: argparse.ArgumentParser, *, nodes: int | None = None) -> None:
+def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) -> None:
     p.add_argument("--preset", "--config", dest="preset", choices=list(PRESETS), required=True)
-    p.add_argument("--nodes", type=int, default=nodes, required=nodes is None)
+    nodes_help = None if nodes_required else "default: the preset's reference cluster (ds_configs/README.md)"
+    p.add_argument("--nodes", type=int, required=nodes_required, help=nodes_help)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GB (GiB, as torch reports)")
     p.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="host memory per node (default 1024)")
@@ -103,3 +104,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `lumina-ds` parser."""
     _plan_parser(sub)
     _analyze_parser(sub)
+    _ds_config_parser(sub)
+
+
+def cmd_ds_config(args: argparse.Namespace) -> int:
+    from lumina_ds.distributed.planner import plan
+    from lumina_ds.distributed.preset_configs import REFERENCE_CLUSTERS, ds_config_for_plan
+
+    run = get_preset(args.preset)
+    cluster = REFERENCE_CLUSTERS[args.preset] if args.nodes is None else _cluster(args)
+    result = plan(run, cluster, seq_len=args.seq_len, precision=args.precision, mfu=args.mfu)
+    print(json.dumps(ds_config_for_plan(run, result), indent=2))
+    return 0
+
+
+def _ds_config_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ds-config", help="DeepSpeed JSON of the planned layout (the files in ds_configs/)")
+    _cluster_args(p, nodes_required=False)
+    p.set_defaults(func=cmd_ds_config)
