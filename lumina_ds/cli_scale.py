@@ -105,6 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _plan_parser(sub)
     _analyze_parser(sub)
     _ds_config_parser(sub)
+    _dry_run_parser(sub)
+    _estimate_time_parser(sub)
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
@@ -122,3 +124,57 @@ def _ds_config_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ds-config", help="DeepSpeed JSON of the planned layout (the files in ds_configs/)")
     _cluster_args(p, nodes_required=False)
     p.set_defaults(func=cmd_ds_config)
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from lumina_ds.distributed.dry_run import dry_run, format_dry_run
+
+    result = dry_run(get_preset(args.preset), _cluster(args), seq_len=args.seq_len, precision=args.precision,
+                     mfu=args.mfu)  # fmt: skip
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_dry_run(result))
+    return 0
+
+
+def cmd_estimate_time(args: argparse.Namespace) -> int:
+    from lumina_ds.distributed.estimate_time import count_tokens, estimate_time
+    from lumina_ds.models.counting import count_parameters
+
+    run = get_preset(args.preset)
+    seq_len = args.seq_len or run.seq_len
+    tokens = count_tokens(args.train_data, tokenizer=args.tokenizer)
+    flops = count_parameters(run.model, seq_len=seq_len).flops_per_token
+    epochs = args.epochs or run.train.epochs
+    est = estimate_time(tokens=tokens.tokens, flops_per_token=flops, epochs=epochs, gpus=args.gpus, gpu=args.gpu,
+                        precision=args.precision, mfu=args.mfu)  # fmt: skip
+    if args.json:
+        fields = {"tokens": est.tokens, "epochs": epochs, "flops_per_token": flops, "total_flops": est.total_flops}
+        print(json.dumps({"preset": args.preset, **fields, "seconds": est.seconds, "token_count": tokens.method}))
+        return 0
+    print(f"{args.preset}: {est.tokens:,.0f} tokens ({tokens.method}) x {epochs} epoch(s)")
+    print(f"  {flops:.3e} FLOPs/token (6*N_active + attention at seq {seq_len}) -> {est.total_flops:.3e} FLOPs")
+    seconds = f"{est.seconds:.3g}" if est.seconds < 100 else f"{est.seconds:,.0f}"
+    when = f"{seconds} s = {est.hours:,.2f} hours = {est.hours / 24:,.2f} days"
+    print(f"  {args.gpus} x {args.gpu} at MFU {args.mfu:g}: {when}")
+    return 0
+
+
+def _dry_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dry-run", help="plan, build on the meta device, pre-flight and DeepSpeed config; no step")
+    _cluster_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dry_run)
+
+
+def _estimate_time_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate-time", help="training time from tokens, FLOPs/token, GPUs and an assumed MFU")
+    p.add_argument("--preset", "--config", dest="preset", choices=list(PRESETS), required=True)
+    p.add_argument("--train-data", required=True, help="JSONL file; tokens estimated from its size")
+    p.add_argument("--tokenizer", help="tokenizer.json: measure bytes/token on the first 2000 lines (default ~4)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, l40s, a10g, v100, b200")
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 peak")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_estimate_time)
