@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from lumina_ds.config.model import ModelConfig
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.distributed.env import DistInfo
@@ -55,6 +57,49 @@ def optimizer_factory(model: Transformer, run: RunConfig, *, cuda: bool) -> Any:
         )
 
     return build
+
+
+class _OneModule:
+    """Transformer.reset_parameters restricted to one module: it reads `config` and walks `named_modules()`."""
+
+    def __init__(self, config: ModelConfig, name: str, module: nn.Module) -> None:
+        self.config = config
+        self._item = (name, module)
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        yield self._item
+
+
+def initialize_partitioned(model: Transformer) -> None:
+    """Our initialisation, module by module with only that module's parameters gathered (rank 0's values win).
+
+    Under zero.Init each submodule is partitioned when its constructor returns, so the reset_parameters call at
+    the end of Transformer.__init__ saw empty placeholders and drew no random numbers. Walking the modules in the
+    same order with the same seed draws the same numbers: the weights equal those of a plain build.
+    """
+    import deepspeed
+
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            Transformer.reset_parameters(cast(Transformer, _OneModule(model.config, name, module)))
+
+
+def build_model(run: RunConfig, *, world_size: int, precision: str) -> Transformer:
+    """The model as the run's ZeRO stage needs it: at stage 3 built partitioned (deepspeed.zero.Init), so no
+    rank ever holds all parameters; otherwise a plain full build (every rank holds the model in fp32 until
+    DeepSpeed casts and shards it)."""
+    if run.distributed.zero_stage != 3:
+        return run.model.build()
+    import deepspeed
+
+    ds_config = build_ds_config(run, world_size=world_size, precision=precision)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = run.model.build()
+    initialize_partitioned(model)
+    return model
 
 
 def build_engine(
