@@ -47,9 +47,11 @@ def log(info: DistInfo, message: str) -> None:
 def prepare_tokenizer(run: RunConfig, run_dir: Path, info: DistInfo) -> ChatTokenizer:
     """An explicit --tokenizer; else the run's own (a resumed run keeps its vocabulary); else train a BPE."""
     own = run_dir / TOKENIZER_FILE
+    existed = own.exists()
+    barrier()  # every rank looks before rank 0 may write it, so all ranks take the same branch below
     if run.data.tokenizer:
         tokenizer = ChatTokenizer.from_file(run.data.tokenizer)
-    elif own.exists():
+    elif existed:
         tokenizer = ChatTokenizer.from_file(own)
     else:
         if info.is_main:
