@@ -221,6 +221,11 @@ def model_state_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
     elif stage == 3:
         grads = shard * b.grad  # the 16-bit gradient partition; its fp32 copy exists one sub-group at a time
         optim = shard * (b.master + b.optim) + min(shard, layout.sub_group_size) * b.master_grad
+    elif stage in (1, 2) and b.grad == b.master_grad and layout.gpus > 1:
+        # same-dtype gradients (fp32, pure bf16): DeepSpeed keeps the local gradients flat and hands the optimizer
+        # a view of its partition, at ZeRO-2 too (measured on CPU, benchmarks/NOTES.md)
+        grads = local * b.grad
+        optim = shard * (b.master + b.optim)
     else:
         grads = (local if stage <= 1 else shard) * b.grad
         optim = (local if stage == 0 else shard) * b.optimizer_side

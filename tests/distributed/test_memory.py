@@ -147,3 +147,13 @@ def test_b300_fits_on_256_h100_with_expert_parallel_and_zero3() -> None:
     # 295B params x 16 bytes / 256 ranks = 18.5 GB of sharded states before activations
     assert 17e9 < estimate.model_states < 25e9
     assert estimate.gpu_total < 80 * 1024**3
+
+
+def test_fp32_zero2_keeps_local_gradients_as_measured() -> None:
+    """Same-dtype gradients (fp32 on CPU): DeepSpeed hands the optimizer a view of the partition, no copy."""
+    z2 = dense_layout(2, 2, precision="fp32")
+    states = model_state_bytes(DENSE, z2)
+    assert states["gradients"] == 4 * P  # the whole local flat gradient buffer
+    assert states["optimizer"] == (4 + 8) * P / 2  # master + Adam, sharded; no separate fp32 gradient copy
+    one = model_state_bytes(DENSE, dense_layout(2, 1, precision="fp32"))
+    assert sum(one.values()) == 24 * P  # one rank: the flattened gradient is a copy (measured 24.2 bytes/param)
