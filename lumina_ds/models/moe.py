@@ -155,5 +155,9 @@ class RouterLogitsCollector:
         self.logits.clear()
 
     def _record(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            # activation checkpointing re-runs the gate inside backward: the losses already have this forward's
+            # logits, and keeping the recomputed ones would hold the recomputation's activations past the step
+            return
         logits = output[0] if isinstance(output, tuple) else output
         self.logits.append(logits.float().reshape(-1, logits.shape[-1]))

@@ -141,6 +141,7 @@ class Transformer(nn.Module):
         out = ModelOutput(logits=logits)
         if labels is not None:
             out.update(self._losses(logits, labels))
+        self.router_logits.clear()  # the losses hold what they need; nothing outlives the forward
         return out
 
     def _attention_mask(

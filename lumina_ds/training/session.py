@@ -29,11 +29,12 @@ from lumina_ds.data.stream import PackedBatches
 from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
+from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, TensorBoardLogger
 from lumina_ds.run_dir import CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE
 from lumina_ds.training.checkpoint import CheckpointManager
-from lumina_ds.training.engine import build_engine
+from lumina_ds.training.engine import build_engine, build_model
 from lumina_ds.training.loop import LoopSettings, Trainer
 
 TOKENIZER_SAMPLE_BYTES = 200 * 10**6  # text the BPE trainer sees at most
@@ -230,6 +231,7 @@ def train(run: RunConfig) -> dict[str, Any]:
         raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
     precision = select_precision(run.train.precision)  # E003 before any process group or data work
     info = init_distributed()
+    preflight(run, info.world_size, precision=precision)  # E203 before any data or model work
     run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +241,8 @@ def train(run: RunConfig) -> dict[str, Any]:
         save_config(run, run_dir / CONFIG_FILE)
     log(info, f"run dir {run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
-    bundle = build_engine(run.model.build(), run, info=info, total_steps=data.total_steps, precision=precision)
+    model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
+    bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision)
     dist_cfg = run.distributed
     log(
         info,
