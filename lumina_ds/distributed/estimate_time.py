@@ -37,7 +37,7 @@ def compute_dtype(precision: str) -> str:
 
 def peak_flops(gpu: str, precision: str) -> float:
     """Datasheet dense peak of `gpu` for the matmul dtype of `precision` (auto plans bf16)."""
-    table = PEAK_FLOPS.get(gpu.lower())
+    table = PEAK_FLOPS.get(gpu.lower().split("-")[0])  # LuminaAI's hardware profiles: "a100-80gb" -> a100
     if table is None:
         raise ConfigError("E002", f"unknown GPU {gpu!r}", f"choose one of {', '.join(PEAK_FLOPS)}")
     dtype = compute_dtype(precision)

@@ -48,6 +48,7 @@ def test_estimate_time_arithmetic(tmp_path: Path) -> None:
     est = estimate_time(tokens=1e9, flops_per_token=1e10, epochs=2, gpus=8, gpu="h100", precision="auto", mfu=0.5)
     assert est.seconds == pytest.approx(2e19 / (8 * 989e12 * 0.5))
     assert peak_flops("a100", "mixed_bf16") == 312e12 and peak_flops("v100", "mixed_fp16") == 125e12
+    assert peak_flops("A100-80GB", "mixed_bf16") == 312e12  # LuminaAI's --hardware-profile spelling
     with pytest.raises(ConfigError):
         peak_flops("v100", "bf16")  # no bf16 tensor cores
 
