@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from lumina_ds.data.documents import DocEncoder, TokenizedDocs, TokenizedPart, token_dtype
 from lumina_ds.data.reader import SkippedLine
@@ -345,10 +347,20 @@ def _load_cached(target: Path, path: Path) -> tuple[TokenizedDocs, PrepareReport
     return docs, report
 
 
+def _remove_abandoned_builds(target: Path) -> None:
+    """Temp dirs of builds on this host whose process is gone (killed mid-build); other hosts' are left alone."""
+    host = socket.gethostname()
+    for tmp in target.parent.glob(f".{target.name}.{host}.*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _build(
     path: Path, settings: EncodeSettings, target: Path, num_workers: int, shard_bytes: int, progress: bool
 ) -> tuple[TokenizedDocs, PrepareReport]:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    _remove_abandoned_builds(target)
+    tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

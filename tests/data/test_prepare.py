@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,21 @@ def test_train_data_spec_with_weights(examples_dir: Path) -> None:
     with pytest.raises(ConfigError):
         parse_train_data(f"{a}:0")
     assert json.loads(json.dumps([str(s.path) for s in specs]))  # plain paths, serialisable
+
+
+def test_the_next_build_removes_temp_dirs_of_killed_builds_on_this_host(
+    tokenizer: ChatTokenizer, examples_dir: Path, tmp_path: Path
+) -> None:
+    path = examples_dir / "conversations_eval.jsonl"
+    settings = EncodeSettings.of(tokenizer)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    name = f"conversations_eval-{prepare_module.cache_key(path, settings, memo_dir=cache)}"
+    dead = cache / f".{name}.{socket.gethostname()}.999999999.tmp"  # this host, no such process
+    other_host = cache / f".{name}.elsewhere.1.tmp"  # another node may be building it right now
+    for directory in (dead, other_host):
+        directory.mkdir()
+        (directory / "part-00000.tokens.npy").write_bytes(b"partial")
+    _, report = prepare_source(path, settings, prepared_dir=cache)
+    assert not report.cached and (cache / name / "meta.json").is_file()
+    assert not dead.exists() and other_host.exists()
