@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import EVAL, FAST, TRAIN, lumina, read_metrics
+from tests.integration.conftest import EVAL, FAST, TRAIN, deepspeed_launch, lumina, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,21 @@ def test_every_strategy_trains_on_the_same_tokens_and_resumes_exactly(workdir: P
     logs, _ = read_metrics(resumed)
     assert [r["step"] for r in logs] == [5, 6, 7, 8]
     assert [r["loss"] for r in logs] == pytest.approx([r["loss"] for r in reference[4:]], abs=1e-6)
+
+
+def test_two_ranks_train_the_same_from_shards_built_once_and_from_streaming(
+    workdir: Path, tokenizer_file: Path
+) -> None:
+    """Local rank 0 builds the missing shards while rank 1 waits; streaming workers forked under gloo agree."""
+    common = [*FAST, "--train-data", f"{TRAIN},{EVAL}:0.5", "--tokenizer", str(tokenizer_file), "--max-steps", "4",
+              "--output-dir", "runs", "--zero-stage", "2", "--eval-every-n-batches", "100"]  # fmt: skip
+    sharded = deepspeed_launch([*common, "--experiment-name", "sharded", "--data-strategy", "sharded"], cwd=workdir)
+    assert sharded.returncode == 0 and "reused" not in sharded.stdout
+    assert len(list((workdir / "runs" / "prepared").glob("conversations-*"))) == 1  # built once, not per rank
+    streaming = deepspeed_launch(
+        [*common, "--experiment-name", "streaming", "--force-streaming", "--num-workers", "2"], cwd=workdir
+    )
+    assert streaming.returncode == 0
+    (a, _), (b, _) = read_metrics(workdir / "runs" / "sharded"), read_metrics(workdir / "runs" / "streaming")
+    assert [r["step"] for r in a] == [1, 2, 3, 4]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=1e-6)
