@@ -132,12 +132,11 @@ def micro_batches_for_epochs(
     measured = [_lengths_or_sample(s) for s in sources.sources]
     if all(exact for _, exact in measured):
         lengths = np.concatenate([m for m, _ in measured])
-        rows = [
-            sum(
-                count_rows(lengths[mixture.rank_docs(e, rank=r, world_size=world_size)], seq_len) for e in range(epochs)
-            )
-            for r in range(world_size)
-        ]
+        rows = [0] * world_size
+        for epoch in range(epochs):  # epoch-major: each epoch's order is drawn once, not once per rank
+            order = mixture.epoch_order(epoch)
+            for rank in range(world_size):
+                rows[rank] += count_rows(lengths[order[rank::world_size]], seq_len)
         return min(rows) // micro_batch_size, True
     rows_per_epoch = 0.0
     for source_index, (sample, _) in enumerate(measured):
