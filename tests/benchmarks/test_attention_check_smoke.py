@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_check.py"
+from tests.benchmarks.conftest import load_benchmark
+
 TINY = [
     "--seq-lens", "48", "--batch-size", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
     "--steps", "1", "--warmup", "1", "--threads", "2",
@@ -21,12 +20,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmarks_attention_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("attention_check")
 
 
 def test_cpu_run_compares_sdpa_and_flex_and_skips_flash(

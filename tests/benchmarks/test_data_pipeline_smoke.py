@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "data_pipeline.py"
+from tests.benchmarks.conftest import load_benchmark
 
 
 def test_data_pipeline_benchmark_reports_every_measurement(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("benchmarks_data_pipeline", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("data_pipeline")
     out = tmp_path / "result.json"
     args = ["--size-mb", "0.3", "--vocab-size", "512", "--workers", "1", "--batches", "4", "--train-steps", "1"]
     result = module.main([*args, "--output", str(out)])

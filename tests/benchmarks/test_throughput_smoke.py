@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
+from tests.benchmarks.conftest import load_benchmark
+
 TINY = [
     "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--experts", "4", "--top-k", "2",
     "--expert-ffn", "32", "--vocab", "128", "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--warmup", "1",
@@ -20,12 +19,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def throughput() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmarks_throughput", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
