@@ -10,6 +10,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,17 @@ def torch_extensions_dir() -> Path:
     return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{cuda}"
 
 
+STALE_LOCK_S = 300  # a JIT build of one op takes a minute or two; a lock this old belongs to a killed build
+
+
+def build_lock_age_s(op_dir: Path) -> float | None:
+    """Age of torch's build lock for one op; while the file exists, every process that loads the op waits."""
+    try:
+        return time.time() - (op_dir / "lock").stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def deepspeed_ops() -> list[dict[str, Any]]:
     """ds_report's op table without compiling anything: prebuilt at install, JIT-built and cached, compatible."""
     import contextlib
@@ -106,6 +118,8 @@ def deepspeed_ops() -> list[dict[str, Any]]:
                 "name": name,
                 "prebuilt": bool(installed_ops.get(name, False)) and same_accelerator,
                 "jit_cached": any((cache / name).glob("*.so")),
+                "build_lock": str(cache / name / "lock"),
+                "build_lock_age_s": build_lock_age_s(cache / name),
                 "compatible": compatible,
             }
         )
@@ -290,6 +304,13 @@ def format_software(report: dict[str, Any]) -> list[str]:
     for op in ds["ops"]:
         built = f"{yes_no(op['prebuilt']):<10}{yes_no(op['jit_cached']):<12}"
         lines.append(f"  {op['name']:<28}{built}{yes_no(op['compatible'])}")
+    for op in ds["ops"]:
+        age = op["build_lock_age_s"]
+        if age is not None and age > STALE_LOCK_S:
+            lines.append(
+                f"  warning: {op['build_lock']} is {age / 60:.0f} min old: a killed build left it, and every run that"
+                f" loads {op['name']} waits for it forever. Remove it: rm {op['build_lock']}"
+            )
     flash = f"{fa['version']} (importable: {yes_no(fa['importable'])})" if fa["version"] else "not installed"
     lines.append(f"flash-attn  {flash}")
     lines.append(f"mpi         mpi4py {mpi['mpi4py'] or 'not installed'} | {mpi['mpirun'] or 'no mpirun'}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,23 @@ def test_gpu_node_capacity_counts_gpus_and_host_ram(monkeypatch: pytest.MonkeyPa
     # sub-groups: more than 8 x 80 GiB + 500 GiB
     assert err.value.code == "E003" and "8 GPU(s) and available host RAM" in err.value.message
     assert "needs 14" in err.value.message  # 1457 GiB + 8 x 1e9 x 4 bytes of sub-groups = 1487 GiB
+
+
+def test_a_stale_build_lock_is_named_with_the_command_that_removes_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch waits forever on an op's build lock that a killed build left behind: the report says which and how."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    fresh, stale = environment.torch_extensions_dir() / "fused_adam", environment.torch_extensions_dir() / "cpu_adam"
+    for op_dir in (fresh, stale):
+        op_dir.mkdir(parents=True)
+        (op_dir / "lock").touch()
+    old = time.time() - environment.STALE_LOCK_S - 60  # older than any build takes; the fresh one may be building
+    os.utime(stale / "lock", (old, old))
+    _, out, _ = check_env([], capsys)
+    warnings = [line for line in out.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and f"rm {stale / 'lock'}" in warnings[0] and "cpu_adam" in warnings[0]
+    _, report, _ = as_json([], capsys, tmp_path)
+    ages = {op["name"]: op["build_lock_age_s"] for op in report["deepspeed"]["ops"]}
+    assert ages["cpu_adam"] > environment.STALE_LOCK_S and 0 <= ages["fused_adam"] < environment.STALE_LOCK_S
+    assert all(age is None for name, age in ages.items() if name not in ("cpu_adam", "fused_adam"))
