@@ -95,20 +95,24 @@ class Transformer(nn.Module):
         return sum(self.config.moe.is_moe_layer(i) for i in range(self.config.num_layers))
 
     def reset_parameters(self) -> None:
+        for name, module in self.named_modules():
+            self.init_module(name, module)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise one submodule's own parameters (`name` as in named_modules()), drawing from torch's RNG."""
         std = self.config.init_std
         # residual-branch outputs shrink with depth (GPT-2) so the residual stream's variance stays bounded
         out_std = std / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                last = name.rsplit(".", 1)[-1]
-                nn.init.normal_(module.weight, std=out_std if last in ("o_proj", "w2") else std)
-            elif isinstance(module, GroupedExperts):
-                for pname, p in module.named_parameters():
-                    nn.init.normal_(p, std=out_std if pname == "w2" else std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, RotaryEmbedding):
-                module.reset_parameters()
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            last = name.rsplit(".", 1)[-1]
+            nn.init.normal_(module.weight, std=out_std if last in ("o_proj", "w2") else std)
+        elif isinstance(module, GroupedExperts):
+            for pname, p in module.named_parameters():
+                nn.init.normal_(p, std=out_std if pname == "w2" else std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            module.reset_parameters()
 
     def forward(
         self,

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.distributed.env import DistInfo
@@ -59,17 +57,6 @@ def optimizer_factory(model: Transformer, run: RunConfig, *, cuda: bool) -> Any:
     return build
 
 
-class _OneModule:
-    """Transformer.reset_parameters restricted to one module: it reads `config` and walks `named_modules()`."""
-
-    def __init__(self, config: ModelConfig, name: str, module: nn.Module) -> None:
-        self.config = config
-        self._item = (name, module)
-
-    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        yield self._item
-
-
 def initialize_partitioned(model: Transformer) -> None:
     """Our initialisation, module by module with only that module's parameters gathered (rank 0's values win).
 
@@ -84,7 +71,7 @@ def initialize_partitioned(model: Transformer) -> None:
         if not params:
             continue
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            Transformer.reset_parameters(cast(Transformer, _OneModule(model.config, name, module)))
+            model.init_module(name, module)
 
 
 def build_model(run: RunConfig, *, world_size: int, precision: str) -> Transformer:
