@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from lumina_ds.distributed.planner import Cluster
 
 
+def _gpu_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu",
+        "--hardware-profile",
+        dest="gpu",
+        default="h100",
+        help="GPU model for the step-time model: h100, h200, a100, l40s, a10g, v100, b200 (LuminaAI's a100-80gb works)",
+    )
+
+
 def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) -> None:
     p.add_argument("--preset", "--config", dest="preset", choices=list(PRESETS), required=True)
     nodes_help = None if nodes_required else "default: the preset's reference cluster (ds_configs/README.md)"
@@ -21,13 +31,7 @@ def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) ->
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GB (GiB, as torch reports)")
     p.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="host memory per node (default 1024)")
-    p.add_argument(
-        "--gpu",
-        "--hardware-profile",
-        dest="gpu",
-        default="h100",
-        help="GPU model for the step-time model (h100, h200, a100, ...; a100-80gb also works)",
-    )
+    _gpu_arg(p)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's, max 4096)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto plans mixed bf16")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
@@ -177,13 +181,7 @@ def _estimate_time_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-data", required=True, help="JSONL file; tokens estimated from its size")
     p.add_argument("--tokenizer", help="tokenizer.json: measure bytes/token on the first 2000 lines (default ~4)")
     p.add_argument("--gpus", type=int, required=True)
-    p.add_argument(
-        "--gpu",
-        "--hardware-profile",
-        dest="gpu",
-        default="h100",
-        help="h100, h200, a100, l40s, a10g, v100, b200 (LuminaAI profiles like a100-80gb also work)",
-    )
+    _gpu_arg(p)
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--seq-len", type=int, default=None)
