@@ -78,12 +78,18 @@ def precision_report() -> dict[str, Any]:
 
 
 def torch_extensions_dir() -> Path:
-    """Where torch's JIT builds of DeepSpeed ops are cached (the layout of torch.utils.cpp_extension)."""
+    """Where torch's JIT builds of DeepSpeed ops are cached (the layout of torch.utils.cpp_extension): the folder
+    TORCH_EXTENSIONS_DIR names as it is, else a per-Python, per-accelerator folder under the user's cache."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{cuda}"
+    if (chosen := os.environ.get("TORCH_EXTENSIONS_DIR")) is not None:
+        return Path(chosen)
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    else:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
 STALE_LOCK_S = 300  # a JIT build of one op takes a minute or two; a lock this old belongs to a killed build

@@ -145,3 +145,18 @@ def test_a_stale_build_lock_is_named_with_the_command_that_removes_it(
     ages = {op["name"]: op["build_lock_age_s"] for op in report["deepspeed"]["ops"]}
     assert ages["cpu_adam"] > environment.STALE_LOCK_S and 0 <= ages["fused_adam"] < environment.STALE_LOCK_S
     assert all(age is None for name, age in ages.items() if name not in ("cpu_adam", "fused_adam"))
+
+
+@pytest.mark.parametrize("chosen", [True, False])
+def test_extensions_dir_is_where_torch_builds(chosen: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCH_EXTENSIONS_DIR is used as it is; without it torch adds a py<ver>_<accelerator> folder to its cache."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    if chosen:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    else:
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    torch_dir = Path(_get_build_directory("some_op", verbose=False))  # torch's own answer (it creates the folder)
+    assert environment.torch_extensions_dir() / "some_op" == torch_dir
+    assert torch_dir.is_relative_to(tmp_path / ("ext" if chosen else "cache"))
