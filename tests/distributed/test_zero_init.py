@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from tests.integration.conftest import free_port
+from tests.distributed.conftest import run_single_rank
 
 SCRIPT = textwrap.dedent(
     """
@@ -39,10 +36,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_zero3_build_is_partitioned_and_equals_plain_init(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = run_single_rank(SCRIPT, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
