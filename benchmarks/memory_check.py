@@ -28,7 +28,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,6 +38,7 @@ from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.presets import get_preset
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.memory import Layout, estimate_memory, precision_bytes, with_bucket_rules
+from lumina_ds.distributed.preset_configs import zero_section
 
 STEPS = 3
 DOC_LEN = 64
@@ -81,15 +81,6 @@ def layout_of(case: Case) -> Layout:
                     micro_batch_size=case.micro, seq_len=case.seq, gradient_checkpointing=case.ckpt,
                     precision=case.precision, gpu_runtime_overhead=0.0)  # fmt: skip
     return with_bucket_rules(layout, model_config(case.model).hidden_size)
-
-
-def zero_override(layout: Layout) -> dict[str, Any]:
-    """The bucket sizes the prediction assumes (the same rules `lumina-ds ds-config` writes)."""
-    zero: dict[str, Any] = {"reduce_bucket_size": layout.reduce_bucket_size, "contiguous_gradients": True}
-    if layout.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=layout.prefetch_bucket_size,
-                    stage3_param_persistence_threshold=layout.persistence_threshold)  # fmt: skip
-    return {"zero_optimization": zero}
 
 
 def rss_bytes() -> int:
@@ -168,7 +159,7 @@ def measure(case: Case) -> dict[str, int]:
 
     with tempfile.TemporaryDirectory() as tmp:
         override = Path(tmp, "zero.json")
-        override.write_text(json.dumps(zero_override(layout_of(case))))
+        override.write_text(json.dumps({"zero_optimization": zero_section(layout_of(case))}))  # as ds-config writes
         mp.start_processes(worker, args=(case, free_port(), str(override), tmp), nprocs=case.ranks,
                            start_method="spawn")  # fmt: skip
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(case.ranks)]
