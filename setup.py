@@ -11,6 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lumina_ds", "lumina_ds.*"]),
+    package_data={"lumina_ds.planning": ["layouts/*.json"]},  # every run with --preset reads its planned layout
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.19.8",

@@ -1,5 +1,5 @@
 """Memory model vs measurement: real 1- and 2-rank CPU DeepSpeed runs (debug and a ~57M MoE; ZeRO 1/2/3; with and
-without activation recompute) against `lumina_ds.distributed.memory`'s prediction.
+without activation recompute) against `lumina_ds.planning.memory`'s prediction.
 
 What is measured, per rank (the table shows the largest rank: DeepSpeed's last partition holds a padded gradient
 copy the others do not):
@@ -37,8 +37,8 @@ import torch.multiprocessing as mp
 from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.presets import get_preset
 from lumina_ds.config.run import RunConfig
-from lumina_ds.distributed.memory import Layout, estimate_memory, precision_bytes, with_bucket_rules
-from lumina_ds.distributed.preset_configs import zero_section
+from lumina_ds.planning.layouts import planned_extras
+from lumina_ds.planning.memory import Layout, estimate_memory, precision_bytes, with_bucket_rules
 
 STEPS = 3
 DOC_LEN = 64
@@ -65,14 +65,15 @@ def model_config(name: str) -> ModelConfig:
                        moe=MoEConfig(num_experts=8, top_k=2, expert_intermediate_size=1024))  # fmt: skip
 
 
-def run_config(case: Case, override_path: str) -> RunConfig:
+def run_config(case: Case) -> RunConfig:
     run = get_preset("debug")
     run.model = model_config(case.model)
     run.train.micro_batch_size, run.train.grad_accum = case.micro, 1
     run.train.gradient_checkpointing, run.train.precision = case.ckpt, case.precision
     run.distributed.zero_stage, run.distributed.expert_parallel_size = case.zero, case.ep
-    run.distributed.deepspeed_config = override_path
+    run.distributed.deepspeed = planned_extras(layout_of(case))  # the bucket sizes a planned layout carries
     run.data.seq_len = case.seq
+    run.validate()
     return run
 
 
@@ -120,7 +121,7 @@ def batch(case: Case, vocab: int, step: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, labels, pos
 
 
-def worker(rank: int, case: Case, port: int, override: str, out_dir: str) -> None:
+def worker(rank: int, case: Case, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.ranks), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")  # fmt: skip
     torch.set_num_threads(1)
@@ -128,7 +129,7 @@ def worker(rank: int, case: Case, port: int, override: str, out_dir: str) -> Non
     from lumina_ds.training.engine import build_engine, build_model
 
     info = init_distributed()
-    run = run_config(case, override)
+    run = run_config(case)
     gc.collect()
     base_rss, base_live = rss_bytes(), live_tensor_bytes([])
     torch.manual_seed(0)
@@ -158,10 +159,7 @@ def measure(case: Case) -> dict[str, int]:
     from lumina_ds.distributed.env import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
-        override = Path(tmp, "zero.json")
-        override.write_text(json.dumps({"zero_optimization": zero_section(layout_of(case))}))  # as ds-config writes
-        mp.start_processes(worker, args=(case, free_port(), str(override), tmp), nprocs=case.ranks,
-                           start_method="spawn")  # fmt: skip
+        mp.start_processes(worker, args=(case, free_port(), tmp), nprocs=case.ranks, start_method="spawn")
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(case.ranks)]
     return {key: max(r[key] for r in ranks) for key in ranks[0]}  # the worst rank is what must fit
 

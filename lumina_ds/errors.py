@@ -1,12 +1,46 @@
-"""Project errors: every user mistake carries a code (see README "Error codes") and a hint."""
+"""Project errors and the one registry of their codes (the README's "Error codes" table is checked against it)."""
 
 from __future__ import annotations
 
+# code -> what it means, as the README's table says it; every LuminaError carries one of these codes
+ERROR_CODES: dict[str, str] = {
+    "E001": "unknown preset (the message lists the presets)",
+    "E002": "invalid or incompatible options, found from the config alone: heads vs KV heads, experts vs "
+    "expert-parallel size, native MoE with ZeRO-3, `--seq-len` above the model's context, a bad YAML key, "
+    "a DeepSpeed JSON that sets a key the run config owns (the message names the flag to use), a LuminaAI flag "
+    "lumina-ds spells differently (the message says what to write)",
+    "E003": "this machine cannot run the configuration: fp16 on CPU, bf16 on a GPU without it, a preset whose model "
+    "states exceed GPU + host memory (`check-environment --preset`), `--attention-backend flash` without "
+    "flash-attn / CUDA / bf16, `flex` for training on CPU, `mpirun` without mpi4py or `-x MASTER_ADDR/MASTER_PORT`",
+    "E101": "a data line is not valid JSON, not a conversation, has an unknown role or roles out of order "
+    "(line skipped)",
+    "E102": "a data line misses required fields or has no assistant content (line skipped)",
+    "E103": "a data line is not valid UTF-8 or holds U+FFFD / control characters (line skipped)",
+    "E104": "an input file (training or evaluation data, tokenizer, YAML config, DeepSpeed JSON) does not exist; "
+    "checked before any work starts",
+    "E105": "too little data for the number of ranks (or a rank got no usable conversation in an epoch)",
+    "E106": "no usable conversation in the evaluation file",
+    "E107": "a checkpoint's data position does not fit this run's files, weights, seed, `--seq-len` or world size",
+    "E108": "prepared shards cannot be written (disk full, permissions): free space or pass `--prepared-dir` elsewhere",
+    "E109": "prepared shards are unreadable or inconsistent: delete the directory named in the hint and prepare again",
+    "E201": "`plan`: nothing fits in GPU memory; the hint says how many nodes or which `--seq-len` would fit",
+    "E202": "`plan`: a layout fits the GPUs only with more host memory than `--cpu-mem-gb` (offloaded states, "
+    "or building the model)",
+    "E203": "the parallel layout does not fit the number of processes (checked by `plan` and before every run): "
+    "the process count is not a multiple of `--expert-parallel-size`",
+    "E204": "a training step ran out of memory; the hint names what to lower",
+    "E301": "training diverged: a non-finite loss (checked on every rank at each log line and before every "
+    "checkpoint, so no diverged weights are saved)",
+    "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, number of processes) or could "
+    "not be saved",
+}
+
 
 class LuminaError(Exception):
-    """A user-facing error with a stable code and a hint that says what to change."""
+    """A user-facing error with a stable code (one of ERROR_CODES) and a hint that says what to change."""
 
     def __init__(self, code: str, message: str, hint: str = "") -> None:
+        assert code in ERROR_CODES, f"unregistered error code {code}"
         self.code = code
         self.message = message
         self.hint = hint
@@ -26,7 +60,7 @@ class DataError(LuminaError):
 
 
 class MemoryPlanError(LuminaError):
-    """E2xx: the configuration does not fit in GPU, host or optimizer memory."""
+    """E2xx: the configuration does not fit in GPU, host or optimizer memory, or not on this many processes."""
 
 
 class TrainingError(LuminaError):
@@ -34,4 +68,4 @@ class TrainingError(LuminaError):
 
 
 class CheckpointError(LuminaError):
-    """E303 and friends: missing, corrupt or incompatible checkpoints."""
+    """E303: missing, corrupt or incompatible checkpoints."""

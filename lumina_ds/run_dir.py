@@ -1,6 +1,7 @@
 """Where things live in a run directory `<output-dir>/<experiment-name>/`.
 
 config.yaml              the resolved RunConfig
+ds_config.json           the DeepSpeed JSON the engine was initialised with (derived from config.yaml)
 tokenizer.json           the tokenizer the run trained with
 metrics.jsonl            one JSON object per logged step
 tensorboard/             TensorBoard event files
@@ -19,6 +20,7 @@ import torch
 from lumina_ds.errors import CheckpointError
 
 CONFIG_FILE = "config.yaml"
+DS_CONFIG_FILE = "ds_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -62,11 +62,12 @@ def _bad(key: str, default: Any, value: Any) -> Any:
     raise ConfigError("E002", f"{key} must be {kind}, got {value!r}", f"for example {key.split('.')[-1]}: {default!r}")
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`: nested mappings merge key by key, anything else is replaced."""
     merged = dict(base)
     for key, value in override.items():
         both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _deep_merge(merged[key], value) if both_dicts else value
+        merged[key] = deep_merge(merged[key], value) if both_dicts else value
     return merged
 
 
@@ -75,7 +76,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     if isinstance(data, dict) and "preset" in data:
         from lumina_ds.config.presets import get_preset
 
-        data = _deep_merge(config_to_dict(get_preset(str(data["preset"]))), data)
+        data = deep_merge(config_to_dict(get_preset(str(data["preset"]))), data)
     return _from_dict(RunConfig, data, "")
 
 
@@ -86,7 +87,7 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.exists():
-        raise ConfigError("E002", f"config file {path} does not exist")
+        raise ConfigError("E104", f"config file {path} does not exist", "check the path given to --config-file")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from lumina_ds.config.model import ModelConfig
 from lumina_ds.errors import ConfigError
@@ -105,6 +107,11 @@ class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool = True
 
+    @property
+    def run_dir(self) -> Path:
+        """`<output_dir>/<experiment_name>`: every file of the run lives here (see lumina_ds/run_dir.py)."""
+        return Path(self.output_dir).expanduser() / self.experiment_name
+
     def validate(self) -> None:
         if self.log_every_n_batches < 1:
             raise ConfigError("E002", "log_every_n_batches must be >= 1")
@@ -112,12 +119,43 @@ class LoggingConfig:
             raise ConfigError("E002", f"experiment_name {self.experiment_name!r} must be a non-empty plain name")
 
 
+# DeepSpeed keys that are decisions of the run config (the loop and DeepSpeed must agree on them), with the flag
+# that sets each; a DeepSpeed JSON may only add what the run config does not model
+OWNED_DEEPSPEED_KEYS: dict[str, str] = {
+    "train_batch_size": "--micro-batch-size and --grad-accum (train_batch_size = micro x accum x processes)",
+    "train_micro_batch_size_per_gpu": "--micro-batch-size",
+    "gradient_accumulation_steps": "--grad-accum",
+    "gradient_clipping": "--max-grad-norm",
+    "zero_optimization.stage": "--zero-stage",
+    "bf16": "--precision",
+    "fp16": "--precision",
+    "amp": "--precision",
+    "torch_autocast": "--precision",
+    "expert_parallel": "--expert-parallel-size and --moe-backend",
+    "optimizer": "--learning-rate, --beta1, --beta2, --eps and --weight-decay (lumina-ds builds the AdamW)",
+    "scheduler": "--lr-scheduler, --warmup-ratio and --min-lr",
+    "seed": "--seed",
+}
+
+
+def owned_keys_in(extras: dict[str, Any]) -> list[str]:
+    """The OWNED_DEEPSPEED_KEYS present in a DeepSpeed JSON (nested keys as `section.key`)."""
+    present = []
+    for key in OWNED_DEEPSPEED_KEYS:
+        section, _, inner = key.partition(".")
+        value = extras.get(section)
+        if (inner and isinstance(value, dict) and inner in value) or (not inner and section in extras):
+            present.append(key)
+    return present
+
+
 @dataclass
 class DistributedConfig:
     zero_stage: int = 1
     expert_parallel_size: int = 1
     moe_backend: str = "autoep"  # autoep | native
-    deepspeed_config: str | None = None  # a JSON file whose keys override the generated config
+    deepspeed_config: str | None = None  # a DeepSpeed JSON file, merged into `deepspeed` when the run is resolved
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed keys the run config does not model
     deterministic_gating: bool = False  # native MoE: no Gumbel 2nd-expert sampling, no random token selection
 
     def validate(self) -> None:
@@ -125,14 +163,18 @@ class DistributedConfig:
             raise ConfigError("E002", f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         if self.moe_backend not in ("autoep", "native"):
             raise ConfigError("E002", f"moe_backend={self.moe_backend!r} must be autoep or native")
-        if self.moe_backend == "native" and self.zero_stage == 3:
-            raise ConfigError(
-                "E002",
-                "the native DeepSpeed MoE layer does not support ZeRO stage 3",
-                "use --moe-backend autoep with ZeRO-3, or --zero-stage 1/2 with the native backend",
-            )
         if self.expert_parallel_size < 1:
             raise ConfigError("E002", "expert_parallel_size must be >= 1")
+        owned = owned_keys_in(self.deepspeed)
+        if owned:
+            source = f"--deepspeed-config {self.deepspeed_config}" if self.deepspeed_config else "distributed.deepspeed"
+            flags = "; ".join(f"{key}: use {OWNED_DEEPSPEED_KEYS[key]}" for key in owned)
+            raise ConfigError(
+                "E002",
+                f"{source} sets {', '.join(owned)}, which lumina-ds decides from its own flags",
+                f"{flags}. A DeepSpeed JSON may only add what lumina-ds does not decide (buckets, overlap, "
+                "communication, offload, ...)",
+            )
 
 
 @dataclass
@@ -146,9 +188,15 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
+        """Every rule that depends on the config alone (E002); world size and hardware are the pre-flight's."""
         for part in (self.model, self.data, self.train, self.checkpoint, self.logging, self.distributed):
             part.validate()
-        moe, ep = self.model.moe, self.distributed.expert_parallel_size
+        self._validate_experts()
+        self._validate_combinations()
+
+    def _validate_experts(self) -> None:
+        moe, dist = self.model.moe, self.distributed
+        ep = dist.expert_parallel_size
         if ep > 1 and not moe.enabled:
             raise ConfigError("E002", "expert_parallel_size > 1 needs a MoE model (num_experts > 0)")
         if moe.enabled and moe.num_experts % ep:
@@ -156,9 +204,43 @@ class RunConfig:
             raise ConfigError(
                 "E002",
                 f"num_experts={moe.num_experts} is not divisible by expert_parallel_size={ep}",
-                f"use an expert-parallel size in {divisors}",
+                f"use an expert-parallel size in {divisors} (it must also divide the number of processes)",
+            )
+        if moe.enabled and dist.moe_backend == "native" and dist.zero_stage == 3:
+            raise ConfigError(
+                "E002",
+                "the native DeepSpeed MoE layer does not support ZeRO stage 3",
+                "use --moe-backend autoep (AutoEP works at ZeRO 1-3), or --zero-stage 1/2 with the native backend",
+            )
+        universal = bool(dist.deepspeed.get("checkpoint", {}).get("load_universal"))
+        if universal and moe.enabled and dist.moe_backend == "native":
+            raise ConfigError(
+                "E002",
+                "a universal checkpoint cannot be loaded into the native DeepSpeed MoE layer",
+                "train and resume with --moe-backend autoep, or resume at the same world size without load_universal",
+            )
+
+    def _validate_combinations(self) -> None:
+        if self.train.precision == "bf16" and self.distributed.zero_stage == 0:
+            raise ConfigError(
+                "E002",
+                "pure bf16 (bf16 master weights and optimizer states) needs ZeRO stage 1, 2 or 3",
+                "use --zero-stage 1 or higher, or --precision mixed_bf16",
+            )
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                "E002",
+                f"seq_len={self.seq_len} is longer than the model's context of {self.model.max_seq_len} tokens",
+                f"use --seq-len {self.model.max_seq_len} or less, or a preset with a longer context",
             )
 
     @property
     def seq_len(self) -> int:
         return self.data.seq_len or min(self.model.max_seq_len, 4096)
+
+    @property
+    def prepared_dir(self) -> Path:
+        """The prepared-shard cache: shared by every experiment under one output dir unless --prepared-dir is set."""
+        if self.data.prepared_dir:
+            return Path(self.data.prepared_dir).expanduser()
+        return Path(self.logging.output_dir).expanduser() / "prepared"

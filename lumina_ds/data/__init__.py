@@ -5,11 +5,11 @@ Names that need torch (the batch stream and pipeline) are imported lazily, so va
 
 from typing import Any
 
+from lumina_ds.batch import IGNORE_INDEX, Batch
 from lumina_ds.data.chat_format import (
     ASSISTANT,
     BOS,
     END,
-    IGNORE_INDEX,
     PAD,
     SPECIAL_TOKENS,
     SYSTEM,
@@ -18,8 +18,8 @@ from lumina_ds.data.chat_format import (
     ChatTemplate,
     Message,
     normalize_role,
-    parse_conversation,
 )
+from lumina_ds.data.checks import parse_conversation
 from lumina_ds.data.documents import DocEncoder, JsonlDocs, SourceSpec, TokenizedDocs, parse_train_data
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.packing import PackedDataset, PackedRows
@@ -32,7 +32,6 @@ _LAZY = {
     "RankView": "lumina_ds.data.stream",
     "RowPacker": "lumina_ds.data.stream",
     "count_rows": "lumina_ds.data.stream",
-    "LoaderSettings": "lumina_ds.data.pipeline",
     "build_batches": "lumina_ds.data.pipeline",
     "choose_strategy": "lumina_ds.data.pipeline",
     "eval_rows": "lumina_ds.data.pipeline",
@@ -49,6 +48,7 @@ __all__ = [
     "SYSTEM",
     "TRAIN_ON_CHOICES",
     "USER",
+    "Batch",
     "ChatTemplate",
     "ChatTokenizer",
     "DocEncoder",

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.errors import ConfigError
 
 PAD = "<|pad|>"
@@ -17,7 +18,6 @@ END = "<|end|>"
 # Order matters: a freshly trained tokenizer assigns ids in this order, so PAD is id 0.
 SPECIAL_TOKENS: list[str] = [PAD, BOS, SYSTEM, USER, ASSISTANT, END]
 
-IGNORE_INDEX = -100
 TRAIN_ON_CHOICES = ("assistant", "all")
 
 _ROLE_ALIASES = {
@@ -52,19 +52,6 @@ class Message:
     content: str
 
 
-def parse_conversation(obj: object) -> list[Message]:
-    """Check a decoded JSON line and return the messages training uses; raises DataError for the first error."""
-    # checks.py imports Message from here, so the shared checks are imported when first needed.
-    from lumina_ds.data.checks import check_object
-
-    checked = check_object(obj)
-    error = checked.error
-    if error is not None:
-        raise error.to_error()
-    assert checked.messages is not None
-    return checked.messages
-
-
 class TokenizerLike(Protocol):
     """What the template needs from a tokenizer (ChatTokenizer satisfies it)."""
 
@@ -84,7 +71,7 @@ class ChatTemplate:
     def encode_conversation(
         self, messages: Sequence[Message], tokenizer: TokenizerLike, *, train_on: str = "assistant"
     ) -> tuple[list[int], list[int]]:
-        """Return `input_ids` and pre-shifted `labels` (labels[t] is the target for position t, or -100)."""
+        """Return `input_ids` and pre-shifted `labels` (labels[t] is the target for position t, or IGNORE_INDEX)."""
         if train_on not in TRAIN_ON_CHOICES:
             raise ConfigError("E002", f"train_on must be one of {TRAIN_ON_CHOICES}, got {train_on!r}")
         train_all = train_on == "all"

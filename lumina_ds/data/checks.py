@@ -166,6 +166,15 @@ def check_object(obj: object) -> LineCheck:
     return LineCheck(obj, [m for _, m in kept], issues)
 
 
+def parse_conversation(obj: object) -> list[Message]:
+    """Check a decoded JSON line and return the messages training uses; raises DataError for the first error."""
+    checked = check_object(obj)
+    if checked.error is not None:
+        raise checked.error.to_error()
+    assert checked.messages is not None
+    return checked.messages
+
+
 def _check_message(index: int, item: object, issues: list[Issue]) -> Message | None:
     """Validate one entry of `messages`; on error append it to `issues` and return None."""
     if not isinstance(item, dict):

@@ -14,7 +14,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from lumina_ds.data.chat_format import IGNORE_INDEX, ROLE_TOKENS, TRAIN_ON_CHOICES, Message
+from lumina_ds.batch import IGNORE_INDEX
+from lumina_ds.config.run import DataConfig
+from lumina_ds.data.chat_format import ROLE_TOKENS, TRAIN_ON_CHOICES, Message
 from lumina_ds.data.reader import SkippedLine, parse_line
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import ConfigError, DataError
@@ -49,6 +51,16 @@ def parse_train_data(spec: str) -> list[SourceSpec]:
     if not sources:
         raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl[,FILE2.jsonl:WEIGHT]")
     return sources
+
+
+def check_input_files(data: DataConfig) -> None:
+    """Every input file of a run exists (E104): checked before any tokenizer is trained or data tokenized."""
+    if not data.train_data:
+        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
+    parse_train_data(data.train_data)
+    for what, path in (("evaluation data", data.eval_data), ("tokenizer", data.tokenizer)):
+        if path and not Path(path).expanduser().is_file():
+            raise DataError("E104", f"{what} file not found: {path}", "check the path")
 
 
 def labels_of(ids: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lumina_ds.data.chat_format import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    import torch
-
-BATCH_KEYS = ("input_ids", "labels", "position_ids")
+from lumina_ds.batch import IGNORE_INDEX, Batch
 
 
 @dataclass
 class PackedRows:
-    """Fixed-length rows, each array [N, seq_len] int64; padding has label -100 and position 0."""
+    """Fixed-length rows, each array [N, seq_len] int64; padding has label IGNORE_INDEX and position 0."""
 
     input_ids: np.ndarray
     labels: np.ndarray
@@ -48,9 +42,9 @@ class PackedDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Stack the given rows into `{"input_ids", "labels", "position_ids"}` LongTensors [B, S]."""
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """Stack the given rows into a Batch of LongTensors [B, S]."""
         import torch
 
         index = np.asarray(indices, dtype=np.int64)
-        return {key: torch.from_numpy(getattr(self.rows, key)[index].astype(np.int64)) for key in BATCH_KEYS}
+        return Batch(*(torch.from_numpy(getattr(self.rows, key)[index].astype(np.int64)) for key in Batch._fields))

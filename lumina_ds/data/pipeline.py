@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from lumina_ds.config.run import DATA_STRATEGIES
+from lumina_ds.batch import Batch
+from lumina_ds.config.run import DATA_STRATEGIES, DataConfig
 from lumina_ds.data.documents import JsonlDocs, SourceSpec, parse_train_data
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.packing import PackedRows
@@ -22,18 +22,6 @@ MEMORY_LIMIT_BYTES = 500 * 10**6  # below: tokenize into RAM
 STREAMING_LIMIT_BYTES = 10 * 10**9  # above: stream from the JSONL files
 RAM_BYTES_PER_INPUT_BYTE = 3.0  # tokenizing into RAM peaks near 3x the JSONL size (strings, lists, arrays)
 ESTIMATE_SAMPLE_DOCS = 2000
-
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """How the training data is loaded (DataConfig's loader fields)."""
-
-    strategy: str = "auto"
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    shard_size_mb: int = 256
-    prepared_dir: Path = Path("runs/prepared")
-    strict: bool = False
 
 
 def choose_strategy(total_bytes: int, *, requested: str, available_ram: int) -> tuple[str, str]:
@@ -67,19 +55,18 @@ class SourceSet:
 def open_sources(
     specs: Sequence[SourceSpec],
     encode: EncodeSettings,
-    loader: LoaderSettings,
+    data: DataConfig,
     *,
+    prepared_dir: Path,
     local_world_size: int = 1,
     is_local_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
 ) -> SourceSet:
     """Open every source with the chosen strategy; with shards, one process per node builds a missing cache."""
     total = sum(s.path.stat().st_size for s in specs)
-    strategy, reason = choose_strategy(
-        total, requested=loader.strategy, available_ram=psutil.virtual_memory().available
-    )
+    strategy, reason = choose_strategy(total, requested=data.strategy, available_ram=psutil.virtual_memory().available)
     result = SourceSet(list(specs), [], strategy=strategy, reason=reason)
-    workers = max(1, loader.num_workers // max(local_world_size, 1))
+    workers = max(1, data.num_workers // max(local_world_size, 1))
     if strategy == "streaming":
         result.sources = [JsonlDocs(s.path, encode.encoder()) for s in specs]
     elif strategy == "memory":
@@ -88,22 +75,22 @@ def open_sources(
             result.sources.append(docs)
             result.reports.append(report)
     else:
-        shard_bytes = loader.shard_size_mb << 20
+        shard_bytes = data.shard_size_mb << 20
         built = []
         if is_local_main:
             for spec in specs:
                 _, report = prepare_source(
                     spec.path,
                     encode,
-                    prepared_dir=loader.prepared_dir,
-                    num_workers=loader.num_workers,
+                    prepared_dir=prepared_dir,
+                    num_workers=data.num_workers,
                     shard_bytes=shard_bytes,
                     progress=True,
                 )
                 built.append(report)
         barrier()
         for spec in specs:
-            docs, report = prepare_source(spec.path, encode, prepared_dir=loader.prepared_dir, shard_bytes=shard_bytes)
+            docs, report = prepare_source(spec.path, encode, prepared_dir=prepared_dir, shard_bytes=shard_bytes)
             result.sources.append(docs)
             result.reports.append(report)
         result.reports = built or result.reports  # the builder's reports say whether the cache was reused
@@ -154,19 +141,19 @@ def build_batches(
     seq_len: int,
     pad_id: int,
     micro_batch_size: int,
-    loader: LoaderSettings,
+    data: DataConfig,
 ) -> PackedBatches:
     """This rank's resumable batches; loader workers only where documents are tokenized on the fly."""
     view = RankView(sources.sources, mixture_of(sources, seed=seed), rank=rank, world_size=world_size)
-    workers = loader.num_workers if sources.strategy == "streaming" else 0
+    workers = data.num_workers if sources.strategy == "streaming" else 0
     return PackedBatches(
         view,
         seq_len=seq_len,
         pad_id=pad_id,
         micro_batch_size=micro_batch_size,
         num_workers=workers,
-        prefetch_factor=loader.prefetch_factor,
-        strict=loader.strict,
+        prefetch_factor=data.prefetch_factor,
+        strict=data.strict,
     )
 
 
@@ -182,10 +169,5 @@ def eval_rows(path: Path, encode: EncodeSettings, *, seq_len: int, pad_id: int) 
         )
     packer = RowPacker(seq_len=seq_len, pad_id=pad_id)
     rows = list(packer.rows(iter([(0, 0, docs.fetch(range(len(docs))))])))
-    stacked = {key: np.stack([getattr(r, key) for r in rows]) for key in ("input_ids", "labels", "position_ids")}
+    stacked = {key: np.stack([getattr(r, key) for r in rows]) for key in Batch._fields}
     return PackedRows(**stacked, num_conversations=report.conversations), report
-
-
-def default_prepared_dir(output_dir: str) -> Path:
-    """Shared by every experiment under one output dir, so prepared shards are reused across runs."""
-    return Path(os.path.expanduser(output_dir)) / "prepared"

@@ -15,7 +15,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -382,8 +382,3 @@ def _build(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_shards(target, name=str(path)), report
-
-
-def prepared_bytes(docs: Sequence[TokenizedDocs]) -> int:
-    """Bytes the token arrays take (RAM for the memory strategy, disk for shards)."""
-    return sum(p.tokens.nbytes + p.targets.nbytes + p.offsets.nbytes for d in docs for p in d.parts)

@@ -6,9 +6,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
-from lumina_ds.data.chat_format import IGNORE_INDEX
+from lumina_ds.batch import IGNORE_INDEX, Batch
 
 
 @dataclass
@@ -33,7 +31,7 @@ class LoaderRate:
         )
 
 
-def measure_batches(batches: Iterable[dict[str, torch.Tensor]], *, count: int, warmup: int = 1) -> LoaderRate:
+def measure_batches(batches: Iterable[Batch], *, count: int, warmup: int = 1) -> LoaderRate:
     """Time `count` batches after `warmup` (worker start-up is not throughput)."""
     iterator = iter(batches)
     for _ in range(warmup):
@@ -42,6 +40,6 @@ def measure_batches(batches: Iterable[dict[str, torch.Tensor]], *, count: int, w
     started = time.perf_counter()
     for _ in range(count):
         batch = next(iterator)
-        tokens += batch["input_ids"].numel()
-        targets += int((batch["labels"] != IGNORE_INDEX).sum())
+        tokens += batch.num_tokens
+        targets += int((batch.labels != IGNORE_INDEX).sum())
     return LoaderRate(count, tokens, targets, time.perf_counter() - started)

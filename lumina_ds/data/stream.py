@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lumina_ds.data.chat_format import IGNORE_INDEX
+from lumina_ds.batch import IGNORE_INDEX, Batch
 from lumina_ds.data.documents import EncodedDoc, labels_of
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.reader import SkippedLine
@@ -132,7 +132,7 @@ class Row:
 
 class RowPacker:
     """Greedy packing in document order: a document that does not fit opens a new row; one longer than a row is
-    truncated to fill a row alone; an epoch always starts a new row. Padding: pad id, label -100, position 0."""
+    truncated to fill a row alone; an epoch always starts a new row. Padding: pad id, label IGNORE_INDEX, position 0."""
 
     def __init__(self, *, seq_len: int, pad_id: int, strict: bool = False, rank: int = 0) -> None:
         assert seq_len >= 2
@@ -236,8 +236,8 @@ class PackedBatches:
         """Epoch of the next unseen document (0-based)."""
         return self.view.normalize(self.position)[0]
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches `{"input_ids", "labels", "position_ids"}` LongTensor [B, S] from the saved position on."""
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches of LongTensors [B, S] from the saved position on."""
         chunks = iterate_chunks(
             self.view, self.position, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor
         )
@@ -245,10 +245,7 @@ class PackedBatches:
         while True:
             batch = [next(rows) for _ in range(self.micro_batch_size)]
             self.position = batch[-1].next_start
-            yield {
-                key: torch.from_numpy(np.stack([getattr(row, key) for row in batch]))
-                for key in ("input_ids", "labels", "position_ids")
-            }
+            yield Batch(*(torch.from_numpy(np.stack([getattr(row, key) for row in batch])) for key in Batch._fields))
 
     def fingerprint(self) -> dict[str, Any]:
         """What the saved position is relative to; a resume with anything else different is refused (E107)."""

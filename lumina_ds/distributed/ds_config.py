@@ -1,4 +1,5 @@
-"""DeepSpeed's JSON, generated from a RunConfig (DeepSpeed's own format; user JSON overrides any key)."""
+"""DeepSpeed's JSON, derived from a RunConfig: the run config's decisions plus the DeepSpeed keys it does not model
+(`distributed.deepspeed`: buckets, overlap, offload, ... from the preset's planned layout and --deepspeed-config)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lumina_ds.config.io import deep_merge
 from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import ConfigError
 
@@ -68,6 +70,10 @@ def precision_sections(precision: str) -> dict[str, Any]:
 
 
 def build_ds_config(run: RunConfig, *, world_size: int, precision: str) -> dict[str, Any]:
+    """The run config's decisions in DeepSpeed's format, with the run's extra DeepSpeed keys merged in.
+
+    The extras cannot override a decision: RunConfig.validate refuses the keys listed in OWNED_DEEPSPEED_KEYS.
+    """
     train, dist = run.train, run.distributed
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -82,15 +88,14 @@ def build_ds_config(run: RunConfig, *, world_size: int, precision: str) -> dict[
         "seed": train.seed,
     }
     config.update(precision_sections(precision))
-    if dist.deepspeed_config:
-        config = merge_overrides(config, load_override(dist.deepspeed_config))
-    return config
+    return deep_merge(config, dist.deepspeed)
 
 
-def load_override(path: str) -> dict[str, Any]:
+def load_deepspeed_json(path: str) -> dict[str, Any]:
+    """A user's DeepSpeed JSON file as a dict: E104 when missing, E002 when it is not a JSON object."""
     file = Path(path)
     if not file.exists():
-        raise ConfigError("E002", f"--deepspeed-config {path} does not exist")
+        raise ConfigError("E104", f"--deepspeed-config {path} does not exist", "check the path")
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -98,14 +103,3 @@ def load_override(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("E002", f"--deepspeed-config {path} must hold a JSON object")
     return data
-
-
-def merge_overrides(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive merge: nested sections are merged key by key, everything else replaced."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_overrides(merged[key], value)
-        else:
-            merged[key] = value
-    return merged

@@ -162,20 +162,25 @@ def quiet_deepspeed() -> None:
 
     logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # DeepSpeed's own barriers (checkpoint saves) in a 1-process GPU job: DeepSpeed binds no device_id there on
+    # purpose, and torch warns that it uses the current device, which init_distributed set to this rank's GPU
+    warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
 
 
 def barrier() -> None:
     """Wait for every rank (a no-op in a process without a process group)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
+    if not dist.is_initialized():
+        return
+    # NCCL: name this rank's GPU, else torch guesses it from the global rank (and warns that a guess can hang)
+    dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
 
 
 def exit_process(code: int) -> None:
     """End a process that may have run distributed: sync, flush, and leave through os._exit.
 
-    torch's gloo teardown can abort with SIGABRT after a clean finish (DEEPSPEED_FACTS.md); skipping interpreter
+    torch's gloo teardown can abort with SIGABRT after a clean finish (README, "DeepSpeed notes"); skipping interpreter
     teardown avoids it. Callers close their files and writers first (os._exit runs no cleanup).
     """
     import torch.distributed as dist
@@ -184,7 +189,7 @@ def exit_process(code: int) -> None:
         finalize_mpi()
         sys.exit(code)
     try:
-        dist.barrier()
+        barrier()
     except RuntimeError:  # a peer already died: report failure
         code = code or 1
     finalize_mpi()
@@ -205,6 +210,7 @@ class DistInfo:
     rank: int
     local_rank: int
     world_size: int
+    local_world_size: int  # ranks on this host
     device: torch.device
 
     @property
@@ -236,16 +242,17 @@ def init_distributed() -> DistInfo:
     import torch.distributed as dist
 
     quiet_deepspeed()
-    if not cuda_available():
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu")
+    if cuda_available():
+        # before the process group, so NCCL binds this GPU; a launcher that gives each rank its own
+        # CUDA_VISIBLE_DEVICES (srun --gpus-per-task) leaves one device
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
         skip_cpu_shm_allreduce()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda_available():
-        # a launcher that gives each rank its own CUDA_VISIBLE_DEVICES (srun --gpus-per-task) leaves one device
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world_size(),
+                    device=device)  # fmt: skip

@@ -26,7 +26,7 @@ def autoep_section(model: Transformer, *, ep_size: int) -> dict[str, Any]:
     """DeepSpeed's `expert_parallel` config for our block names (only MoE layers match the pattern)."""
     moe = model.config.moe
     indices = "|".join(str(i) for i in moe_layer_indices(model))
-    return {
+    section: dict[str, Any] = {
         "enabled": True,
         "autoep_size": ep_size,
         "moe_layer_pattern": rf"layers\.({indices})\.ffn",
@@ -39,9 +39,11 @@ def autoep_section(model: Transformer, *, ep_size: int) -> dict[str, Any]:
         "score_func": "softmax",
         "route_norm": True,
         "has_shared_experts": moe.num_shared_experts > 0,
-        "shared_experts_pattern": "shared",
         "use_grouped_mm": True,
     }
+    if moe.num_shared_experts:  # naming a pattern without shared experts makes DeepSpeed warn on every rank
+        section["shared_experts_pattern"] = "shared"
+    return section
 
 
 class NativeMoEBlock(nn.Module):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.models.attention import Attention, DocumentMask, LayerKVCache, build_document_mask, resolve_backend
 from lumina_ds.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from lumina_ds.models.moe import (
@@ -24,19 +25,20 @@ from lumina_ds.models.moe import (
 if TYPE_CHECKING:
     from lumina_ds.config.model import ModelConfig
 
-IGNORE_INDEX = -100
-
 
 class ModelOutput(TypedDict, total=False):
-    """A dict (not a dataclass) so DeepSpeed's ZeRO-3 hooks can walk the tensors in it."""
+    """A dict (not a dataclass) so DeepSpeed's ZeRO-3 hooks can walk the tensors in it.
+
+    `metrics` is what the trainer logs without knowing what it is: 0-d tensors are averaged over micro-batches and
+    ranks, others (counters) are summed. This model reports `aux_loss` and `z_loss` (unweighted means over MoE
+    layers) and `expert_counts` [num_moe_layers, E] (tokens per expert in this forward).
+    """
 
     logits: torch.Tensor  # [B, S, V]
-    loss: torch.Tensor  # lm_loss + weighted aux and z losses
+    loss: torch.Tensor  # lm_loss + weighted extra losses: what backward runs on
     lm_loss: torch.Tensor  # mean cross-entropy over target tokens
-    aux_loss: torch.Tensor  # load-balancing loss, mean over MoE layers (unweighted)
-    z_loss: torch.Tensor  # router z-loss, mean over MoE layers (unweighted)
     num_targets: torch.Tensor  # number of target tokens in the batch
-    expert_counts: torch.Tensor  # [num_moe_layers, E] tokens per expert in this forward
+    metrics: dict[str, torch.Tensor]
 
 
 class Block(nn.Module):
@@ -173,11 +175,11 @@ class Transformer(nn.Module):
         routers = self.router_logits.logits
         aux = torch.stack([load_balancing_loss(r, moe.top_k) for r in routers]).mean() if routers else zero
         z = torch.stack([router_z_loss(r) for r in routers]).mean() if routers else zero
-        counts = torch.stack([expert_counts(r.detach(), moe.top_k) for r in routers]) if routers else zero
         loss = lm_loss + moe.load_balancing_weight * aux + moe.router_z_loss_weight * z
-        return ModelOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=aux, z_loss=z, num_targets=num_targets, expert_counts=counts
-        )
+        metrics = {"aux_loss": aux, "z_loss": z}  # with their graphs: a caller may backward through one
+        if routers:
+            metrics["expert_counts"] = torch.stack([expert_counts(r.detach(), moe.top_k) for r in routers])
+        return ModelOutput(loss=loss, lm_loss=lm_loss, num_targets=num_targets, metrics=metrics)
 
     def new_kv_cache(self) -> list[LayerKVCache]:
         return [LayerKVCache() for _ in self.layers]

@@ -1,4 +1,5 @@
-"""Logging callbacks. The loop hands them plain dicts of metrics; they know nothing about the model."""
+"""Callbacks of the trainer (rank 0): they get plain dicts of metrics. MoESummary turns the model's tokens-per-expert
+counters into balance figures before the loggers see the record."""
 
 from __future__ import annotations
 
@@ -23,6 +24,30 @@ class Callback:
     def on_train_end(self, summary: dict[str, Any]) -> None: ...
 
 
+class MoESummary(Callback):
+    """Adds `moe_balance`, `experts_used` and `num_experts` to records that carry `expert_counts` [layers, E].
+
+    Balance = mean over layers of the coefficient of variation of tokens per expert (0 = perfectly even); experts
+    used = the fewest experts that received tokens in any layer. Give it before the loggers: it edits the record.
+    """
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        counts = metrics.get("expert_counts")
+        if not counts:
+            return
+        per_layer = [[float(c) for c in layer] for layer in counts]
+        cvs = []
+        for layer in per_layer:
+            mean = sum(layer) / len(layer)
+            std = math.sqrt(sum((c - mean) ** 2 for c in layer) / len(layer))
+            cvs.append(std / max(mean, 1e-9))
+        metrics.update(
+            moe_balance=sum(cvs) / len(cvs),
+            experts_used=min(sum(c > 0 for c in layer) for layer in per_layer),
+            num_experts=len(per_layer[0]),
+        )
+
+
 def _fmt_int(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -32,7 +57,8 @@ def format_log_line(m: dict[str, Any]) -> str:
     lines = [
         f"Epoch {m['epoch']} | Step {m['step']:,}/{m['total_steps']:,} | {m['elapsed_s'] / 60:.1f} min elapsed"
         f" | ETA {m['eta_s'] / 60:.1f} min",
-        f"Loss: {m['loss']:.6f} | PPL: {m['ppl']:.2f} | LR: {m['lr']:.2e} | β: {m['beta2']}",
+        f"Loss: {m['loss']:.6g} | LM Loss: {m['lm_loss']:.6g} | PPL: {m['ppl']:.2f} | LR: {m['lr']:.2e} | "
+        f"β: {m['beta2']}",
         f"GradNorm: {m['grad_norm']:.4f} | Tokens/s: {_fmt_int(m['tokens_per_s'])} | Mem: {m['memory']}",
     ]
     if m.get("num_experts"):

@@ -26,6 +26,7 @@ from lumina_ds.run_dir import (
     tag_for_step,
     write_weights,
 )
+from lumina_ds.training.train_step import Engine
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,7 +50,11 @@ class CheckpointManager:
         self.config = config
         self.info = info
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> Path:
+    def due(self, step: int) -> bool:
+        """Whether the cadence asks for a checkpoint after optimizer step `step`."""
+        return step % self.config.save_every_n_batches == 0
+
+    def save(self, engine: Engine, step: int, client_state: dict[str, Any]) -> Path:
         """Every rank calls this. The tag only counts once `complete.json` exists (written last, by rank 0)."""
         tag = tag_for_step(step)
         tag_dir = self.dir / tag
@@ -91,7 +96,7 @@ class CheckpointManager:
             return resolve_checkpoint(self.dir)
         return None
 
-    def load(self, engine: Any, checkpoints_dir: Path, tag: str) -> dict[str, Any]:
+    def load(self, engine: Engine, checkpoints_dir: Path, tag: str) -> dict[str, Any]:
         meta = json.loads((checkpoints_dir / tag / COMPLETE_MARKER).read_text())
         if meta.get("world_size") != self.info.world_size:
             raise CheckpointError(

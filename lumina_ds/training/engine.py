@@ -17,14 +17,15 @@ from lumina_ds.distributed.parallelize import parallelize
 from lumina_ds.errors import ConfigError
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.training.schedule import schedule_for
+from lumina_ds.training.train_step import Engine
 
 
 @dataclass
 class EngineBundle:
-    engine: Any  # deepspeed.DeepSpeedEngine
+    engine: Engine  # a deepspeed.DeepSpeedEngine
     model: Transformer  # the module inside the engine (experts possibly replaced)
     precision: str
-    ds_config: dict[str, Any]
+    ds_config: dict[str, Any]  # the complete DeepSpeed JSON the engine was initialised with
 
 
 def _shape_of(param: nn.Parameter) -> torch.Size:
@@ -92,16 +93,9 @@ def build_model(run: RunConfig, *, world_size: int, precision: str) -> Transform
 def build_engine(
     model: Transformer, run: RunConfig, *, info: DistInfo, total_steps: int, precision: str
 ) -> EngineBundle:
-    """`precision` as resolved by `select_precision` (never "auto")."""
+    """`precision` as resolved by `select_precision` (never "auto"); the layout passed the pre-flight."""
     import deepspeed
 
-    if info.world_size % run.distributed.expert_parallel_size:
-        raise ConfigError(
-            "E002",
-            f"expert_parallel_size={run.distributed.expert_parallel_size} does not divide the "
-            f"{info.world_size} processes",
-            "choose an expert-parallel size that divides the number of GPUs/processes",
-        )
     sections = parallelize(model, run, rank=info.rank)
     ds_config = build_ds_config(run, world_size=info.world_size, precision=precision)
     ds_config.update(sections)

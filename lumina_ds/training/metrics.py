@@ -1,4 +1,8 @@
-"""Accumulation of step metrics over a logging window, reduced across data-parallel ranks."""
+"""Step metrics summed over a logging window on the device, then reduced across data-parallel ranks.
+
+The window knows nothing of what the model reports: 0-d tensors of the model's `metrics` dict are averaged over
+micro-batches and ranks, others (counters such as tokens per expert) are summed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from lumina_ds.models.transformer import ModelOutput
+
+MAX_EXP_ARGUMENT = 700.0  # math.exp overflows a float above ~709.8: a perplexity past this is shown as inf
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -22,6 +30,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on at least one: ranks that disagree would wait on each other forever."""
     return float(all_reduce_sum(torch.tensor([1.0 if flag else 0.0]))[0]) > 0
+
+
+def perplexity(lm_loss: float) -> float:
+    """exp of the mean token cross-entropy; inf once that overflows (a diverged run shows PPL inf, not a cap)."""
+    return math.exp(lm_loss) if lm_loss < MAX_EXP_ARGUMENT else math.inf
 
 
 def memory_summary() -> str:
@@ -48,50 +61,32 @@ class WindowMetrics:
         self.micro_batches = 0
         self.tokens = 0
         self.seconds = 0.0  # wall time of the training steps in the window
-        self.sums: torch.Tensor | None = None  # [4]: loss, lm_loss, aux_loss, z_loss
-        self.counts: torch.Tensor | None = None  # [num_moe_layers, E]
+        self.means: dict[str, torch.Tensor] = {}  # loss, lm_loss and the model's 0-d metrics, summed
+        self.counters: dict[str, torch.Tensor] = {}  # the model's other metrics, summed
 
-    def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
+    def add(self, out: ModelOutput, tokens: int) -> None:
         self.micro_batches += 1
         self.tokens += tokens
-        values = torch.stack([out[k].detach().float() for k in ("loss", "lm_loss", "aux_loss", "z_loss")])
-        self.sums = values if self.sums is None else self.sums + values
-        counts = out["expert_counts"]
-        if counts.ndim == 2:
-            counts = counts.detach().long()
-            self.counts = counts if self.counts is None else self.counts + counts
+        values = {"loss": out["loss"], "lm_loss": out["lm_loss"], **out.get("metrics", {})}
+        for name, value in values.items():
+            value = value.detach()
+            sums = self.means if value.ndim == 0 else self.counters
+            value = value.float() if value.ndim == 0 else value.long()
+            sums[name] = value if name not in sums else sums[name] + value
 
     def all_finite(self) -> bool:
         """Whether every loss in the window was finite (NaN and inf survive summation)."""
-        return self.sums is None or bool(torch.isfinite(self.sums).all())
+        return all(bool(torch.isfinite(v)) for v in self.means.values())
 
     def summary(self) -> dict[str, Any]:
-        """Means over micro-batches and ranks; expert counts summed over both."""
-        sums = self.sums.double().cpu().tolist() if self.sums is not None else [0.0] * 4
-        local = torch.tensor([*sums, self.micro_batches, self.tokens], dtype=torch.float64)
-        loss, lm_loss, aux, z, n, tokens = all_reduce_sum(local).tolist()
-        out: dict[str, Any] = {
-            "loss": loss / n,
-            "lm_loss": lm_loss / n,
-            "ppl": math.exp(min(lm_loss / n, 50.0)),
-            "aux_loss": aux / n,
-            "z_loss": z / n,
-            "tokens": int(tokens),
-        }
-        out.update(moe_balance(all_reduce_sum(self.counts.cpu()) if self.counts is not None else None))
+        """Means over micro-batches and ranks; counters summed over both (collective: every rank calls it)."""
+        names = sorted(self.means)  # every rank's model reports the same names
+        local = torch.tensor([float(self.means[n]) for n in names] + [self.micro_batches, self.tokens],
+                             dtype=torch.float64)  # fmt: skip
+        *sums, micro_batches, tokens = all_reduce_sum(local).tolist()
+        out: dict[str, Any] = {name: total / max(micro_batches, 1) for name, total in zip(names, sums, strict=True)}
+        out["ppl"] = perplexity(out.get("lm_loss", 0.0))
+        out["tokens"] = int(tokens)
+        for name in sorted(self.counters):
+            out[name] = all_reduce_sum(self.counters[name].cpu()).tolist()
         return out
-
-
-def moe_balance(counts: torch.Tensor | None) -> dict[str, Any]:
-    """Balance = mean over layers of the coefficient of variation of tokens per expert (0 = perfectly even)."""
-    if counts is None:
-        return {"expert_counts": None, "moe_balance": None, "experts_used": None, "num_experts": 0}
-    c = counts.double()
-    cv = (c.std(dim=1, unbiased=False) / c.mean(dim=1).clamp_min(1e-9)).mean()
-    used = int((counts > 0).sum(dim=1).min())  # the worst layer
-    return {
-        "expert_counts": counts.tolist(),
-        "moe_balance": float(cv),
-        "experts_used": used,
-        "num_experts": counts.shape[1],
-    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +12,9 @@ import torch
 
 from lumina_ds.config.io import config_to_dict, save_config
 from lumina_ds.config.run import RunConfig
-from lumina_ds.data.documents import parse_train_data
+from lumina_ds.data.documents import check_input_files, parse_train_data
 from lumina_ds.data.packing import PackedDataset
-from lumina_ds.data.pipeline import (
-    LoaderSettings,
-    SourceSet,
-    build_batches,
-    default_prepared_dir,
-    eval_rows,
-    micro_batches_for_epochs,
-    open_sources,
-)
+from lumina_ds.data.pipeline import SourceSet, build_batches, eval_rows, micro_batches_for_epochs, open_sources
 from lumina_ds.data.prepare import EncodeSettings, PrepareReport
 from lumina_ds.data.profile import LoaderRate, measure_batches
 from lumina_ds.data.stream import PackedBatches
@@ -31,11 +23,12 @@ from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError
-from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, TensorBoardLogger
-from lumina_ds.run_dir import CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE
+from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
+from lumina_ds.run_dir import CONFIG_FILE, DS_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE
 from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.engine import build_engine, build_model
-from lumina_ds.training.loop import LoopSettings, Trainer
+from lumina_ds.training.train_step import Engine, TrainStep
+from lumina_ds.training.trainer import Trainer
 
 TOKENIZER_SAMPLE_BYTES = 200 * 10**6  # text the BPE trainer sees at most
 
@@ -45,9 +38,9 @@ def log(info: DistInfo, message: str) -> None:
         print(message, flush=True)
 
 
-def prepare_tokenizer(run: RunConfig, run_dir: Path, info: DistInfo) -> ChatTokenizer:
+def prepare_tokenizer(run: RunConfig, info: DistInfo) -> ChatTokenizer:
     """An explicit --tokenizer; else the run's own (a resumed run keeps its vocabulary); else train a BPE."""
-    own = run_dir / TOKENIZER_FILE
+    own = run.logging.run_dir / TOKENIZER_FILE
     existed = own.exists()
     barrier()  # every rank looks before rank 0 may write it, so all ranks take the same branch below
     if run.data.tokenizer:
@@ -106,8 +99,10 @@ def total_steps_for(run: RunConfig, sources: SourceSet, batches: PackedBatches, 
     return steps, f"{run.train.epochs} epoch(s) = {steps} steps{how}"
 
 
-def build_callbacks(run: RunConfig, run_dir: Path) -> list[Callback]:
+def build_callbacks(run: RunConfig) -> list[Callback]:
+    run_dir = run.logging.run_dir
     callbacks: list[Callback] = [
+        MoESummary(),  # first: it adds the balance figures the loggers show
         ConsoleLogger(progress_bar=run.logging.progress_bar),
         JsonlLogger(run_dir / METRICS_FILE),
     ]
@@ -133,39 +128,18 @@ class PreparedData:
     description: str
 
 
-def _loader_settings(run: RunConfig) -> LoaderSettings:
-    data = run.data
-    prepared = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(run.logging.output_dir)
-    return LoaderSettings(
-        strategy=data.strategy,
-        num_workers=data.num_workers,
-        prefetch_factor=data.prefetch_factor,
-        shard_size_mb=data.shard_size_mb,
-        prepared_dir=prepared,
-        strict=data.strict,
-    )
-
-
-def local_world_size(info: DistInfo) -> int:
-    """Processes on this node (for splitting CPU workers between them)."""
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_SIZE"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return info.world_size
-
-
-def prepare_data(run: RunConfig, run_dir: Path, info: DistInfo) -> PreparedData:
+def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
     """Tokenizer, training sources by strategy, this rank's resumable batches, eval rows, optimizer steps."""
     assert run.data.train_data is not None
-    tokenizer = prepare_tokenizer(run, run_dir, info)
+    tokenizer = prepare_tokenizer(run, info)
     fit_vocab(run, tokenizer, info)
     encode = EncodeSettings.of(tokenizer, train_on=run.data.train_on, strict=run.data.strict)
-    loader = _loader_settings(run)
     sources = open_sources(
         parse_train_data(run.data.train_data),
         encode,
-        loader,
-        local_world_size=local_world_size(info),
+        run.data,
+        prepared_dir=run.prepared_dir,
+        local_world_size=info.local_world_size,
         is_local_main=info.local_rank == 0,
         barrier=barrier,
     )
@@ -181,7 +155,7 @@ def prepare_data(run: RunConfig, run_dir: Path, info: DistInfo) -> PreparedData:
         seq_len=run.seq_len,
         pad_id=tokenizer.pad_id,
         micro_batch_size=run.train.micro_batch_size,
-        loader=loader,
+        data=run.data,
     )
     eval_data = None
     if run.data.eval_data:
@@ -194,22 +168,17 @@ def prepare_data(run: RunConfig, run_dir: Path, info: DistInfo) -> PreparedData:
     return PreparedData(batches=batches, eval_data=eval_data, total_steps=total_steps, description=description)
 
 
-def build_trainer(run: RunConfig, run_dir: Path, info: DistInfo, data: PreparedData, engine: Any) -> Trainer:
-    settings = LoopSettings(
-        total_steps=data.total_steps,
-        log_every=run.logging.log_every_n_batches,
-        eval_every=run.train.eval_every_n_batches,
-        save_every=run.checkpoint.save_every_n_batches,
-        early_stopping_patience=run.train.early_stopping_patience,
-    )
+def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: Engine) -> Trainer:
     return Trainer(
-        engine=engine,
+        step=TrainStep(engine),
         batches=data.batches,
         eval_data=data.eval_data,
         info=info,
-        settings=settings,
-        checkpoints=CheckpointManager(run_dir, run.checkpoint, info),
-        callbacks=build_callbacks(run, run_dir) if info.is_main else [],
+        total_steps=data.total_steps,
+        train=run.train,
+        logging=run.logging,
+        checkpoints=CheckpointManager(run.logging.run_dir, run.checkpoint, info),
+        callbacks=build_callbacks(run) if info.is_main else [],
         client_extra={"config": config_to_dict(run)},
     )
 
@@ -227,29 +196,30 @@ def resume_if_asked(trainer: Trainer, run: RunConfig, info: DistInfo) -> None:
 def train(run: RunConfig) -> dict[str, Any]:
     """Run training as configured; every rank calls this. Returns the summary (steps, final eval loss, ...)."""
     run.validate()
-    if not run.data.train_data:
-        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
+    check_input_files(run.data)  # E104 before any tokenizer is trained or data tokenized
     precision = select_precision(run.train.precision)  # E003 before any process group or data work
     info = init_distributed()
-    preflight(run, info.world_size, precision=precision)  # E203 before any data or model work
-    run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
+    preflight(run, info.world_size)  # E203 before any data or model work
+    run_dir = run.logging.run_dir
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    data = prepare_data(run, run_dir, info)
+    data = prepare_data(run, info)
     if info.is_main:
         save_config(run, run_dir / CONFIG_FILE)
     log(info, f"run dir {run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
     model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
     bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision)
+    if info.is_main:
+        (run_dir / DS_CONFIG_FILE).write_text(json.dumps(bundle.ds_config, indent=2) + "\n")
     dist_cfg = run.distributed
     log(
         info,
         f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
         f"{data.total_steps} steps",
     )
-    trainer = build_trainer(run, run_dir, info, data, bundle.engine)
+    trainer = build_trainer(run, info, data, bundle.engine)
     resume_if_asked(trainer, run, info)
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
@@ -259,12 +229,10 @@ def train(run: RunConfig) -> dict[str, Any]:
 def profile_data_loading(run: RunConfig, *, batches: int = 200) -> LoaderRate:
     """Build this run's data pipeline and time its batches, without a model (`--profile-data-loading`)."""
     run.validate()
-    if not run.data.train_data:
-        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    run_dir = Path(run.logging.output_dir) / run.logging.experiment_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(run, run_dir, info)
+    check_input_files(run.data)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    run.logging.run_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(run, info)
     log(info, data.description)
     rate = measure_batches(data.batches, count=batches)
     log(info, f"data loading: {rate.summary()}")

@@ -128,7 +128,7 @@ def test_unknown_yaml_key_names_the_key(text: str, key: str, where: str, tmp_pat
 
 
 def test_missing_and_invalid_yaml_files(tmp_path: Path) -> None:
-    raises_config_error(lambda: load_config(tmp_path / "nope.yaml"), "E002", "does not exist")
+    raises_config_error(lambda: load_config(tmp_path / "nope.yaml"), "E104", "does not exist")  # input files: E104
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     raises_config_error(lambda: load_config(bad), "E002", "not valid YAML")

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from lumina_ds.config.run import DataConfig
 from lumina_ds.data import ChatTokenizer, EncodeSettings, parse_train_data
 from lumina_ds.data.pipeline import (
-    LoaderSettings,
     build_batches,
     choose_strategy,
     eval_rows,
@@ -14,7 +14,7 @@ from lumina_ds.data.pipeline import (
     mixture_of,
     open_sources,
 )
-from lumina_ds.errors import ConfigError
+from lumina_ds.errors import ConfigError, DataError
 
 GB = 10**9
 RAM = 16 * 2**30
@@ -44,14 +44,14 @@ def test_steps_per_epoch_match_what_each_rank_yields(
     tokenizer: ChatTokenizer, examples_dir: Path, tmp_path: Path, strategy: str
 ) -> None:
     specs = parse_train_data(f"{examples_dir / 'conversations.jsonl'},{examples_dir / 'bad_lines.jsonl'}:3")
-    loader = LoaderSettings(strategy=strategy, num_workers=0, prepared_dir=tmp_path)
-    sources = open_sources(specs, EncodeSettings.of(tokenizer), loader)
+    data = DataConfig(strategy=strategy, num_workers=0)
+    sources = open_sources(specs, EncodeSettings.of(tokenizer), data, prepared_dir=tmp_path)
     mixture = mixture_of(sources, seed=5)
     micro, exact = micro_batches_for_epochs(sources, mixture, epochs=2, world_size=2, seq_len=128, micro_batch_size=3)
     yielded = []
     for rank in range(2):
         kwargs = {"rank": rank, "world_size": 2, "seq_len": 128, "pad_id": 0, "micro_batch_size": 3}
-        batches = build_batches(sources, seed=5, loader=loader, **kwargs)
+        batches = build_batches(sources, seed=5, data=data, **kwargs)
         complete = 0  # batches whose rows all come from epochs 0 and 1
         for _ in batches:
             if batches.view.normalize(batches.position) > (2, 0):
@@ -71,3 +71,11 @@ def test_eval_rows_are_the_file_in_order(tokenizer: ChatTokenizer, examples_dir:
     assert report.conversations == rows.num_conversations == 50
     assert rows.input_ids.shape[1] == 64 and rows.input_ids[0, 0] == tokenizer.bos_id
     assert rows.num_target_tokens > 0
+
+
+def test_eval_file_without_a_usable_conversation_is_e106(tokenizer: ChatTokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"messages": []}\n[1, 2]\n{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    with pytest.raises(DataError) as err:
+        eval_rows(path, EncodeSettings.of(tokenizer), seq_len=64, pad_id=0)
+    assert err.value.code == "E106" and "0 of" not in err.value.message and "3 of 3 lines skipped" in err.value.message

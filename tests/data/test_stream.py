@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lumina_ds.batch import Batch
 from lumina_ds.data import (
     IGNORE_INDEX,
     ChatTokenizer,
@@ -125,8 +126,9 @@ def _take(batches: PackedBatches, n: int) -> list[dict[str, torch.Tensor]]:
     return list(islice(iter(batches), n))
 
 
-def _same(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
+def _same(a: list[Batch], b: list[Batch]) -> bool:
+    pairs = (zip(x, y, strict=True) for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(torch.equal(u, v) for pair in pairs for u, v in pair)
 
 
 def test_memory_sharded_and_streaming_yield_the_same_token_stream(sources: dict) -> None:

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from lumina_ds.config.io import deep_merge
 from lumina_ds.config.presets import get_preset
-from lumina_ds.distributed.ds_config import build_ds_config, merge_overrides, precision_sections, resolve_precision
+from lumina_ds.distributed.ds_config import (
+    build_ds_config,
+    load_deepspeed_json,
+    precision_sections,
+    resolve_precision,
+)
 from lumina_ds.distributed.expert_parallel import autoep_section
 from lumina_ds.distributed.parallelize import parallelize
 from lumina_ds.errors import ConfigError
@@ -42,21 +48,22 @@ def test_user_json_overrides_nested_keys(tmp_path: Path) -> None:
     override = tmp_path / "ds.json"
     override.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "steps_per_print": 5}))
     run = get_preset("debug")
-    run.distributed.zero_stage, run.distributed.deepspeed_config = 2, str(override)
+    run.distributed.zero_stage, run.distributed.deepspeed = 2, load_deepspeed_json(str(override))
     ds = build_ds_config(run, world_size=1, precision="fp32")
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["steps_per_print"] == 5
-    assert merge_overrides({"a": {"b": 1}}, {"a": 2}) == {"a": 2}
+    assert deep_merge({"a": {"b": 1}}, {"a": 2}) == {"a": 2}
 
 
 def test_bad_override_file_is_a_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    run = get_preset("debug")
-    run.distributed.deepspeed_config = str(bad)
     with pytest.raises(ConfigError) as err:
-        build_ds_config(run, world_size=1, precision="fp32")
+        load_deepspeed_json(str(bad))
     assert err.value.code == "E002"
+    with pytest.raises(ConfigError) as err:
+        load_deepspeed_json(str(tmp_path / "missing.json"))
+    assert err.value.code == "E104"
 
 
 def test_autoep_pattern_matches_only_moe_layers() -> None:
@@ -65,6 +72,11 @@ def test_autoep_pattern_matches_only_moe_layers() -> None:
     section = autoep_section(run.model.build(), ep_size=2)
     assert section["moe_layer_pattern"] == r"layers\.(1|3)\.ffn"
     assert section["autoep_size"] == 2 and section["top_k"] == 2 and not section["has_shared_experts"]
+    # naming a shared-experts pattern without shared experts makes DeepSpeed warn on every rank of every run
+    assert "shared_experts_pattern" not in section
+    run.model.moe.num_shared_experts, run.model.moe.shared_intermediate_size = 1, 32
+    shared = autoep_section(run.model.build(), ep_size=2)
+    assert shared["has_shared_experts"] and shared["shared_experts_pattern"] == "shared"
 
 
 def test_parallelize_only_adds_autoep_when_experts_are_split() -> None:
@@ -82,6 +94,9 @@ def test_parallelize_only_adds_autoep_when_experts_are_split() -> None:
 def test_shipped_override_files_merge_into_the_generated_config() -> None:
     run = get_preset("debug")
     run.distributed.zero_stage = 2
-    run.distributed.deepspeed_config = str(Path(__file__).resolve().parents[2] / "ds_configs" / "overlap_comm.json")
+    run.distributed.deepspeed = load_deepspeed_json(
+        str(Path(__file__).resolve().parents[2] / "ds_configs" / "overlap_comm.json")
+    )
+    run.validate()  # the shipped file sets no key the run config owns
     zero = build_ds_config(run, world_size=2, precision="fp32")["zero_optimization"]
     assert zero["stage"] == 2 and zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 50_000_000

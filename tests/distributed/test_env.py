@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lumina_ds.distributed.env import SHM_COMM_OP
-from lumina_ds.environment import torch_extensions_dir
+from lumina_ds.planning.environment import torch_extensions_dir
 from tests.distributed.conftest import run_single_rank
 
 SCRIPT = textwrap.dedent(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import lumina_ds.models.attention as attention_module
 import lumina_ds.models.transformer as transformer_module
+from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.models.attention import (
@@ -32,7 +33,7 @@ from lumina_ds.models.attention import (
     resolve_backend,
 )
 from lumina_ds.models.layers import RotaryEmbedding
-from lumina_ds.models.transformer import IGNORE_INDEX, Transformer
+from lumina_ds.models.transformer import Transformer
 
 VOCAB, ROW = 64, 32
 Conversation = tuple[torch.Tensor, torch.Tensor]  # input_ids [L], labels [L]

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.config.model import ModelConfig, MoEConfig
-from lumina_ds.models.transformer import IGNORE_INDEX, Transformer
+from lumina_ds.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,5 +102,5 @@ def test_mixtral_routing_is_exercised() -> None:
     torch.manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, 24))
     with torch.no_grad():
-        counts = ours(ids, labels=ids)["expert_counts"]
+        counts = ours(ids, labels=ids)["metrics"]["expert_counts"]
     assert (counts > 0).all(), counts

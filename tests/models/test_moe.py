@@ -199,7 +199,7 @@ def test_model_expert_counts_sum_to_tokens_times_k() -> None:
     model = tiny_moe_model()
     ids = torch.randint(0, 64, (3, 7))
     out = model(ids, labels=ids)
-    counts = out["expert_counts"]
+    counts = out["metrics"]["expert_counts"]
     assert counts.shape == (2, 4)
     assert counts.sum(dim=1).tolist() == [3 * 7 * 2, 3 * 7 * 2]
 
@@ -208,7 +208,7 @@ def test_model_expert_counts_sum_to_tokens_times_k() -> None:
 def test_router_losses_send_gradients_to_every_gate(loss_name: str) -> None:
     model = tiny_moe_model()
     ids = torch.randint(0, 64, (2, 8))
-    model(ids, labels=ids)[loss_name].backward()
+    model(ids, labels=ids)["metrics"][loss_name].backward()
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
     assert len(blocks) == 2
     for block in blocks:

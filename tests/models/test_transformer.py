@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import lumina_ds.models.transformer as transformer_module
+from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.models.layers import SwiGLU
 from lumina_ds.models.moe import MoEBlock, load_balancing_loss, router_z_loss
-from lumina_ds.models.transformer import IGNORE_INDEX, Transformer
+from lumina_ds.models.transformer import Transformer
 
 
 def tiny_config(**overrides: object) -> ModelConfig:
@@ -122,9 +123,9 @@ def test_total_loss_combines_lm_aux_and_z_with_config_weights() -> None:
     router_logits = [x @ b.gate.weight.detach().T for x, b in zip(gate_inputs, blocks, strict=True)]
     aux = sum(float(load_balancing_loss(r, 2)) for r in router_logits) / 2
     z = sum(float(router_z_loss(r)) for r in router_logits) / 2
-    assert out["aux_loss"].item() == pytest.approx(aux, abs=1e-5)
-    assert out["z_loss"].item() == pytest.approx(z, abs=1e-5)
-    expected = out["lm_loss"].item() + 0.3 * out["aux_loss"].item() + 0.05 * out["z_loss"].item()
+    assert out["metrics"]["aux_loss"].item() == pytest.approx(aux, abs=1e-5)
+    assert out["metrics"]["z_loss"].item() == pytest.approx(z, abs=1e-5)
+    expected = out["lm_loss"].item() + 0.3 * out["metrics"]["aux_loss"].item() + 0.05 * out["metrics"]["z_loss"].item()
     assert out["loss"].item() == pytest.approx(expected, abs=1e-5)
     assert out["loss"].item() - out["lm_loss"].item() > 0.3  # the aux term is really in there
 
@@ -138,7 +139,7 @@ def test_dense_model_has_no_router() -> None:
     ids, labels = batch(batch_size=2, seq_len=8)
     out = model(ids, labels=labels)
     assert out["logits"].shape == (2, 8, 64)
-    assert out["aux_loss"].item() == 0.0 and out["z_loss"].item() == 0.0
+    assert out["metrics"]["aux_loss"].item() == 0.0 and out["metrics"]["z_loss"].item() == 0.0
     assert out["loss"].item() == out["lm_loss"].item()
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -151,8 +152,8 @@ def test_moe_every_two_puts_moe_on_every_second_layer() -> None:
     assert model.num_moe_layers == 2
     ids, labels = batch(batch_size=2, seq_len=8)
     out = model(ids, labels=labels)
-    assert out["expert_counts"].shape == (2, 4)
-    assert out["expert_counts"].sum(dim=1).tolist() == [2 * 8 * 2] * 2
+    assert out["metrics"]["expert_counts"].shape == (2, 4)
+    assert out["metrics"]["expert_counts"].sum(dim=1).tolist() == [2 * 8 * 2] * 2
 
 
 def test_gradient_checkpointing_gives_identical_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,8 +175,10 @@ def test_gradient_checkpointing_gives_identical_loss_and_gradients(monkeypatch: 
     out_checked = checked(ids, labels=labels)
     out_checked["loss"].backward()
     assert len(calls) == len(checked.layers)  # every layer went through checkpoint
-    for key in ("loss", "lm_loss", "aux_loss", "z_loss"):
+    for key in ("loss", "lm_loss"):
         torch.testing.assert_close(out_checked[key], out_plain[key], rtol=0, atol=1e-6)
+    for key in ("aux_loss", "z_loss"):
+        torch.testing.assert_close(out_checked["metrics"][key], out_plain["metrics"][key], rtol=0, atol=1e-6)
     grads_plain = dict(plain.named_parameters())
     for name, p in checked.named_parameters():
         g0 = grads_plain[name].grad

@@ -11,18 +11,20 @@ import numpy as np
 import pytest
 import torch
 
+from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.config.model import ModelConfig, MoEConfig
-from lumina_ds.config.run import CheckpointConfig
+from lumina_ds.config.run import CheckpointConfig, LoggingConfig, TrainConfig
 from lumina_ds.data.documents import TokenizedDocs, TokenizedPart
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.packing import PackedDataset, PackedRows
 from lumina_ds.data.stream import PackedBatches, RankView, RowPacker
 from lumina_ds.distributed.env import DistInfo
-from lumina_ds.errors import CheckpointError, TrainingError
+from lumina_ds.errors import CheckpointError, MemoryPlanError, TrainingError
 from lumina_ds.training.checkpoint import CheckpointManager
-from lumina_ds.training.loop import LoopSettings, Trainer
+from lumina_ds.training.train_step import TrainStep
+from lumina_ds.training.trainer import Trainer
 
-INFO = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+INFO = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
 
 class FakeEngine:
@@ -97,11 +99,11 @@ def make_trainer(tmp_path: Path, *, total_steps: int, eval_every: int = 1000,
     model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                         moe=MoEConfig(num_experts=2, top_k=1, expert_intermediate_size=16)).build()  # fmt: skip
     batches = train_batches(60)
-    settings = LoopSettings(total_steps=total_steps, log_every=1, eval_every=eval_every, save_every=10**6,
-                            early_stopping_patience=patience)  # fmt: skip
-    return Trainer(engine=FakeEngine(model), batches=batches, eval_data=PackedDataset(eval_rows(12, seed=3)), info=INFO,
-                   settings=settings, checkpoints=CheckpointManager(tmp_path, CheckpointConfig(), INFO),
-                   callbacks=[], client_extra={})  # fmt: skip
+    train = TrainConfig(eval_every_n_batches=eval_every, early_stopping_patience=patience)
+    checkpoints = CheckpointManager(tmp_path, CheckpointConfig(save_every_n_batches=10**6), INFO)
+    return Trainer(step=TrainStep(FakeEngine(model)), batches=batches, eval_data=PackedDataset(eval_rows(12, seed=3)),
+                   info=INFO, total_steps=total_steps, train=train, logging=LoggingConfig(log_every_n_batches=1),
+                   checkpoints=checkpoints, callbacks=[], client_extra={})  # fmt: skip
 
 
 def test_evaluate_is_token_weighted_over_every_row(tmp_path: Path) -> None:
@@ -112,7 +114,7 @@ def test_evaluate_is_token_weighted_over_every_row(tmp_path: Path) -> None:
     with torch.no_grad():
         for i in range(len(data)):  # one row at a time, weighted by its number of targets
             batch = data.batch([i])
-            out = trainer.engine.module(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+            out = trainer.engine.module(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids)
             total += float(out["lm_loss"]) * int(out["num_targets"])
             targets += int(out["num_targets"])
     result = trainer.evaluate()
@@ -170,15 +172,17 @@ def test_eval_batches_have_equal_shapes_on_every_rank_and_cover_each_row_once(tm
     for rank in (0, 1):
         trainer = make_trainer(tmp_path, total_steps=1)  # micro-batch 2
         trainer.eval_data = PackedDataset(eval_rows(10, seed=3))  # 7 packed rows: ranks get 4 and 3
-        trainer.info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+        trainer.info = DistInfo(
+            rank=rank, local_rank=rank, world_size=2, local_world_size=2, device=torch.device("cpu")
+        )
         n = len(trainer.eval_data)
         assert n == 7
         batches = list(trainer._eval_batches())
-        shapes[rank] = [tuple(b["input_ids"].shape) for b in batches]
+        shapes[rank] = [tuple(b.input_ids.shape) for b in batches]
         for b in batches:
-            for row_labels, row_ids in zip(b["labels"], b["input_ids"], strict=True):
-                if (row_labels != -100).any():
-                    match = [i for i in range(n) if torch.equal(trainer.eval_data.batch([i])["input_ids"][0], row_ids)]
+            for row_labels, row_ids in zip(b.labels, b.input_ids, strict=True):
+                if (row_labels != IGNORE_INDEX).any():
+                    match = [i for i in range(n) if torch.equal(trainer.eval_data.batch([i]).input_ids[0], row_ids)]
                     seen.extend(match[:1])
     assert shapes[0] == shapes[1]
     assert sorted(seen) == list(range(n))
@@ -192,3 +196,18 @@ def test_divergence_is_e301_and_nothing_diverged_is_saved(tmp_path: Path) -> Non
         trainer.fit()
     assert err.value.code == "E301" and "step 1" in str(err.value)
     assert trainer.engine.saved == []
+
+
+def test_out_of_memory_in_a_step_is_e204_and_other_errors_pass_through(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, total_steps=1)
+    engine = trainer.engine
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 4 GB")
+    for error in (cpu_oom, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+        engine.module.forward = lambda *a, error=error, **k: (_ for _ in ()).throw(error)  # type: ignore[method-assign]
+        with pytest.raises(MemoryPlanError) as err:
+            TrainStep(engine).run(iter(trainer.batches))
+        assert err.value.code == "E204" and "2 rows x 16 tokens" in err.value.message
+        assert "--micro-batch-size" in err.value.hint
+    engine.module.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        TrainStep(engine).run(iter(trainer.batches))

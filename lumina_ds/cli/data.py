@@ -1,0 +1,162 @@
+"""Data verbs: `validate-data`, `prepare-data`, `tokenizer train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lumina_ds.errors import ConfigError
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Reject flag combinations that would otherwise be ignored."""
+    if not args.fix_errors and (args.output or args.rejects):
+        raise ConfigError("E002", "--output and --rejects need --fix-errors", "Add --fix-errors.")
+    if args.fix_errors and not args.output:
+        raise ConfigError("E002", "--fix-errors needs --output FILE", "Example: --fix-errors --output fixed.jsonl")
+    if args.fix_errors and args.strict:
+        raise ConfigError("E002", "--strict stops at the first error; --fix-errors must read every line", "Pick one.")
+    if args.quiet and args.show_stats:
+        raise ConfigError("E002", "--quiet prints one line; it cannot show statistics", "Drop --quiet or --show-stats.")
+
+
+def cmd_validate_data(args: argparse.Namespace) -> int:
+    # Imported here so that `lumina-ds --help` and other subcommands stay light.
+    from lumina_ds.data.validate import quiet_line, summary_lines, validate_files
+
+    _check_flags(args)
+    tokenizer = None
+    if args.tokenizer:
+        from lumina_ds.data.tokenizer import ChatTokenizer
+
+        tokenizer = ChatTokenizer.from_file(args.tokenizer)
+    rejects = args.rejects
+    if args.fix_errors and not rejects:
+        output = Path(args.output)
+        rejects = str(output.with_name(f"{output.stem}_rejects.jsonl"))
+    validator = validate_files(
+        args.files,
+        tokenizer=tokenizer,
+        seq_len=args.seq_len,
+        strict=args.strict,
+        fix_output=args.output if args.fix_errors else None,
+        rejects_output=rejects if args.fix_errors else None,
+    )
+    print(quiet_line(validator) if args.quiet else "\n".join(summary_lines(validator, show_stats=args.show_stats)))
+    if args.report is not None:
+        report_path = Path(args.report or f"{Path(args.files[0]).stem}_report.json")
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(validator.report(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        if not args.quiet:
+            print(f"report: {report_path}")
+    if args.fix_errors and not args.quiet:
+        print(f"fixed data: {args.output}  rejected lines: {rejects}")
+    return 0 if validator.ok else 1
+
+
+def _validate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate-data",
+        help="check JSONL chat files line by line (exit 1 if any line has an error)",
+        description="Stream JSONL chat files once; report every problem with its line number, code and kind.",
+    )
+    p.add_argument("files", nargs="+", help="JSONL files (one conversation per line)")
+    p.add_argument(
+        "--report",
+        "--create-report",
+        dest="report",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="write the JSON report (default path: <first input stem>_report.json); put it after the files",
+    )
+    p.add_argument("--show-stats", action="store_true", help="print role counts and length histograms (default: off)")
+    p.add_argument("--quiet", action="store_true", help="print one summary line only (default: off)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first error line (exit 1, print code and line) (default: off)",
+    )
+    p.add_argument(
+        "--fix-errors", action="store_true", help="write repairable conversations normalized to --output (default: off)"
+    )
+    p.add_argument("--output", help="fixed JSONL file (with --fix-errors; default: none)")
+    p.add_argument("--rejects", help="unrepairable lines as JSONL (default: <output stem>_rejects.jsonl)")
+    p.add_argument("--tokenizer", help="tokenizer.json: adds token statistics (default: none)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="warn about conversations longer than this many tokens (default: no limit)",
+    )
+    p.set_defaults(func=cmd_validate_data)
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from lumina_ds.data.documents import parse_train_data
+    from lumina_ds.data.prepare import EncodeSettings, prepare_source
+    from lumina_ds.data.tokenizer import ChatTokenizer
+
+    if not args.tokenizer:
+        raise ConfigError(
+            "E002",
+            "prepare-data needs the tokenizer the training run will use",
+            "train one first: lumina-ds tokenizer train FILES --vocab-size N --output tok.json",
+        )
+    encode = EncodeSettings.of(ChatTokenizer.from_file(args.tokenizer), train_on=args.train_on, strict=args.strict)
+    specs = parse_train_data(",".join(args.files))
+    total_tokens = 0
+    for spec in specs:
+        docs, report = prepare_source(
+            spec.path,
+            encode,
+            prepared_dir=Path(args.output),
+            num_workers=args.num_workers,
+            shard_bytes=args.shard_size_mb << 20,
+            progress=True,
+        )
+        total_tokens += report.tokens
+        print(report.summary())
+        for skipped in report.skipped_examples[:5]:
+            print(f"  line {skipped.line_no}: {skipped.code} {skipped.reason}")
+        print(f"  -> {len(docs.parts)} shard(s) in {report.directory}")
+    print(f"{len(specs)} file(s), {total_tokens:,} tokens in {args.output}")
+    print(f"train with: --prepared-dir {args.output} --tokenizer {args.tokenizer} --data-strategy sharded")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from lumina_ds.data.documents import parse_train_data
+    from lumina_ds.data.tokenizer import sample_texts, train_bpe_tokenizer
+
+    paths = [spec.path for spec in parse_train_data(",".join(args.files))]
+    texts = sample_texts(paths, max_bytes=args.max_mb * 10**6)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    tokenizer.save(args.output)
+    print(f"byte-level BPE with {tokenizer.vocab_size:,} tokens (chat special tokens = ids 0-5) -> {args.output}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _validate_parser(sub)
+    p = sub.add_parser("prepare-data", help="tokenize JSONL files into memory-mapped token shards (cached by hash)")
+    p.add_argument("files", nargs="+", help="JSONL chat files")
+    p.add_argument("--tokenizer", help="tokenizer.json the training run will use (required)")
+    p.add_argument("--output", default="data/prepared", help="prepared-shard cache directory (default: data/prepared)")
+    p.add_argument("--num-workers", type=int, default=2, help="tokenizing processes (default: 2)")
+    p.add_argument("--shard-size-mb", type=int, default=256, help="JSONL megabytes per shard (default: 256)")
+    p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
+                   help="which tokens carry loss (default: assistant)")  # fmt: skip
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed line (default: off)")
+    p.set_defaults(func=cmd_prepare_data)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer with the chat special tokens")
+    p.add_argument("files", nargs="+", help="JSONL chat files")
+    p.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary (required)")
+    p.add_argument("--output", required=True, help="where to write tokenizer.json (required)")
+    p.add_argument("--max-mb", type=int, default=200, help="megabytes of message text to learn from (default: 200)")
+    p.add_argument("--min-frequency", type=int, default=2, help="rarest pair merged (default: 2)")
+    p.set_defaults(func=cmd_tokenizer_train)

@@ -1,0 +1,237 @@
+"""Sizing verbs: `estimate-parameters`, `plan`, `analyze-memory`, `dry-run`, `estimate-time`, `ds-config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from lumina_ds.config.presets import PRESETS, get_preset
+from lumina_ds.config.run import PRECISIONS
+from lumina_ds.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lumina_ds.planning.planner import Cluster
+
+
+def _gpu_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu",
+        "--hardware-profile",
+        dest="gpu",
+        default="h100",
+        help="GPU model for the step-time model: h100, h200, a100, l40s, a10g, v100, b200 (LuminaAI's a100-80gb "
+        "works) (default: h100)",
+    )
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout (default: off)")
+
+
+def _preset_arg(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    default = "required" if required else "default: debug"
+    p.add_argument("--preset", "--config", dest="preset", metavar="PRESET", required=required,
+                   default=None if required else "debug", help=f"one of {', '.join(PRESETS)} ({default})")  # fmt: skip
+
+
+def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) -> None:
+    _preset_arg(p)
+    nodes_help = "required" if nodes_required else "default: the preset's reference cluster (ds_configs/README.md)"
+    p.add_argument("--nodes", type=int, required=nodes_required, help=f"nodes in the cluster ({nodes_help})")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
+                   help="memory per GPU in GB (GiB, as torch reports) (default: 80)")  # fmt: skip
+    p.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="host memory per node (default: 1024)")
+    _gpu_arg(p)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's, max 4096)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto plans mixed bf16 (default: auto)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="assumed model FLOPs utilisation for the step time (default: 0.4)")  # fmt: skip
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    from lumina_ds.planning.planner import Cluster
+
+    if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_mem_gb <= 0:
+        raise ConfigError("E002", "--nodes, --gpus-per-node and --gpu-mem-gb must be positive")
+    return Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.gpu)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lumina_ds.planning.plan_report import format_plan, plan_as_dict
+    from lumina_ds.planning.planner import plan
+
+    result = plan(get_preset(args.preset), _cluster(args), seq_len=args.seq_len, precision=args.precision,
+                  mfu=args.mfu)  # fmt: skip
+    print(json.dumps(plan_as_dict(result), indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def cmd_analyze_memory(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from lumina_ds.distributed.preflight import preflight
+    from lumina_ds.planning.memory import Layout, estimate_memory, format_breakdown, with_bucket_rules
+
+    run = get_preset(args.preset)
+    run.distributed.zero_stage, run.distributed.expert_parallel_size = args.zero_stage, args.expert_parallel_size
+    run.distributed.moe_backend, run.train.precision = args.moe_backend, args.precision
+    run.validate()
+    preflight(run, args.gpus)
+    ckpt = run.train.gradient_checkpointing if args.gradient_checkpointing is None else args.gradient_checkpointing
+    layout = Layout(zero_stage=args.zero_stage, gpus=args.gpus, gpus_per_node=min(args.gpus, args.gpus_per_node),
+                    expert_parallel_size=args.expert_parallel_size, micro_batch_size=args.batch_size,
+                    seq_len=args.sequence_length or run.seq_len, gradient_checkpointing=ckpt,
+                    precision=args.precision, offload_optimizer=args.offload_optimizer,
+                    offload_param=args.offload_param)  # fmt: skip
+    layout = with_bucket_rules(layout, run.model.hidden_size)
+    if args.precision == "auto":
+        layout = replace(layout, precision="mixed_bf16")
+    estimate = estimate_memory(run.model, layout)
+    if args.json:
+        print(json.dumps({"preset": args.preset, **estimate.as_dict()}, indent=2))
+        return 0
+    print(f"{args.preset}: ZeRO-{layout.zero_stage}, {layout.gpus} GPUs, EP {layout.expert_parallel_size}, "
+          f"micro-batch {layout.micro_batch_size} x seq {layout.seq_len}, {layout.precision}, "
+          f"recompute {'on' if ckpt else 'off'}")  # fmt: skip
+    print(format_breakdown(estimate))
+    return 0
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="fastest ZeRO / expert-parallel / offload / batch layout that fits a cluster")
+    _cluster_args(p)
+    _json_arg(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze-memory", help="per-GPU memory breakdown of one layout")
+    _preset_arg(p)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3, help="ZeRO stage (default: 3)")
+    p.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=int, default=1,
+                   help="rows per GPU per micro-batch (default: 1)")  # fmt: skip
+    p.add_argument("--sequence-length", "--seq-len", dest="sequence_length", type=int, default=None,
+                   help="tokens per row (default: the preset's, max 4096)")  # fmt: skip
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in all (default: 8)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
+    p.add_argument("--expert-parallel-size", type=int, default=1, help="experts split over N GPUs (default: 1)")
+    p.add_argument("--moe-backend", choices=("autoep", "native"), default="autoep",
+                   help="MoE implementation (default: autoep)")  # fmt: skip
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation recompute (default: the preset's)")  # fmt: skip
+    p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the host (default: off)")
+    p.add_argument("--offload-param", action="store_true", help="ZeRO-3 parameters on the host (default: off)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto = mixed bf16, a GPU run (default: auto)")  # fmt: skip
+    _json_arg(p)
+    p.set_defaults(func=cmd_analyze_memory)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _estimate_parameters_parser(sub)
+    _plan_parser(sub)
+    _analyze_parser(sub)
+    _ds_config_parser(sub)
+    _dry_run_parser(sub)
+    _estimate_time_parser(sub)
+
+
+def cmd_ds_config(args: argparse.Namespace) -> int:
+    from lumina_ds.planning.layouts import REFERENCE_CLUSTERS, layout_for_plan
+    from lumina_ds.planning.planner import plan
+
+    run = get_preset(args.preset)
+    cluster = REFERENCE_CLUSTERS[args.preset] if args.nodes is None else _cluster(args)
+    result = plan(run, cluster, seq_len=args.seq_len, precision=args.precision, mfu=args.mfu)
+    print(json.dumps(layout_for_plan(run, result), indent=2))
+    return 0
+
+
+def _ds_config_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ds-config", help="the planned layout of a preset (the files in lumina_ds/planning/layouts/)")
+    _cluster_args(p, nodes_required=False)
+    p.set_defaults(func=cmd_ds_config)
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from lumina_ds.planning.dry_run import dry_run, format_dry_run
+
+    result = dry_run(get_preset(args.preset), _cluster(args), seq_len=args.seq_len, precision=args.precision,
+                     mfu=args.mfu)  # fmt: skip
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_dry_run(result))
+    return 0
+
+
+def cmd_estimate_time(args: argparse.Namespace) -> int:
+    from lumina_ds.models.counting import count_parameters
+    from lumina_ds.planning.estimate_time import count_tokens, estimate_time
+
+    run = get_preset(args.preset)
+    seq_len = args.seq_len or run.seq_len
+    tokens = count_tokens(args.train_data, tokenizer=args.tokenizer)
+    flops = count_parameters(run.model, seq_len=seq_len).flops_per_token
+    epochs = args.epochs or run.train.epochs
+    est = estimate_time(tokens=tokens.tokens, flops_per_token=flops, epochs=epochs, gpus=args.gpus, gpu=args.gpu,
+                        precision=args.precision, mfu=args.mfu)  # fmt: skip
+    if args.json:
+        fields = {"tokens": est.tokens, "epochs": epochs, "flops_per_token": flops, "total_flops": est.total_flops}
+        print(json.dumps({"preset": args.preset, **fields, "seconds": est.seconds, "token_count": tokens.method}))
+        return 0
+    print(f"{args.preset}: {est.tokens:,.0f} tokens ({tokens.method}) x {epochs} epoch(s)")
+    print(f"  {flops:.3e} FLOPs/token (6*N_active + attention at seq {seq_len}) -> {est.total_flops:.3e} FLOPs")
+    seconds = f"{est.seconds:.3g}" if est.seconds < 100 else f"{est.seconds:,.0f}"
+    when = f"{seconds} s = {est.hours:,.2f} hours = {est.hours / 24:,.2f} days"
+    print(f"  {args.gpus} x {args.gpu} at MFU {args.mfu:g}: {when}")
+    return 0
+
+
+def _dry_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dry-run", help="plan, build on the meta device, pre-flight and DeepSpeed config; no step")
+    _cluster_args(p)
+    _json_arg(p)
+    p.set_defaults(func=cmd_dry_run)
+
+
+def _estimate_time_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate-time", help="training time from tokens, FLOPs/token, GPUs and an assumed MFU")
+    _preset_arg(p)
+    p.add_argument("--train-data", required=True, help="JSONL file; tokens estimated from its size (required)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer.json: measure bytes/token on the first 2000 lines (default: ~4 bytes/token)"
+    )
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all (required)")
+    _gpu_arg(p)
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default: 0.4)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default: the preset's)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's, max 4096)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto = bf16 peak (default: auto)")
+    _json_arg(p)
+    p.set_defaults(func=cmd_estimate_time)
+
+
+def cmd_estimate_parameters(args: argparse.Namespace) -> int:
+    from lumina_ds.models.counting import count_parameters
+
+    run = get_preset(args.preset)
+    seq_len = args.seq_len or run.seq_len
+    count = count_parameters(run.model, seq_len=seq_len)
+    if args.json:
+        print(json.dumps({"preset": args.preset, **count.as_dict()}))
+        return 0
+    print(f"preset {args.preset}: {count.total:,} parameters, {count.active:,} active per token")
+    for name, n in count.by_component.items():
+        if n:
+            print(f"  {name:<15} {n:>18,}  {100 * n / count.total:5.1f}%")
+    print(f"  training FLOPs/token {count.flops_per_token:.3e} (6*N_active + attention at seq {seq_len})")
+    return 0
+
+
+def _estimate_parameters_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate-parameters", help="total and active parameters of a preset, by component")
+    _preset_arg(p, required=False)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for the FLOPs estimate (default: the preset's, max 4096)")  # fmt: skip
+    _json_arg(p)
+    p.set_defaults(func=cmd_estimate_parameters)

@@ -1,0 +1,323 @@
+"""`lumina-ds train` (and `launch/train.py`, which is the same command): its flags, and how flags become the one
+resolved RunConfig every launcher trains with."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from lumina_ds.cli.luminaai import config_file_given_as_preset
+from lumina_ds.config.io import deep_merge, load_config
+from lumina_ds.config.model import ATTENTION_BACKENDS
+from lumina_ds.config.presets import PRESETS, get_preset
+from lumina_ds.config.run import DATA_STRATEGIES, PRECISIONS, SCHEDULERS, RunConfig
+from lumina_ds.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One training flag: its spellings, the RunConfig field it sets (`section.field`), help and argparse options."""
+
+    names: tuple[str, ...]
+    target: str
+    help: str
+    options: dict[str, Any] = field(default_factory=dict)
+    default: str | None = None  # how to describe the default when the field's value does not say it
+
+    @property
+    def dest(self) -> str:
+        return self.options.get("dest") or self.names[0].lstrip("-").replace("-", "_")
+
+
+BOOL = {"action": argparse.BooleanOptionalAction}
+ON = {"action": "store_true", "default": None}
+DATA_FLAGS = [
+    Flag(("--train-data",), "data.train_data", "JSONL chat files: FILE[,FILE2:WEIGHT,...] (weight = uses per epoch)"),
+    Flag(("--eval-data",), "data.eval_data", "JSONL chat file to evaluate on"),
+    Flag(("--tokenizer",), "data.tokenizer", "a tokenizer.json", default="a byte-level BPE trained on the data"),
+    Flag(("--seq-len",), "data.seq_len", "packed row length in tokens", {"type": int}, "min(context, 4096)"),
+    Flag(("--train-on",), "data.train_on", "which tokens carry loss", {"choices": ("assistant", "all")}),
+    Flag(
+        ("--data-strategy", "--train-data-strategy"),
+        "data.strategy",
+        "memory: tokenize into RAM; sharded: memory-mapped token shards; streaming: tokenize on the fly "
+        "(auto: < 500 MB memory, < 10 GB sharded, else streaming)",
+        {"choices": DATA_STRATEGIES},
+    ),
+    Flag(("--num-workers",), "data.num_workers", "tokenizing processes / streaming loader workers", {"type": int}),
+    Flag(("--prefetch-factor",), "data.prefetch_factor", "chunks each streaming worker keeps ready", {"type": int}),
+    Flag(("--shard-size-mb",), "data.shard_size_mb", "JSONL megabytes per prepared shard", {"type": int}),
+    Flag(("--prepared-dir",), "data.prepared_dir", "prepared-shard cache", default="<output-dir>/prepared"),
+    Flag(("--strict",), "data.strict", "stop at the first malformed line (E101-E103) instead of skipping it", ON),
+]
+OPTIM_FLAGS = [
+    Flag(("--epochs",), "train.epochs", "passes over the training data", {"type": int}),
+    Flag(("--max-steps",), "train.max_steps", "optimizer steps (overrides --epochs)", {"type": int}, "epochs decide"),
+    Flag(
+        ("--micro-batch-size", "--batch-size"), "train.micro_batch_size", "rows per GPU per micro-batch", {"type": int}
+    ),
+    Flag(("--grad-accum",), "train.grad_accum", "micro-batches per optimizer step", {"type": int}),
+    Flag(("--learning-rate", "--lr"), "train.learning_rate", "peak learning rate", {"type": float}),
+    Flag(("--min-lr",), "train.min_lr", "learning rate the schedule decays to", {"type": float}),
+    Flag(("--warmup-ratio",), "train.warmup_ratio", "share of the steps spent warming up", {"type": float}),
+    Flag(
+        ("--warmup-steps",),
+        "train.warmup_steps",
+        "warm-up steps (overrides --warmup-ratio)",
+        {"type": int},
+        "--warmup-ratio decides",
+    ),
+    Flag(("--lr-scheduler",), "train.lr_scheduler", "decay after the warm-up", {"choices": SCHEDULERS}),
+    Flag(("--optimizer",), "train.optimizer", "optimizer (AdamW, no weight decay on norms)", {"choices": ("adamw",)}),
+    Flag(("--weight-decay",), "train.weight_decay", "AdamW weight decay", {"type": float}),
+    Flag(("--max-grad-norm",), "train.max_grad_norm", "gradient clipping norm (0 disables)", {"type": float}),
+    Flag(("--beta1",), "train.beta1", "AdamW beta1", {"type": float}),
+    Flag(("--beta2",), "train.beta2", "AdamW beta2", {"type": float}),
+    Flag(("--eps",), "train.eps", "AdamW epsilon", {"type": float}),
+    Flag(("--seed",), "train.seed", "initial weights and data order", {"type": int}),
+    Flag(
+        ("--precision",),
+        "train.precision",
+        "auto = mixed_bf16 on bf16 GPUs, mixed_fp16 on older GPUs, fp32 on CPU",
+        {"choices": PRECISIONS},
+    ),
+    Flag(("--gradient-checkpointing",), "train.gradient_checkpointing", "recompute each block in backward", BOOL),
+    Flag(
+        ("--early-stopping-patience",),
+        "train.early_stopping_patience",
+        "evaluations without improvement before stopping",
+        {"type": int},
+        "off",
+    ),
+]
+RUN_FLAGS = [
+    Flag(("--experiment-name",), "logging.experiment_name", "the run directory's name under --output-dir"),
+    Flag(("--output-dir",), "logging.output_dir", "parent of the run directory"),
+    Flag(
+        ("--eval-every-n-batches",), "train.eval_every_n_batches", "optimizer steps between evaluations", {"type": int}
+    ),
+    Flag(("--log-every-n-batches",), "logging.log_every_n_batches", "optimizer steps between log lines", {"type": int}),
+    Flag(
+        ("--save-every-n-batches",),
+        "checkpoint.save_every_n_batches",
+        "optimizer steps between checkpoints",
+        {"type": int},
+    ),
+    Flag(("--save-total-limit",), "checkpoint.save_total_limit", "newest checkpoints kept", {"type": int}),
+    Flag(
+        ("--resume",),
+        "checkpoint.resume",
+        "run dir, checkpoints dir or checkpoint tag to resume from",
+        default="start fresh",
+    ),
+    Flag(("--auto-resume",), "checkpoint.auto_resume", "resume from this experiment's latest checkpoint", ON),
+    Flag(("--tensorboard",), "logging.tensorboard", "write TensorBoard scalars to <run dir>/tensorboard", BOOL),
+    Flag(("--progress-bar",), "logging.progress_bar", "a progress bar when the console is a terminal", BOOL),
+]
+PARALLEL_FLAGS = [
+    Flag(
+        ("--zero-stage",),
+        "distributed.zero_stage",
+        "DeepSpeed ZeRO stage",
+        {"type": int, "choices": (0, 1, 2, 3)},
+        "the preset's planned layout (debug: 2), else 1",
+    ),
+    Flag(
+        ("--expert-parallel-size",),
+        "distributed.expert_parallel_size",
+        "experts split over this many ranks (divides the experts and the process count)",
+        {"type": int},
+        "the preset's planned layout, shrunk to divide the process count",
+    ),
+    Flag(
+        ("--moe-backend",),
+        "distributed.moe_backend",
+        "autoep (dropless, ZeRO 0-3) or DeepSpeed's native MoE layer (capacity factor, ZeRO <= 2)",
+        {"choices": ("autoep", "native")},
+    ),
+    Flag(
+        ("--deepspeed-config",),
+        "distributed.deepspeed_config",
+        "a DeepSpeed JSON with keys lumina-ds does not decide (buckets, overlap, offload, ...); keys a flag owns "
+        "are refused (E002)",
+        default="none",
+    ),
+    Flag(
+        ("--deterministic-gating",),
+        "distributed.deterministic_gating",
+        "native MoE: no random 2nd-expert sampling or token selection",
+        ON,
+    ),
+    Flag(("--num-experts",), "model.moe.num_experts", "routed experts per MoE layer (0 = dense)", {"type": int}),
+    Flag(("--top-k",), "model.moe.top_k", "experts per token", {"type": int}),
+    Flag(("--capacity-factor",), "model.moe.capacity_factor", "native MoE: expert capacity factor", {"type": float}),
+    Flag(
+        ("--load-balancing-weight",),
+        "model.moe.load_balancing_weight",
+        "weight of the load-balancing loss",
+        {"type": float},
+    ),
+    Flag(("--router-z-loss-weight",), "model.moe.router_z_loss_weight", "weight of the router z-loss", {"type": float}),
+    Flag(
+        ("--attention-backend",),
+        "model.attention_backend",
+        "attention over packed rows",
+        {"choices": ATTENTION_BACKENDS},
+    ),
+]
+FLAG_GROUPS = {
+    "data": DATA_FLAGS,
+    "optimisation": OPTIM_FLAGS,
+    "logging and checkpoints": RUN_FLAGS,
+    "distribution and MoE": PARALLEL_FLAGS,
+}
+# flag dest -> (config section, field); sections "model.moe" reach into the nested MoE config
+FLAG_FIELDS: dict[str, tuple[str, str]] = {
+    flag.dest: tuple(flag.target.rsplit(".", 1))  # type: ignore[misc]
+    for flags in FLAG_GROUPS.values()
+    for flag in flags
+}
+STRATEGY_SHORTCUTS = (("--force-streaming", "streaming"), ("--force-memory-loading", "memory"),
+                      ("--disable-sharding", "memory"))  # fmt: skip
+
+
+@functools.cache
+def _preset_values(target: str) -> dict[str, Any]:
+    values = {}
+    for name in PRESETS:
+        value: Any = get_preset(name)
+        for part in target.split("."):
+            value = getattr(value, part)
+        values[name] = value
+    return values
+
+
+def default_text(flag: Flag) -> str:
+    """What the flag's field is when the flag is not given: one value, or the preset's."""
+    if flag.default is not None:
+        return flag.default
+    values = _preset_values(flag.target)
+    shown = {name: "none" if v is None else ("on" if v is True else "off" if v is False else v) for name, v in
+             values.items()}  # fmt: skip
+    if len(set(map(str, shown.values()))) == 1:
+        return str(shown["debug"])
+    return f"the preset's; debug: {shown['debug']}"
+
+
+def _add_flag(group: argparse._ArgumentGroup, flag: Flag) -> None:
+    options = dict(flag.options)
+    options.setdefault("dest", flag.dest)
+    group.add_argument(*flag.names, help=f"{flag.help} (default: {default_text(flag)})", **options)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", "--config", dest="preset", metavar="PRESET",
+                     help=f"model preset: {', '.join(PRESETS)} (default: debug)")  # fmt: skip
+    src.add_argument("--config-file", help="a YAML run config, e.g. a run's config.yaml (default: none)")
+    for title, flags in FLAG_GROUPS.items():
+        group = p.add_argument_group(title)
+        for flag in flags:
+            _add_flag(group, flag)
+        if title == "data":
+            for name, value in STRATEGY_SHORTCUTS:
+                group.add_argument(name, dest="data_strategy", action="store_const", const=value,
+                                   help=f"= --data-strategy {value} (default: off)")  # fmt: skip
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def _set(run: RunConfig, section: str, name: str, value: Any) -> None:
+    target: Any = run
+    for part in section.split("."):
+        target = getattr(target, part)
+    setattr(target, name, value)
+
+
+def explicit_flags(args: argparse.Namespace) -> set[str]:
+    """The dests of the training flags given on the command line."""
+    return {dest for dest in FLAG_FIELDS if getattr(args, dest, None) is not None}
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Preset (E001 when unknown) or YAML file first, then every flag that was given on top."""
+    if config_file_given_as_preset(args.preset):
+        raise ConfigError(
+            "E002",
+            f"--config {args.preset}: --config names a preset here ({', '.join(PRESETS)})",
+            f"LuminaAI's --config FILE.yaml is --config-file {args.preset}",
+        )
+    run = load_config(args.config_file) if args.config_file else get_preset(args.preset or "debug")
+    for dest in explicit_flags(args):
+        section, name = FLAG_FIELDS[dest]
+        _set(run, section, name, getattr(args, dest))
+    run.validate()
+    return run
+
+
+def resolve_run(args: argparse.Namespace, *, world_size: int, announce: bool = True) -> RunConfig:
+    """The run config every launcher trains with for these flags on `world_size` processes.
+
+    Flags over the preset or YAML; the --deepspeed-config keys; the preset's planned layout for the fields no flag
+    set; then every rule on the config alone (E002) and every input path (E104), before anything is built.
+    """
+    from lumina_ds.data.documents import check_input_files
+    from lumina_ds.distributed.ds_config import load_deepspeed_json
+
+    run = run_config_from_args(args)
+    if run.distributed.deepspeed_config:
+        user = load_deepspeed_json(run.distributed.deepspeed_config)
+        run.distributed.deepspeed = deep_merge(run.distributed.deepspeed, user)
+        run.validate()  # owned keys in the user's JSON are refused before the layout adds anything
+    if not args.config_file:
+        _adopt_preset_layout(run, explicit_flags(args), world_size=world_size, announce=announce)
+    run.validate()
+    check_input_files(run.data)
+    return run
+
+
+def _adopt_preset_layout(run: RunConfig, explicit: set[str], *, world_size: int, announce: bool) -> None:
+    from lumina_ds.planning.layouts import LAYOUTS_DIR, adopt_layout, load_layout
+
+    layout = load_layout(run.preset)
+    if layout is None:
+        return
+    notes = adopt_layout(run, layout, world_size=world_size, explicit=explicit)
+    if announce:
+        print(f"planned layout: {LAYOUTS_DIR / (run.preset + '.json')} (flags given on the command line win)")
+        for note in notes:
+            print(f"  {note}")
+
+
+def world_size_from_env() -> int:
+    """The number of processes whatever launcher started this one (1 without a launcher)."""
+    from lumina_ds.distributed.env import ensure_rendezvous_env
+
+    ensure_rendezvous_env()
+    return int(os.environ["WORLD_SIZE"])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lumina_ds.training.session import profile_data_loading, train
+
+    if args.profile_data_loading:
+        profile_data_loading(resolve_run(args, world_size=1), batches=args.profile_data_loading)
+        return 0
+    world_size = world_size_from_env()
+    train(resolve_run(args, world_size=world_size, announce=os.environ["RANK"] == "0"))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (the same command as `launch/train.py` under deepspeed, torchrun, mpirun or srun)",
+        description="Train a model. Every flag's default is shown; flags override the preset or --config-file.",
+    )
+    add_train_arguments(p)
+    p.add_argument("--profile-data-loading", type=int, nargs="?", const=200, default=0, metavar="BATCHES",
+                   help="time the data pipeline for BATCHES micro-batches (200 when no number is given) without a "
+                   "model, then exit (default: off)")  # fmt: skip
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,1 @@
+"""Runtime parallelism: the launcher environment, the DeepSpeed JSON, expert placement, consolidation."""

@@ -1,0 +1,103 @@
+"""The planner's answer as text (chosen layout, breakdown, why the alternatives lost) or as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from lumina_ds.planning.memory import GIB, format_breakdown
+from lumina_ds.planning.planner import OFFLOAD_MODES, Candidate, Plan
+
+
+def verdict(candidate: Candidate, best: Candidate) -> str:
+    if candidate is best:
+        return "chosen"
+    if candidate.rejection is not None:
+        return f"rejected: {candidate.rejection}"
+    return f"fits, {candidate.step_seconds / best.step_seconds:.2f}x the step time"
+
+
+def representatives(plan: Plan, key: Callable[[Candidate], Hashable]) -> list[Candidate]:
+    """Per group: its fastest fitting candidate, else its smallest one (to show by how much it misses)."""
+    groups: dict[Hashable, list[Candidate]] = {}
+    for c in plan.candidates:
+        groups.setdefault(key(c), []).append(c)
+    picked = []
+    for members in groups.values():
+        fitting = [c for c in members if c.rejection is None]
+        picked.append(fitting[0] if fitting else min(members, key=lambda c: c.estimate.gpu_total))
+    return picked
+
+
+def alternative_lines(plan: Plan) -> list[str]:
+    best = plan.best
+    by_stage = representatives(plan, lambda c: (c.layout.zero_stage, c.offload))
+    same_stage = [c for c in plan.candidates if c.layout.zero_stage == best.layout.zero_stage]
+    by_ep = representatives(
+        Plan(plan.preset, plan.cluster, plan.seq_len, plan.precision, best, same_stage),
+        lambda c: (c.layout.expert_parallel_size, c.offload),
+    )
+    by_stage.sort(key=lambda c: (c.layout.zero_stage, OFFLOAD_MODES.index(c.offload)))
+    by_ep.sort(key=lambda c: (c.layout.expert_parallel_size, OFFLOAD_MODES.index(c.offload)))
+    lines = ["alternatives (best of each ZeRO stage x offload, then each EP at the chosen stage):"]
+    seen: set[int] = set()
+    for c in [*by_stage, *by_ep]:
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        lines.append(f"  {c.describe():<72} {c.estimate.gpu_total / GIB:7.1f} GB  {verdict(c, best)}")
+    lines += [f"  ruled out: {note}" for note in plan.excluded]
+    return lines
+
+
+def format_plan(plan: Plan) -> str:
+    best, cluster = plan.best, plan.cluster
+    tokens = plan.global_batch * plan.seq_len
+    lines = [
+        f"plan for {plan.preset} on {cluster.describe()} ({cluster.gpus} GPUs), seq {plan.seq_len}, {plan.precision}",
+        f"chosen: {best.describe()}",
+        f"  global batch {plan.global_batch} rows = {tokens / 1e6:.2f}M tokens per step; "
+        f"modelled step time {best.step_seconds:.3g} s",
+        "",
+        format_breakdown(best.estimate, gpu_limit_gib=cluster.gpu_mem_gib),
+        "",
+        *alternative_lines(plan),
+    ]
+    return "\n".join(lines)
+
+
+def candidate_as_dict(c: Candidate) -> dict[str, Any]:
+    lay = c.layout
+    return {
+        "zero_stage": lay.zero_stage,
+        "expert_parallel_size": lay.expert_parallel_size,
+        "offload": c.offload,
+        "micro_batch_size": lay.micro_batch_size,
+        "grad_accum": c.grad_accum,
+        "gradient_checkpointing": lay.gradient_checkpointing,
+        "step_seconds": round(c.step_seconds, 3),
+        "memory": c.estimate.as_dict(),
+        "rejection": c.rejection,
+    }
+
+
+def plan_as_dict(plan: Plan) -> dict[str, Any]:
+    c = plan.cluster
+    return {
+        "preset": plan.preset,
+        "cluster": {
+            "nodes": c.nodes,
+            "gpus_per_node": c.gpus_per_node,
+            "gpu_mem_gb": c.gpu_mem_gib,
+            "cpu_mem_gb": c.cpu_mem_gib,
+            "gpu": c.gpu,
+        },
+        "seq_len": plan.seq_len,
+        "precision": plan.precision,
+        "global_batch": plan.global_batch,
+        "chosen": candidate_as_dict(plan.best),
+        "alternatives": [
+            candidate_as_dict(a) for a in representatives(plan, lambda x: (x.layout.zero_stage, x.offload))
+        ],
+        "ruled_out": plan.excluded,
+    }

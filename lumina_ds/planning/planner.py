@@ -1,0 +1,297 @@
+"""Pick the fastest layout that fits: ZeRO stage, expert-parallel size, offload, micro-batch, recompute.
+
+Step time is a simple, documented model (README "How the planner decides"): compute at an assumed MFU, plus the
+bytes each GPU sends for ZeRO collectives and MoE all-to-all over NVLink or the inter-node fabric, plus the
+host<->GPU traffic and CPU Adam time of offload. Communication is not assumed to overlap (conservative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from lumina_ds.config.model import ModelConfig
+from lumina_ds.config.run import RunConfig
+from lumina_ds.errors import MemoryPlanError
+from lumina_ds.models.counting import count_parameters
+from lumina_ds.planning.estimate_time import peak_flops
+from lumina_ds.planning.memory import (
+    GIB,
+    Layout,
+    MemoryEstimate,
+    ParamInventory,
+    estimate_memory,
+    local_elements,
+    precision_bytes,
+    sharded_elements,
+    with_bucket_rules,
+)
+
+INTRA_NODE_BW = 300e9  # bytes/s per GPU in NCCL collectives over NVLink (H100 SXM busbw is ~350-450 GB/s)
+INTER_NODE_BW = 40e9  # bytes/s per GPU across nodes (one 400 Gb/s NIC per GPU, ~80% efficiency)
+PCIE_BW = 20e9  # bytes/s host<->GPU per GPU for offload (PCIe Gen4/Gen5 x16 in practice)
+CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeedCPUAdam updates per rank (AVX-512, a few cores per rank)
+DEFAULT_MFU = 0.4
+MICRO_STEP_OVERHEAD = 0.01  # seconds of launch latency and framework work per micro-step (favours fuller batches)
+RECOMPUTE_FACTOR = 8 / 6  # full activation recompute adds one forward pass to forward + backward
+OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_mem_gib: float
+    cpu_mem_gib: float = 1024.0
+    gpu: str = "h100"
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def describe(self) -> str:
+        gpu = f"{self.gpu.upper()} {self.gpu_mem_gib:g} GB"
+        return f"{self.nodes}x{self.gpus_per_node} {gpu}, host {self.cpu_mem_gib:g} GB"
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    grad_accum: int
+    offload: str
+    estimate: MemoryEstimate
+    step_seconds: float
+    rejection: str | None = None  # None: it fits
+
+    def describe(self) -> str:
+        lay = self.layout
+        ckpt = "recompute" if lay.gradient_checkpointing else "no recompute"
+        return (f"ZeRO-{lay.zero_stage} EP {lay.expert_parallel_size} offload {self.offload} "
+                f"micro-batch {lay.micro_batch_size} x accum {self.grad_accum} {ckpt}")  # fmt: skip
+
+
+@dataclass
+class Plan:
+    preset: str
+    cluster: Cluster
+    seq_len: int
+    precision: str
+    best: Candidate
+    candidates: list[Candidate] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # layouts ruled out before any arithmetic
+
+    @property
+    def global_batch(self) -> int:
+        return self.best.layout.micro_batch_size * self.best.grad_accum * self.cluster.gpus
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def expert_parallel_sizes(model: ModelConfig, gpus: int) -> list[int]:
+    """EP must divide both the number of experts and the number of GPUs (GPUs = DP x EP)."""
+    if not model.moe.enabled:
+        return [1]
+    return [d for d in divisors(model.moe.num_experts) if gpus % d == 0]
+
+
+def layout_space(run: RunConfig, cluster: Cluster, *, seq_len: int, precision: str) -> list[tuple[Layout, str, int]]:
+    """Every (layout, offload mode, grad accum) the planner considers, before memory."""
+    rows_per_gpu = run.train.micro_batch_size * run.train.grad_accum  # the preset's rows per GPU per step
+    stages = [0, 1, 2, 3] if run.distributed.moe_backend != "native" else [0, 1, 2]
+    if precision == "bf16":
+        stages = [s for s in stages if s > 0]
+    base = Layout(zero_stage=0, gpus=cluster.gpus, gpus_per_node=cluster.gpus_per_node, seq_len=seq_len,
+                  precision=precision)  # fmt: skip
+    base = with_bucket_rules(base, run.model.hidden_size)
+    space = []
+    for stage in stages:
+        offloads = {0: ["none"], 1: ["none"], 2: ["none", "optimizer"], 3: list(OFFLOAD_MODES)}[stage]
+        for ep in expert_parallel_sizes(run.model, cluster.gpus):
+            for offload in offloads:
+                for micro in divisors(rows_per_gpu):
+                    for ckpt in (False, True):
+                        layout = replace(base, zero_stage=stage, expert_parallel_size=ep, micro_batch_size=micro,
+                                         gradient_checkpointing=ckpt, offload_optimizer=offload != "none",
+                                         offload_param=offload == "optimizer+params")  # fmt: skip
+                        space.append((layout, offload, rows_per_gpu // micro))
+    return space
+
+
+def collective_bw(group: int, cluster: Cluster) -> float:
+    return INTRA_NODE_BW if group <= cluster.gpus_per_node else INTER_NODE_BW
+
+
+def zero_comm_bytes(inv: ParamInventory, layout: Layout, grad_accum: int) -> float:
+    """Bytes each GPU moves per optimizer step for ZeRO's collectives (ring: ~1x the buffer per pass)."""
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    local = local_elements(inv, layout)
+    stage = layout.zero_stage
+    if layout.gpus == 1:
+        return 0.0
+    if stage == 0:
+        return 2 * local * b.grad  # all-reduce once per step
+    if stage == 1:
+        return local * (b.grad + b.param)  # reduce-scatter once, all-gather the updated params once
+    if stage == 2:
+        return grad_accum * local * b.grad + local * b.param  # gradients reduced every micro-step
+    gathers = 3 if layout.gradient_checkpointing else 2  # forward, backward (+ the recompute's forward)
+    return grad_accum * local * (gathers * b.param + b.grad)
+
+
+def all_to_all_bytes(model: ModelConfig, layout: Layout, grad_accum: int) -> float:
+    """AutoEP dispatch + combine per MoE layer, forward and backward (+ recompute), the off-rank share."""
+    ep = layout.expert_parallel_size
+    if ep == 1:
+        return 0.0
+    moe = model.moe
+    moe_layers = sum(moe.is_moe_layer(i) for i in range(model.num_layers))
+    passes = 6 if layout.gradient_checkpointing else 4
+    act = precision_bytes(layout.precision, layout.zero_stage).act
+    tokens = layout.micro_batch_size * layout.seq_len * moe.top_k
+    return grad_accum * passes * moe_layers * tokens * model.hidden_size * act * (ep - 1) / ep
+
+
+def offload_seconds(inv: ParamInventory, layout: Layout, grad_accum: int) -> float:
+    """CPU Adam over this rank's shard, gradients down and params up over PCIe (params each gather if offloaded)."""
+    if not layout.offload_optimizer:
+        return 0.0
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    shard = sharded_elements(inv, layout)
+    seconds = shard / CPU_ADAM_PARAMS_PER_S + shard * (b.master_grad + b.param) / PCIE_BW
+    if layout.offload_param:
+        gathers = 3 if layout.gradient_checkpointing else 2
+        seconds += grad_accum * gathers * shard * b.param / PCIE_BW
+    return seconds
+
+
+def step_seconds(
+    model: ModelConfig,
+    inv: ParamInventory,
+    layout: Layout,
+    *,
+    grad_accum: int,
+    cluster: Cluster,
+    flops: float,
+    mfu: float,
+) -> float:
+    """Compute at `mfu` of the GPU's peak, a fixed cost per micro-step, ZeRO and all-to-all traffic and offload,
+    without overlap."""
+    tokens = layout.micro_batch_size * grad_accum * layout.seq_len
+    compute = flops * tokens * (RECOMPUTE_FACTOR if layout.gradient_checkpointing else 1.0)
+    seconds = compute / (peak_flops(cluster.gpu, layout.precision) * mfu) + grad_accum * MICRO_STEP_OVERHEAD
+    seconds += zero_comm_bytes(inv, layout, grad_accum) / collective_bw(layout.gpus, cluster)
+    a2a = all_to_all_bytes(model, layout, grad_accum)
+    seconds += a2a / collective_bw(layout.expert_parallel_size, cluster)
+    return seconds + offload_seconds(inv, layout, grad_accum)
+
+
+def rejection_of(estimate: MemoryEstimate, cluster: Cluster) -> str | None:
+    if estimate.gpu_total > cluster.gpu_mem_gib * GIB:
+        return f"GPU {estimate.gpu_total / GIB:.1f} GB > {cluster.gpu_mem_gib:g} GB"
+    if estimate.host_total > cluster.cpu_mem_gib * GIB:
+        return f"host {estimate.host_total / GIB:.0f} GB/node > {cluster.cpu_mem_gib:g} GB"
+    return None
+
+
+def evaluate(
+    run: RunConfig, cluster: Cluster, inv: ParamInventory, *, seq_len: int, precision: str, mfu: float
+) -> list[Candidate]:
+    """Memory and step time of every layout in the search space, fastest first."""
+    flops = count_parameters(run.model, seq_len=seq_len).flops_per_token
+    candidates = []
+    for layout, offload, accum in layout_space(run, cluster, seq_len=seq_len, precision=precision):
+        estimate = estimate_memory(run.model, layout, inv)
+        seconds = step_seconds(run.model, inv, layout, grad_accum=accum, cluster=cluster, flops=flops, mfu=mfu)
+        candidates.append(Candidate(layout, accum, offload, estimate, seconds, rejection_of(estimate, cluster)))
+    # fastest first; among equals the one with more headroom
+    candidates.sort(key=lambda c: (round(c.step_seconds, 6), c.estimate.gpu_total))
+    return candidates
+
+
+def excluded_layouts(run: RunConfig, cluster: Cluster) -> list[str]:
+    """Layouts ruled out by rules rather than memory, to show why they are not in the table."""
+    notes = []
+    moe = run.model.moe
+    if moe.enabled:
+        bad = [d for d in divisors(moe.num_experts) if cluster.gpus % d]
+        if bad:
+            notes.append(f"EP {bad}: must divide the {cluster.gpus} GPUs (GPUs = DP x EP)")
+    if run.distributed.moe_backend == "native":
+        notes.append("ZeRO-3: DeepSpeed refuses the native MoE layer at stage 3 (use --moe-backend autoep)")
+    return notes
+
+
+def plan(
+    run: RunConfig, cluster: Cluster, *, seq_len: int | None = None, precision: str = "auto", mfu: float = DEFAULT_MFU
+) -> Plan:
+    """The fastest fitting layout; MemoryPlanError E201 (GPU) / E202 (host) with what would fit otherwise."""
+    seq = seq_len or run.seq_len
+    prec = "mixed_bf16" if precision == "auto" else precision
+    inv = ParamInventory.of(run.model)
+    candidates = evaluate(run, cluster, inv, seq_len=seq, precision=prec, mfu=mfu)
+    fitting = [c for c in candidates if c.rejection is None]
+    if not fitting:
+        raise nothing_fits(run, cluster, candidates, inv, seq_len=seq, precision=prec)
+    return Plan(run.preset, cluster, seq, prec, fitting[0], candidates, excluded_layouts(run, cluster))
+
+
+def smallest_footprint(
+    run: RunConfig, cluster: Cluster, inv: ParamInventory, *, seq_len: int, precision: str
+) -> Candidate:
+    """The least GPU memory any layout needs (micro-batch 1, recompute), regardless of speed."""
+    space = [s for s in layout_space(run, cluster, seq_len=seq_len, precision=precision)
+             if s[0].micro_batch_size == 1 and s[0].gradient_checkpointing]  # fmt: skip
+    options = [Candidate(lay, acc, off, estimate_memory(run.model, lay, inv), 0.0) for lay, off, acc in space]
+    return min(options, key=lambda c: c.estimate.gpu_total)
+
+
+def what_would_fit(run: RunConfig, cluster: Cluster, inv: ParamInventory, *, seq_len: int, precision: str) -> list[str]:
+    """More nodes, offload, or a shorter sequence: the first that makes some layout fit."""
+    hints = []
+    for nodes in (2**i for i in range(0, 11)):
+        if nodes <= cluster.nodes:
+            continue
+        bigger = replace(cluster, nodes=nodes)
+        best = smallest_footprint(run, bigger, inv, seq_len=seq_len, precision=precision)
+        if rejection_of(best.estimate, bigger) is None:
+            hints.append(f"--nodes {nodes} ({best.describe()}: {best.estimate.gpu_total / GIB:.1f} GB/GPU)")
+            break
+    seq = seq_len // 2
+    while seq >= 256:
+        best = smallest_footprint(run, cluster, inv, seq_len=seq, precision=precision)
+        if rejection_of(best.estimate, cluster) is None:
+            hints.append(f"--seq-len {seq} on this cluster ({best.describe()})")
+            break
+        seq //= 2
+    return hints
+
+
+def nothing_fits(
+    run: RunConfig,
+    cluster: Cluster,
+    candidates: list[Candidate],
+    inv: ParamInventory,
+    *,
+    seq_len: int,
+    precision: str,
+) -> MemoryPlanError:
+    least = min(candidates, key=lambda c: c.estimate.gpu_total)
+    gpu_ok = [c for c in candidates if c.estimate.gpu_total <= cluster.gpu_mem_gib * GIB]
+    hints = what_would_fit(run, cluster, inv, seq_len=seq_len, precision=precision)
+    if gpu_ok:
+        host = min(c.estimate.host_total for c in gpu_ok)
+        offloaded = any(c.offload != "none" for c in gpu_ok)
+        what = "offloaded optimizer states" if offloaded else "building the model"
+        return MemoryPlanError(
+            "E202",
+            f"{run.preset} fits in GPU memory on {cluster.describe()} only with {what} needing "
+            f"{host / GIB:.0f} GB of host memory per node (> {cluster.cpu_mem_gib:g} GB)",
+            "; or ".join(["more host memory (--cpu-mem-gb)", *hints]),
+        )
+    return MemoryPlanError(
+        "E201",
+        f"{run.preset} does not fit in {cluster.gpu_mem_gib:g} GB per GPU on {cluster.describe()}: the smallest "
+        f"layout ({least.describe()}) needs {least.estimate.gpu_total / GIB:.1f} GB per GPU",
+        "; or ".join(hints) if hints else "use GPUs with more memory, or a smaller preset",
+    )

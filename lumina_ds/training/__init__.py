@@ -1,0 +1,1 @@
+"""Training: session (a run end to end), trainer (cadence), train step, engine, checkpoints, metrics."""

@@ -1,0 +1,120 @@
+"""Planner: picks a fitting layout for b300 on 32x8x80 GB, refuses it on one node; where each layout rule lives."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lumina_ds.config.presets import get_preset
+from lumina_ds.distributed.preflight import preflight
+from lumina_ds.errors import ConfigError, MemoryPlanError
+from lumina_ds.planning.memory import GIB, Layout, ParamInventory
+from lumina_ds.planning.plan_report import format_plan, plan_as_dict
+from lumina_ds.planning.planner import (
+    RECOMPUTE_FACTOR,
+    Cluster,
+    expert_parallel_sizes,
+    plan,
+    step_seconds,
+    zero_comm_bytes,
+)
+
+
+def test_b300_on_32_nodes_fits_with_zero3_and_expert_parallel() -> None:
+    cluster = Cluster(nodes=32, gpus_per_node=8, gpu_mem_gib=80)
+    result = plan(get_preset("b300"), cluster)
+    best = result.best
+    assert best.rejection is None and best.estimate.gpu_total <= 80 * GIB
+    assert best.layout.zero_stage == 3  # 295B params x 2 bytes do not fit replicated on 80 GB
+    ep = best.layout.expert_parallel_size
+    assert ep > 1 and 144 % ep == 0 and 256 % ep == 0
+    assert best.layout.micro_batch_size * best.grad_accum == 64  # the preset's rows per GPU per step
+    # nothing faster fits: every candidate that fits has a step time >= the chosen one
+    assert all(c.step_seconds >= best.step_seconds for c in result.candidates if c.rejection is None)
+    text = format_plan(result)
+    assert "chosen" in text and "rejected: GPU" in text  # ZeRO-0/1 are shown with why they lost
+    assert json.loads(json.dumps(plan_as_dict(result)))["chosen"]["zero_stage"] == 3
+
+
+def test_b300_on_one_node_is_refused_with_what_would_fit() -> None:
+    with pytest.raises(MemoryPlanError) as exc:
+        plan(get_preset("b300"), Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=80, cpu_mem_gib=1024))
+    # only full offload fits the GPUs, and then ~18 bytes x 295B / node of host memory are needed
+    assert exc.value.code == "E202"
+    assert "--nodes" in exc.value.hint
+    with pytest.raises(MemoryPlanError) as exc:
+        plan(get_preset("b300"), Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=16))
+    assert exc.value.code == "E201"  # even fully offloaded, one layer's experts + logits exceed 16 GB
+
+
+def test_small_presets_fit_one_node_without_recompute() -> None:
+    result = plan(get_preset("b1"), Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
+    assert not result.best.layout.gradient_checkpointing  # recompute costs a third more compute: not needed
+    assert result.best.offload == "none"
+
+
+def test_expert_parallel_sizes_divide_experts_and_gpus() -> None:
+    b300 = get_preset("b300").model  # 144 experts
+    assert expert_parallel_sizes(b300, 256) == [1, 2, 4, 8, 16]
+    assert expert_parallel_sizes(b300, 24) == [1, 2, 3, 4, 6, 8, 12, 24]
+    b300.moe.num_experts = 0
+    assert expert_parallel_sizes(b300, 256) == [1]
+
+
+def test_cost_model_recompute_and_zero3_traffic() -> None:
+    run = get_preset("b7")
+    inv = ParamInventory.of(run.model)
+    cluster = Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    base = Layout(zero_stage=2, gpus=8, seq_len=4096, micro_batch_size=2)
+    fast = step_seconds(run.model, inv, base, grad_accum=4, cluster=cluster, flops=1e9, mfu=0.4)
+    slow = step_seconds(run.model, inv, replace(base, gradient_checkpointing=True), grad_accum=4, cluster=cluster,
+                        flops=1e9, mfu=0.4)  # fmt: skip
+    compute = 1e9 * 2 * 4 * 4096 / (989e12 * 0.4)
+    assert slow - fast == pytest.approx(compute * (RECOMPUTE_FACTOR - 1))
+    # ZeRO-3 gathers params twice and reduces grads every micro-step; ZeRO-2 gathers once per step
+    z2, z3 = zero_comm_bytes(inv, base, 4), zero_comm_bytes(inv, replace(base, zero_stage=3), 4)
+    assert z2 == 4 * inv.total * 2 + inv.total * 2
+    assert z3 == 4 * inv.total * (2 * 2 + 2)
+
+
+def _run(**dist: object):  # type: ignore[no-untyped-def]
+    run = get_preset("debug")  # 4 experts
+    for key, value in dist.items():
+        setattr(run.distributed, key, value)
+    return run
+
+
+def test_preflight_is_the_world_size_rule() -> None:
+    """GPUs = DP x EP depends on the launch: the pre-flight's E203, the one rule left there."""
+    with pytest.raises(MemoryPlanError) as exc:
+        preflight(_run(expert_parallel_size=2), 3)
+    assert exc.value.code == "E203"
+    assert "DP x EP" in str(exc.value)
+    preflight(_run(expert_parallel_size=2), 4)
+
+
+@pytest.mark.parametrize(
+    ("dist", "words"),
+    [
+        ({"expert_parallel_size": 3}, "not divisible"),
+        ({"moe_backend": "native", "zero_stage": 3}, "autoep"),
+        ({"deepspeed": {"checkpoint": {"load_universal": True}}, "moe_backend": "native"}, "universal"),
+    ],
+)
+def test_layout_rules_on_the_config_alone_are_validate_e002(dist: dict[str, object], words: str) -> None:
+    run = _run(**dist)
+    with pytest.raises(ConfigError) as exc:
+        run.validate()
+    assert exc.value.code == "E002"
+    assert words in str(exc.value)
+
+
+def test_precision_and_universal_rules(tmp_path: Path) -> None:
+    run = _run(zero_stage=0)
+    run.train.precision = "bf16"
+    with pytest.raises(ConfigError, match="ZeRO stage 1, 2 or 3"):
+        run.validate()
+    _run(deepspeed={"checkpoint": {"load_universal": True}}).validate()  # AutoEP experts load from universal ckpts
