@@ -25,7 +25,9 @@ def resolve_precision(requested: str, *, cuda: bool, bf16_supported: bool) -> st
 
 def hardware_precision() -> tuple[bool, bool]:
     cuda = torch.cuda.is_available()
-    return cuda, bool(cuda and torch.cuda.is_bf16_supported())
+    # emulated bf16 (V100, T4: fp32 math behind a bf16 dtype) runs, but slowly and without bf16 tensor cores;
+    # `auto` must then pick fp16 mixed precision, so only native support counts (compute capability >= 8.0)
+    return cuda, bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def check_precision_supported(precision: str, *, cuda: bool, bf16_supported: bool) -> None:

@@ -160,3 +160,24 @@ def test_extensions_dir_is_where_torch_builds(chosen: bool, tmp_path: Path, monk
     torch_dir = Path(_get_build_directory("some_op", verbose=False))  # torch's own answer (it creates the folder)
     assert environment.torch_extensions_dir() / "some_op" == torch_dir
     assert torch_dir.is_relative_to(tmp_path / ("ext" if chosen else "cache"))
+
+
+class _V100:
+    name, total_memory, major, minor = "Tesla V100-SXM2-32GB", 32 * 2**30, 7, 0
+
+
+def test_emulated_bf16_counts_as_no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch reports bf16 on a V100 when emulation counts: `auto` must pick fp16 there, and the GPU row must agree."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: _V100())
+    assert ds_config.select_precision("auto") == "mixed_fp16"
+    (gpu,) = environment.gpu_report()
+    precision = environment.precision_report()
+    assert gpu["bf16"] is False and precision["bf16"] is False and precision["auto"] == "mixed_fp16"
+    with pytest.raises(environment.ConfigError) as err:
+        ds_config.select_precision("mixed_bf16")
+    assert err.value.code == "E003"
