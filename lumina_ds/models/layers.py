@@ -34,26 +34,37 @@ class SwiGLU(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the half-split layout (as Llama/Mixtral in transformers): angles computed from position ids."""
+    """RoPE in the half-split layout (as Llama/Mixtral in transformers): angles computed from position ids.
+
+    The frequencies are computed in fp32 where they are used and kept out of the module's buffers: a module-wide
+    cast (DeepSpeed's bf16 engine, zero.Init's bf16 tensor constructors) would round them to bf16, which moves the
+    angle at position 4096 by up to 7 rad at the long-context presets' theta.
+    """
 
     def __init__(self, head_dim: int, *, theta: float) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self.inv_freq: torch.Tensor
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device, fp32
 
-    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.theta**exponents)
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """[head_dim / 2] fp32 inverse frequencies on `device`."""
+        if device not in self._inv_freq:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+            self._inv_freq[device] = 1.0 / (self.theta**exponents)
+        return self._inv_freq[device]
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.inv_freq_on(torch.device("cpu"))
 
     def reset_parameters(self) -> None:
-        """Recompute the (non-persistent) frequencies, e.g. after a meta-device build and `to_empty`."""
-        self.inv_freq = self._inv_freq(self.inv_freq.device)
+        """Drop cached frequencies (they are recomputed in fp32 on first use)."""
+        self._inv_freq.clear()
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] -> cos, sin [B, S, head_dim] in fp32."""
-        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # [B, S, hd/2]
+        freqs = position_ids.float()[..., None] * self.inv_freq_on(position_ids.device)  # [B, S, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, hd]
         return emb.cos(), emb.sin()
 
