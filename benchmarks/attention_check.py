@@ -101,10 +101,7 @@ def unavailable(path: str, precision: str, device: torch.device) -> str | None:
     if path == "flex" and not attention.FLEX_ATTENTION_AVAILABLE:
         return f"torch {torch.__version__} has no flex_attention"
     if path == "flash-varlen":
-        if not attention.FLASH_ATTN_AVAILABLE:
-            return "flash-attn is not installed"
-        if device.type != "cuda" or precision == "fp32":
-            return "flash-attn runs on CUDA in fp16/bf16 only"
+        return attention.flash_unusable(device, torch.float32 if precision == "fp32" else torch.bfloat16)
     return None
 
 
@@ -184,7 +181,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": name,
         "torch": torch.__version__,
-        "flash_attn": attention.FLASH_ATTN_AVAILABLE,
+        "flash_attn": attention.flash_attn_status().detail,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "config": {

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lumina_ds.distributed.launchers import LOCAL_WORLD_VARIABLES, detect_launch
 from lumina_ds.errors import ConfigError
 
 
@@ -31,53 +32,40 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# (rank, world size, local rank, ranks on this node) variables of each MPI launcher: Open MPI's mpirun, Hydra (MPICH,
-# Intel MPI). A rank started by one of them has no RANK/WORLD_SIZE of its own.
-MPI_VARIABLES = (
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-)
-LOCAL_WORLD_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")  # torchrun, deepspeed's per-node launcher
-
-
 def ensure_rendezvous_env() -> None:
-    """Give every rank the five variables torch's env:// rendezvous needs, whatever started it.
+    """Give every rank the variables torch's env:// rendezvous needs, whatever started it (see launchers.py).
 
-    torchrun and the deepspeed launcher set them; mpirun and srun set their own (translated here); a run started
-    without a launcher is rank 0 of 1 on a free port, so parallel runs do not collide. DeepSpeed's own MPI discovery
-    (used when any of the five is missing) forces port 29500 and `hostname -I`'s first address, so it is never used.
+    torchrun and the deepspeed launcher set them; mpirun, Hydra/Cray PMI and srun set their own (translated here); a
+    run started without a launcher is rank 0 of 1 on a free port, so parallel runs do not collide. DeepSpeed's own MPI
+    discovery (used when any of them is missing) forces port 29500 and `hostname -I`'s first address, so it is never
+    used.
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+    launch = detect_launch(os.environ)
+    if launch.launcher == "env":  # torchrun, deepspeed: keep theirs, fill in only what is missing
+        for key, value in (("LOCAL_RANK", launch.local_rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", 29500)):
+            os.environ.setdefault(key, str(value))
         return
-    for names in MPI_VARIABLES:
-        if names[0] in os.environ and names[1] in os.environ:
-            os.environ.update(mpi_rendezvous(names))
-            return
-    if "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
-        os.environ.update(slurm_rendezvous())
-        return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-
-
-def mpi_rendezvous(names: tuple[str, str, str, str]) -> dict[str, str]:
-    """Rendezvous variables of a rank started by mpirun: ranks from the launcher's variables; rank 0's address and a
-    free port of rank 0's host shared through mpi4py unless MASTER_ADDR / MASTER_PORT were passed (`-x NAME=value`)."""
-    rank, world = int(os.environ[names[0]]), int(os.environ[names[1]])
-    local_rank = int(os.environ.get(names[2], rank))
-    local_world = int(os.environ.get(names[3], world))
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if addr is None or port is None:
+    addr, port = launch.master_addr, launch.master_port
+    if launch.launcher == "none":
+        port = port or str(free_port())
+    elif launch.launcher == "slurm" and addr is None:
+        raise ConfigError(
+            "E003",
+            f"srun started {launch.world_size} tasks on several nodes but MASTER_ADDR is not set",
+            "export MASTER_ADDR=<first host of the job> before srun (launch/slurm/train.sbatch does)",
+        )
+    elif addr is None or port is None:  # mpirun / PMI: rank 0 tells the others its address and a free port
         comm = mpi_world()
+        single_node = launch.local_world_size == launch.world_size
         if addr is None:
-            addr = comm.bcast(host_address(single_node=local_world == world) if rank == 0 else None, root=0)
+            addr = comm.bcast(host_address(single_node=single_node) if launch.rank == 0 else None, root=0)
         if port is None:
-            port = str(comm.bcast(free_port() if rank == 0 else None, root=0))
-    return rendezvous(rank=rank, world=world, local_rank=local_rank, local_world=local_world, addr=addr, port=port)
+            port = str(comm.bcast(free_port() if launch.rank == 0 else None, root=0))
+    assert addr is not None and port is not None
+    values = {"RANK": launch.rank, "WORLD_SIZE": launch.world_size, "LOCAL_RANK": launch.local_rank}
+    if launch.launcher != "none":
+        values["LOCAL_WORLD_SIZE"] = launch.local_world_size
+    os.environ.update({**{k: str(v) for k, v in values.items()}, "MASTER_ADDR": addr, "MASTER_PORT": str(port)})
 
 
 def mpi_world() -> Any:
@@ -102,37 +90,6 @@ def host_address(*, single_node: bool) -> str:
     except (OSError, subprocess.CalledProcessError):
         out = []
     return out[0] if out else socket.gethostbyname(socket.gethostname())
-
-
-def slurm_rendezvous() -> dict[str, str]:
-    """Rendezvous variables of a task started by `srun python ...` (launch/slurm/train.sbatch exports MASTER_ADDR)."""
-    rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_STEP_NUM_TASKS"])
-    nodes = int(os.environ.get("SLURM_STEP_NUM_NODES", "1"))
-    addr = os.environ.get("MASTER_ADDR")
-    if addr is None:
-        if nodes > 1:
-            raise ConfigError(
-                "E003",
-                f"srun started {world} tasks on {nodes} nodes but MASTER_ADDR is not set",
-                "export MASTER_ADDR=<first host of the job> before srun (launch/slurm/train.sbatch does)",
-            )
-        addr = "127.0.0.1"
-    # every task derives the same port from the job id: no task can tell the others a free one
-    port = os.environ.get("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
-    local_world = world // nodes if world % nodes == 0 else world
-    return rendezvous(
-        rank=rank,
-        world=world,
-        local_rank=int(os.environ.get("SLURM_LOCALID", "0")),
-        local_world=local_world,
-        addr=addr,
-        port=port,
-    )
-
-
-def rendezvous(*, rank: int, world: int, local_rank: int, local_world: int, addr: str, port: str) -> dict[str, str]:
-    values = {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world}
-    return {**{k: str(v) for k, v in values.items()}, "MASTER_ADDR": addr, "MASTER_PORT": port}
 
 
 def local_world_size() -> int:

@@ -26,9 +26,48 @@ from lumina_ds.models.layers import apply_rotary
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
 FLEX_ATTENTION_AVAILABLE = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MIN_CAPABILITY = (8, 0)  # flash-attn 2: Ampere and newer
+
+
+class FlashAttnStatus(NamedTuple):
+    available: bool
+    detail: str  # the version, or why it cannot be used
+
+
+@functools.cache
+def flash_attn_status() -> FlashAttnStatus:
+    """Whether flash-attn really imports, tried once per process.
+
+    A package that is present can still fail to load: a flash-attn built against another torch dies with
+    "undefined symbol" at import, which `find_spec` never sees.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return FlashAttnStatus(False, "flash-attn is not installed")
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: F401  (both paths must load)
+    except Exception as exc:  # ImportError, OSError (undefined symbol), RuntimeError from its CUDA checks
+        return FlashAttnStatus(False, f"flash-attn is installed but does not import: {type(exc).__name__}: {exc}")
+    return FlashAttnStatus(True, f"flash-attn {getattr(flash_attn, '__version__', '(unknown version)')}")
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def flash_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash-attn cannot run this forward, or None when it can."""
+    status = flash_attn_status()
+    if not status.available:
+        return status.detail
+    if device.type != "cuda" or dtype not in HALF_DTYPES:
+        return f"flash-attn runs on CUDA in fp16/bf16 only, this forward is on {device.type} in {dtype}"
+    if cuda_capability(device) < FLASH_MIN_CAPABILITY:
+        major, minor = cuda_capability(device)
+        return f"flash-attn 2 needs compute capability 8.0 or newer, this GPU has {major}.{minor}"
+    return None
 
 
 class DocumentMask(NamedTuple):
@@ -111,11 +150,12 @@ def build_document_mask(position_ids: torch.Tensor, backend: str) -> DocumentMas
 def resolve_backend(requested: str, *, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
     """The path a non-cached forward takes: "sdpa", "flex" or "flash". An explicit choice that cannot run is E003.
 
-    auto: flash-attn on CUDA in fp16/bf16 when installed, else flex_attention on CUDA, else SDPA (always on CPU).
+    auto: flash-attn on CUDA in fp16/bf16 when it imports and the GPU is sm_80+, else flex_attention on CUDA, else
+    SDPA (always on CPU).
     """
     cuda = device.type == "cuda"
     if requested == "auto":
-        if cuda and dtype in HALF_DTYPES and FLASH_ATTN_AVAILABLE:
+        if cuda and flash_unusable(device, dtype) is None:
             return "flash"
         return "flex" if cuda and FLEX_ATTENTION_AVAILABLE else "sdpa"
     if requested == "flash":
@@ -126,16 +166,14 @@ def resolve_backend(requested: str, *, device: torch.device, dtype: torch.dtype,
 
 
 def _check_flash(*, device: torch.device, dtype: torch.dtype) -> None:
-    hint = "use --attention-backend auto (or sdpa), which picks a path this machine can run"
-    if not FLASH_ATTN_AVAILABLE:
-        raise ConfigError(
-            "E003", "attention_backend 'flash' needs the flash-attn package", f"pip install -e .[flash]; or {hint}"
-        )
-    if device.type != "cuda" or dtype not in HALF_DTYPES:
+    reason = flash_unusable(device, dtype)
+    if reason is not None:
         raise ConfigError(
             "E003",
-            f"attention_backend 'flash' runs on CUDA in fp16/bf16 only, this forward is on {device.type} in {dtype}",
-            f"train with --precision bf16 on a GPU; or {hint}",
+            f"attention_backend 'flash' cannot run here: {reason}",
+            "train with --precision bf16 on an Ampere-or-newer GPU with a flash-attn built for this torch "
+            "(pip install -e .[flash]); or use --attention-backend auto (or sdpa), which picks a path this machine "
+            "can run",
         )
 
 
@@ -259,9 +297,9 @@ class Attention(nn.Module):
         if mask is not None:
             return mask.backend == "flash"  # resolved by the transformer: CUDA, fp16/bf16, installed
         # KV-cache decoding keeps its own rule: the first chunk may use flash-attn, later ones SDPA
-        if self.backend not in ("auto", "flash") or not FLASH_ATTN_AVAILABLE or past:
+        if self.backend not in ("auto", "flash") or past:
             return False
-        return q.is_cuda and q.dtype in HALF_DTYPES
+        return q.is_cuda and flash_unusable(q.device, q.dtype) is None
 
     def _flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from flash_attn import flash_attn_func  # optional extra, GPU only

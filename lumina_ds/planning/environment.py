@@ -149,8 +149,22 @@ def deepspeed_report() -> dict[str, Any]:
 
 
 def flash_attn_report() -> dict[str, Any]:
+    """The installed version and whether it really imports (the real import is tried once, as training does)."""
+    from lumina_ds.models.attention import flash_attn_status
+
+    status = flash_attn_status()
     version = package_version("flash-attn") or package_version("flash_attn")
-    return {"version": version, "importable": importlib.util.find_spec("flash_attn") is not None}
+    return {"version": version, "importable": status.available, "detail": status.detail}
+
+
+def launch_report() -> dict[str, Any]:
+    """What this process's launcher says about its rank, resolved without starting a process group."""
+    from lumina_ds.distributed.launchers import detect_launch
+
+    try:
+        return detect_launch(os.environ).as_dict()
+    except LuminaError as exc:
+        return {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
 
 
 def command_first_line(cmd: list[str]) -> str | None:
@@ -204,6 +218,7 @@ def environment_report(output_dir: str) -> dict[str, Any]:
         "deepspeed": deepspeed_report(),
         "flash_attn": flash_attn_report(),
         "mpi": mpi_report(),
+        "launch": launch_report(),
         "host": host_report(output_dir),
     }
 
@@ -317,11 +332,25 @@ def format_software(report: dict[str, Any]) -> list[str]:
                 f"  warning: {op['build_lock']} is {age / 60:.0f} min old: a killed build left it, and every run that"
                 f" loads {op['name']} waits for it forever. Remove it: rm {op['build_lock']}"
             )
-    flash = f"{fa['version']} (importable: {yes_no(fa['importable'])})" if fa["version"] else "not installed"
+    flash = f"{fa['version']} (imports: {yes_no(fa['importable'])})" if fa["version"] else "not installed"
+    if fa["version"] and not fa["importable"]:
+        flash += f": {fa['detail']}"
     lines.append(f"flash-attn  {flash}")
     lines.append(f"mpi         mpi4py {mpi['mpi4py'] or 'not installed'} | {mpi['mpirun'] or 'no mpirun'}")
     lines.append(f"launchers   {launchers}")
+    lines.append(f"launch      {format_launch(report['launch'])}")
     return lines
+
+
+def format_launch(launch: dict[str, Any]) -> str:
+    if "error" in launch:
+        return f"[{launch['error']['code']}] {launch['error']['message']}"
+    unset = "(a free port)" if launch["launcher"] == "none" else "(from rank 0)"
+    master = f"{launch['master_addr'] or '(from rank 0)'}:{launch['master_port'] or unset}"
+    return (
+        f"{launch['launcher']} | rank {launch['rank']} of {launch['world_size']} | local rank "
+        f"{launch['local_rank']} of {launch['local_world_size']} | rendezvous {master}"
+    )
 
 
 def format_hardware(report: dict[str, Any]) -> list[str]:

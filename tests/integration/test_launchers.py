@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lumina_ds.distributed import env
+from lumina_ds.distributed import env, launchers
 from lumina_ds.errors import ConfigError
 from tests.integration.conftest import EVAL, FAST, ROOT, TRAIN, free_port, read_metrics, run
 
@@ -86,13 +86,21 @@ def test_torchrun(workdir: Path) -> None:
 # --- rank variables of each launcher, translated for torch's env:// rendezvous (no processes started) ---
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-LAUNCHER_VARIABLES = [name for names in env.MPI_VARIABLES for name in names] + [
+OMPI = (*launchers.OPEN_MPI, *launchers.OPEN_MPI_LOCAL[0])  # rank, size, local rank, local size
+HYDRA = (*launchers.PMI, *launchers.PMI_LOCAL[0])
+CRAY = (*launchers.PMI, *launchers.PMI_LOCAL[1])
+LAUNCHER_VARIABLES = [
+    *OMPI,
+    *HYDRA,
+    *CRAY,
     "SLURM_PROCID",
     "SLURM_STEP_NUM_TASKS",
     "SLURM_STEP_NUM_NODES",
     "SLURM_LOCALID",
     "SLURM_JOB_ID",
+    "SLURM_STEP_TASKS_PER_NODE",
     "LOCAL_SIZE",
+    "LOCAL_WORLD_SIZE",
 ]
 
 
@@ -130,7 +138,7 @@ def fake_mpi4py(monkeypatch: pytest.MonkeyPatch, broadcast: dict[str, object]) -
 
 def test_mpirun_with_master_variables_needs_no_mpi4py(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setitem(sys.modules, "mpi4py", None)  # importing it would fail
-    for name, value in zip(env.MPI_VARIABLES[0], ("11", "16", "3", "8"), strict=True):
+    for name, value in zip(OMPI, ("11", "16", "3", "8"), strict=True):
         clean_env.setenv(name, value)
     clean_env.setenv("MASTER_ADDR", "10.0.0.1")
     clean_env.setenv("MASTER_PORT", "31234")
@@ -146,7 +154,7 @@ def test_mpirun_with_master_variables_needs_no_mpi4py(clean_env: pytest.MonkeyPa
 
 def test_mpirun_rank0_shares_loopback_and_a_free_port_on_one_host(clean_env: pytest.MonkeyPatch) -> None:
     offered = fake_mpi4py(clean_env, {"str": "127.0.0.1", "int": 40001})
-    for name, value in zip(env.MPI_VARIABLES[0], ("0", "2", "0", "2"), strict=True):
+    for name, value in zip(OMPI, ("0", "2", "0", "2"), strict=True):
         clean_env.setenv(name, value)
     got = rendezvous_env()
     assert offered[0] == "127.0.0.1" and isinstance(offered[1], int) and 0 < offered[1] < 65536
@@ -163,7 +171,7 @@ def test_mpirun_rank0_shares_loopback_and_a_free_port_on_one_host(clean_env: pyt
 def test_mpirun_other_ranks_take_rank0s_address_and_keep_a_given_port(clean_env: pytest.MonkeyPatch) -> None:
     """Hydra (MPICH / Intel MPI) variables; rank 5 of 16 on the second node offers nothing of its own."""
     offered = fake_mpi4py(clean_env, {"NoneType": "10.0.0.7"})
-    for name, value in zip(env.MPI_VARIABLES[1], ("5", "16", "5", "8"), strict=True):
+    for name, value in zip(HYDRA, ("5", "16", "5", "8"), strict=True):
         clean_env.setenv(name, value)
     clean_env.setenv("MASTER_PORT", "29600")  # -x MASTER_PORT=29600
     got = rendezvous_env()
@@ -174,11 +182,60 @@ def test_mpirun_other_ranks_take_rank0s_address_and_keep_a_given_port(clean_env:
 
 def test_mpirun_without_mpi4py_or_master_variables_is_e003(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setitem(sys.modules, "mpi4py", None)
-    clean_env.setenv("OMPI_COMM_WORLD_RANK", "0")
-    clean_env.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    for name, value in zip(OMPI, ("0", "2", "0", "2"), strict=True):  # Open MPI always sets all four
+        clean_env.setenv(name, value)
     with pytest.raises(ConfigError) as err:
         env.ensure_rendezvous_env()
     assert err.value.code == "E003" and "-x MASTER_ADDR" in err.value.hint
+
+
+PMI2_TASK = {"PMI_RANK": "9", "PMI_SIZE": "16", "SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "16",
+             "SLURM_STEP_NUM_NODES": "2", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+             "MASTER_ADDR": "gpu-01", "MASTER_PORT": "29500"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        # srun --mpi=pmi2 (and Cray PMI) set PMI_RANK/PMI_SIZE in every task: SLURM's own ranks must win
+        (PMI2_TASK, ("slurm", 9, 16, 1, 8)),
+        # Hydra (MPICH, Intel MPI)
+        (dict(zip(HYDRA, ("9", "16", "1", "8"), strict=True)), ("pmi", 9, 16, 1, 8)),
+        # Cray PMI names the local rank PMI_LOCAL_RANK
+        (dict(zip(CRAY, ("9", "16", "1", "8"), strict=True)), ("pmi", 9, 16, 1, 8)),
+        # torchrun/deepspeed without LOCAL_RANK but on one node: the global rank is the local one
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, ("env", 3, 4, 3, 4)),
+        # RANK/WORLD_SIZE exported by a script inside srun: SLURM_LOCALID says which GPU
+        ({"RANK": "9", "WORLD_SIZE": "16", "SLURM_LOCALID": "1"}, ("env", 9, 16, 1, 16)),
+        ({}, ("none", 0, 1, 0, 1)),
+    ],
+)
+def test_launcher_matrix_resolves_local_ranks(variables: dict[str, str], expected: tuple[object, ...]) -> None:
+    launch = launchers.detect_launch(variables)
+    got = (launch.launcher, launch.rank, launch.world_size, launch.local_rank, launch.local_world_size)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"PMI_RANK": "9", "PMI_SIZE": "16"},  # a PMI without any local-rank variable
+        {"RANK": "9", "WORLD_SIZE": "16"},  # ranks that may span nodes, no LOCAL_RANK
+        {"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2"},
+    ],
+)
+def test_a_global_rank_never_becomes_a_local_rank_across_nodes(variables: dict[str, str]) -> None:
+    """Rank 9 of 16 on two nodes used to ask for cuda:9 on a node of 8 GPUs."""
+    with pytest.raises(ConfigError) as err:
+        launchers.detect_launch(variables)
+    assert err.value.code == "E003" and "no local rank" in err.value.message and "LOCAL_RANK" in err.value.hint
+
+
+def test_pmi2_srun_task_gets_slurm_rendezvous(clean_env: pytest.MonkeyPatch) -> None:
+    for name, value in PMI2_TASK.items():
+        clean_env.setenv(name, value)
+    assert rendezvous_env() == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
+                                "MASTER_ADDR": "gpu-01", "MASTER_PORT": "29500"}  # fmt: skip
 
 
 def test_srun_tasks(clean_env: pytest.MonkeyPatch) -> None:
@@ -312,6 +369,17 @@ def test_sbatch_srun_alternative_and_header(workdir: Path, slurm_job: dict[str, 
     # the allocation has the 8 tasks and 8 GPUs per node that both launchers start
     header = [line.split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     assert {"--ntasks-per-node=8", "--gpus-per-node=8"} <= set(header)
+
+
+def test_sbatch_gives_srun_the_allocations_cpus_per_task(workdir: Path, slurm_job: dict[str, str]) -> None:
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task: without SRUN_CPUS_PER_TASK each rank gets one core."""
+    record = workdir / "calls" / "srun"
+    fake_command(workdir / "bin", "srun", f'echo "CPUS=${{SRUN_CPUS_PER_TASK:-unset}}" > {record}')
+    env_vars = {**slurm_job, "LUMINA_LAUNCHER": "srun", "SLURM_CPUS_PER_TASK": "8"}
+    run_script(SBATCH, ["--preset", "b1"], cwd=workdir, extra_env=env_vars)
+    assert record.read_text().strip() == "CPUS=8"
+    header = [line.split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "--cpus-per-task=8" in header
 
 
 def test_mpirun_example_on_a_hostfile_passes_the_rendezvous_variables(workdir: Path) -> None:

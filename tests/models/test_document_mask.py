@@ -11,6 +11,7 @@ import copy
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,6 +292,50 @@ def test_flash_varlen_model_path_builds_cu_seqlens_once(
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
+def fake_flash(monkeypatch: pytest.MonkeyPatch, available: bool, capability: tuple[int, int] = (9, 0)) -> None:
+    """flash-attn importable or not, on a GPU of `capability` (no CUDA needed)."""
+    status = attention_module.FlashAttnStatus(
+        available, "flash-attn 2.8" if available else "flash-attn is not installed"
+    )
+    monkeypatch.setattr(attention_module, "flash_attn_status", lambda: status)
+    monkeypatch.setattr(attention_module, "cuda_capability", lambda device: capability)
+
+
+def test_auto_and_explicit_flash_need_an_ampere_or_newer_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_flash(monkeypatch, True, capability=(7, 0))  # V100
+    assert resolve_backend("auto", device=CUDA, dtype=torch.float16, needs_grad=True) == "flex"
+    with pytest.raises(ConfigError, match=r"compute capability 8\.0 or newer, this GPU has 7\.0") as info:
+        resolve_backend("flash", device=CUDA, dtype=torch.float16, needs_grad=True)
+    assert info.value.code == "E003"
+
+
+def test_a_flash_attn_that_does_not_import_is_unavailable_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The usual broken install: the package is there, its extension was built against another torch."""
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    attention_module.flash_attn_status.cache_clear()
+    try:
+        status = attention_module.flash_attn_status()
+        assert not status.available and "undefined symbol" in status.detail
+        monkeypatch.setattr(attention_module, "cuda_capability", lambda device: (9, 0))
+        assert resolve_backend("auto", device=CUDA, dtype=torch.bfloat16, needs_grad=True) != "flash"
+        with pytest.raises(ConfigError, match="does not import: ImportError") as info:
+            resolve_backend("flash", device=CUDA, dtype=torch.bfloat16, needs_grad=True)
+        assert info.value.code == "E003"
+        from lumina_ds.planning.environment import flash_attn_report
+
+        assert flash_attn_report()["importable"] is False and "undefined symbol" in flash_attn_report()["detail"]
+    finally:
+        attention_module.flash_attn_status.cache_clear()
+
+
 @pytest.mark.parametrize(
     ("device", "dtype", "flash", "flex", "expected"),
     [
@@ -306,7 +351,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 def test_auto_backend_selection(
     monkeypatch: pytest.MonkeyPatch, device: torch.device, dtype: torch.dtype, flash: bool, flex: bool, expected: str
 ) -> None:
-    monkeypatch.setattr(attention_module, "FLASH_ATTN_AVAILABLE", flash)
+    fake_flash(monkeypatch, flash)
     monkeypatch.setattr(attention_module, "FLEX_ATTENTION_AVAILABLE", flex)
     assert resolve_backend("auto", device=device, dtype=dtype, needs_grad=True) == expected
 
@@ -314,7 +359,7 @@ def test_auto_backend_selection(
 @pytest.mark.parametrize(
     ("requested", "device", "dtype", "needs_grad", "flash", "flex", "error"),
     [
-        ("flash", CUDA, torch.bfloat16, True, False, True, "needs the flash-attn package"),
+        ("flash", CUDA, torch.bfloat16, True, False, True, "flash-attn is not installed"),
         ("flash", CPU, torch.bfloat16, True, True, True, "CUDA in fp16/bf16 only"),
         ("flash", CUDA, torch.float32, True, True, True, "CUDA in fp16/bf16 only"),
         ("flex", CUDA, torch.bfloat16, True, True, False, "needs torch>=2.5"),
@@ -330,7 +375,7 @@ def test_explicit_backend_runs_or_raises_e003(
     monkeypatch: pytest.MonkeyPatch, requested: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
     flash: bool, flex: bool, error: str | None,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(attention_module, "FLASH_ATTN_AVAILABLE", flash)
+    fake_flash(monkeypatch, flash)
     monkeypatch.setattr(attention_module, "FLEX_ATTENTION_AVAILABLE", flex)
     if error is None:
         assert resolve_backend(requested, device=device, dtype=dtype, needs_grad=needs_grad) == requested
@@ -344,7 +389,7 @@ def test_explicit_backend_runs_or_raises_e003(
 def test_explicit_backend_that_cannot_train_here_fails_at_first_forward(
     monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
-    monkeypatch.setattr(attention_module, "FLASH_ATTN_AVAILABLE", False)
+    fake_flash(monkeypatch, False)
     model = tiny_model(backend).train()  # building works: `plan` and parameter counts need no kernel
     ids, labels, positions = pack(LAYOUTS["middle"][0])
     with pytest.raises(ConfigError) as info:

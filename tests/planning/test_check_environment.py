@@ -22,7 +22,7 @@ from lumina_ds.models.counting import count_parameters
 from lumina_ds.planning import environment
 
 GIB = 1024**3
-SECTIONS = {"python", "torch", "gpus", "precision", "deepspeed", "flash_attn", "mpi", "host", "check"}
+SECTIONS = {"launch", "python", "torch", "gpus", "precision", "deepspeed", "flash_attn", "mpi", "host", "check"}
 
 
 def check_env(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -181,3 +181,23 @@ def test_emulated_bf16_counts_as_no_bf16(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(environment.ConfigError) as err:
         ds_config.select_precision("mixed_bf16")
     assert err.value.code == "E003"
+
+
+def test_launch_section_shows_what_this_rank_resolves_to(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a user runs when a launch misbehaves: here an srun task of a pmi2 job, rank 9 of 16 on node 2."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    task = {"PMI_RANK": "9", "PMI_SIZE": "16", "SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "16",
+            "SLURM_STEP_NUM_NODES": "2", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+            "MASTER_ADDR": "gpu-01", "SLURM_JOB_ID": "7"}  # fmt: skip
+    for name, value in task.items():
+        monkeypatch.setenv(name, value)
+    _, report, _ = as_json([], capsys, tmp_path)
+    assert report["launch"] == {"launcher": "slurm", "rank": 9, "world_size": 16, "local_rank": 1,
+                                "local_world_size": 8, "master_addr": "gpu-01", "master_port": "20007"}  # fmt: skip
+    assert "RANK" not in os.environ  # resolved without touching the environment or starting a process group
+    monkeypatch.delenv("SLURM_LOCALID")
+    code, out, _ = check_env(["--output-dir", str(tmp_path / "runs")], capsys)
+    assert code == 0 and "launch      [E003] the launcher gave rank 9 of 16" in out
