@@ -146,6 +146,13 @@ PARALLEL_FLAGS = [
         default="none",
     ),
     Flag(
+        ("--dist-timeout-minutes",),
+        "distributed.timeout_minutes",
+        "how long ranks wait at a collective (rank 0 training the tokenizer, building shards, writing weights) "
+        "before the job is aborted",
+        {"type": int},
+    ),
+    Flag(
         ("--deterministic-gating",),
         "distributed.deterministic_gating",
         "native MoE: no random 2nd-expert sampling or token selection",

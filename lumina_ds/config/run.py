@@ -157,8 +157,13 @@ class DistributedConfig:
     deepspeed_config: str | None = None  # a DeepSpeed JSON file, merged into `deepspeed` when the run is resolved
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed keys the run config does not model
     deterministic_gating: bool = False  # native MoE: no Gumbel 2nd-expert sampling, no random token selection
+    # how long a collective may wait before the job is aborted: ranks wait at barriers while rank 0 trains the
+    # tokenizer, local rank 0 builds shards or rank 0 writes weights (DeepSpeed's default is 10 minutes on NCCL)
+    timeout_minutes: int = 120
 
     def validate(self) -> None:
+        if self.timeout_minutes < 1:
+            raise ConfigError("E002", f"timeout_minutes={self.timeout_minutes} must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("E002", f"zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
         if self.moe_backend not in ("autoep", "native"):

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -190,8 +191,8 @@ def skip_cpu_shm_allreduce() -> None:
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
-def init_distributed() -> DistInfo:
-    """Start (or join) the default process group: NCCL on GPUs, gloo on CPU."""
+def init_distributed(*, timeout_minutes: int = 120) -> DistInfo:
+    """Start (or join) the default process group: NCCL on GPUs, gloo on CPU; collectives wait `timeout_minutes`."""
     configure_accelerator()
     ensure_rendezvous_env()
     limit_cpu_threads()
@@ -209,7 +210,8 @@ def init_distributed() -> DistInfo:
     else:
         skip_cpu_shm_allreduce()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
+        backend = "nccl" if cuda_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world_size(),
                     device=device)  # fmt: skip

@@ -198,7 +198,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     run.validate()
     check_input_files(run.data)  # E104 before any tokenizer is trained or data tokenized
     precision = select_precision(run.train.precision)  # E003 before any process group or data work
-    info = init_distributed()
+    info = init_distributed(timeout_minutes=run.distributed.timeout_minutes)
     preflight(run, info.world_size)  # E203 before any data or model work
     run_dir = run.logging.run_dir
     if info.is_main:

@@ -39,3 +39,23 @@ def test_cpu_start_ignores_a_stale_build_lock_and_leaves_no_shared_memory(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK 0 1" in proc.stdout
     assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
+
+
+TIMEOUT_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import torch.distributed as dist
+    from lumina_ds.distributed.env import init_distributed
+
+    init_distributed(timeout_minutes=7)
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    print("TIMEOUT", backend.options._timeout.total_seconds())
+    """
+)
+
+
+def test_the_timeout_reaches_the_process_group(tmp_path: Path) -> None:
+    """DeepSpeed's default is 10 minutes on NCCL: ranks waiting while rank 0 trains a tokenizer would be aborted."""
+    proc = run_single_rank(TIMEOUT_SCRIPT, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TIMEOUT 420.0" in proc.stdout
