@@ -60,11 +60,16 @@ def open_sources(
     prepared_dir: Path,
     local_world_size: int = 1,
     is_local_main: bool = True,
+    available_ram: int | None = None,
+    shard_builder: Callable[[], bool] | None = None,
     barrier: Callable[[], None] = lambda: None,
 ) -> SourceSet:
-    """Open every source with the chosen strategy; with shards, one process per node builds a missing cache."""
+    """Open every source with the chosen strategy; with shards, one process builds a missing cache while the others
+    wait. `available_ram` must be the same on every rank (the least free RAM of any node), so that all ranks choose
+    the same strategy; `shard_builder` (called by every rank, it may be collective) says whether this one builds."""
     total = sum(s.path.stat().st_size for s in specs)
-    strategy, reason = choose_strategy(total, requested=data.strategy, available_ram=psutil.virtual_memory().available)
+    ram = psutil.virtual_memory().available if available_ram is None else available_ram
+    strategy, reason = choose_strategy(total, requested=data.strategy, available_ram=ram)
     result = SourceSet(list(specs), [], strategy=strategy, reason=reason)
     workers = max(1, data.num_workers // max(local_world_size, 1))
     if strategy == "streaming":
@@ -75,26 +80,34 @@ def open_sources(
             result.sources.append(docs)
             result.reports.append(report)
     else:
-        shard_bytes = data.shard_size_mb << 20
-        built = []
-        if is_local_main:
-            for spec in specs:
-                _, report = prepare_source(
-                    spec.path,
-                    encode,
-                    prepared_dir=prepared_dir,
-                    num_workers=data.num_workers,
-                    shard_bytes=shard_bytes,
-                    progress=True,
-                )
-                built.append(report)
-        barrier()
-        for spec in specs:
-            docs, report = prepare_source(spec.path, encode, prepared_dir=prepared_dir, shard_bytes=shard_bytes)
-            result.sources.append(docs)
-            result.reports.append(report)
-        result.reports = built or result.reports  # the builder's reports say whether the cache was reused
+        builds = shard_builder() if shard_builder is not None else is_local_main
+        _open_shards(specs, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
     return result
+
+
+def _open_shards(
+    specs: Sequence[SourceSpec],
+    encode: EncodeSettings,
+    data: DataConfig,
+    prepared_dir: Path,
+    *,
+    builds: bool,
+    barrier: Callable[[], None],
+    result: SourceSet,
+) -> None:
+    shard_bytes = data.shard_size_mb << 20
+    built = []
+    if builds:
+        for spec in specs:
+            _, report = prepare_source(spec.path, encode, prepared_dir=prepared_dir, num_workers=data.num_workers,
+                                       shard_bytes=shard_bytes, progress=True)  # fmt: skip
+            built.append(report)
+    barrier()
+    for spec in specs:
+        docs, report = prepare_source(spec.path, encode, prepared_dir=prepared_dir, shard_bytes=shard_bytes)
+        result.sources.append(docs)
+        result.reports.append(report)
+    result.reports = built or result.reports  # the builder's reports say whether the cache was reused
 
 
 def mixture_of(sources: SourceSet, *, seed: int) -> Mixture:

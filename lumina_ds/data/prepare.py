@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -307,8 +308,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def temp_path(target: Path) -> Path:
+    """A sibling temp name no other process picks: host, pid (for the abandoned-build cleanup) and a random token
+    (pids repeat across containers that share a file system, and so can host names)."""
+    return target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
@@ -351,7 +358,7 @@ def _remove_abandoned_builds(target: Path) -> None:
     """Temp dirs of builds on this host whose process is gone (killed mid-build); other hosts' are left alone."""
     host = socket.gethostname()
     for tmp in target.parent.glob(f".{target.name}.{host}.*.tmp"):
-        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 2)[-2]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -360,8 +367,7 @@ def _build(
     path: Path, settings: EncodeSettings, target: Path, num_workers: int, shard_bytes: int, progress: bool
 ) -> tuple[TokenizedDocs, PrepareReport]:
     _remove_abandoned_builds(target)
-    tmp = target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(target)
     tmp.mkdir(parents=True)
     try:
         _, report = tokenize_source(

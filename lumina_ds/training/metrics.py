@@ -11,25 +11,11 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from lumina_ds.distributed.collectives import all_reduce_sum
 from lumina_ds.models.transformer import ModelOutput
 
 MAX_EXP_ARGUMENT = 700.0  # math.exp overflows a float above ~709.8: a perplexity past this is shown as inf
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (NCCL needs the tensor on the GPU; gloo takes it on the CPU)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        work = values.cuda() if torch.cuda.is_available() else values.clone()
-        dist.all_reduce(work)
-        return work.cpu()
-    return values
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on at least one: ranks that disagree would wait on each other forever."""
-    return float(all_reduce_sum(torch.tensor([1.0 if flag else 0.0]))[0]) > 0
 
 
 def perplexity(lm_loss: float) -> float:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from lumina_ds.config.io import config_to_dict, save_config
@@ -19,6 +20,7 @@ from lumina_ds.data.prepare import EncodeSettings, PrepareReport
 from lumina_ds.data.profile import LoaderRate, measure_batches
 from lumina_ds.data.stream import PackedBatches
 from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer
+from lumina_ds.distributed.collectives import min_over_ranks, shared_by_all_ranks
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
@@ -128,6 +130,28 @@ class PreparedData:
     description: str
 
 
+def shard_builder(prepared_dir: Path, info: DistInfo) -> bool:
+    """Whether this rank builds missing prepared shards: global rank 0 when every rank sees the same directory (one
+    build for the job), else local rank 0 of each node (node-local disks each need their copy). Collective."""
+    if info.local_rank == 0:
+        prepared_dir.mkdir(parents=True, exist_ok=True)
+    if shared_by_all_ranks(prepared_dir, rank=info.rank):
+        return info.rank == 0
+    log(info, f"{prepared_dir} is not shared by every node: local rank 0 of each node prepares its own shards")
+    return info.local_rank == 0
+
+
+def check_run_dir_shared(run_dir: Path, info: DistInfo) -> None:
+    """Rank 0 writes the tokenizer and checkpoint markers every rank reads: all ranks must see one run directory."""
+    if not shared_by_all_ranks(run_dir, rank=info.rank):
+        raise ConfigError(
+            "E003",
+            f"the run directory {run_dir} is not shared by the {info.world_size} ranks: ranks on other nodes do not "
+            "see the files rank 0 writes there (the tokenizer, checkpoints and their complete.json)",
+            "put --output-dir on a file system every node mounts at the same path (NFS, Lustre, GPFS, ...)",
+        )
+
+
 def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
     """Tokenizer, training sources by strategy, this rank's resumable batches, eval rows, optimizer steps."""
     assert run.data.train_data is not None
@@ -141,6 +165,8 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
         prepared_dir=run.prepared_dir,
         local_world_size=info.local_world_size,
         is_local_main=info.local_rank == 0,
+        available_ram=min_over_ranks(psutil.virtual_memory().available),
+        shard_builder=lambda: shard_builder(run.prepared_dir, info),
         barrier=barrier,
     )
     log(info, f"data strategy: {sources.strategy} ({sources.reason})")
@@ -203,7 +229,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     run_dir = run.logging.run_dir
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
+    check_run_dir_shared(run_dir, info)  # collective: every rank raises together
     data = prepare_data(run, info)
     if info.is_main:
         save_config(run, run_dir / CONFIG_FILE)

@@ -15,11 +15,12 @@ from lumina_ds.batch import Batch
 from lumina_ds.config.run import LoggingConfig, TrainConfig
 from lumina_ds.data.packing import PackedDataset
 from lumina_ds.data.stream import PackedBatches
+from lumina_ds.distributed.collectives import all_reduce_sum, any_rank
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import TrainingError
 from lumina_ds.monitor.callbacks import Callback
 from lumina_ds.training.checkpoint import CheckpointManager
-from lumina_ds.training.metrics import all_reduce_sum, any_rank, memory_summary, perplexity
+from lumina_ds.training.metrics import memory_summary, perplexity
 from lumina_ds.training.train_step import Engine, TrainStep
 
 

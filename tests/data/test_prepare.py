@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -160,11 +161,19 @@ def test_the_next_build_removes_temp_dirs_of_killed_builds_on_this_host(
     cache = tmp_path / "cache"
     cache.mkdir()
     name = f"conversations_eval-{prepare_module.cache_key(path, settings, memo_dir=cache)}"
-    dead = cache / f".{name}.{socket.gethostname()}.999999999.tmp"  # this host, no such process
-    other_host = cache / f".{name}.elsewhere.1.tmp"  # another node may be building it right now
+    dead = cache / f".{name}.{socket.gethostname()}.999999999.0badf00d.tmp"  # this host, no such process
+    other_host = cache / f".{name}.elsewhere.1.0badf00d.tmp"  # another node may be building it right now
     for directory in (dead, other_host):
         directory.mkdir()
         (directory / "part-00000.tokens.npy").write_bytes(b"partial")
     _, report = prepare_source(path, settings, prepared_dir=cache)
     assert not report.cached and (cache / name / "meta.json").is_file()
     assert not dead.exists() and other_host.exists()
+
+
+def test_temp_names_differ_even_for_the_same_host_and_pid(tmp_path: Path) -> None:
+    """Containers sharing a file system repeat pids (and can repeat host names): a pid alone collided."""
+    target = tmp_path / "meta.json"
+    names = {prepare_module.temp_path(target).name for _ in range(50)}
+    assert len(names) == 50
+    assert all(n.startswith(f".meta.json.{socket.gethostname()}.{os.getpid()}.") and n.endswith(".tmp") for n in names)

@@ -1,0 +1,69 @@
+"""Small collectives every rank calls together: sums, agreement on a flag or a minimum, and whether a directory is
+shared by all ranks (each is a no-op, or the local answer, in a process without a process group)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce over ranks (NCCL needs the tensor on the GPU; gloo takes it on the CPU); returned on the CPU."""
+    if not _distributed():
+        return values
+    work = values.cuda() if dist.get_backend() == "nccl" else values.clone()
+    dist.all_reduce(work, op=op)
+    return work.cpu()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    return all_reduce(values, dist.ReduceOp.SUM)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on at least one: ranks that disagree would wait on each other forever."""
+    return float(all_reduce_sum(torch.tensor([1.0 if flag else 0.0]))[0]) > 0
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value`, on every rank (so that ranks decide alike)."""
+    return int(all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN)[0])
+
+
+def broadcast_token(rank: int) -> str:
+    """A random token drawn by rank 0, the same on every rank."""
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    if _distributed():
+        dist.broadcast_object_list(token, src=0)
+    assert token[0] is not None
+    return token[0]
+
+
+def shared_by_all_ranks(directory: Path, *, rank: int) -> bool:
+    """Whether every rank sees the file rank 0 writes in `directory` (one file system for all nodes).
+
+    Collective. With per-node directories at the same path, ranks on other nodes read nothing, or another file.
+    """
+    if not _distributed():
+        return True
+    token = broadcast_token(rank)
+    probe = directory / f".lumina-shared-check-{token}"
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    dist.barrier()
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    shared = not any_rank(not seen)  # also a barrier: nobody reads after rank 0 removes the probe
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    return shared
