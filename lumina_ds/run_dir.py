@@ -6,7 +6,8 @@ tokenizer.json           the tokenizer the run trained with
 metrics.jsonl            one JSON object per logged step
 tensorboard/             TensorBoard event files
 checkpoints/latest       name of the newest complete tag (written by DeepSpeed)
-checkpoints/<tag>/       DeepSpeed shards + model.safetensors (consolidated weights, our parameter names)
+checkpoints/<tag>/       DeepSpeed shards + model.safetensors or model-*-of-*.safetensors with their index
+                         (consolidated weights in the module dtype, our parameter names)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # the consolidated weights when they fit one shard
+INDEX_FILE = "model.safetensors.index.json"  # else model-0000i-of-0000n.safetensors and this index (HF layout)
 COMPLETE_MARKER = "complete.json"  # written last: a tag without it was interrupted mid-save
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 

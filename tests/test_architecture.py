@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"errors", "batch", "config"},
     "data": {"errors", "batch", "config"},
     "monitor": {"errors"},
-    "distributed": {"errors", "batch", "config", "models"},
+    "distributed": {"errors", "batch", "config", "models", "run_dir"},
     "generation": {"errors", "batch", "config", "models", "data", "run_dir"},
     "planning": {"errors", "config", "models", "distributed", "data"},
     "training": {"errors", "batch", "config", "models", "data", "distributed", "monitor", "run_dir"},

@@ -93,10 +93,11 @@ class CheckpointConfig:
     save_total_limit: int = 5  # newest checkpoints kept; older ones deleted
     resume: str | None = None  # a checkpoint tag dir, a checkpoints dir or a run dir
     auto_resume: bool = False  # resume from the latest tag of this experiment if there is one
+    weights_shard_mb: int = 5120  # consolidated weights are written in safetensors shards of at most this size
 
     def validate(self) -> None:
-        if self.save_every_n_batches < 1 or self.save_total_limit < 1:
-            raise ConfigError("E002", "save_every_n_batches and save_total_limit must be >= 1")
+        if self.save_every_n_batches < 1 or self.save_total_limit < 1 or self.weights_shard_mb < 1:
+            raise ConfigError("E002", "save_every_n_batches, save_total_limit and weights_shard_mb must be >= 1")
 
 
 @dataclass

@@ -1,31 +1,42 @@
-"""Full model weights under our parameter names from a sharded engine: ZeRO-3 gather + expert all-gather.
+"""Full model weights under our parameter names from a sharded engine (ZeRO-3 gather, expert gather), streamed to
+safetensors shards by rank 0, one tensor at a time.
 
-Every rank must call `consolidated_state_dict` (it runs collectives); only rank 0 gets the dict.
+Every rank calls `write_consolidated` (it runs collectives in the same parameter order everywhere). A rank other than
+0 never holds more than one gathered tensor; rank 0 holds at most one shard's worth plus the tensor in flight. The
+weights keep the module's dtype: bf16 under bf16 precisions, fp32 in fp32 runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lumina_ds.run_dir import INDEX_FILE, WEIGHTS_FILE
 
 AUTOEP_RENAMES = ((".ffn.router.gate.", ".ffn.gate."), (".ffn.shared_experts.", ".ffn.shared."))
 NATIVE_GATE = ".ffn.moe.deepspeed_moe.gate.wg."
 NATIVE_EXPERT = re.compile(
     r"^(layers\.\d+\.ffn)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight$"
 )
+DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-def _full_tensor(param: nn.Parameter) -> torch.Tensor:
-    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned
+def _gathered(param: nn.Parameter) -> contextlib.AbstractContextManager[object]:
+    """The whole of this rank's tensor for the duration of the context (ZeRO-3 partitions gathered)."""
+    if hasattr(param, "ds_id"):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.data.detach().float().cpu().clone()
-    return param.data.detach().float().cpu().clone()
+        return deepspeed.zero.GatheredParameters([param])
+    return contextlib.nullcontext()
 
 
 def _expert_group(param: nn.Parameter) -> dist.ProcessGroup | None:
@@ -37,35 +48,83 @@ def _expert_group(param: nn.Parameter) -> dist.ProcessGroup | None:
     return groups._get_expert_parallel_group(name)
 
 
-def _gather_expert_shards(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
-    """This rank's expert tensor from every rank of its expert-parallel group, in group-rank order."""
+def _gather_to_rank0(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor] | None:
+    """Every expert-parallel shard of `tensor`, in group order, copied to the CPU on global rank 0; None elsewhere.
+
+    Only rank 0's expert-parallel group takes part (the other groups hold copies of the same experts), and the other
+    ranks keep no copy: they send the tensor they hold.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if group is None or dist.get_world_size(group) == 1:
-        return [tensor]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    local = tensor.to(device)
-    shards = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, local, group=group)
-    return [s.cpu() for s in shards]
+        return [tensor.detach().to("cpu", copy=True)] if rank == 0 else None
+    members = dist.get_process_group_ranks(group)
+    if 0 not in members:
+        return None
+    local = tensor.detach().cuda() if dist.get_backend(group) == "nccl" else tensor.detach()
+    shards = [torch.empty_like(local) for _ in members] if rank == 0 else None
+    dist.gather(local, gather_list=shards, dst=0, group=group)
+    return [s.to("cpu", copy=True) for s in shards] if shards is not None else None
 
 
-def consolidated_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+def consolidated_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, full tensor on the CPU) on rank 0, in parameter order; nothing on other ranks (they only help)."""
     native: dict[tuple[str, str], dict[int, list[torch.Tensor]]] = defaultdict(dict)
     for name, param in module.named_parameters():
-        full = _full_tensor(param)
         is_expert = getattr(param, "allreduce", True) is False
-        shards = _gather_expert_shards(full, _expert_group(param)) if is_expert else [full]
+        with _gathered(param):
+            shards = _gather_to_rank0(param.data, _expert_group(param) if is_expert else None)
+        if shards is None:
+            continue
         match = NATIVE_EXPERT.match(name)
-        if match:  # one Linear per local expert: regroup into stacked [E, ...] later
+        if match:  # one Linear per local expert: regrouped into stacked [E, ...] once the layer's experts are in
             native[(match.group(1), match.group(3))][int(match.group(2))] = shards
             continue
-        name = name.replace(NATIVE_GATE, ".ffn.gate.")
-        for old, new in AUTOEP_RENAMES:
+        for old, new in (*AUTOEP_RENAMES, (NATIVE_GATE, ".ffn.gate.")):
             name = name.replace(old, new)
-        state[name] = torch.cat(shards) if is_expert else full  # AutoEP: [E/ep, ...] per rank -> [E, ...]
+        yield name, torch.cat(shards) if is_expert else shards[0]  # AutoEP: [E/ep, ...] per rank -> [E, ...]
     for (prefix, weight), by_local in native.items():
         num_local, ep = len(by_local), len(by_local[0])
         # global expert g = ep_rank * num_local + local index
-        experts = [by_local[g % num_local][g // num_local] for g in range(ep * num_local)]
-        state[f"{prefix}.experts.{weight}"] = torch.stack(experts)
-    return state
+        yield (
+            f"{prefix}.experts.{weight}",
+            torch.stack([by_local[g % num_local][g // num_local] for g in range(ep * num_local)]),
+        )
+
+
+def write_consolidated(module: nn.Module, directory: Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+    """Write the module's full weights into `directory` as safetensors of at most `max_shard_bytes` each (one tensor
+    larger than that gets a shard of its own). Collective; rank 0 writes and returns the files, others return []."""
+    shards: list[tuple[Path, list[str], int]] = []  # temp file, its tensor names, their bytes
+    pending: dict[str, torch.Tensor] = {}
+    for name, tensor in consolidated_tensors(module):
+        if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
+            shards.append(_write_shard(pending, directory, len(shards)))
+            pending = {}
+        pending[name] = tensor.contiguous()
+    if pending:
+        shards.append(_write_shard(pending, directory, len(shards)))
+    return _name_shards(shards, directory) if shards else []
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], directory: Path, index: int) -> tuple[Path, list[str], int]:
+    from safetensors.torch import save_file
+
+    path = directory / f".shard-{index:05d}.safetensors.tmp"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors), sum(t.nbytes for t in tensors.values())
+
+
+def _name_shards(shards: list[tuple[Path, list[str], int]], directory: Path) -> list[Path]:
+    """model.safetensors for one shard; else model-0000i-of-0000n.safetensors and Hugging Face's index."""
+    if len(shards) == 1:
+        os.replace(shards[0][0], directory / WEIGHTS_FILE)
+        return [directory / WEIGHTS_FILE]
+    final, weight_map = [], {}
+    for i, (tmp, names, _) in enumerate(shards, start=1):
+        target = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(tmp, target)
+        weight_map.update(dict.fromkeys(names, target.name))
+        final.append(target)
+    index = {"metadata": {"total_size": sum(n for _, _, n in shards)}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [*final, directory / INDEX_FILE]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lumina_ds.errors import CheckpointError
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.run_dir import (
     CONFIG_FILE,
+    INDEX_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     resolve_checkpoint,
@@ -92,13 +94,29 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
         )
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(
-            "E303", f"cannot read {path}: {exc}", "the file is corrupt or truncated; load an earlier checkpoint tag"
-        ) from exc
+def weights_files(tag_dir: Path) -> list[Path]:
+    """The consolidated weights of a tag: model.safetensors, or the shards its index names (E303 when missing)."""
+    index = tag_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError("E303", f"{index} is not a weights index: {exc}", "load an earlier tag") from exc
+        return [_require(tag_dir / name, "weights shard", f"{index} names it; load an earlier tag") for name in names]
+    hint = "checkpoints saved by lumina-ds training contain model.safetensors; pick another tag or re-save this one"
+    return [_require(tag_dir / WEIGHTS_FILE, "consolidated weights", hint)]
+
+
+def _read_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                "E303", f"cannot read {path}: {exc}", "the file is corrupt or truncated; load an earlier checkpoint tag"
+            ) from exc
+    return state
 
 
 def _load_tokenizer(run_dir: Path, model_vocab: int) -> ChatTokenizer:
@@ -118,21 +136,17 @@ def load_for_inference(
 ) -> InferenceBundle:
     """Load the newest complete checkpoint under `path` (a run dir, its checkpoints/ dir, or one tag dir).
 
-    config.yaml and tokenizer.json come from the run dir, weights from `<tag>/model.safetensors`. Parameters are cast
-    to dtype; buffers (RoPE frequencies) stay float32.
+    config.yaml and tokenizer.json come from the run dir, weights from `<tag>/model.safetensors` (or its shards).
+    Parameters are cast to dtype; RoPE frequencies stay float32.
     """
     checkpoints_dir, tag = resolve_checkpoint(path)
     run_dir = run_dir_of(checkpoints_dir)
     config = load_config(_require(run_dir / CONFIG_FILE, "run config", f"{run_dir} must hold the run's config.yaml"))
-    weights_path = _require(
-        checkpoints_dir / tag / WEIGHTS_FILE,
-        "consolidated weights",
-        "checkpoints saved by lumina-ds training contain model.safetensors; pick another tag or re-save this one",
-    )
+    weights = weights_files(checkpoints_dir / tag)
     tokenizer = _load_tokenizer(run_dir, config.model.vocab_size)
     model = config.model.build()
-    state = _read_weights(weights_path)
-    check_state_dict(model, state, weights_path)
+    state = _read_weights(weights)
+    check_state_dict(model, state, weights[0].parent)
     model.load_state_dict(state, strict=False)  # strictness checked above (tied lm_head may be absent)
     model.to(device)
     for param in model.parameters():

@@ -37,6 +37,7 @@ GIB = 1024**3
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory (pinned buffers)
 FRAGMENTATION_MARGIN = 0.08  # caching-allocator fragmentation on top of everything counted
 GPU_RUNTIME_OVERHEAD = 2.0 * GIB  # CUDA context, NCCL communicators, cuBLAS workspaces (not in torch's allocator)
+WEIGHTS_SHARD_BYTES = 5 * GIB  # CheckpointConfig.weights_shard_mb's default
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,11 @@ def host_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
         offloaded += sharded_elements(inv, layout) * b.optimizer_side
     if layout.offload_param:
         offloaded += sharded_elements(inv, layout) * b.param
-    return {"construction": built * 4 * per_node, "offloaded_states": offloaded * per_node}
+    # consolidated weights at a save: rank 0 fills one safetensors shard (5 GiB by default) while the largest tensor
+    # (a layer's gathered experts) is in flight with its copy; the other ranks hold nothing on the host
+    largest = max((*inv.dense_sizes, *inv.expert_sizes), default=0) * b.param
+    checkpoint = min(WEIGHTS_SHARD_BYTES, inv.total * b.param) + 2 * largest
+    return {"construction": built * 4 * per_node, "offloaded_states": offloaded * per_node, "checkpoint": checkpoint}
 
 
 def estimate_memory(config: ModelConfig, layout: Layout, inventory: ParamInventory | None = None) -> MemoryEstimate:

@@ -13,18 +13,16 @@ import numpy as np
 import torch
 
 from lumina_ds.config.run import CheckpointConfig
-from lumina_ds.distributed.consolidate import consolidated_state_dict
+from lumina_ds.distributed.consolidate import write_consolidated
 from lumina_ds.distributed.env import DistInfo, barrier
 from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     TAG_PATTERN,
-    WEIGHTS_FILE,
     list_complete_tags,
     resolve_checkpoint,
     tag_for_step,
-    write_weights,
 )
 from lumina_ds.training.train_step import Engine
 
@@ -61,9 +59,8 @@ class CheckpointManager:
         try:
             engine.save_checkpoint(str(self.dir), tag, client_state=client_state)
             torch.save(rng_state(), tag_dir / f"rng_rank{self.info.rank}.pt")
-            weights = consolidated_state_dict(engine.module)
+            write_consolidated(engine.module, tag_dir, max_shard_bytes=self.config.weights_shard_mb << 20)
             if self.info.is_main:
-                write_weights(weights, tag_dir / WEIGHTS_FILE)
                 meta = {"step": step, "world_size": self.info.world_size, "time": time.time()}
                 (tag_dir / COMPLETE_MARKER).write_text(json.dumps(meta))
         except OSError as exc:
