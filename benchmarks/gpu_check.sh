@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU paths that a CPU cannot run, in one pass on one CUDA machine: NCCL start-up, mixed and pure bf16 through
 # DeepSpeed at ZeRO 2 and 3, the flex/flash attention path `auto` picks on CUDA, checkpoint + chat on the GPU, and
-# training throughput against HF Mixtral in bf16. Each step reports FAILED and the next one still runs.
+# host syncs and step time of the MoE experts' grouped and loop paths, and training throughput against HF Mixtral in
+# bf16. Each step reports FAILED and the next one still runs.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]       # OUT_DIR gets log.txt and each run's metrics (default: gpu_check)
 #
@@ -50,6 +51,7 @@ keep z3_bf16
 step m70-mixed-bf16 python3 -m lumina_ds train --preset m70_memory "${DATA[@]}" "${COMMON[@]}" --max-steps 40 \
     --experiment-name m70 --seq-len 1024 --eval-every-n-batches 40
 keep m70
+step moe-paths python3 benchmarks/moe_paths.py
 step throughput-bf16 python3 benchmarks/throughput.py --hidden 1024 --layers 8 --heads 16 --kv-heads 4 --experts 8 \
     --top-k 2 --expert-ffn 2048 --vocab 32768 --no-tie --batch-size 8 --seq-len 2048 --precision bf16 --steps 10 \
     --output "$OUT_DIR/throughput.jsonl"

@@ -31,17 +31,29 @@ def route_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.T
     return weights / weights.sum(dim=-1, keepdim=True), indices
 
 
+def tokens_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert indices [T, k] -> [E] int64 assignments per expert. A scatter, not torch.bincount, which reads its
+    input's maximum back to the host on CUDA: this runs in every MoE layer of every forward."""
+    flat = indices.flatten()  # [T*k]
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def router_statistics(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss, tokens per expert [E]) of one layer's router logits [T, E], one top-k."""
+    num_experts = logits.shape[-1]
+    probs = logits.softmax(dim=-1)  # [T, E]
+    indices = probs.topk(top_k, dim=-1).indices  # [T, k]
+    counts = tokens_per_expert(indices, num_experts)  # [E]
+    fraction = counts.to(probs.dtype) / indices.numel()  # [E]
+    return num_experts * (fraction * probs.mean(dim=0)).sum(), router_z_loss(logits), counts
+
+
 def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch/GShard loss E * sum_i f_i * P_i; f_i = share of the T*k assignments to expert i, P_i = mean prob.
 
     Equals 1.0 for perfectly uniform routing and grows as routing collapses onto few experts.
     """
-    num_experts = logits.shape[-1]
-    probs = logits.softmax(dim=-1)  # [T, E]
-    indices = probs.topk(top_k, dim=-1).indices  # [T, k]
-    counts = torch.bincount(indices.flatten(), minlength=num_experts).to(probs.dtype)  # [E]
-    fraction = counts / indices.numel()  # [E]
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
+    return router_statistics(logits, top_k)[0]
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -51,8 +63,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def expert_counts(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Tokens routed to each expert (before any capacity limit) [E]."""
-    indices = logits.topk(top_k, dim=-1).indices
-    return torch.bincount(indices.flatten(), minlength=logits.shape[-1])
+    return tokens_per_expert(logits.topk(top_k, dim=-1).indices, logits.shape[-1])
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -61,12 +72,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """torch._grouped_mm on CPU (measured faster, flat memory); elsewhere the per-expert loop.
+EXPERTS_PATH = "auto"  # auto | grouped | loop: benchmarks/moe_paths.py times each path; training keeps auto
 
-    CUDA's grouped kernel (bf16, Hopper+) is not enabled until it has been measured on a GPU.
-    """
-    return hasattr(torch, "_grouped_mm") and x.device.type == "cpu"
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm on CPU (measured faster, flat memory) and for bf16 on Hopper and newer GPUs (its CUDA
+    kernel takes bf16 only); elsewhere the per-expert loop, which reads the counts back to the host."""
+    if EXPERTS_PATH != "auto" or not hasattr(torch, "_grouped_mm"):
+        return EXPERTS_PATH == "grouped"
+    if x.device.type == "cpu":
+        return True
+    cuda_bf16 = x.device.type == "cuda" and compute_dtype(x) == torch.bfloat16
+    return cuda_bf16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 class GroupedExperts(nn.Module):
@@ -84,7 +101,7 @@ class GroupedExperts(nn.Module):
         flat = indices.flatten()  # [T*k]
         order = flat.argsort(stable=True)  # [T*k]
         token_of = order // top_k  # [T*k] source token of each sorted assignment
-        counts = torch.bincount(flat, minlength=num_experts)  # [E]
+        counts = tokens_per_expert(flat, num_experts)  # [E]
         xs = x[token_of]  # [T*k, H] grouped by expert
         y = self._grouped(xs, counts) if use_grouped_mm(xs) else self._looped(xs, counts)  # [T*k, H]
         y = y * weights.flatten()[order, None].to(y.dtype)  # [T*k, H]

@@ -13,14 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.models.attention import Attention, DocumentMask, LayerKVCache, build_document_mask, resolve_backend
 from lumina_ds.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from lumina_ds.models.moe import (
-    GroupedExperts,
-    MoEBlock,
-    RouterLogitsCollector,
-    expert_counts,
-    load_balancing_loss,
-    router_z_loss,
-)
+from lumina_ds.models.moe import GroupedExperts, MoEBlock, RouterLogitsCollector, router_statistics
 
 if TYPE_CHECKING:
     from lumina_ds.config.model import ModelConfig
@@ -166,19 +159,21 @@ class Transformer(nn.Module):
         return DocumentMask(backend) if position_ids is None else build_document_mask(position_ids, backend)
 
     def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        """Nothing here reads a value back to the host: on a GPU that would stall the queue every forward."""
         moe = self.config.moe
-        lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        summed = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         num_targets = (labels != IGNORE_INDEX).sum()
-        if num_targets == 0:
-            lm_loss = logits.sum() * 0.0  # all targets masked: a zero that still has a graph
+        lm_loss = summed / num_targets.clamp_min(1)  # all targets masked: a zero that still has a graph
         zero = lm_loss.new_zeros(())
-        routers = self.router_logits.logits
-        aux = torch.stack([load_balancing_loss(r, moe.top_k) for r in routers]).mean() if routers else zero
-        z = torch.stack([router_z_loss(r) for r in routers]).mean() if routers else zero
+        stats = [router_statistics(r, moe.top_k) for r in self.router_logits.logits]  # per MoE layer
+        aux = torch.stack([s[0] for s in stats]).mean() if stats else zero
+        z = torch.stack([s[1] for s in stats]).mean() if stats else zero
         loss = lm_loss + moe.load_balancing_weight * aux + moe.router_z_loss_weight * z
         metrics = {"aux_loss": aux, "z_loss": z}  # with their graphs: a caller may backward through one
-        if routers:
-            metrics["expert_counts"] = torch.stack([expert_counts(r.detach(), moe.top_k) for r in routers])
+        if stats:
+            metrics["expert_counts"] = torch.stack([s[2] for s in stats])
         return ModelOutput(loss=loss, lm_loss=lm_loss, num_targets=num_targets, metrics=metrics)
 
     def new_kv_cache(self) -> list[LayerKVCache]:

@@ -17,6 +17,7 @@ from lumina_ds.models.moe import (
     load_balancing_loss,
     route_top_k,
     router_z_loss,
+    tokens_per_expert,
 )
 
 LOGITS = [
@@ -253,3 +254,10 @@ def test_grouped_gemm_follows_autocast_dtype() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = experts._grouped(torch.randn(5, 16), torch.tensor([2, 3]))
     assert out.dtype == torch.bfloat16
+
+
+def test_tokens_per_expert_counts_like_bincount_and_keeps_unused_experts() -> None:
+    indices = torch.tensor([[0, 3], [3, 1], [0, 3]])  # expert 2 gets nothing, expert 5 does not exist here
+    assert tokens_per_expert(indices, 6).tolist() == [2, 1, 0, 3, 0, 0]
+    random = torch.randint(0, 8, (100, 2))
+    assert torch.equal(tokens_per_expert(random, 8), torch.bincount(random.flatten(), minlength=8))
