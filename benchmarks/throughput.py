@@ -34,18 +34,8 @@ from torch import nn
 from lumina_ds.config.model import ModelConfig
 from lumina_ds.config.presets import get_preset
 from lumina_ds.models.counting import count_parameters
+from lumina_ds.planning.hardware import gpu_spec_of_device
 
-# bf16 dense tensor-core peaks (datasheet, TFLOP/s), matched by substring of torch.cuda.get_device_name(); most
-# specific names first. V100 has no bf16: its fp16 peak is listed.
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10", 125.0),
-    ("V100", 125.0),
-)
 FLOPS_NOTE = "flops_per_token from lumina_ds count_parameters (6*N_active_compute + 12*L*d*s), same for every impl"
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [B, S], shifted labels [B, S], unshifted [B, S]
 StepFn = Callable[[Batch], torch.Tensor]
@@ -302,7 +292,9 @@ def device_info(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return f"cpu: {cpu_model_name()} ({os.cpu_count()} cores)", None
     name = torch.cuda.get_device_name(device)
-    return name, next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+    spec = gpu_spec_of_device(name)  # the planner's table: one set of peaks for plans, MFU and the README
+    peak = spec.bf16 if spec is not None and spec.bf16 is not None else spec.fp16 if spec is not None else None
+    return name, peak / 1e12 if peak is not None else None
 
 
 def profile_step(step: StepFn, batch: Batch, top: int, impl: str) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from lumina_ds.config.presets import PRESETS, get_preset
 from lumina_ds.config.run import PRECISIONS
 from lumina_ds.errors import ConfigError
+from lumina_ds.planning.hardware import GPU_KEYS
 
 if TYPE_CHECKING:
     from lumina_ds.planning.planner import Cluster
@@ -20,8 +21,8 @@ def _gpu_arg(p: argparse.ArgumentParser) -> None:
         "--hardware-profile",
         dest="gpu",
         default="h100",
-        help="GPU model for the step-time model: h100, h200, a100, l40s, a10g, v100, b200 (LuminaAI's a100-80gb "
-        "works) (default: h100)",
+        help=f"GPU model for the step-time model and its memory: {', '.join(GPU_KEYS)} (LuminaAI's a100-80gb "
+        "works) (default: h100, the SXM part)",
     )
 
 
@@ -40,8 +41,9 @@ def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) ->
     nodes_help = "required" if nodes_required else "default: the preset's reference cluster (ds_configs/README.md)"
     p.add_argument("--nodes", type=int, required=nodes_required, help=f"nodes in the cluster ({nodes_help})")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0,
-                   help="memory per GPU in GB (GiB, as torch reports) (default: 80)")  # fmt: skip
+    p.add_argument("--gpu-mem-gb", type=float, default=None,
+                   help="memory per GPU in GiB as torch reports it, which is below the datasheet's GB (an 80 GB H100 "
+                   "reports 79.1; check-environment shows yours) (default: the --gpu's)")  # fmt: skip
     p.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="host memory per node (default: 1024)")
     _gpu_arg(p)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's, max 4096)")
@@ -51,11 +53,14 @@ def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) ->
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:
+    from lumina_ds.planning.hardware import gpu_spec
     from lumina_ds.planning.planner import Cluster
 
-    if args.nodes < 1 or args.gpus_per_node < 1 or args.gpu_mem_gb <= 0:
+    spec = gpu_spec(args.gpu)
+    memory = spec.memory_gib if args.gpu_mem_gb is None else args.gpu_mem_gb
+    if args.nodes < 1 or args.gpus_per_node < 1 or memory <= 0:
         raise ConfigError("E002", "--nodes, --gpus-per-node and --gpu-mem-gb must be positive")
-    return Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.cpu_mem_gb, args.gpu)
+    return Cluster(args.nodes, args.gpus_per_node, memory, args.cpu_mem_gb, spec.key)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -298,22 +298,15 @@ def _adopt_preset_layout(run: RunConfig, explicit: set[str], *, world_size: int,
             print(f"  {note}")
 
 
-def world_size_from_env() -> int:
-    """The number of processes whatever launcher started this one (1 without a launcher)."""
-    from lumina_ds.distributed.env import ensure_rendezvous_env
-
-    ensure_rendezvous_env()
-    return int(os.environ["WORLD_SIZE"])
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from lumina_ds.distributed.launchers import detect_launch
     from lumina_ds.training.session import profile_data_loading, train
 
     if args.profile_data_loading:
         profile_data_loading(resolve_run(args, world_size=1), batches=args.profile_data_loading)
         return 0
-    world_size = world_size_from_env()
-    train(resolve_run(args, world_size=world_size, announce=os.environ["RANK"] == "0"))
+    launch = detect_launch(os.environ)  # this rank's place in the job, read without starting anything
+    train(resolve_run(args, world_size=launch.world_size, announce=launch.rank == 0))
     return 0
 
 

@@ -20,17 +20,19 @@ from lumina_ds.config.io import deep_merge
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.distributed.expert_parallel import autoep_section
+from lumina_ds.planning.hardware import gpu_spec
 from lumina_ds.planning.memory import GIB, Layout
 from lumina_ds.planning.planner import Cluster, Plan
 
-# The cluster each checked-in layout is planned for (H100 80 GB, 1 TB host per node).
+# The cluster each checked-in layout is planned for: H100 SXM 80 GB (79.1 GiB as torch reports it), 1 TB host per node
+H100 = gpu_spec("h100").memory_gib
 REFERENCE_CLUSTERS: dict[str, Cluster] = {
-    **{name: Cluster(1, 8, 80.0) for name in ("debug", "m70_memory", "m120_speed", "b1", "b3_inference")},
-    **{name: Cluster(1, 8, 80.0) for name in ("b6_quality", "b7", "b14")},
-    "b50": Cluster(8, 8, 80.0),
-    "b100": Cluster(16, 8, 80.0),
-    "b200": Cluster(32, 8, 80.0),
-    "b300": Cluster(32, 8, 80.0),
+    **{name: Cluster(1, 8, H100) for name in ("debug", "m70_memory", "m120_speed", "b1", "b3_inference")},
+    **{name: Cluster(1, 8, H100) for name in ("b6_quality", "b7", "b14")},
+    "b50": Cluster(8, 8, H100),
+    "b100": Cluster(16, 8, H100),
+    "b200": Cluster(32, 8, H100),
+    "b300": Cluster(32, 8, H100),
 }
 LAYOUTS_DIR = Path(__file__).resolve().with_name("layouts")
 METADATA_KEY = "lumina_ds"  # our section: the plan's run-config values and where the file came from

@@ -13,7 +13,7 @@ from lumina_ds.config.model import ModelConfig
 from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import MemoryPlanError
 from lumina_ds.models.counting import count_parameters
-from lumina_ds.planning.estimate_time import peak_flops
+from lumina_ds.planning.hardware import peak_flops
 from lumina_ds.planning.memory import (
     GIB,
     Layout,
@@ -49,7 +49,7 @@ class Cluster:
         return self.nodes * self.gpus_per_node
 
     def describe(self) -> str:
-        gpu = f"{self.gpu.upper()} {self.gpu_mem_gib:g} GB"
+        gpu = f"{self.gpu.upper()} {self.gpu_mem_gib:g} GiB"
         return f"{self.nodes}x{self.gpus_per_node} {gpu}, host {self.cpu_mem_gib:g} GB"
 
 

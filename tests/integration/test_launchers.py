@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,11 +106,15 @@ LAUNCHER_VARIABLES = [
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """No launcher variables; whatever ensure_rendezvous_env sets is undone after the test."""
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No launcher variables; whatever ensure_rendezvous_env sets is undone after the test (monkeypatch alone only
+    undoes its own changes, and the variables it deleted would stay set by the code under test)."""
+    saved = dict(os.environ)
     for name in (*RENDEZVOUS, *LAUNCHER_VARIABLES):
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def rendezvous_env() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from lumina_ds.cli import main
 from lumina_ds.config.presets import PRESETS, get_preset
 from lumina_ds.errors import ConfigError
 from lumina_ds.planning.dry_run import dry_run, format_dry_run
-from lumina_ds.planning.estimate_time import count_tokens, estimate_time, peak_flops
+from lumina_ds.planning.estimate_time import count_tokens, estimate_time
+from lumina_ds.planning.hardware import peak_flops
 from lumina_ds.planning.layouts import REFERENCE_CLUSTERS
 
 
@@ -65,3 +67,33 @@ def test_scale_commands_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[E002]" in capsys.readouterr().err  # 3 does not divide 4 experts: the config alone says so
     assert main(["analyze-memory", "--preset", "debug", "--gpus", "3", "--expert-parallel-size", "2"]) == 1
     assert "[E203]" in capsys.readouterr().err  # 3 GPUs cannot hold groups of 2: the world size says so
+
+
+@pytest.mark.parametrize(
+    ("device_name", "key", "bf16_tflops"),
+    [
+        ("NVIDIA A10G", "a10g", 70),  # matched "A10" before: 125
+        ("NVIDIA A10", "a10", 125),
+        ("NVIDIA H100 NVL", "h100-nvl", 835),  # matched the SXM part before: 989
+        ("NVIDIA H100 PCIe", "h100-pcie", 756),
+        ("NVIDIA H100 80GB HBM3", "h100", 989),
+        ("NVIDIA H200", "h200", 989),
+        ("NVIDIA B200", "b200", 2250),
+        ("NVIDIA A100-SXM4-80GB", "a100", 312),
+    ],
+)
+def test_one_gpu_table_matches_device_names_most_specific_first(device_name: str, key: str, bf16_tflops: int) -> None:
+    from lumina_ds.planning.hardware import gpu_spec, gpu_spec_of_device
+
+    spec = gpu_spec_of_device(device_name)
+    assert spec is not None and spec.key == key and spec.bf16 == bf16_tflops * 1e12
+    assert gpu_spec(key) is spec and peak_flops(key, "mixed_bf16") == bf16_tflops * 1e12
+    assert gpu_spec("H100-NVL-94GB").key == "h100-nvl"  # a LuminaAI-style profile keeps its most specific match
+
+
+def test_plan_uses_the_memory_torch_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    """An 80 GB H100 shows 79.1 GiB to torch: planning against 80 would call a layout that does not fit a fit."""
+    assert main(["plan", "--preset", "b7", "--nodes", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cluster"]["gpu_mem_gb"] == 79.1
+    assert main(["plan", "--preset", "b7", "--nodes", "1", "--gpu", "h200", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cluster"]["gpu_mem_gb"] == 139.8
