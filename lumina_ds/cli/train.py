@@ -306,8 +306,39 @@ def cmd_train(args: argparse.Namespace) -> int:
         profile_data_loading(resolve_run(args, world_size=1), batches=args.profile_data_loading)
         return 0
     launch = detect_launch(os.environ)  # this rank's place in the job, read without starting anything
-    train(resolve_run(args, world_size=launch.world_size, announce=launch.rank == 0))
+    run = resolve_run(args, world_size=launch.world_size, announce=launch.rank == 0)
+    if launch.rank == 0:
+        warn_if_checkpoints_outgrow_disk(run)
+    train(run)
     return 0
+
+
+def warn_if_checkpoints_outgrow_disk(run: RunConfig) -> None:
+    """The tags --save-total-limit keeps, against the free space of the output directory (a warning: space may be
+    freed, or the run may end before the limit is reached)."""
+    import shutil
+    import sys
+
+    from lumina_ds.distributed.ds_config import select_precision
+    from lumina_ds.planning.environment import existing_parent
+    from lumina_ds.planning.memory import GIB, ParamInventory, checkpoint_tag_bytes
+
+    tag = checkpoint_tag_bytes(ParamInventory.of(run.model), precision=select_precision(run.train.precision),
+                               zero_stage=run.distributed.zero_stage)  # fmt: skip
+    kept = tag * run.checkpoint.save_total_limit
+    free = shutil.disk_usage(existing_parent(run.logging.run_dir)).free
+
+    def size(n: float) -> str:
+        return f"{n / GIB:,.1f} GB" if n >= GIB / 10 else f"{n / 2**20:,.1f} MB"
+
+    if kept > free:
+        print(
+            f"warning: each checkpoint takes about {size(tag)} and --save-total-limit "
+            f"{run.checkpoint.save_total_limit} keeps {size(kept)}, but {run.logging.output_dir} has "
+            f"{size(free)} free: a save will fail with E303 unless space is freed or the limit lowered",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:

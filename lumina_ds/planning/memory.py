@@ -280,7 +280,12 @@ def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
         stored = config.num_layers * s * mb * h * b.act + max(per_layer)  # inputs + one layer being recomputed
     else:
         stored = sum(per_layer)
-    stored += mb * s * s  # the packed-document causal mask, bool [B, 1, S, S]
+    if config.attention_backend == "sdpa":
+        # the dense document mask, bool [B, 1, S, S], and the bias SDPA turns it into in every layer on a GPU, saved
+        # for backward (with recompute only the layer being recomputed holds one); auto runs flash-attn or flex there,
+        # whose masks are cu_seqlens or a BlockMask of (S/128)^2 blocks
+        layers_holding_bias = 1 if layout.gradient_checkpointing else config.num_layers
+        stored += mb * s * s * (1 + layers_holding_bias * b.act)
     # logits (kept in the output), their fp32 log-softmax, and the two gradients in backward
     logits = mb * s * config.vocab_size * (2 * b.act + 8)
     dispatch = 0.0
@@ -305,6 +310,13 @@ def host_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
     largest = max((*inv.dense_sizes, *inv.expert_sizes), default=0) * b.param
     checkpoint = min(WEIGHTS_SHARD_BYTES, inv.total * b.param) + 2 * largest
     return {"construction": built * 4 * per_node, "offloaded_states": offloaded * per_node, "checkpoint": checkpoint}
+
+
+def checkpoint_tag_bytes(inv: ParamInventory, *, precision: str, zero_stage: int) -> float:
+    """Disk one checkpoint tag takes, all ranks together: DeepSpeed's module weights and optimizer states (fp32
+    master and Adam moments, over all partitions) plus the consolidated weights in the module dtype."""
+    b = precision_bytes(precision, max(zero_stage, 1) if precision == "bf16" else zero_stage)
+    return float(inv.total * (2 * b.param + b.master + b.optim))
 
 
 def estimate_memory(config: ModelConfig, layout: Layout, inventory: ParamInventory | None = None) -> MemoryEstimate:

@@ -53,11 +53,14 @@ def alternative_lines(plan: Plan) -> list[str]:
 def format_plan(plan: Plan) -> str:
     best, cluster = plan.best, plan.cluster
     tokens = plan.global_batch * plan.seq_len
+    kept = plan.save_total_limit * plan.checkpoint_bytes
     lines = [
         f"plan for {plan.preset} on {cluster.describe()} ({cluster.gpus} GPUs), seq {plan.seq_len}, {plan.precision}",
         f"chosen: {best.describe()}",
         f"  global batch {plan.global_batch} rows = {tokens / 1e6:.2f}M tokens per step; "
         f"modelled step time {best.step_seconds:.3g} s",
+        f"  checkpoints: {plan.checkpoint_bytes / GIB:,.1f} GB per tag (DeepSpeed states + consolidated weights); "
+        f"--save-total-limit {plan.save_total_limit} keeps {kept / GIB:,.0f} GB",
         "",
         format_breakdown(best.estimate, gpu_limit_gib=cluster.gpu_mem_gib),
         "",
@@ -100,4 +103,6 @@ def plan_as_dict(plan: Plan) -> dict[str, Any]:
             candidate_as_dict(a) for a in representatives(plan, lambda x: (x.layout.zero_stage, x.offload))
         ],
         "ruled_out": plan.excluded,
+        "checkpoint_gb_per_tag": round(plan.checkpoint_bytes / GIB, 1),
+        "save_total_limit": plan.save_total_limit,
     }

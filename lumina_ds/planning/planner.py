@@ -19,6 +19,7 @@ from lumina_ds.planning.memory import (
     Layout,
     MemoryEstimate,
     ParamInventory,
+    checkpoint_tag_bytes,
     estimate_memory,
     local_elements,
     precision_bytes,
@@ -78,6 +79,8 @@ class Plan:
     best: Candidate
     candidates: list[Candidate] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)  # layouts ruled out before any arithmetic
+    checkpoint_bytes: float = 0.0  # one checkpoint tag on disk, all ranks together
+    save_total_limit: int = 1  # tags kept (the run's --save-total-limit)
 
     @property
     def global_batch(self) -> int:
@@ -233,7 +236,9 @@ def plan(
     fitting = [c for c in candidates if c.rejection is None]
     if not fitting:
         raise nothing_fits(run, cluster, candidates, inv, seq_len=seq, precision=prec)
-    return Plan(run.preset, cluster, seq, prec, fitting[0], candidates, excluded_layouts(run, cluster))
+    tag = checkpoint_tag_bytes(inv, precision=prec, zero_stage=fitting[0].layout.zero_stage)
+    return Plan(run.preset, cluster, seq, prec, fitting[0], candidates, excluded_layouts(run, cluster), tag,
+                run.checkpoint.save_total_limit)  # fmt: skip
 
 
 def smallest_footprint(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lumina_ds.config.presets import get_preset
@@ -124,9 +126,19 @@ def test_attention_term_is_korthikanti_and_recompute_keeps_layer_inputs() -> Non
     assert layer_activation_bytes(model, plain, moe_layer=False) == pytest.approx(expected)
     ckpt = Layout(zero_stage=3, gpus=8, micro_batch_size=b, seq_len=s, gradient_checkpointing=True)
     one_layer = layer_activation_bytes(model, ckpt, moe_layer=False)
-    mask = b * s * s
     stored = activation_bytes(model, ckpt)["activations"]
-    assert stored == pytest.approx(model.num_layers * 2 * s * b * h + one_layer + mask)  # 2sbh per layer
+    # auto runs flash-attn or flex on a GPU: no [B, 1, S, S] mask
+    assert stored == pytest.approx(model.num_layers * 2 * s * b * h + one_layer)  # 2sbh per layer
+    model.attention_backend = "sdpa"  # the bool mask once, and SDPA's 16-bit bias in each layer that holds one
+    with_recompute = activation_bytes(model, ckpt)["activations"]
+    assert with_recompute - stored == pytest.approx(b * s * s * (1 + 2))  # only the layer being recomputed
+    no_recompute = Layout(zero_stage=3, gpus=8, micro_batch_size=b, seq_len=s)
+    model.attention_backend = "auto"
+    auto = activation_bytes(model, no_recompute)["activations"]
+    model.attention_backend = "sdpa"
+    assert activation_bytes(model, no_recompute)["activations"] - auto == pytest.approx(
+        b * s * s * (1 + 2 * model.num_layers)
+    )
 
 
 def test_logits_and_fp32_activations() -> None:
@@ -155,3 +167,25 @@ def test_fp32_zero2_keeps_local_gradients_as_measured() -> None:
     assert states["optimizer"] == (4 + 8) * P / 2  # master + Adam, sharded; no separate fp32 gradient copy
     one = model_state_bytes(DENSE, dense_layout(2, 1, precision="fp32"))
     assert sum(one.values()) == 24 * P  # one rank: the flattened gradient is a copy (measured 24.2 bytes/param)
+
+
+def test_checkpoint_tag_size_and_the_disk_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """b300: 295B parameters x (2 bf16 module + 4 fp32 master + 8 Adam + 2 bf16 consolidated) = 4.4 TiB per tag."""
+    from lumina_ds.cli.train import warn_if_checkpoints_outgrow_disk
+    from lumina_ds.config.presets import get_preset
+    from lumina_ds.planning.memory import checkpoint_tag_bytes
+
+    inv = ParamInventory.of(get_preset("b300").model)
+    assert checkpoint_tag_bytes(inv, precision="mixed_bf16", zero_stage=3) == inv.total * 16
+    assert checkpoint_tag_bytes(inv, precision="fp32", zero_stage=0) == inv.total * (4 + 4 + 8)  # Adam in place
+    run = get_preset("debug")
+    run.logging.output_dir = str(tmp_path)
+    warn_if_checkpoints_outgrow_disk(run)
+    assert capsys.readouterr().err == ""  # a 0.5M model fits anywhere
+    monkeypatch.setattr("shutil.disk_usage", lambda path: type("Usage", (), {"free": 10_000_000})())
+    warn_if_checkpoints_outgrow_disk(run)  # debug: 509,568 x 20 bytes (fp32, ZeRO 1) x 5 tags = 51 MB > 10 MB
+    err = capsys.readouterr().err
+    assert "warning: each checkpoint takes about 9.7 MB and --save-total-limit 5 keeps 48.6 MB" in err
+    assert "9.5 MB free" in err
