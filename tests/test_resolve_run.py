@@ -31,6 +31,12 @@ OWNED = {
     "optimizer": ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, "--learning-rate"),
     "scheduler": ({"scheduler": {"type": "WarmupLR"}}, "--lr-scheduler"),
     "seed": ({"seed": 1}, "--seed"),
+    "zero_optimization.offload_optimizer": (
+        {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+        "--offload",
+    ),
+    "zero_optimization.offload_param": ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "--offload"),
+    "zero_force_ds_cpu_optimizer": ({"zero_force_ds_cpu_optimizer": False}, "--offload"),
 }
 
 
@@ -123,3 +129,26 @@ def test_missing_training_file_among_several_is_e104() -> None:
     with pytest.raises(LuminaError) as err:
         resolve(["--train-data", f"{TRAIN},{ROOT / 'nope.jsonl'}:0.5"])
     assert err.value.code == "E104" and "nope.jsonl" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--offload", "optimizer", "--zero-stage", "0"], "needs ZeRO stage 1, 2 or 3"),
+        (["--offload", "optimizer+params", "--zero-stage", "2"], "offloading parameters needs ZeRO stage 3"),
+    ],
+)
+def test_offload_needs_a_zero_stage_that_supports_it(flags: list[str], words: str) -> None:
+    with pytest.raises(LuminaError) as err:
+        resolve(["--train-data", TRAIN, *flags])
+    assert err.value.code == "E002" and words in err.value.message
+
+
+def test_offload_is_adopted_from_the_plan_and_derived_into_deepspeed() -> None:
+    run = resolve(["--preset", "b300", "--train-data", TRAIN], world_size=256)
+    assert run.distributed.offload == "optimizer" and run.distributed.zero_stage == 3
+    assert "offload_optimizer" not in run.distributed.deepspeed.get("zero_optimization", {})  # not a user key
+    zero = build_ds_config(run, world_size=256, precision="mixed_bf16")["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and "offload_param" not in zero
+    run = resolve(["--preset", "b300", "--train-data", TRAIN, "--zero-stage", "2"], world_size=256)
+    assert run.distributed.offload == "none"  # the plan's offload belongs to its ZeRO-3

@@ -13,7 +13,7 @@ from lumina_ds.cli.luminaai import config_file_given_as_preset
 from lumina_ds.config.io import deep_merge, load_config
 from lumina_ds.config.model import ATTENTION_BACKENDS
 from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import DATA_STRATEGIES, PRECISIONS, SCHEDULERS, RunConfig
+from lumina_ds.config.run import DATA_STRATEGIES, OFFLOAD_MODES, PRECISIONS, SCHEDULERS, RunConfig
 from lumina_ds.errors import ConfigError
 
 
@@ -144,6 +144,13 @@ PARALLEL_FLAGS = [
         "a DeepSpeed JSON with keys lumina-ds does not decide (buckets, overlap, offload, ...); keys a flag owns "
         "are refused (E002)",
         default="none",
+    ),
+    Flag(
+        ("--offload",),
+        "distributed.offload",
+        "ZeRO-Offload: optimizer states (and, at ZeRO-3, parameters) in host memory, stepped by DeepSpeed's CPU Adam",
+        {"choices": OFFLOAD_MODES},
+        "the preset's planned layout, else none",
     ),
     Flag(
         ("--dist-timeout-minutes",),

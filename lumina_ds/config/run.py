@@ -136,7 +136,11 @@ OWNED_DEEPSPEED_KEYS: dict[str, str] = {
     "optimizer": "--learning-rate, --beta1, --beta2, --eps and --weight-decay (lumina-ds builds the AdamW)",
     "scheduler": "--lr-scheduler, --warmup-ratio and --min-lr",
     "seed": "--seed",
+    "zero_optimization.offload_optimizer": "--offload optimizer (lumina-ds then steps DeepSpeed's CPU Adam)",
+    "zero_optimization.offload_param": "--offload optimizer+params",
+    "zero_force_ds_cpu_optimizer": "--offload (the offloaded optimizer is always DeepSpeed's CPU Adam)",
 }
+OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
 
 
 def owned_keys_in(extras: dict[str, Any]) -> list[str]:
@@ -158,6 +162,7 @@ class DistributedConfig:
     deepspeed_config: str | None = None  # a DeepSpeed JSON file, merged into `deepspeed` when the run is resolved
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed keys the run config does not model
     deterministic_gating: bool = False  # native MoE: no Gumbel 2nd-expert sampling, no random token selection
+    offload: str = "none"  # ZeRO-Offload to host memory: none | optimizer | optimizer+params (ZeRO-3)
     # how long a collective may wait before the job is aborted: ranks wait at barriers while rank 0 trains the
     # tokenizer, local rank 0 builds shards or rank 0 writes weights (DeepSpeed's default is 10 minutes on NCCL)
     timeout_minutes: int = 120
@@ -171,6 +176,7 @@ class DistributedConfig:
             raise ConfigError("E002", f"moe_backend={self.moe_backend!r} must be autoep or native")
         if self.expert_parallel_size < 1:
             raise ConfigError("E002", "expert_parallel_size must be >= 1")
+        self._validate_offload()
         owned = owned_keys_in(self.deepspeed)
         if owned:
             source = f"--deepspeed-config {self.deepspeed_config}" if self.deepspeed_config else "distributed.deepspeed"
@@ -180,6 +186,18 @@ class DistributedConfig:
                 f"{source} sets {', '.join(owned)}, which lumina-ds decides from its own flags",
                 f"{flags}. A DeepSpeed JSON may only add what lumina-ds does not decide (buckets, overlap, "
                 "communication, offload, ...)",
+            )
+
+    def _validate_offload(self) -> None:
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError("E002", f"offload={self.offload!r} is not one of {', '.join(OFFLOAD_MODES)}")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ConfigError("E002", "ZeRO-Offload needs ZeRO stage 1, 2 or 3", "add --zero-stage 2 (or 3)")
+        if self.offload == "optimizer+params" and self.zero_stage != 3:
+            raise ConfigError(
+                "E002",
+                f"offloading parameters needs ZeRO stage 3 (this run has {self.zero_stage})",
+                "use --zero-stage 3, or --offload optimizer",
             )
 
 

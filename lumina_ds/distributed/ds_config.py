@@ -90,6 +90,10 @@ def build_ds_config(run: RunConfig, *, world_size: int, precision: str) -> dict[
         "seed": train.seed,
     }
     config.update(precision_sections(precision))
+    if dist.offload != "none":  # stepped by DeepSpeed's CPU Adam (training/engine.py), never torch's on the host
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if dist.offload == "optimizer+params":
+        config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     return deep_merge(config, dist.deepspeed)
 
 

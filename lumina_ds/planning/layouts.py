@@ -44,7 +44,10 @@ def planned_run(run: RunConfig, plan: Plan) -> RunConfig:
     best = plan.best
     planned = copy.deepcopy(run)
     planned.distributed = replace(
-        run.distributed, zero_stage=best.layout.zero_stage, expert_parallel_size=best.layout.expert_parallel_size
+        run.distributed,
+        zero_stage=best.layout.zero_stage,
+        expert_parallel_size=best.layout.expert_parallel_size,
+        offload=best.offload,
     )
     planned.train = replace(
         run.train,
@@ -84,7 +87,8 @@ def layout_for_plan(run: RunConfig, plan: Plan) -> dict[str, Any]:
     best, cluster = plan.best, plan.cluster
     extras = planned_extras(best.layout)
     planned = {
-        "distributed": {"zero_stage": best.layout.zero_stage, "expert_parallel_size": best.layout.expert_parallel_size},
+        "distributed": {"zero_stage": best.layout.zero_stage, "expert_parallel_size": best.layout.expert_parallel_size,
+                        "offload": best.offload},
         "train": {"micro_batch_size": best.layout.micro_batch_size, "grad_accum": best.grad_accum,
                   "gradient_checkpointing": best.layout.gradient_checkpointing},
     }  # fmt: skip
@@ -103,12 +107,10 @@ def layout_for_plan(run: RunConfig, plan: Plan) -> dict[str, Any]:
 
 
 def planned_extras(layout: Layout) -> dict[str, Any]:
-    """The DeepSpeed keys of a layout that the run config does not own (everything but the ZeRO stage)."""
-    zero = {k: v for k, v in zero_section(layout).items() if k != "stage"}
-    extras: dict[str, Any] = {"zero_optimization": zero} if zero else {}
-    if layout.offload_optimizer:
-        extras["zero_force_ds_cpu_optimizer"] = False  # our client torch AdamW runs on the host
-    return extras
+    """The DeepSpeed keys of a layout that the run config does not own (not the ZeRO stage, not the offload)."""
+    owned = ("stage", "offload_optimizer", "offload_param")
+    zero = {k: v for k, v in zero_section(layout).items() if k not in owned}
+    return {"zero_optimization": zero} if zero else {}
 
 
 def ds_config_for_plan(run: RunConfig, plan: Plan) -> dict[str, Any]:
@@ -146,13 +148,15 @@ def adopt_layout(run: RunConfig, layout: dict[str, Any], *, world_size: int, exp
     meta = layout[METADATA_KEY]
     planned, extras = meta["run"], {k: v for k, v in layout.items() if k != METADATA_KEY}
     stage = planned["distributed"]["zero_stage"]
-    if "zero_stage" in explicit and run.distributed.zero_stage != stage:
+    same_stage = "zero_stage" not in explicit or run.distributed.zero_stage == stage
+    if not same_stage:  # the planned buckets and offload belong to the planned stage
         notes.append(
             f"--zero-stage {run.distributed.zero_stage} differs from the planned {stage}: its ZeRO keys skipped"
         )
         extras.pop("zero_optimization", None)
-        extras.pop("zero_force_ds_cpu_optimizer", None)
     run.distributed.zero_stage = run.distributed.zero_stage if "zero_stage" in explicit else stage
+    if same_stage and "offload" not in explicit:
+        run.distributed.offload = planned["distributed"].get("offload", "none")
     if "expert_parallel_size" not in explicit and run.model.moe.enabled:
         wanted = int(planned["distributed"]["expert_parallel_size"])
         run.distributed.expert_parallel_size = largest_common_ep(wanted, run.model.moe.num_experts, world_size)

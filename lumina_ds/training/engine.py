@@ -32,11 +32,20 @@ def _shape_of(param: nn.Parameter) -> torch.Size:
     return torch.Size(getattr(param, "ds_shape", param.shape))  # ZeRO-3 params are flat placeholders
 
 
-def optimizer_factory(model: Transformer, run: RunConfig, *, cuda: bool) -> Any:
+def optimizer_name(run: RunConfig, precision: str) -> str:
+    """What steps the weights: DeepSpeed's CPU Adam for offloaded states (bf16 moments under pure bf16), else torch's
+    AdamW on the device."""
+    if run.distributed.offload == "none":
+        return "torch AdamW"
+    return f"DeepSpeedCPUAdam ({'bf16' if precision == 'bf16' else 'fp32'} states on the host)"
+
+
+def optimizer_factory(model: Transformer, run: RunConfig, *, cuda: bool, precision: str) -> Any:
     """AdamW over the module's parameters as they are when DeepSpeed calls it (after AutoEP replacement).
 
     Weight decay skips vectors (norms); expert parameters get their own groups so ZeRO 1/2 reduce them over
-    the expert-data-parallel group only.
+    the expert-data-parallel group only. With offload it is DeepSpeed's CPU Adam: torch's AdamW steps 5-7x slower
+    on the host, and pure bf16 with offload is refused by DeepSpeed with anything else.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -51,9 +60,13 @@ def optimizer_factory(model: Transformer, run: RunConfig, *, cuda: bool) -> Any:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         ]
         groups = split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
-        return torch.optim.AdamW(
-            groups, lr=train.learning_rate, betas=(train.beta1, train.beta2), eps=train.eps, fused=cuda
-        )
+        lr, betas, eps = train.learning_rate, (train.beta1, train.beta2), train.eps
+        if run.distributed.offload == "none":
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=cuda)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        states_fp32 = precision != "bf16"  # pure bf16 keeps its moments in bf16 (DeepSpeed refuses fp32 ones there)
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True, fp32_optimizer_states=states_fp32)
 
     return build
 
@@ -103,7 +116,7 @@ def build_engine(
     try:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=optimizer_factory(model, run, cuda=torch.cuda.is_available()),
+            optimizer=optimizer_factory(model, run, cuda=torch.cuda.is_available(), precision=precision),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=ds_config,
         )

@@ -28,7 +28,7 @@ from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
 from lumina_ds.run_dir import CONFIG_FILE, DS_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE
 from lumina_ds.training.checkpoint import CheckpointManager
-from lumina_ds.training.engine import build_engine, build_model
+from lumina_ds.training.engine import build_engine, build_model, optimizer_name
 from lumina_ds.training.train_step import Engine, TrainStep
 from lumina_ds.training.trainer import Trainer
 
@@ -237,13 +237,15 @@ def train(run: RunConfig) -> dict[str, Any]:
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
     model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
     bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision)
-    if info.is_main:
-        (run_dir / DS_CONFIG_FILE).write_text(json.dumps(bundle.ds_config, indent=2) + "\n")
+    optimizer = optimizer_name(run, precision)
+    if info.is_main:  # the JSON DeepSpeed got, and (under our own key, which DeepSpeed never sees) what steps it
+        record = {**bundle.ds_config, "lumina_ds": {"optimizer": optimizer, "precision": precision}}
+        (run_dir / DS_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     dist_cfg = run.distributed
     log(
         info,
         f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
-        f"{data.total_steps} steps",
+        f"offload {dist_cfg.offload} | optimizer {optimizer} | {data.total_steps} steps",
     )
     trainer = build_trainer(run, info, data, bundle.engine)
     resume_if_asked(trainer, run, info)
