@@ -54,6 +54,7 @@ class Case:
     micro: int = 8
     seq: int = 256
     precision: str = "fp32"
+    accum: int = 1  # micro-batches per optimizer step (mixed_bf16 then accumulates gradients in fp32)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -68,7 +69,7 @@ def model_config(name: str) -> ModelConfig:
 def run_config(case: Case) -> RunConfig:
     run = get_preset("debug")
     run.model = model_config(case.model)
-    run.train.micro_batch_size, run.train.grad_accum = case.micro, 1
+    run.train.micro_batch_size, run.train.grad_accum = case.micro, case.accum
     run.train.gradient_checkpointing, run.train.precision = case.ckpt, case.precision
     run.distributed.zero_stage, run.distributed.expert_parallel_size = case.zero, case.ep
     run.distributed.deepspeed = planned_extras(layout_of(case))  # the bucket sizes a planned layout carries
@@ -180,6 +181,7 @@ CASES = [
     Case("m57", 2, 3, False, ep=2),
     Case("m57", 2, 2, False, ep=2),
     *(Case("m57", 2, z, False, precision="mixed_bf16") for z in (1, 2, 3)),
+    *(Case("m57", 2, z, False, precision="mixed_bf16", accum=2) for z in (1, 2, 3)),
 ]
 
 

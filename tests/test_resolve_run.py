@@ -27,6 +27,7 @@ OWNED = {
     "fp16": ({"fp16": {"enabled": True}}, "--precision"),
     "amp": ({"amp": {"enabled": True}}, "--precision"),
     "torch_autocast": ({"torch_autocast": {"enabled": True}}, "--precision"),
+    "data_types": ({"data_types": {"grad_accum_dtype": "bf16"}}, "--precision"),
     "expert_parallel": ({"expert_parallel": {"enabled": True, "autoep_size": 2}}, "--expert-parallel-size"),
     "optimizer": ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, "--learning-rate"),
     "scheduler": ({"scheduler": {"type": "WarmupLR"}}, "--lr-scheduler"),

@@ -132,6 +132,7 @@ OWNED_DEEPSPEED_KEYS: dict[str, str] = {
     "fp16": "--precision",
     "amp": "--precision",
     "torch_autocast": "--precision",
+    "data_types": "--precision (mixed_bf16 sums accumulated gradients in fp32 at ZeRO 1-3)",
     "expert_parallel": "--expert-parallel-size and --moe-backend",
     "optimizer": "--learning-rate, --beta1, --beta2, --eps and --weight-decay (lumina-ds builds the AdamW)",
     "scheduler": "--lr-scheduler, --warmup-ratio and --min-lr",

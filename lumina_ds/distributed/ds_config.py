@@ -71,6 +71,16 @@ def precision_sections(precision: str) -> dict[str, Any]:
     }
 
 
+def fp32_grad_accumulation(precision: str, zero_stage: int, grad_accum: int) -> bool:
+    """Whether DeepSpeed sums micro-batch gradients in fp32: mixed_bf16 with accumulation at ZeRO 1-3.
+
+    DeepSpeed's default sums them in bf16: over 16 micro-batches of `debug` the summed gradient was 0.99% off the fp32
+    one, 0.87% with fp32 sums (the rest is bf16 compute); 0.94% and 0.81% at ZeRO-3. ZeRO-0 refuses the mix. It costs
+    memory (ZeRO-1 keeps a full fp32 gradient copy), which the planner counts.
+    """
+    return precision == "mixed_bf16" and zero_stage >= 1 and grad_accum > 1
+
+
 def build_ds_config(run: RunConfig, *, world_size: int, precision: str) -> dict[str, Any]:
     """The run config's decisions in DeepSpeed's format, with the run's extra DeepSpeed keys merged in.
 
@@ -90,6 +100,8 @@ def build_ds_config(run: RunConfig, *, world_size: int, precision: str) -> dict[
         "seed": train.seed,
     }
     config.update(precision_sections(precision))
+    if fp32_grad_accumulation(precision, dist.zero_stage, train.grad_accum):
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if dist.offload != "none":  # stepped by DeepSpeed's CPU Adam (training/engine.py), never torch's on the host
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if dist.offload == "optimizer+params":

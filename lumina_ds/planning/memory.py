@@ -132,6 +132,7 @@ class Layout:
     sub_group_size: int = 1_000_000_000  # ZeRO-3 converts gradients to fp32 one sub-group at a time
     zero_init: bool = True  # ZeRO-3 builds the model partitioned (deepspeed.zero.Init)
     gpu_runtime_overhead: float = GPU_RUNTIME_OVERHEAD
+    grad_accum_fp32: bool = False  # mixed_bf16 with accumulation at ZeRO 1-3: gradients summed in fp32
 
     @property
     def nodes(self) -> int:
@@ -204,8 +205,13 @@ def zero3_live_elements(inv: ParamInventory, layout: Layout) -> float:
 def model_state_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
     """GPU bytes of parameters, gradients and optimizer states (incl. master weights) on one rank."""
     b = precision_bytes(layout.precision, layout.zero_stage)
+    if layout.grad_accum_fp32:  # DeepSpeed's gradient buffers (ZeRO-2/3 partitions, ZeRO-1's full copy) are fp32
+        b = replace(b, grad=4)
     local, shard = local_elements(inv, layout), sharded_elements(inv, layout)
     stage = layout.zero_stage
+    if stage == 1 and layout.grad_accum_fp32 and not layout.offload_optimizer:
+        # DeepSpeed's BF16 optimizer: a full fp32 gradient copy whose partition the optimizer steps from
+        return {"parameters": local * b.param, "gradients": local * 4.0, "optimizer": shard * (b.master + b.optim)}
     if stage == 3:
         gpu_params = 0.0 if layout.offload_param else shard * b.param
         params = gpu_params + persistent_elements(inv, layout) * b.param

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from lumina_ds.config.model import ModelConfig
 from lumina_ds.config.run import RunConfig
+from lumina_ds.distributed.ds_config import fp32_grad_accumulation
 from lumina_ds.errors import MemoryPlanError
 from lumina_ds.models.counting import count_parameters
 from lumina_ds.planning.hardware import peak_flops
@@ -114,10 +115,12 @@ def layout_space(run: RunConfig, cluster: Cluster, *, seq_len: int, precision: s
             for offload in offloads:
                 for micro in divisors(rows_per_gpu):
                     for ckpt in (False, True):
+                        accum = rows_per_gpu // micro
                         layout = replace(base, zero_stage=stage, expert_parallel_size=ep, micro_batch_size=micro,
                                          gradient_checkpointing=ckpt, offload_optimizer=offload != "none",
-                                         offload_param=offload == "optimizer+params")  # fmt: skip
-                        space.append((layout, offload, rows_per_gpu // micro))
+                                         offload_param=offload == "optimizer+params",
+                                         grad_accum_fp32=fp32_grad_accumulation(precision, stage, accum))  # fmt: skip
+                        space.append((layout, offload, accum))
     return space
 
 

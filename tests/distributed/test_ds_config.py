@@ -100,3 +100,25 @@ def test_shipped_override_files_merge_into_the_generated_config() -> None:
     run.validate()  # the shipped file sets no key the run config owns
     zero = build_ds_config(run, world_size=2, precision="fp32")["zero_optimization"]
     assert zero["stage"] == 2 and zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 50_000_000
+
+
+@pytest.mark.parametrize(
+    ("precision", "stage", "accum", "fp32_sums"),
+    [
+        ("mixed_bf16", 1, 16, True),
+        ("mixed_bf16", 2, 2, True),
+        ("mixed_bf16", 3, 32, True),
+        ("mixed_bf16", 2, 1, False),  # nothing is summed: no fp32 copy
+        ("mixed_bf16", 0, 16, False),  # DeepSpeed refuses fp32 sums without ZeRO
+        ("bf16", 2, 16, False),  # pure bf16 keeps bf16 everywhere by choice
+        ("fp32", 2, 16, False),
+    ],
+)
+def test_accumulated_gradients_are_summed_in_fp32_under_mixed_bf16(
+    precision: str, stage: int, accum: int, fp32_sums: bool
+) -> None:
+    run = get_preset("debug")
+    run.distributed.zero_stage, run.train.grad_accum = stage, accum
+    config = build_ds_config(run, world_size=2, precision=precision)
+    assert (config.get("data_types") == {"grad_accum_dtype": "fp32"}) is fp32_sums
+    assert fp32_sums or "data_types" not in config

@@ -145,3 +145,58 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path: Path) -> None
         assert norm_2x2 == pytest.approx(reference, rel=1e-5), f"ZeRO-{stage} 2x2"
         assert got["param_diff"] <= 1e-6, f"ZeRO-{stage}: weights after one step differ"
         assert min(got["moved"]) > 1e-4, f"ZeRO-{stage}: the step did not move the weights"
+
+
+BF16_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    from deepspeed.utils import safe_get_full_grad
+    from lumina_ds.config.presets import get_preset
+    from lumina_ds.distributed.env import init_distributed
+    from lumina_ds.training.engine import build_engine, build_model
+
+    ACC, MICRO, SEQ = 16, 2, 64
+    info = init_distributed()
+
+    def summed_gradient(stage, precision, accum_dtype=None):
+        run = get_preset("debug")
+        run.train.micro_batch_size, run.train.grad_accum, run.train.max_grad_norm = MICRO, ACC, 0.0
+        run.distributed.zero_stage, run.train.precision = stage, precision
+        if accum_dtype:  # the DeepSpeed default lumina-ds overrides (validation would refuse the key: tests only)
+            run.distributed.deepspeed = {"data_types": {"grad_accum_dtype": accum_dtype}}
+        torch.manual_seed(0)
+        bundle = build_engine(build_model(run, world_size=1, precision=precision), run, info=info, total_steps=10,
+                              precision=precision)
+        engine, g = bundle.engine, torch.Generator().manual_seed(1)
+        for i in range(ACC):
+            ids = torch.randint(6, 2048, (MICRO, SEQ), generator=g)
+            engine.backward(engine(ids, labels=torch.roll(ids, -1, 1),
+                                   position_ids=torch.arange(SEQ).expand(MICRO, SEQ))["loss"])
+            if i < ACC - 1:
+                engine.step()
+        grad = torch.cat([safe_get_full_grad(p).float().flatten() for p in engine.module.parameters()])
+        return grad, bundle.ds_config.get("data_types")
+
+    ref, _ = summed_gradient(0, "fp32")
+    result = {}
+    for stage in (1, 2):
+        ours, data_types = summed_gradient(stage, "mixed_bf16")
+        bf16_sums, _ = summed_gradient(stage, "mixed_bf16", "bf16")
+        result[stage] = {"ours": float((ours - ref).norm() / ref.norm()),
+                         "bf16": float((bf16_sums - ref).norm() / ref.norm()), "data_types": data_types}
+    print("RESULT " + json.dumps(result), flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_mixed_bf16_sums_accumulated_gradients_in_fp32(tmp_path: Path) -> None:
+    """DeepSpeed sums micro-batch gradients in bf16 unless told otherwise: over 16 micro-batches that drifted from
+    the fp32 sum (0.99% against 0.87% with fp32 sums; the rest is bf16 compute, the same in both)."""
+    proc = run_single_rank(BF16_SCRIPT, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    for stage, got in json.loads(line.removeprefix("RESULT ")).items():
+        assert got["data_types"] == {"grad_accum_dtype": "fp32"}, stage
+        assert got["ours"] < got["bf16"] - 0.0005, (stage, got)  # closer to the fp32 gradient by a clear margin
