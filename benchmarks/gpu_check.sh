@@ -48,6 +48,9 @@ step chat python3 -m lumina_ds chat --checkpoint "$RUNS/debug_auto" --prompt "Ex
 step zero3-bf16-recompute python3 -m lumina_ds train --preset debug "${DATA[@]}" "${COMMON[@]}" --max-steps 40 \
     --experiment-name z3_bf16 --zero-stage 3 --precision bf16 --gradient-checkpointing --eval-every-n-batches 40
 keep z3_bf16
+step zero3-offload-accum python3 -m lumina_ds train --preset debug "${DATA[@]}" "${COMMON[@]}" --max-steps 20 \
+    --experiment-name z3_offload --zero-stage 3 --offload optimizer --grad-accum 4 --eval-every-n-batches 20
+keep z3_offload
 step m70-mixed-bf16 python3 -m lumina_ds train --preset m70_memory "${DATA[@]}" "${COMMON[@]}" --max-steps 40 \
     --experiment-name m70 --seq-len 1024 --eval-every-n-batches 40
 keep m70
