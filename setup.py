@@ -22,6 +22,7 @@ setup(
         "tqdm",
         "safetensors",
         "psutil",
+        "xxhash",
     ],
     extras_require={"flash": ["flash-attn>=2.5"], "hf": ["transformers>=4.46"], "mpi": ["mpi4py>=4.0"]},
     entry_points={"console_scripts": ["lumina-ds=lumina_ds.cli:entry"]},

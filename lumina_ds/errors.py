@@ -33,6 +33,9 @@ ERROR_CODES: dict[str, str] = {
     "checkpoint, so no diverged weights are saved)",
     "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, number of processes) or could "
     "not be saved",
+    "E304": "a file of the run directory cannot be written (disk full, permissions): metrics.jsonl, TensorBoard events",
+    "E305": "another run is using this run directory (its lock names the host and process); a lock left by a "
+    "process that is gone from this host is taken over",
 }
 
 

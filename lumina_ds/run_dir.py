@@ -12,8 +12,10 @@ checkpoints/<tag>/       DeepSpeed shards + model.safetensors or model-*-of-*.sa
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -79,3 +81,62 @@ def write_weights(state: dict[str, torch.Tensor], target: Path) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, target)
     return target
+
+
+LOCK_FILE = ".run.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class RunLock:
+    """One run per run directory: two runs writing one directory interleave their metrics and mix checkpoints."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a warning when a stale lock (a dead process on this host) was taken over."""
+        warning = None
+        for _ in range(2):
+            if self._create():
+                self.held = True
+                return warning
+            holder = self._holder()
+            if holder.get("host") != socket.gethostname() or _alive(int(str(holder.get("pid", 0)))):
+                raise CheckpointError(
+                    "E305",
+                    f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')})",
+                    f"give this run another --experiment-name, or wait for that run; if it is gone, delete {self.path}",
+                )
+            self.path.unlink(missing_ok=True)
+            warning = f"took over the run lock of pid {holder.get('pid')} on this host, which is gone"
+        raise CheckpointError("E305", f"cannot take {self.path}", "another run is starting in this directory")
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, handle)
+        return True
+
+    def _holder(self) -> dict[str, object]:
+        try:
+            return dict(json.loads(self.path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

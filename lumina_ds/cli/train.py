@@ -114,6 +114,12 @@ RUN_FLAGS = [
         default="start fresh",
     ),
     Flag(("--auto-resume",), "checkpoint.auto_resume", "resume from this experiment's latest checkpoint", ON),
+    Flag(
+        ("--strict-resume",),
+        "checkpoint.strict_resume",
+        "stop with E303 when the checkpoint fails verification, instead of falling back to the previous one",
+        ON,
+    ),
     Flag(("--tensorboard",), "logging.tensorboard", "write TensorBoard scalars to <run dir>/tensorboard", BOOL),
     Flag(("--progress-bar",), "logging.progress_bar", "a progress bar when the console is a terminal", BOOL),
 ]
@@ -316,8 +322,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = resolve_run(args, world_size=launch.world_size, announce=launch.rank == 0)
     if launch.rank == 0:
         warn_if_checkpoints_outgrow_disk(run)
-    train(run)
-    return 0
+    return int(train(run).get("exit_code", 0))
 
 
 def warn_if_checkpoints_outgrow_disk(run: RunConfig) -> None:

@@ -94,6 +94,7 @@ class CheckpointConfig:
     resume: str | None = None  # a checkpoint tag dir, a checkpoints dir or a run dir
     auto_resume: bool = False  # resume from the latest tag of this experiment if there is one
     weights_shard_mb: int = 5120  # consolidated weights are written in safetensors shards of at most this size
+    strict_resume: bool = False  # a tag that fails verification stops the run instead of falling back to an older
 
     def validate(self) -> None:
         if self.save_every_n_batches < 1 or self.save_total_limit < 1 or self.weights_shard_mb < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,3 +68,12 @@ def shared_by_all_ranks(directory: Path, *, rank: int) -> bool:
     if rank == 0:
         probe.unlink(missing_ok=True)
     return shared
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank (picklable values; small ones: it goes through the host)."""
+    if not _distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -3,11 +3,28 @@ counters into balance figures before the loggers see the record."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from lumina_ds.errors import LuminaError
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failed write of a log file is one line with its code (E304), not a traceback out of a logger."""
+    try:
+        yield
+    except OSError as exc:
+        raise LuminaError(
+            "E304",
+            f"cannot write {path}: {exc.strerror or exc}",
+            "free disk space in the output directory (checkpoints are verified and kept), then --auto-resume",
+        ) from exc
 
 
 class Callback:
@@ -111,12 +128,15 @@ class JsonlLogger(Callback):
     """metrics.jsonl: one JSON object per logged step and per evaluation (appends, so resumes continue it)."""
 
     def __init__(self, path: Path) -> None:
-        self.file = path.open("a", encoding="utf-8")
+        self.path = path
+        with writing(path):
+            self.file = path.open("a", encoding="utf-8")
 
     def _write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(clean) + "\n")
+            self.file.flush()
 
     def on_log(self, metrics: dict[str, Any]) -> None:
         self._write({k: v for k, v in metrics.items() if k not in ("memory", "total_steps", "beta2")})
@@ -134,18 +154,22 @@ class TensorBoardLogger(Callback):
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.log_dir = log_dir
+        with writing(log_dir):
+            self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def on_log(self, metrics: dict[str, Any]) -> None:
-        for key in self.SCALARS:
-            if key in metrics and metrics[key] is not None:
-                self.writer.add_scalar(f"train/{key}", metrics[key], metrics["step"])
-        self.writer.flush()
+        with writing(self.log_dir):
+            for key in self.SCALARS:
+                if key in metrics and metrics[key] is not None:
+                    self.writer.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+            self.writer.flush()
 
     def on_eval(self, metrics: dict[str, Any]) -> None:
-        self.writer.add_scalar("eval/loss", metrics["eval_loss"], metrics["step"])
-        self.writer.add_scalar("eval/ppl", metrics["eval_ppl"], metrics["step"])
-        self.writer.flush()
+        with writing(self.log_dir):
+            self.writer.add_scalar("eval/loss", metrics["eval_loss"], metrics["step"])
+            self.writer.add_scalar("eval/ppl", metrics["eval_ppl"], metrics["step"])
+            self.writer.flush()
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         self.writer.close()

@@ -1,45 +1,52 @@
-"""Checkpoints: DeepSpeed shards + our consolidated weights + per-rank RNG, a completion marker, rotation."""
+"""Checkpoints as a contract: written under a staging name and renamed into place once `complete.json` lists every
+file with its size and checksum; verified before loading, falling back to the previous verified tag; loaded without
+unpickling anything but tensors; rotated without losing the newest or the best."""
 
 from __future__ import annotations
 
 import json
-import random
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from lumina_ds.config.run import CheckpointConfig
+from lumina_ds.distributed.collectives import any_rank, broadcast_token
 from lumina_ds.distributed.consolidate import write_consolidated
 from lumina_ds.distributed.env import DistInfo, barrier
 from lumina_ds.errors import CheckpointError
-from lumina_ds.run_dir import (
-    CHECKPOINTS_DIR,
-    COMPLETE_MARKER,
-    TAG_PATTERN,
-    list_complete_tags,
-    resolve_checkpoint,
-    tag_for_step,
+from lumina_ds.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER, TAG_PATTERN, list_complete_tags, tag_for_step
+from lumina_ds.training.checkpoint_files import build_manifest, check_files, raise_corrupt, weights_only_loads
+from lumina_ds.training.checkpoint_state import (
+    STATE_DIR,
+    load_rank_state,
+    load_trainer_state,
+    save_rank_state,
+    save_trainer_state,
+    set_rng_state,
 )
 from lumina_ds.training.train_step import Engine
 
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+STAGING = ".saving-"  # `.<tag>.saving-<token>`: a save in progress (or killed)
+REPLACED = ".replaced-"  # `.<tag>.replaced-<token>`: a complete tag being replaced by a newer save of the same step
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+@dataclass
+class Resumed:
+    """What a checkpoint gives back to the run: the trainer's state, this rank's data position, the saved config."""
+
+    tag_dir: Path
+    trainer: dict[str, Any]
+    data: dict[str, Any]
+    config: dict[str, Any]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """torch.save on a full disk raises RuntimeError ("enforce fail ... file write failed"), not OSError."""
+    text = str(exc).lower()
+    return isinstance(exc, OSError) or "no space" in text or "file write failed" in text or "enforce fail" in text
 
 
 class CheckpointManager:
@@ -52,63 +59,169 @@ class CheckpointManager:
         """Whether the cadence asks for a checkpoint after optimizer step `step`."""
         return step % self.config.save_every_n_batches == 0
 
-    def save(self, engine: Engine, step: int, client_state: dict[str, Any]) -> Path:
-        """Every rank calls this. The tag only counts once `complete.json` exists (written last, by rank 0)."""
+    # ---- saving ------------------------------------------------------------------------------------
+    def save(self, engine: Engine, step: int, *, trainer: dict[str, Any], data: dict[str, Any],
+             config: dict[str, Any], keep_step: int | None = None) -> Path:  # fmt: skip
+        """Every rank calls this. The tag appears under its name only once complete (never half-written)."""
         tag = tag_for_step(step)
-        tag_dir = self.dir / tag
+        self._check_free_space()
+        staging = self.dir / f".{tag}{STAGING}{broadcast_token(self.info.rank)}"
         try:
-            engine.save_checkpoint(str(self.dir), tag, client_state=client_state)
-            torch.save(rng_state(), tag_dir / f"rng_rank{self.info.rank}.pt")
-            write_consolidated(engine.module, tag_dir, max_shard_bytes=self.config.weights_shard_mb << 20)
+            self._write(engine, staging, trainer=trainer, data=data, config=config, step=step)
+        except (OSError, RuntimeError) as exc:
+            if not is_disk_full(exc):
+                raise
             if self.info.is_main:
-                meta = {"step": step, "world_size": self.info.world_size, "time": time.time()}
-                (tag_dir / COMPLETE_MARKER).write_text(json.dumps(meta))
-        except OSError as exc:
-            if self.info.is_main:
-                shutil.rmtree(tag_dir, ignore_errors=True)  # never leave a half-written tag behind
+                shutil.rmtree(staging, ignore_errors=True)  # earlier tags stay as they were
             raise CheckpointError(
                 "E303",
-                f"saving checkpoint {tag_dir} failed: {exc}",
+                f"saving checkpoint {tag} failed: {str(exc).strip().splitlines()[0][:200]}",
                 "free disk space (earlier checkpoints are intact) or lower --save-total-limit",
             ) from exc
-        barrier()  # every rank's shards are written before rank 0 may delete older tags
         if self.info.is_main:
-            self.rotate()
-        return tag_dir
+            self._install(staging, self.dir / tag)
+            self.rotate(keep_step=keep_step)
+        barrier()
+        return self.dir / tag
 
-    def rotate(self) -> None:
-        """Keep the newest `save_total_limit` complete tags; drop older ones and interrupted saves before them."""
+    def _write(self, engine: Engine, staging: Path, *, trainer: dict[str, Any], data: dict[str, Any],
+               config: dict[str, Any], step: int) -> None:  # fmt: skip
+        engine.save_checkpoint(str(self.dir), staging.name, client_state={}, save_latest=False)
+        save_rank_state(staging, rank=self.info.rank, world_size=self.info.world_size, data=data)
+        if self.info.is_main:
+            save_trainer_state(staging, trainer=trainer, config=config)
+        write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
+        barrier()  # every rank's files are written before they are listed
+        files = build_manifest(staging, rank=self.info.rank, world_size=self.info.world_size)
+        if self.info.is_main:
+            meta = {"step": step, "world_size": self.info.world_size, "time": time.time(), "files": files}
+            with (staging / COMPLETE_MARKER).open("w") as handle:  # last: the tag is complete once this exists
+                json.dump(meta, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def _install(self, staging: Path, target: Path) -> None:
+        """Rename the complete staging dir into place; a complete tag of the same step moves aside first, so a kill
+        at any moment leaves one complete tag under the name (recover() undoes a half-finished swap)."""
+        replaced = None
+        if target.exists():
+            replaced = target.with_name(f".{target.name}{REPLACED}{staging.name.rsplit('-', 1)[-1]}")
+            os.replace(target, replaced)
+        os.replace(staging, target)
+        _fsync_dir(target.parent)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+
+    def _check_free_space(self) -> None:
+        """Refuse to start a save the disk cannot hold, judged by the last tag's size (E303, nothing written)."""
+        tags = list_complete_tags(self.dir)
+        need = _tag_bytes(self.dir / tags[-1]) if tags else 0
+        free = shutil.disk_usage(self.dir if self.dir.exists() else self.dir.parent).free
+        if any_rank(self.info.is_main and need > free):
+            raise CheckpointError(
+                "E303",
+                f"not enough free space in {self.dir} for a checkpoint: the last one took {need / 2**30:.2f} GB, "
+                f"{free / 2**30:.2f} GB are free",
+                "free disk space or lower --save-total-limit (earlier checkpoints are intact)",
+            )
+
+    def rotate(self, *, keep_step: int | None = None) -> None:
+        """Keep the newest `save_total_limit` complete tags and the best one; drop older tags and interrupted
+        saves. Tags newer than the newest complete one (a save in progress elsewhere) are left alone."""
         complete = list_complete_tags(self.dir)
         keep = set(complete[-self.config.save_total_limit :])
+        if keep_step is not None:
+            keep.add(tag_for_step(keep_step))
         newest = int(TAG_PATTERN.match(complete[-1]).group(1)) if complete else -1  # type: ignore[union-attr]
         for path in self.dir.iterdir():
             match = TAG_PATTERN.match(path.name)
             if match and path.name not in keep and int(match.group(1)) < newest:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def find_resume(self) -> tuple[Path, str] | None:
+    def recover(self) -> None:
+        """After a kill: finish a half-done swap (the replaced tag comes back if its successor is missing) and
+        remove staging dirs. Rank 0, before anything reads the tags; one run per run directory (the run lock)."""
+        if not self.dir.is_dir():
+            return
+        for path in sorted(self.dir.iterdir()):
+            if REPLACED in path.name:
+                target = self.dir / path.name[1:].split(REPLACED)[0]
+                if target.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.replace(path, target)
+            elif STAGING in path.name:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- loading -----------------------------------------------------------------------------------
+    def candidates(self) -> list[Path]:
+        """Tags to resume from, newest first: --resume's (and the older ones beside it), or this run's own."""
+        from lumina_ds.run_dir import resolve_checkpoint
+
         if self.config.resume:
-            return resolve_checkpoint(self.config.resume)
-        if self.config.auto_resume and list_complete_tags(self.dir):
-            return resolve_checkpoint(self.dir)
+            checkpoints, tag = resolve_checkpoint(self.config.resume)
+        elif self.config.auto_resume and list_complete_tags(self.dir):
+            checkpoints, tag = resolve_checkpoint(self.dir)
+        else:
+            return []
+        tags = list_complete_tags(checkpoints)
+        return [checkpoints / t for t in reversed(tags[: tags.index(tag) + 1])]
+
+    def load(self, engine: Engine, *, log: Any = print) -> Resumed | None:
+        """The newest candidate that verifies; a failing one is named and skipped (E303 with strict_resume)."""
+        for tag_dir in self.candidates():
+            problem = self._verify(tag_dir)
+            if problem is None:
+                return self._load(engine, tag_dir)
+            if self.config.strict_resume:
+                hint = "resume from an earlier tag, or drop --strict-resume to fall back to it"
+                raise CheckpointError("E303", f"checkpoint {tag_dir} fails verification: {problem}", hint)
+            log(f"warning: checkpoint {tag_dir.name} fails verification ({problem}): trying the previous one")
+        if self.config.resume or (self.config.auto_resume and list_complete_tags(self.dir)):
+            raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
         return None
 
-    def load(self, engine: Engine, checkpoints_dir: Path, tag: str) -> dict[str, Any]:
-        meta = json.loads((checkpoints_dir / tag / COMPLETE_MARKER).read_text())
+    def _verify(self, tag_dir: Path) -> str | None:
+        meta = json.loads((tag_dir / COMPLETE_MARKER).read_text())
         if meta.get("world_size") != self.info.world_size:
             raise CheckpointError(
                 "E303",
-                f"checkpoint {tag} was saved by {meta.get('world_size')} processes, "
-                f"this run has {self.info.world_size}",
+                f"checkpoint {tag_dir.name} was saved by {meta.get('world_size')} processes, this run has "
+                f"{self.info.world_size}",
                 "resume with the same number of GPUs/processes as the run that saved it",
             )
+        if "files" not in meta:  # written before checkpoints carried a manifest
+            return None
+        return check_files(tag_dir, meta["files"], rank=self.info.rank, world_size=self.info.world_size)
+
+    def _load(self, engine: Engine, tag_dir: Path) -> Resumed:
         try:
-            path, client_state = engine.load_checkpoint(str(checkpoints_dir), tag)
+            with weights_only_loads():
+                path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag_dir.name)
         except Exception as exc:  # torch.load raises anything from UnpicklingError to EOFError on bad files
-            raise CheckpointError("E303", f"checkpoint {checkpoints_dir / tag} is corrupt: {exc}") from exc
+            raise raise_corrupt(tag_dir, exc) from exc
         if path is None:
-            raise CheckpointError("E303", f"DeepSpeed could not load checkpoint {checkpoints_dir / tag}")
-        rng_file = checkpoints_dir / tag / f"rng_rank{self.info.rank}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return client_state or {}
+            raise CheckpointError("E303", f"DeepSpeed could not load checkpoint {tag_dir}")
+        if not (tag_dir / STATE_DIR).is_dir():  # an older tag: its state is in DeepSpeed's client_state
+            state = client_state or {}
+            return Resumed(tag_dir, state.get("trainer", {}), state.get("data", {}), state.get("config", {}))
+        own = load_rank_state(tag_dir, rank=self.info.rank)
+        set_rng_state(own["rng"])
+        saved = load_trainer_state(tag_dir)
+        return Resumed(tag_dir, saved["trainer"], own["data"], saved["config"])
+
+
+def _tag_bytes(tag_dir: Path) -> int:
+    try:
+        files = json.loads((tag_dir / COMPLETE_MARKER).read_text()).get("files", {})
+    except (OSError, ValueError):
+        return 0
+    return int(sum(f["size"] for f in files.values()))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,16 @@ from lumina_ds.data.prepare import EncodeSettings, PrepareReport
 from lumina_ds.data.profile import LoaderRate, measure_batches
 from lumina_ds.data.stream import PackedBatches
 from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer
-from lumina_ds.distributed.collectives import min_over_ranks, shared_by_all_ranks
+from lumina_ds.distributed.collectives import any_rank, min_over_ranks, shared_by_all_ranks
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
-from lumina_ds.run_dir import CONFIG_FILE, DS_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE
+from lumina_ds.run_dir import CONFIG_FILE, DS_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE, RunLock
 from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.engine import build_engine, build_model, optimizer_name
+from lumina_ds.training.resume import apply_changed_settings
 from lumina_ds.training.train_step import Engine, TrainStep
 from lumina_ds.training.trainer import Trainer
 
@@ -205,18 +208,23 @@ def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: En
         logging=run.logging,
         checkpoints=CheckpointManager(run.logging.run_dir, run.checkpoint, info),
         callbacks=build_callbacks(run) if info.is_main else [],
-        client_extra={"config": config_to_dict(run)},
+        config_record=config_to_dict(run),
     )
 
 
 def resume_if_asked(trainer: Trainer, run: RunConfig, info: DistInfo) -> None:
-    resume = trainer.checkpoints.find_resume()
-    if resume is None:
+    """Resume from the newest checkpoint that verifies (--resume / --auto-resume), applying changed settings."""
+    if info.is_main:
+        trainer.checkpoints.recover()  # finish or undo a save a kill interrupted
+    barrier()
+    resumed = trainer.checkpoints.load(trainer.engine, log=lambda message: log(info, message))
+    if resumed is None:
         return
-    client_state = trainer.checkpoints.load(trainer.engine, *resume)
-    check_resumable(client_state.get("config"), run)
-    trainer.restore(client_state)
-    log(info, f"resumed from {resume[0] / resume[1]} at step {trainer.state.step}")
+    check_resumable(resumed.config, run)
+    for change in apply_changed_settings(trainer.engine, run, resumed.config, trainer.total_steps):
+        log(info, f"resume: {change}")
+    trainer.restore(resumed)
+    log(info, f"resumed from {resumed.tag_dir} at step {trainer.state.step}")
 
 
 def train(run: RunConfig) -> dict[str, Any]:
@@ -230,6 +238,34 @@ def train(run: RunConfig) -> dict[str, Any]:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir_shared(run_dir, info)  # collective: every rank raises together
+    with run_lock(run_dir, info):
+        summary = train_in(run, info, precision)
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, info: DistInfo) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the whole run; every rank stops together when it is taken (E305)."""
+    lock, problem = RunLock(run_dir), None
+    if info.is_main:
+        try:
+            warning = lock.acquire()
+            if warning:
+                log(info, f"warning: {warning}")
+        except CheckpointError as exc:
+            problem = exc
+    if any_rank(problem is not None):
+        raise problem or CheckpointError("E305", f"rank 0 could not take the lock of {run_dir}", "see rank 0's error")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def train_in(run: RunConfig, info: DistInfo, precision: str) -> dict[str, Any]:
+    """The run inside its locked run directory: data, model, engine, resume, loop."""
+    run_dir = run.logging.run_dir
     data = prepare_data(run, info)
     if info.is_main:
         save_config(run, run_dir / CONFIG_FILE)
@@ -249,9 +285,7 @@ def train(run: RunConfig) -> dict[str, Any]:
     )
     trainer = build_trainer(run, info, data, bundle.engine)
     resume_if_asked(trainer, run, info)
-    summary = trainer.fit()
-    summary["run_dir"] = str(run_dir)
-    return summary
+    return trainer.fit()
 
 
 def profile_data_loading(run: RunConfig, *, batches: int = 200) -> LoaderRate:

@@ -11,17 +11,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from lumina_ds.batch import Batch
 from lumina_ds.config.run import LoggingConfig, TrainConfig
 from lumina_ds.data.packing import PackedDataset
 from lumina_ds.data.stream import PackedBatches
-from lumina_ds.distributed.collectives import all_reduce_sum, any_rank
+from lumina_ds.distributed.collectives import all_reduce, all_reduce_sum, any_rank
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import TrainingError
 from lumina_ds.monitor.callbacks import Callback
-from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.checkpoint import CheckpointManager, Resumed
 from lumina_ds.training.metrics import memory_summary, perplexity
 from lumina_ds.training.train_step import Engine, TrainStep
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -49,7 +54,7 @@ class Trainer:
         logging: LoggingConfig,
         checkpoints: CheckpointManager,
         callbacks: list[Callback],
-        client_extra: dict[str, Any],
+        config_record: dict[str, Any],
     ) -> None:
         self.step = step
         self.batches = batches
@@ -59,7 +64,7 @@ class Trainer:
         self.train_config, self.logging = train, logging
         self.checkpoints = checkpoints
         self.callbacks = callbacks  # the caller gives them to rank 0 only
-        self.client_extra = client_extra  # resolved config etc., saved with every checkpoint
+        self.config_record = config_record  # the resolved run config, saved with every checkpoint
         self.state = TrainState()
         self._stop_signal: int | None = None
         self._start_step = 0
@@ -69,23 +74,24 @@ class Trainer:
         return self.step.engine
 
     # ---- checkpoint state -------------------------------------------------------------------------
-    def client_state(self) -> dict[str, Any]:
-        return {"trainer": self.state.as_dict(), "data": self.batches.state_dict(), **self.client_extra}
-
-    def restore(self, client_state: dict[str, Any]) -> None:
-        self.state = TrainState(**client_state["trainer"])
-        self.batches.load_state_dict(client_state["data"])
+    def restore(self, resumed: Resumed) -> None:
+        self.state = TrainState(**resumed.trainer)
+        self.batches.load_state_dict(resumed.data)
 
     def save(self) -> None:
         self._check_finite()  # never checkpoint diverged weights
-        self.checkpoints.save(self.engine, self.state.step, self.client_state())
+        best = self.state.best_step if self.state.history else None  # kept out of rotation
+        self.checkpoints.save(self.engine, self.state.step, trainer=self.state.as_dict(),
+                              data=self.batches.state_dict(), config=self.config_record,
+                              keep_step=best)  # fmt: skip
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         self._install_signal_handlers()
         for cb in self.callbacks:
             cb.on_train_start({"total_steps": self.total_steps, "start_step": self.state.step})
-        start, last_saved = time.time(), -1
+        start = time.time()
+        last_saved = self.state.step if self.state.step else -1  # a resumed run's tag is this step's checkpoint
         self._start_step = self.state.step
         iterator = iter(self.batches)
         stop_reason = "max_steps"
@@ -113,12 +119,19 @@ class Trainer:
                 break
         return self._finish(stop_reason, last_saved, time.time() - start)
 
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal that stopped the run (as a shell reports a killed process), so a scheduler or a requeue
+        script can tell pre-emption from completion; 0 otherwise."""
+        return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
+
     def _finish(self, stop_reason: str, last_saved: int, elapsed: float) -> dict[str, Any]:
         if self.eval_data is not None and (not self.state.history or self.state.history[-1]["step"] != self.state.step):
             self._evaluate_and_check_patience()
         if last_saved != self.state.step:
             self.save()
-        summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1)}
+        summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1),
+                   "exit_code": self.exit_code}  # fmt: skip
         if self.state.history:
             summary["final_eval_loss"] = round(self.state.history[-1]["eval_loss"], 4)
         for cb in self.callbacks:
@@ -202,18 +215,19 @@ class Trainer:
 
     # ---- signals ----------------------------------------------------------------------------------
     def _signalled(self) -> bool:
-        """Whether any rank got SIGTERM/SIGINT (all ranks then stop at this step)."""
-        if any_rank(self._stop_signal is not None):
-            self._stop_signal = self._stop_signal or signal.SIGTERM
-            return True
-        return False
+        """Whether any rank got a stop signal (all ranks then stop at this step, agreeing on which signal)."""
+        agreed = int(all_reduce(torch.tensor([float(self._stop_signal or 0)]), dist.ReduceOp.MAX)[0])
+        if agreed:
+            self._stop_signal = agreed
+        return bool(agreed)
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT end training at the next step boundary with a checkpoint (never mid-save)."""
+        """SIGTERM, SIGINT and SIGUSR1 (SLURM's usual warning before the time limit) end training at the next step
+        boundary with a complete checkpoint (never mid-save)."""
 
         def handler(signum: int, _frame: Any) -> None:
             self._stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread (e.g. under a test runner thread)
                 signal.signal(sig, handler)

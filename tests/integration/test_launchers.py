@@ -43,7 +43,7 @@ def check_two_rank_run(workdir: Path, name: str, proc: subprocess.CompletedProce
     assert all(sum(layer) == 2 * 4 * 128 * 2 for layer in logs[0]["expert_counts"])
     tag = run_dir / "checkpoints" / "step_00000003"
     assert json.loads((tag / "complete.json").read_text())["world_size"] == 2
-    assert (tag / "rng_rank0.pt").exists() and (tag / "rng_rank1.pt").exists()
+    assert (tag / "lumina_state" / "rank00000.json").exists() and (tag / "lumina_state" / "rank00001.json").exists()
     assert (tag / "model.safetensors").exists()
 
 
@@ -385,6 +385,19 @@ def test_sbatch_gives_srun_the_allocations_cpus_per_task(workdir: Path, slurm_jo
     assert record.read_text().strip() == "CPUS=8"
     header = [line.split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     assert "--cpus-per-task=8" in header
+
+
+def test_sbatch_requeues_a_run_stopped_by_usr1_or_sigterm(workdir: Path, slurm_job: dict[str, str]) -> None:
+    """A rank stopped by SIGUSR1 (--signal=USR1@120) exits 138 after its checkpoint: the job goes back in the queue."""
+    record = workdir / "scontrol.calls"
+    fake_command(workdir / "bin", "deepspeed", "exit 138")
+    fake_command(workdir / "bin", "scontrol", f'[[ "$1" == show ]] && printf "gpu-07\\n" || echo "$@" > {record}')
+    env_vars = {**os.environ, **slurm_job, "PATH": f"{workdir / 'bin'}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(SBATCH), "--preset", "b1", "--auto-resume"], cwd=workdir, env=env_vars,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 138 and record.read_text().strip() == "requeue 4242"
+    header = [line.split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert {"--signal=USR1@120", "--requeue"} <= set(header)
 
 
 def test_mpirun_example_on_a_hostfile_passes_the_rendezvous_variables(workdir: Path) -> None:

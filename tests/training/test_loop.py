@@ -20,7 +20,8 @@ from lumina_ds.data.packing import PackedDataset, PackedRows
 from lumina_ds.data.stream import PackedBatches, RankView, RowPacker
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError, MemoryPlanError, TrainingError
-from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.checkpoint import CheckpointManager, Resumed
+from lumina_ds.training.checkpoint_state import load_rank_state, load_trainer_state
 from lumina_ds.training.train_step import TrainStep
 from lumina_ds.training.trainer import Trainer
 
@@ -66,7 +67,7 @@ class FakeEngine:
     def train(self) -> None:
         self.module.train()
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any], save_latest: bool = True) -> None:
         (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
         self.saved.append((tag, client_state))
 
@@ -103,7 +104,7 @@ def make_trainer(tmp_path: Path, *, total_steps: int, eval_every: int = 1000,
     checkpoints = CheckpointManager(tmp_path, CheckpointConfig(save_every_n_batches=10**6), INFO)
     return Trainer(step=TrainStep(FakeEngine(model)), batches=batches, eval_data=PackedDataset(eval_rows(12, seed=3)),
                    info=INFO, total_steps=total_steps, train=train, logging=LoggingConfig(log_every_n_batches=1),
-                   checkpoints=checkpoints, callbacks=[], client_extra={})  # fmt: skip
+                   checkpoints=checkpoints, callbacks=[], config_record={})  # fmt: skip
 
 
 def test_evaluate_is_token_weighted_over_every_row(tmp_path: Path) -> None:
@@ -130,13 +131,15 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path:
     summary = trainer.fit()
     assert summary["stop_reason"] == "early stopping" and summary["steps"] == 4
     assert trainer.state.best_step == 2 and trainer.state.best_eval_loss == 2.0
-    assert trainer.engine.saved[-1][0] == "step_00000004"  # the final checkpoint is written
+    assert (tmp_path / "checkpoints" / "step_00000004" / "complete.json").is_file()  # the final checkpoint is written
 
 
 def test_client_state_round_trip_continues_the_data(tmp_path: Path) -> None:
     first = make_trainer(tmp_path, total_steps=3)
     first.fit()
-    state = first.engine.saved[-1][1]
+    tag = tmp_path / "checkpoints" / "step_00000003"
+    own = load_rank_state(tag, rank=0)
+    state = Resumed(tag, load_trainer_state(tag)["trainer"], own["data"], {})  # what the JSON files give back
     second = make_trainer(tmp_path, total_steps=5)
     second.restore(state)
     assert second.state.step == 3
@@ -150,7 +153,7 @@ def test_full_disk_during_save_is_e303_and_keeps_earlier_checkpoints(tmp_path: P
     earlier.mkdir(parents=True)
     (earlier / "complete.json").write_text("{}")
 
-    def no_space(directory: str, tag: str, client_state: dict[str, Any]) -> None:
+    def no_space(directory: str, tag: str, client_state: dict[str, Any], save_latest: bool) -> None:
         (Path(directory) / tag).mkdir(parents=True)
         (Path(directory) / tag / "partial.pt").write_bytes(b"x")
         raise OSError(errno.ENOSPC, "No space left on device")
