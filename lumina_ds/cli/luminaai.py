@@ -51,8 +51,6 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--track-best-model": "the best evaluation (loss and step) is tracked in every run; best-model checkpoints are "
     f"{_SOON}",
     "--best-metric": "the best evaluation loss is tracked; other metrics are not",
-    "--backup-every-n-hours": f"checkpoint backups are {_SOON}",
-    "--backup-dir": f"checkpoint backups are {_SOON}",
     "--modify-config": f"changing the optimizer settings of a resumed run is {_SOON}",
     "--analyze-checkpoints": f"checkpoint analysis is {_SOON}",
 }

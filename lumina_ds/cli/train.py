@@ -120,6 +120,25 @@ RUN_FLAGS = [
         "stop with E303 when the checkpoint fails verification, instead of falling back to the previous one",
         ON,
     ),
+    Flag(
+        ("--backup-dir",),
+        "checkpoint.backup_dir",
+        "copy checkpoints to DIR/<experiment-name>/<tag> in the background, verified against their checksums",
+        {"metavar": "DIR"},
+        "no backups",
+    ),
+    Flag(
+        ("--backup-every-n-hours",),
+        "checkpoint.backup_every_n_hours",
+        "hours since the last backup before a checkpoint is copied (0 = every checkpoint)",
+        {"type": float, "metavar": "H"},
+    ),
+    Flag(
+        ("--backup-total-limit",),
+        "checkpoint.backup_total_limit",
+        "newest backups kept in the backup dir (the best evaluation's is kept too)",
+        {"type": int, "metavar": "N"},
+    ),
     Flag(("--tensorboard",), "logging.tensorboard", "write TensorBoard scalars to <run dir>/tensorboard", BOOL),
     Flag(("--progress-bar",), "logging.progress_bar", "a progress bar when the console is a terminal", BOOL),
 ]

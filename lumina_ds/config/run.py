@@ -95,10 +95,15 @@ class CheckpointConfig:
     auto_resume: bool = False  # resume from the latest tag of this experiment if there is one
     weights_shard_mb: int = 5120  # consolidated weights are written in safetensors shards of at most this size
     strict_resume: bool = False  # a tag that fails verification stops the run instead of falling back to an older
+    backup_dir: str | None = None  # verified copies of tags go to <backup_dir>/<experiment_name>/<tag>
+    backup_every_n_hours: float = 0.0  # hours since the last backup before the next checkpoint is copied (0 = each)
+    backup_total_limit: int = 2  # newest backups kept in the backup dir (and the best evaluation's)
 
     def validate(self) -> None:
         if self.save_every_n_batches < 1 or self.save_total_limit < 1 or self.weights_shard_mb < 1:
             raise ConfigError("E002", "save_every_n_batches, save_total_limit and weights_shard_mb must be >= 1")
+        if self.backup_every_n_hours < 0 or self.backup_total_limit < 1:
+            raise ConfigError("E002", "backup_every_n_hours must be >= 0 and backup_total_limit >= 1")
 
 
 @dataclass
@@ -219,6 +224,7 @@ class RunConfig:
             part.validate()
         self._validate_experts()
         self._validate_combinations()
+        self._validate_backup_dir()
 
     def _validate_experts(self) -> None:
         moe, dist = self.model.moe, self.distributed
@@ -258,6 +264,16 @@ class RunConfig:
                 "E002",
                 f"seq_len={self.seq_len} is longer than the model's context of {self.model.max_seq_len} tokens",
                 f"use --seq-len {self.model.max_seq_len} or less, or a preset with a longer context",
+            )
+
+    def _validate_backup_dir(self) -> None:
+        backup = self.checkpoint.backup_dir
+        root = Path(backup).expanduser() / self.logging.experiment_name if backup else None
+        if root is not None and root.resolve() == self.logging.run_dir.resolve():
+            raise ConfigError(
+                "E002",
+                f"--backup-dir {backup} is the --output-dir: the backups would land in the run directory itself",
+                "give a backup directory elsewhere (another disk or file system is best)",
             )
 
     @property

@@ -18,6 +18,7 @@ from lumina_ds.distributed.consolidate import write_consolidated
 from lumina_ds.distributed.env import DistInfo, barrier
 from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER, TAG_PATTERN, list_complete_tags, tag_for_step
+from lumina_ds.training.backup import backup_copier
 from lumina_ds.training.checkpoint_files import build_manifest, check_files, raise_corrupt, weights_only_loads
 from lumina_ds.training.checkpoint_state import (
     STATE_DIR,
@@ -54,6 +55,7 @@ class CheckpointManager:
         self.dir = run_dir / CHECKPOINTS_DIR
         self.config = config
         self.info = info
+        self.backups = backup_copier(config, run_dir) if info.is_main else None  # copies to --backup-dir, if given
 
     def due(self, step: int) -> bool:
         """Whether the cadence asks for a checkpoint after optimizer step `step`."""
@@ -81,6 +83,8 @@ class CheckpointManager:
         if self.info.is_main:
             self._install(staging, self.dir / tag)
             self.rotate(keep_step=keep_step)
+            if self.backups is not None:
+                self.backups.after_install(self.dir / tag, best_step=keep_step)
         barrier()
         return self.dir / tag
 
@@ -132,6 +136,8 @@ class CheckpointManager:
         keep = set(complete[-self.config.save_total_limit :])
         if keep_step is not None:
             keep.add(tag_for_step(keep_step))
+        if self.backups is not None:
+            keep |= self.backups.protected()  # its copy is not verified yet
         newest = int(TAG_PATTERN.match(complete[-1]).group(1)) if complete else -1  # type: ignore[union-attr]
         for path in self.dir.iterdir():
             match = TAG_PATTERN.match(path.name)
@@ -152,6 +158,11 @@ class CheckpointManager:
                     os.replace(path, target)
             elif STAGING in path.name:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def wait_for_backup(self) -> None:
+        """At the end of the run (a signal stop too): the copy in progress finishes and is verified first."""
+        if self.backups is not None:
+            self.backups.wait()
 
     # ---- loading -----------------------------------------------------------------------------------
     def candidates(self) -> list[Path]:

@@ -58,6 +58,15 @@ def build_manifest(tag_dir: Path, *, rank: int, world_size: int) -> dict[str, di
 def check_files(tag_dir: Path, manifest: dict[str, dict[str, Any]], *, rank: int, world_size: int) -> str | None:
     """Why the tag does not match its manifest (a missing, resized or changed file), or None. Collective: every
     rank checks a share and every rank gets the same answer."""
+    problems = file_problems(tag_dir, manifest, rank=rank, world_size=world_size)
+    found = sorted(p for part in all_gather_object(problems) for p in part)
+    return "; ".join(found) if found else None
+
+
+def file_problems(
+    tag_dir: Path, manifest: dict[str, dict[str, Any]], *, rank: int = 0, world_size: int = 1
+) -> list[str]:
+    """This rank's share of check_files, without a collective (a backup thread checks its copy alone)."""
     problems = []
     for i, (name, expected) in enumerate(sorted(manifest.items())):
         if i % world_size != rank:
@@ -69,8 +78,7 @@ def check_files(tag_dir: Path, manifest: dict[str, dict[str, Any]], *, rank: int
             problems.append(f"{name} has {path.stat().st_size} bytes, {expected['size']} were written")
         elif file_digest(path) != expected["xxh3"]:
             problems.append(f"{name} does not match its checksum")
-    found = sorted(p for part in all_gather_object(problems) for p in part)
-    return "; ".join(found) if found else None
+    return problems
 
 
 @contextlib.contextmanager

@@ -285,7 +285,10 @@ def train_in(run: RunConfig, info: DistInfo, precision: str) -> dict[str, Any]:
     )
     trainer = build_trainer(run, info, data, bundle.engine)
     resume_if_asked(trainer, run, info)
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        trainer.checkpoints.wait_for_backup()  # rank 0's copy in progress is verified before the process exits
 
 
 def profile_data_loading(run: RunConfig, *, batches: int = 200) -> LoaderRate:
