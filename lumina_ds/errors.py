@@ -23,14 +23,19 @@ ERROR_CODES: dict[str, str] = {
     "E107": "a checkpoint's data position does not fit this run's files, weights, seed, `--seq-len` or world size",
     "E108": "prepared shards cannot be written (disk full, permissions): free space or pass `--prepared-dir` elsewhere",
     "E109": "prepared shards are unreadable or inconsistent: delete the directory named in the hint and prepare again",
+    "E110": "a data file is not UTF-8 JSONL, named from its first bytes before any work: gzip without the `.gz` "
+    "name, UTF-16/UTF-32, zstd/xz/bzip2/zip, a `.gz` that is not gzip or is damaged (the hint says how to convert it)",
+    "E111": "a data line is longer than `--max-line-bytes` (line skipped without being read into memory; "
+    "`--truncate-long` cuts its message contents instead)",
     "E201": "`plan`: nothing fits in GPU memory; the hint says how many nodes or which `--seq-len` would fit",
     "E202": "`plan`: a layout fits the GPUs only with more host memory than `--cpu-mem-gb` (offloaded states, "
     "or building the model)",
     "E203": "the parallel layout does not fit the number of processes (checked by `plan` and before every run): "
     "the process count is not a multiple of `--expert-parallel-size`",
     "E204": "a training step ran out of memory; the hint names what to lower",
-    "E301": "training diverged: a non-finite loss (checked on every rank at each log line and before every "
-    "checkpoint, so no diverged weights are saved)",
+    "E301": "training diverged: the divergence guard kept skipping steps after its rewinds (or had no checkpoint to "
+    "rewind to); with the guard off, a non-finite loss at a log line or before a checkpoint. No diverged weights are "
+    "saved",
     "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, number of processes) or could "
     "not be saved",
     "E304": "a file of the run directory cannot be written (disk full, permissions): metrics.jsonl, TensorBoard events",

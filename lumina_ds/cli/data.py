@@ -6,7 +6,23 @@ import argparse
 import json
 from pathlib import Path
 
+from lumina_ds.config.run import MAX_LINE_BYTES
 from lumina_ds.errors import ConfigError
+
+
+def _add_line_limit_flags(p: argparse.ArgumentParser) -> None:
+    """--max-line-bytes and --truncate-long, spelled and defaulted as for `train`."""
+    p.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=MAX_LINE_BYTES,
+        help=f"a line longer than this is an error (E111), not read into memory (default: {MAX_LINE_BYTES})",
+    )
+    p.add_argument(
+        "--truncate-long",
+        action="store_true",
+        help="cut longer lines' message contents to fit instead, with a warning (W106) (default: off)",
+    )
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -23,6 +39,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def cmd_validate_data(args: argparse.Namespace) -> int:
     # Imported here so that `lumina-ds --help` and other subcommands stay light.
+    from lumina_ds.data.checks import LineLimit
     from lumina_ds.data.validate import quiet_line, summary_lines, validate_files
 
     _check_flags(args)
@@ -42,6 +59,7 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
         strict=args.strict,
         fix_output=args.output if args.fix_errors else None,
         rejects_output=rejects if args.fix_errors else None,
+        limit=LineLimit(args.max_line_bytes, args.truncate_long),
     )
     print(quiet_line(validator) if args.quiet else "\n".join(summary_lines(validator, show_stats=args.show_stats)))
     if args.report is not None:
@@ -91,6 +109,7 @@ def _validate_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="warn about conversations longer than this many tokens (default: no limit)",
     )
+    _add_line_limit_flags(p)
     p.set_defaults(func=cmd_validate_data)
 
 
@@ -105,7 +124,13 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
             "prepare-data needs the tokenizer the training run will use",
             "train one first: lumina-ds tokenizer train FILES --vocab-size N --output tok.json",
         )
-    encode = EncodeSettings.of(ChatTokenizer.from_file(args.tokenizer), train_on=args.train_on, strict=args.strict)
+    encode = EncodeSettings.of(
+        ChatTokenizer.from_file(args.tokenizer),
+        train_on=args.train_on,
+        strict=args.strict,
+        max_line_bytes=args.max_line_bytes,
+        truncate_long=args.truncate_long,
+    )
     specs = parse_train_data(",".join(args.files))
     total_tokens = 0
     for spec in specs:
@@ -150,6 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
                    help="which tokens carry loss (default: assistant)")  # fmt: skip
     p.add_argument("--strict", action="store_true", help="stop at the first malformed line (default: off)")
+    _add_line_limit_flags(p)
     p.set_defaults(func=cmd_prepare_data)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)

@@ -52,6 +52,13 @@ DATA_FLAGS = [
     Flag(("--shard-size-mb",), "data.shard_size_mb", "JSONL megabytes per prepared shard", {"type": int}),
     Flag(("--prepared-dir",), "data.prepared_dir", "prepared-shard cache", default="<output-dir>/prepared"),
     Flag(("--strict",), "data.strict", "stop at the first malformed line (E101-E103) instead of skipping it", ON),
+    Flag(
+        ("--max-line-bytes",),
+        "data.max_line_bytes",
+        "a JSONL line longer than this is skipped (E111) without being read into memory",
+        {"type": int},
+    ),
+    Flag(("--truncate-long",), "data.truncate_long", "cut longer lines' message contents to fit instead (W106)", ON),
 ]
 OPTIM_FLAGS = [
     Flag(("--epochs",), "train.epochs", "passes over the training data", {"type": int}),
@@ -92,6 +99,37 @@ OPTIM_FLAGS = [
         {"type": int},
         "off",
     ),
+    Flag(
+        ("--divergence-guard",),
+        "train.guard.enabled",
+        "skip optimizer steps whose loss is non-finite or spikes, rewind to the last checkpoint after repeated skips",
+        BOOL,
+    ),
+    Flag(
+        ("--loss-spike-factor",),
+        "train.guard.loss_spike",
+        "skip a step whose loss exceeds this x the recent mean (0 = off)",
+        {"type": float},
+    ),
+    Flag(
+        ("--grad-norm-spike-factor",),
+        "train.guard.grad_norm_spike",
+        "skip a step whose gradient norm exceeds this x the recent mean (0 = off)",
+        {"type": float},
+    ),
+    Flag(
+        ("--spike-window",),
+        "train.guard.window",
+        "steps the spike tests average over and count skips in",
+        {"type": int},
+    ),
+    Flag(
+        ("--max-skipped-steps",),
+        "train.guard.max_skips",
+        "skipped steps within --spike-window that rewind to the last verified checkpoint",
+        {"type": int},
+    ),
+    Flag(("--max-rewinds",), "train.guard.max_rewinds", "rewinds before the run stops with E301", {"type": int}),
 ]
 RUN_FLAGS = [
     Flag(("--experiment-name",), "logging.experiment_name", "the run directory's name under --output-dir"),

@@ -13,6 +13,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
 SCHEDULERS = ("cosine", "linear", "onecycle", "none")
 
 DATA_STRATEGIES = ("auto", "memory", "sharded", "streaming")
+MAX_LINE_BYTES = 4 << 20  # a JSONL line past this is skipped (E111) or cut (--truncate-long): ~1M tokens of text
+MIN_LINE_BYTES = 1024
 
 
 @dataclass
@@ -28,6 +30,8 @@ class DataConfig:
     shard_size_mb: int = 256  # JSONL bytes per prepared shard
     prepared_dir: str | None = None  # prepared-shard cache; None = <output_dir>/prepared
     strict: bool = False  # stop at the first malformed line instead of skipping it
+    max_line_bytes: int = MAX_LINE_BYTES  # longer lines are skipped (E111) without being read into memory
+    truncate_long: bool = False  # cut the message contents of longer lines to fit instead (W106)
 
     def validate(self) -> None:
         if self.train_on not in ("assistant", "all"):
@@ -41,6 +45,32 @@ class DataConfig:
                 raise ConfigError("E002", f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError("E002", f"num_workers must be >= 0, got {self.num_workers}")
+        if self.max_line_bytes < MIN_LINE_BYTES:
+            raise ConfigError("E002", f"max_line_bytes must be at least {MIN_LINE_BYTES}, got {self.max_line_bytes}")
+
+
+@dataclass
+class GuardConfig:
+    """The divergence guard: skip an optimizer step whose loss or gradient norm spikes, rewind after repeated skips."""
+
+    enabled: bool = True
+    window: int = 50  # accepted steps the spike tests compare against; skips are counted over as many steps
+    loss_spike: float = 3.0  # a step's loss above this x the window's mean, or above 2 ln(vocab), is skipped (0 = off)
+    grad_norm_spike: float = 10.0  # a pre-clipping gradient norm above this x the window's mean is skipped (0 = off)
+    min_history: int = 10  # accepted steps before the spike tests start (non-finite losses are always skipped)
+    max_skips: int = 3  # skipped steps within `window` steps that rewind to the last verified checkpoint
+    max_rewinds: int = 2  # rewinds after which the run stops with E301
+
+    def validate(self) -> None:
+        if self.window < 1 or self.min_history < 1 or self.max_skips < 1 or self.max_rewinds < 0:
+            raise ConfigError("E002", "guard window, min_history and max_skips must be >= 1, max_rewinds >= 0")
+        if self.loss_spike < 0 or self.grad_norm_spike < 0 or 0 < self.loss_spike <= 1 or 0 < self.grad_norm_spike <= 1:
+            raise ConfigError(
+                "E002",
+                f"spike factors must be 0 (off) or above 1, got loss {self.loss_spike}, "
+                f"grad norm {self.grad_norm_spike}",
+                "a factor of 3 skips a step whose loss is 3x the recent mean",
+            )
 
 
 @dataclass
@@ -65,6 +95,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every_n_batches: int = 100
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -85,6 +116,7 @@ class TrainConfig:
             raise ConfigError("E002", "need 0 <= min_lr <= learning_rate and learning_rate > 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps <= 0 or self.max_grad_norm < 0:
             raise ConfigError("E002", "betas must be in [0, 1), eps > 0, max_grad_norm >= 0 (0 disables clipping)")
+        self.guard.validate()
 
 
 @dataclass

@@ -8,14 +8,32 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from lumina_ds.config.run import MAX_LINE_BYTES, MIN_LINE_BYTES
 from lumina_ds.data.chat_format import Message, known_roles, normalize_role
-from lumina_ds.errors import DataError
+from lumina_ds.data.files import UTF8_BOM, LongLine
+from lumina_ds.errors import ConfigError, DataError
 
 ERROR = "error"
 WARNING = "warning"
-UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class LineLimit:
+    """The longest line read (bytes, line end not counted) and whether a longer one is cut instead of skipped."""
+
+    max_bytes: int = MAX_LINE_BYTES
+    truncate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < MIN_LINE_BYTES:
+            raise ConfigError("E002", f"--max-line-bytes must be at least {MIN_LINE_BYTES}, got {self.max_bytes}")
+
+
+DEFAULT_LIMIT = LineLimit()
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,8 @@ class Kind:
 
 _REJECT = "rejected"
 _MESSAGES = 'Write {"messages": [{"role": ..., "content": ...}, ...]}.'
+_TOO_LONG_HINT = "Split the conversation, raise --max-line-bytes, or pass --truncate-long to cut it."
+_CUT_HINT = "Split the conversation or raise --max-line-bytes."
 _ORDER = "Optional system message first, then user and assistant turns alternating, ending with an assistant turn."
 KINDS: dict[str, Kind] = {
     k.name: k
@@ -56,6 +76,8 @@ KINDS: dict[str, Kind] = {
         Kind("role_alias", "W101", WARNING, "role alias normalized", "canonical role written", "Nothing to do."),
         Kind("whitespace", "W103", WARNING, "leading/trailing whitespace", "trimmed", "Trim message contents."),
         Kind("too_long", "W105", WARNING, "longer than --seq-len (truncated)", "kept", "Raise --seq-len or split it."),
+        Kind("line_too_long", "E111", ERROR, "longer than --max-line-bytes", _REJECT, _TOO_LONG_HINT),
+        Kind("truncated_long", "W106", WARNING, "longer than --max-line-bytes (contents cut)", "cut", _CUT_HINT),
     )
 }
 
@@ -115,8 +137,25 @@ def _warn(issues: list[Issue], kind: str, reason: str) -> None:
         issues.append(Issue(kind, reason))
 
 
-def check_line(line_no: int, raw: bytes) -> LineCheck | None:
-    """Check one raw JSONL line (1-based `line_no`); None for a blank line."""
+def line_size(raw: bytes | LongLine) -> int:
+    """Bytes of a line without its `\\n`, the figure --max-line-bytes limits."""
+    return raw.size if isinstance(raw, LongLine) else len(raw) - raw.endswith(b"\n")
+
+
+def is_blank(line_no: int, raw: bytes) -> bool:
+    """Whether a line holds only whitespace (after a UTF-8 byte-order mark on line 1): training ignores it."""
+    text = (raw.removeprefix(UTF8_BOM) if line_no == 1 else raw).decode("utf-8", errors="replace")
+    return not text or text.isspace()
+
+
+def check_line(line_no: int, raw: bytes | LongLine, limit: LineLimit = DEFAULT_LIMIT) -> LineCheck | None:
+    """Check one raw JSONL line (1-based `line_no`); None for a blank line. A line longer than the limit is an error
+    (E111), or with `limit.truncate` is checked whole and then has its longest contents cut to fit (W106)."""
+    size = line_size(raw)
+    if size > limit.max_bytes and not limit.truncate:
+        reason = f"line is {size:,} bytes, longer than --max-line-bytes {limit.max_bytes:,}"
+        return _failed(None, [], "line_too_long", reason)
+    assert isinstance(raw, bytes), "a LongLine is only read whole"
     if line_no == 1 and raw.startswith(UTF8_BOM):
         raw = raw[len(UTF8_BOM) :]
     try:
@@ -131,7 +170,64 @@ def check_line(line_no: int, raw: bytes) -> LineCheck | None:
         return _failed(None, [], "invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
     except (ValueError, RecursionError) as exc:  # numbers with too many digits, absurd nesting
         return _failed(None, [], "invalid_json", f"invalid JSON: {exc}")
-    return check_object(obj)
+    checked = check_object(obj)
+    if size > limit.max_bytes and checked.messages is not None:
+        return _cut_to_fit(checked, size, limit.max_bytes)
+    return checked
+
+
+def as_object(messages: Sequence[Message]) -> dict[str, Any]:
+    """A conversation as the JSON object of one line."""
+    return {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+
+
+def _json_size(text: str) -> int:
+    """UTF-8 bytes of `text` inside a JSON string written with ensure_ascii=False (other controls are errors)."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return size + sum(text.count(c) for c in '"\\\n\r\t')
+
+
+def _water_level(sizes: Sequence[int], budget: int) -> int:
+    """The largest cap c with sum(min(size, c)) <= budget: the longest contents are cut first, to a common length."""
+    remaining = budget
+    ordered = sorted(sizes)
+    for index, size in enumerate(ordered):
+        left = len(ordered) - index
+        if size * left > remaining:
+            return remaining // left
+        remaining -= size
+    return max(ordered, default=0)
+
+
+def _cut(text: str, cap: int) -> str:
+    piece = text[:cap]
+    excess = _json_size(piece) - cap
+    # each character is at least one byte, so dropping `excess` characters removes at least `excess` bytes
+    return piece[: len(piece) - excess] if excess > 0 else piece
+
+
+def _cut_to_fit(checked: LineCheck, size: int, max_bytes: int) -> LineCheck:
+    """The conversation with its longest contents cut so that the line it is written back as fits `max_bytes`."""
+    assert checked.messages is not None
+    messages = checked.messages
+    overhead = len(json.dumps(as_object([Message(m.role, "") for m in messages]), ensure_ascii=False).encode())
+    sizes = [_json_size(m.content) for m in messages]
+    cap = _water_level(sizes, max_bytes - overhead)
+    reason = f"line is {size:,} bytes, longer than --max-line-bytes {max_bytes:,}"
+    if cap < 1:
+        return _failed(
+            None, checked.issues, "line_too_long", f"{reason}; its {len(messages)} messages cannot be cut to fit"
+        )
+    cut = [m if n <= cap else Message(m.role, _cut(m.content, cap)) for m, n in zip(messages, sizes, strict=True)]
+    recheck = check_object(as_object(cut))  # a cut can leave an assistant turn of only whitespace
+    if recheck.messages is None:
+        assert recheck.error is not None
+        return _failed(
+            None, checked.issues, recheck.error.kind, f"after cutting to --max-line-bytes: {recheck.error.reason}"
+        )
+    cut_count = sum(n > cap for n in sizes)
+    _warn(checked.issues, "truncated_long", f"{reason}: {cut_count} message(s) cut to {cap:,} bytes")
+    return LineCheck(as_object(recheck.messages), recheck.messages, checked.issues)
 
 
 def check_object(obj: object) -> LineCheck:

@@ -17,7 +17,9 @@ import numpy as np
 from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.config.run import DataConfig
 from lumina_ds.data.chat_format import ROLE_TOKENS, TRAIN_ON_CHOICES, Message
-from lumina_ds.data.reader import SkippedLine, parse_line
+from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit
+from lumina_ds.data.files import HEAD_BYTES, LongLine, check_data_file, is_gzip
+from lumina_ds.data.reader import SkippedLine, parse_line, require_conversation_lines
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import ConfigError, DataError
 
@@ -36,7 +38,8 @@ class SourceSpec:
 
 
 def parse_train_data(spec: str) -> list[SourceSpec]:
-    """`a.jsonl,b.jsonl:0.3` -> sources; a missing file is E104, a bad weight E002."""
+    """`a.jsonl,b.jsonl.gz:0.3` -> sources; a missing file is E104, one that is not UTF-8 text (plain or .gz) E110,
+    a bad weight E002."""
     sources = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:
@@ -45,22 +48,24 @@ def parse_train_data(spec: str) -> list[SourceSpec]:
         path, weight = (Path(match["path"]), float(match["weight"])) if match else (Path(item), 1.0)
         if weight <= 0:
             raise ConfigError("E002", f"mixing weight of {path} must be positive, got {weight}", "write FILE:0.5")
-        if not path.is_file():
-            raise DataError("E104", f"data file not found: {path}", "Check the path; expected a .jsonl file.")
-        sources.append(SourceSpec(path, weight))
+        sources.append(SourceSpec(check_data_file(path), weight))
     if not sources:
         raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl[,FILE2.jsonl:WEIGHT]")
     return sources
 
 
 def check_input_files(data: DataConfig) -> None:
-    """Every input file of a run exists (E104): checked before any tokenizer is trained or data tokenized."""
+    """Every input file of a run exists (E104), data files are UTF-8 text, plain or .gz (E110), and every training
+    file holds a non-blank line (E105): checked before any tokenizer is trained or data tokenized."""
     if not data.train_data:
         raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
-    parse_train_data(data.train_data)
+    for spec in parse_train_data(data.train_data):
+        require_conversation_lines(spec.path)
     for what, path in (("evaluation data", data.eval_data), ("tokenizer", data.tokenizer)):
         if path and not Path(path).expanduser().is_file():
             raise DataError("E104", f"{what} file not found: {path}", "check the path")
+    if data.eval_data:
+        check_data_file(Path(data.eval_data).expanduser())
 
 
 def labels_of(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -74,19 +79,21 @@ def labels_of(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
 class DocEncoder:
     """Encodes raw JSONL lines into documents with the chat template, one tokenizer call per chunk of lines."""
 
-    def __init__(self, tokenizer: ChatTokenizer, *, train_on: str = "assistant") -> None:
+    def __init__(
+        self, tokenizer: ChatTokenizer, *, train_on: str = "assistant", limit: LineLimit = DEFAULT_LIMIT
+    ) -> None:
         if train_on not in TRAIN_ON_CHOICES:
             raise ConfigError("E002", f"train_on must be one of {TRAIN_ON_CHOICES}, got {train_on!r}")
-        self.tokenizer = tokenizer
+        self.tokenizer, self.limit = tokenizer, limit
         self.train_all = train_on == "all"
         self._newline = tokenizer.encode("\n")
         self._bos = tokenizer.bos_id
         self._end = tokenizer.end_id
         self._role = {role: tokenizer.token_id(token) for role, token in ROLE_TOKENS.items()}
 
-    def encode_lines(self, lines: Sequence[tuple[int, bytes]]) -> list[EncodedDoc | SkippedLine | None]:
+    def encode_lines(self, lines: Sequence[tuple[int, bytes | LongLine]]) -> list[EncodedDoc | SkippedLine | None]:
         """`(line_no, raw)` pairs -> a document, a SkippedLine, or None (blank) per line."""
-        parsed = [parse_line(line_no, raw) for line_no, raw in lines]
+        parsed = [parse_line(line_no, raw, self.limit) for line_no, raw in lines]
         contents = [m.content for item in parsed if isinstance(item, list) for m in item]
         encodings = self.tokenizer.backend.encode_batch(contents, add_special_tokens=False) if contents else []
         pieces = iter(encodings)
@@ -183,13 +190,21 @@ def scan_line_offsets(path: Path, *, block_bytes: int = 1 << 24) -> np.ndarray:
 
 
 class JsonlDocs:
-    """Documents of one source read from the JSONL file on demand (streaming strategy); nothing is cached."""
+    """Documents of one source read from the JSONL file on demand (streaming strategy); nothing is cached.
+
+    A line longer than the encoder's limit is never read (its size is known from the offsets) unless it is to be cut.
+    A .gz file cannot be read at an offset: the pipeline prepares it as shards instead.
+    """
 
     def __init__(self, path: Path, encoder: DocEncoder) -> None:
+        assert not is_gzip(path), "gzip has no random access: .gz sources are prepared as shards"
         self.name = str(path)
         self.path = path
         self.encoder = encoder
         self.offsets = scan_line_offsets(path)
+        with path.open("rb") as handle:  # only the last line may lack its "\n"
+            handle.seek(max(int(self.offsets[-1]) - 1, 0))
+            self._ends_with_newline = handle.read(1) == b"\n"
         self.lengths: np.ndarray | None = None  # unknown until tokenized
         self._handle: BinaryIO | None = None
 
@@ -199,15 +214,20 @@ class JsonlDocs:
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_handle": None}  # each loader worker opens its own handle
 
-    def read_lines(self, indices: Sequence[int]) -> list[tuple[int, bytes]]:
-        """Raw bytes of the given documents, with 1-based line numbers."""
+    def read_lines(self, indices: Sequence[int]) -> list[tuple[int, bytes | LongLine]]:
+        """Raw bytes of the given documents (a LongLine past the limit), with 1-based line numbers."""
         if self._handle is None:
             self._handle = self.path.open("rb")
-        out = []
+        out: list[tuple[int, bytes | LongLine]] = []
+        limit = self.encoder.limit
         for index in indices:
             start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+            size = stop - start - (index < len(self) - 1 or self._ends_with_newline)
             self._handle.seek(start)
-            out.append((index + 1, self._handle.read(stop - start)))
+            if size > limit.max_bytes and not limit.truncate:
+                out.append((index + 1, LongLine(size=size, head=self._handle.read(min(size, HEAD_BYTES)))))
+            else:
+                out.append((index + 1, self._handle.read(stop - start)))
         return out
 
     def fetch(self, indices: Sequence[int]) -> list[EncodedDoc | SkippedLine | None]:

@@ -12,6 +12,7 @@ import psutil
 from lumina_ds.batch import Batch
 from lumina_ds.config.run import DATA_STRATEGIES, DataConfig
 from lumina_ds.data.documents import JsonlDocs, SourceSpec, parse_train_data
+from lumina_ds.data.files import data_bytes, is_gzip
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.packing import PackedRows
 from lumina_ds.data.prepare import EncodeSettings, PrepareReport, prepare_source, tokenize_source
@@ -67,13 +68,19 @@ def open_sources(
     """Open every source with the chosen strategy; with shards, one process builds a missing cache while the others
     wait. `available_ram` must be the same on every rank (the least free RAM of any node), so that all ranks choose
     the same strategy; `shard_builder` (called by every rank, it may be collective) says whether this one builds."""
-    total = sum(s.path.stat().st_size for s in specs)
+    total = sum(data_bytes(s.path) for s in specs)  # a .gz counts as its (estimated) JSONL size
     ram = psutil.virtual_memory().available if available_ram is None else available_ram
     strategy, reason = choose_strategy(total, requested=data.strategy, available_ram=ram)
     result = SourceSet(list(specs), [], strategy=strategy, reason=reason)
     workers = max(1, data.num_workers // max(local_world_size, 1))
-    if strategy == "streaming":
-        result.sources = [JsonlDocs(s.path, encode.encoder()) for s in specs]
+    if strategy == "streaming":  # gzip has no random access: .gz files are prepared as shards, the others streamed
+        gzipped = [s for s in specs if is_gzip(s.path)]
+        if gzipped:
+            builds = shard_builder() if shard_builder is not None else is_local_main
+            _open_shards(gzipped, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
+            result.reason += "; .gz files prepared as shards (gzip has no random access)"
+        prepared = iter(result.sources)
+        result.sources = [next(prepared) if is_gzip(s.path) else JsonlDocs(s.path, encode.encoder()) for s in specs]
     elif strategy == "memory":
         for spec in specs:
             docs, report = tokenize_source(spec.path, encode, num_workers=workers, progress=is_local_main)

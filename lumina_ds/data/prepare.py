@@ -16,8 +16,9 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,7 +27,10 @@ from typing import Any
 import numpy as np
 import psutil
 
+from lumina_ds.config.run import MAX_LINE_BYTES
+from lumina_ds.data.checks import LineLimit
 from lumina_ds.data.documents import DocEncoder, TokenizedDocs, TokenizedPart, token_dtype
+from lumina_ds.data.files import LongLine, data_bytes, is_gzip, iter_lines, read_line, reading, skip_line
 from lumina_ds.data.reader import SkippedLine
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import DataError
@@ -36,6 +40,7 @@ META_FILE = "meta.json"
 LINES_PER_CHUNK = 512  # lines per tokenizer call: large enough to amortise, small enough to stay cache-friendly
 MAX_REPORTED_SKIPS = 20
 IN_PROCESS_BYTES = 8 << 20  # below this, worker start-up costs more than it saves
+GZIP_TASK_BYTES = 64 << 20  # decompressed JSONL per task of a .gz: (workers + 1) tasks are in memory at once
 
 
 @dataclass(frozen=True)
@@ -45,15 +50,30 @@ class EncodeSettings:
     tokenizer_json: str
     train_on: str = "assistant"
     strict: bool = False
+    max_line_bytes: int = MAX_LINE_BYTES
+    truncate_long: bool = False
+
+    @property
+    def limit(self) -> LineLimit:
+        return LineLimit(self.max_line_bytes, self.truncate_long)
 
     def encoder(self) -> DocEncoder:
         from tokenizers import Tokenizer
 
-        return DocEncoder(ChatTokenizer(Tokenizer.from_str(self.tokenizer_json)), train_on=self.train_on)
+        tokenizer = ChatTokenizer(Tokenizer.from_str(self.tokenizer_json))
+        return DocEncoder(tokenizer, train_on=self.train_on, limit=self.limit)
 
     @classmethod
-    def of(cls, tokenizer: ChatTokenizer, *, train_on: str = "assistant", strict: bool = False) -> EncodeSettings:
-        return cls(tokenizer.backend.to_str(), train_on, strict)
+    def of(
+        cls,
+        tokenizer: ChatTokenizer,
+        *,
+        train_on: str = "assistant",
+        strict: bool = False,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        truncate_long: bool = False,
+    ) -> EncodeSettings:
+        return cls(tokenizer.backend.to_str(), train_on, strict, max_line_bytes, truncate_long)
 
 
 @dataclass
@@ -87,6 +107,7 @@ class _Task:
     stop: int
     settings: EncodeSettings
     out_prefix: str | None  # write the part here (sharded) instead of returning arrays
+    lines: list[bytes | LongLine] | None = None  # a .gz chunk, decompressed by the main process (start/stop: offsets)
 
 
 @dataclass
@@ -107,7 +128,7 @@ def byte_ranges(path: Path, *, target_bytes: int) -> list[tuple[int, int]]:
     with path.open("rb") as handle:
         while bounds[-1] + target_bytes < size:
             handle.seek(bounds[-1] + target_bytes)
-            handle.readline()  # move to the next line start
+            skip_line(handle)  # move to the next line start
             if handle.tell() >= size:
                 break
             bounds.append(handle.tell())
@@ -115,11 +136,34 @@ def byte_ranges(path: Path, *, target_bytes: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def _range_lines(path: str, start: int, stop: int) -> Iterator[bytes]:
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        while handle.tell() < stop and (raw := handle.readline()):
+def _task_lines(task: _Task) -> Iterator[bytes | LongLine]:
+    """The task's lines: its .gz chunk, or its byte range read a bounded line at a time."""
+    if task.lines is not None:
+        yield from task.lines
+        return
+    limit = task.settings.limit
+    with open(task.path, "rb") as handle:
+        handle.seek(task.start)
+        while handle.tell() < task.stop and (raw := read_line(handle, max_bytes=limit.max_bytes, whole=limit.truncate)):
             yield raw
+
+
+def _gzip_tasks(path: Path, settings: EncodeSettings, *, target_bytes: int, out_dir: Path | None) -> Iterator[_Task]:
+    """Consecutive chunks of about `target_bytes` of a .gz file's lines: it can only be read from the start."""
+    limit = settings.limit
+    lines: list[bytes | LongLine] = []
+    start = stop = index = 0
+    with reading(path) as handle:
+        for raw in itertools.chain(iter_lines(handle, max_bytes=limit.max_bytes, whole=limit.truncate), [None]):
+            if raw is not None:
+                lines.append(raw)
+                stop += raw.size + 1 if isinstance(raw, LongLine) else len(raw)
+                if stop - start < target_bytes:
+                    continue
+            if lines or index == 0:
+                prefix = str(out_dir / f"part-{index:05d}") if out_dir else None
+                yield _Task(str(path), start, stop, settings, prefix, lines)
+            lines, start, index = [], stop, index + 1
 
 
 def _encode_range(task: _Task, first_line_no: int) -> _TaskResult:
@@ -130,8 +174,8 @@ def _encode_range(task: _Task, first_line_no: int) -> _TaskResult:
     targets: list[np.ndarray] = []
     skipped, first_error = 0, None
     examples: list[tuple[int, str, str]] = []
-    chunk: list[tuple[int, bytes]] = []
-    for raw in [*_range_lines(task.path, task.start, task.stop), None]:
+    chunk: list[tuple[int, bytes | LongLine]] = []
+    for raw in itertools.chain(_task_lines(task), [None]):
         if raw is not None:
             # line numbers matter only for BOM handling here (line 1); reports use the range-local index
             chunk.append((first_line_no + len(lengths) + len(chunk), raw))
@@ -174,14 +218,23 @@ def _run_task(task: _Task) -> _TaskResult:
     return result
 
 
-def _results(tasks: list[_Task], num_workers: int) -> Iterator[_TaskResult]:
-    """Task results in order; worker processes (spawned: no inherited threads or CUDA) when worth it."""
-    size = sum(t.stop - t.start for t in tasks)
-    if num_workers <= 1 or len(tasks) == 1 or size < IN_PROCESS_BYTES:
-        yield from map(_run_task, tasks)
+def _results(tasks: Iterable[_Task], num_workers: int) -> Iterator[tuple[_Task, _TaskResult]]:
+    """Tasks with their results, in order; in worker processes (spawned: no inherited threads or CUDA) when
+    `num_workers` > 1, with at most `num_workers + 1` tasks in flight (a .gz task holds its lines)."""
+    if num_workers <= 1:
+        for task in tasks:
+            yield task, _run_task(task)
+            task.lines = None
         return
     with ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) as pool:
-        yield from pool.map(_run_task, tasks)
+        pending: deque[tuple[_Task, Future[_TaskResult]]] = deque()
+        for item in itertools.chain(tasks, [None]):
+            if item is not None:
+                pending.append((item, pool.submit(_run_task, item)))
+            while pending and (item is None or len(pending) > num_workers):
+                done, future = pending.popleft()
+                done.lines = None
+                yield done, future.result()
 
 
 def _progress(total_bytes: int, label: str, enabled: bool) -> Any:
@@ -197,10 +250,12 @@ def _progress(total_bytes: int, label: str, enabled: bool) -> Any:
     )
 
 
-def _collect(tasks: list[_Task], results: Iterator[_TaskResult], report: PrepareReport, bar: Any) -> list[_TaskResult]:
+def _collect(results: Iterator[tuple[_Task, _TaskResult]], report: PrepareReport, bar: Any) -> list[_TaskResult]:
     done: list[_TaskResult] = []
     started = time.perf_counter()
-    for task, result in zip(tasks, results, strict=False):
+    report.bytes = 0
+    for task, result in results:
+        report.bytes += task.stop - task.start
         first_line = report.lines + 1
         report.lines += result.lines
         report.skipped += result.skipped
@@ -229,17 +284,26 @@ def tokenize_source(
     out_dir: Path | None = None,
     progress: bool = False,
 ) -> tuple[TokenizedDocs, PrepareReport]:
-    """Tokenize a JSONL file: into RAM, or (with `out_dir`) into memory-mapped shards written there."""
+    """Tokenize a JSONL file (plain or .gz): into RAM, or (with `out_dir`) into memory-mapped shards written there.
+
+    A plain file is split into byte ranges that workers read themselves; a .gz is decompressed once, here, and its
+    chunks of lines are handed to the workers.
+    """
     started = time.perf_counter()
-    size = path.stat().st_size
+    size = data_bytes(path)  # estimated for a .gz
     # enough ranges to keep every worker busy and the progress bar moving
     target = min(shard_bytes, max(1 << 20, size // max(4 * num_workers, 1) + 1))
-    ranges = byte_ranges(path, target_bytes=target) if size else [(0, 0)]
-    prefixes = [str(out_dir / f"part-{i:05d}") if out_dir else None for i in range(len(ranges))]
-    tasks = [_Task(str(path), a, b, settings, prefix) for (a, b), prefix in zip(ranges, prefixes, strict=True)]
-    report = PrepareReport(source=str(path), bytes=size)
+    tasks: Iterable[_Task]
+    if is_gzip(path):
+        tasks = _gzip_tasks(path, settings, target_bytes=min(target, GZIP_TASK_BYTES), out_dir=out_dir)
+    else:
+        ranges = byte_ranges(path, target_bytes=target) if size else [(0, 0)]
+        prefixes = [str(out_dir / f"part-{i:05d}") if out_dir else None for i in range(len(ranges))]
+        tasks = [_Task(str(path), a, b, settings, prefix) for (a, b), prefix in zip(ranges, prefixes, strict=True)]
+    workers = 1 if size < IN_PROCESS_BYTES or size <= target else num_workers
+    report = PrepareReport(source=str(path))
     with _progress(size, path.name, progress) as bar:
-        results = _collect(tasks, _results(tasks, num_workers), report, bar)
+        results = _collect(_results(tasks, workers), report, bar)
     report.seconds = time.perf_counter() - started
     if out_dir is not None:
         return open_shards(out_dir, name=str(path)), report
@@ -293,9 +357,11 @@ def content_hash(path: Path, *, memo_dir: Path | None = None) -> str:
 
 
 def cache_key(path: Path, settings: EncodeSettings, *, memo_dir: Path | None = None) -> str:
-    """Key of a prepared source: its content, the tokenizer, the template settings and the format version."""
+    """Key of a prepared source: its content (the compressed bytes of a .gz), the tokenizer, the template settings,
+    the line limit and the format version."""
     digest = hashlib.blake2b(digest_size=8)
-    for piece in (content_hash(path, memo_dir=memo_dir), settings.tokenizer_json, settings.train_on):
+    limit = f"{settings.max_line_bytes}:{settings.truncate_long}"
+    for piece in (content_hash(path, memo_dir=memo_dir), settings.tokenizer_json, settings.train_on, limit):
         digest.update(piece.encode())
     digest.update(str(FORMAT_VERSION).encode())
     return digest.hexdigest()
@@ -332,7 +398,8 @@ def prepare_source(
     """Prepared shards of `path` from the cache, built first when missing (atomically: temp dir, then rename)."""
     try:
         prepared_dir.mkdir(parents=True, exist_ok=True)
-        target = prepared_dir / f"{path.stem}-{cache_key(path, settings, memo_dir=prepared_dir)}"
+        stem = Path(path.name.removesuffix(".gz")).stem
+        target = prepared_dir / f"{stem}-{cache_key(path, settings, memo_dir=prepared_dir)}"
         if (target / META_FILE).is_file():
             return _load_cached(target, path)
         return _build(path, settings, target, num_workers, shard_bytes, progress)

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from lumina_ds.data.chat_format import Message, TokenizerLike
-from lumina_ds.data.checks import ERROR, KINDS, Issue, LineCheck, check_line, check_object, fix_object
+from lumina_ds.data.checks import (
+    DEFAULT_LIMIT,
+    ERROR,
+    KINDS,
+    Issue,
+    LineCheck,
+    LineLimit,
+    as_object,
+    check_line,
+    fix_object,
+)
 from lumina_ds.data.dedup import DigestSet, conversation_digest
-from lumina_ds.data.reader import open_data_file
+from lumina_ds.data.files import LongLine, is_gzip
+from lumina_ds.data.reader import numbered_lines, open_data_file, require_conversation_lines
 from lumina_ds.data.stats import DatasetStats, render
 from lumina_ds.errors import ConfigError
 
@@ -28,27 +41,26 @@ def count_tokens(messages: Sequence[Message], tokenizer: TokenizerLike) -> tuple
     return per_message, 1 + sum(n + 2 + 2 * newline for n in per_message)
 
 
-def _as_object(messages: Sequence[Message]) -> dict[str, Any]:
-    return {"messages": [{"role": m.role, "content": m.content} for m in messages]}
-
-
 class Fixer:
     """Writes repaired conversations and rejected lines while the validator streams (`--fix-errors`)."""
 
-    def __init__(self, output: IO[str], rejects: IO[str]) -> None:
-        self._output, self._rejects = output, rejects
+    def __init__(self, output: IO[str], rejects: IO[str], *, limit: LineLimit = DEFAULT_LIMIT) -> None:
+        self._output, self._rejects, self._limit = output, rejects, limit
         self._seen = DigestSet()
         self.counts = {"written": 0, "fixed": 0, "rejected": 0, "duplicates_dropped": 0}
 
-    def handle(self, where: dict[str, Any], raw: bytes, checked: LineCheck) -> None:
+    def handle(self, where: dict[str, Any], raw: bytes | LongLine, checked: LineCheck) -> None:
         """Write the line repaired, drop it as a duplicate, or reject it."""
         error = checked.error
         repaired = fix_object(checked.obj) if error is None or error.kind == "control_char" else None
         if repaired is None:
             self._reject(where, raw, error)
             return
-        # Re-checking the repair drops the messages it emptied and guarantees the fixed file validates cleanly.
-        recheck = check_object(_as_object(repaired))
+        # Re-checking the line as written drops the messages the repair emptied, cuts it to --max-line-bytes with
+        # --truncate-long, and guarantees the fixed file validates cleanly.
+        line = json.dumps(as_object(repaired), ensure_ascii=False)
+        recheck = check_line(2, line.encode("utf-8"), self._limit)
+        assert recheck is not None, "a repaired conversation is never blank"
         if recheck.messages is None:
             failure = recheck.error
             assert failure is not None
@@ -57,13 +69,16 @@ class Fixer:
         if not self._seen.add(conversation_digest(recheck.messages)):
             self.counts["duplicates_dropped"] += 1
             return
-        self._output.write(json.dumps(_as_object(recheck.messages), ensure_ascii=False) + "\n")
+        self._output.write(json.dumps(as_object(recheck.messages), ensure_ascii=False) + "\n")
         self.counts["written"] += 1
         self.counts["fixed"] += any(i.kind in _FIX_KINDS for i in checked.issues)
 
-    def _reject(self, where: dict[str, Any], raw: bytes, error: Issue | None) -> None:
+    def _reject(self, where: dict[str, Any], raw: bytes | LongLine, error: Issue | None) -> None:
         assert error is not None
-        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if isinstance(raw, LongLine):  # never read whole: its first bytes say which line it is
+            text = raw.head.decode("utf-8", errors="replace") + f"... ({raw.size:,} bytes)"
+        else:
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         record = {**where, "code": error.code, "kind": error.kind, "reason": error.reason, "raw": text}
         self._rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.counts["rejected"] += 1
@@ -80,11 +95,12 @@ class Validator:
         strict: bool = False,
         fixer: Fixer | None = None,
         max_issues: int = MAX_ISSUES,
+        limit: LineLimit = DEFAULT_LIMIT,
     ) -> None:
         if seq_len is not None and (tokenizer is None or seq_len < 1):
             raise ConfigError("E002", "--seq-len needs --tokenizer and a positive value", "Add --tokenizer FILE.")
         self.tokenizer, self.seq_len, self.strict, self.fixer = tokenizer, seq_len, strict, fixer
-        self.max_issues = max_issues
+        self.max_issues, self.limit = max_issues, limit
         self.files: list[str] = []
         self.lines = self.blank = self.valid = self.truncated = 0
         self.counts: dict[str, defaultdict[str, int]] = {"error": defaultdict(int), "warning": defaultdict(int)}
@@ -94,16 +110,15 @@ class Validator:
         self._seen = DigestSet()
 
     def validate_file(self, path: str | Path) -> None:
-        """Check every line of one file (binary, streaming: memory does not grow with the file)."""
+        """Check every line of one file (plain or .gz, streaming: memory does not grow with the file or a line)."""
         path = open_data_file(path)
         self.files.append(str(path))
-        with path.open("rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                self._line(str(path), line_no, raw)
-                self.lines += 1
+        for line_no, raw in numbered_lines(path, self.limit):
+            self._line(str(path), line_no, raw)
+            self.lines += 1
 
-    def _line(self, path: str, line_no: int, raw: bytes) -> None:
-        checked = check_line(line_no, raw)
+    def _line(self, path: str, line_no: int, raw: bytes | LongLine) -> None:
+        checked = check_line(line_no, raw, self.limit)
         if checked is None:
             self.blank += 1
             return
@@ -171,6 +186,24 @@ class Validator:
         return report
 
 
+def _text_output(path: str | Path) -> IO[str]:
+    """A UTF-8 text file to write, gzip-compressed when its name ends in .gz."""
+    if is_gzip(path):
+        return gzip.open(path, "wt", encoding="utf-8")
+    return open(path, "w", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _fixer(
+    fix_output: str | Path | None, rejects_output: str | Path | None, limit: LineLimit
+) -> Iterator[Fixer | None]:
+    if fix_output is None or rejects_output is None:
+        yield None
+        return
+    with _text_output(fix_output) as out, _text_output(rejects_output) as rejects:
+        yield Fixer(out, rejects, limit=limit)
+
+
 def validate_files(
     paths: Sequence[str | Path],
     *,
@@ -179,21 +212,23 @@ def validate_files(
     strict: bool = False,
     fix_output: str | Path | None = None,
     rejects_output: str | Path | None = None,
+    limit: LineLimit = DEFAULT_LIMIT,
 ) -> Validator:
-    """Validate files in order (duplicates are found across them); with `fix_output`, also write the repair."""
+    """Validate files in order (duplicates are found across them); with `fix_output`, also write the repair.
+
+    Every file is first checked as training checks it before any work: it exists (E104), is UTF-8 text, plain or
+    .gz (E110), and holds a non-blank line (E105).
+    """
     if (fix_output is None) != (rejects_output is None):
         raise ConfigError("E002", "a fixed output and a rejects output go together", "Pass both paths.")
-    if fix_output is None or rejects_output is None:
-        validator = Validator(tokenizer=tokenizer, seq_len=seq_len, strict=strict)
-        for path in paths:
-            validator.validate_file(path)
-        return validator
-    for target in (fix_output, rejects_output):
+    for path in paths:
+        require_conversation_lines(path)
+    for target in (t for t in (fix_output, rejects_output) if t is not None):
         if any(Path(target).resolve() == Path(p).resolve() for p in paths):
             raise ConfigError("E002", f"{target} is also an input file", "Write the fixed data to a new file.")
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with open(fix_output, "w", encoding="utf-8") as out, open(rejects_output, "w", encoding="utf-8") as rejects:
-        validator = Validator(tokenizer=tokenizer, seq_len=seq_len, strict=strict, fixer=Fixer(out, rejects))
+    with _fixer(fix_output, rejects_output, limit) as fixer:
+        validator = Validator(tokenizer=tokenizer, seq_len=seq_len, strict=strict, fixer=fixer, limit=limit)
         for path in paths:
             validator.validate_file(path)
     return validator

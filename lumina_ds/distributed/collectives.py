@@ -4,6 +4,7 @@ shared by all ranks (each is a no-op, or the local answer, in a process without 
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,10 @@ import torch.distributed as dist
 
 def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -77,3 +82,26 @@ def all_gather_object(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+_CONTROL_GROUP: list[Any] = []  # a gloo group for agreement that must not wait behind the training collectives
+
+
+def create_control_group() -> None:
+    """Collective, once at start: a gloo side group (NCCL or not) for `all_ranks_arrive`."""
+    if _distributed() and not _CONTROL_GROUP:
+        _CONTROL_GROUP.append(dist.new_group(backend="gloo"))
+
+
+def all_ranks_arrive(*, timeout_s: float) -> bool:
+    """Whether every rank calls this within `timeout_s`: a rank stuck in another collective never arrives, and the
+    caller learns it instead of hanging. Without a control group only a single process can tell."""
+    if not _distributed():
+        return True
+    if not _CONTROL_GROUP:
+        return False
+    try:
+        dist.monitored_barrier(group=_CONTROL_GROUP[0], timeout=timedelta(seconds=timeout_s))
+    except RuntimeError:
+        return False
+    return True

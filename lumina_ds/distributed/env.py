@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lumina_ds.distributed.collectives import create_control_group
 from lumina_ds.distributed.launchers import LOCAL_WORLD_VARIABLES, detect_launch
 from lumina_ds.errors import ConfigError
 
@@ -212,6 +213,7 @@ def init_distributed(*, timeout_minutes: int = 120) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if cuda_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    create_control_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world_size(),
                     device=device)  # fmt: skip

@@ -180,16 +180,25 @@ class CheckpointManager:
 
     def load(self, engine: Engine, *, log: Any = print) -> Resumed | None:
         """The newest candidate that verifies; a failing one is named and skipped (E303 with strict_resume)."""
-        for tag_dir in self.candidates():
+        resumed = self._load_first_verified(engine, self.candidates(), log=log, strict=self.config.strict_resume)
+        if resumed is None and (self.config.resume or (self.config.auto_resume and list_complete_tags(self.dir))):
+            raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
+        return resumed
+
+    def load_newest(self, engine: Engine, *, log: Any = print) -> Resumed | None:
+        """For a rewind: the newest of this run's tags that verifies, else the one it resumed from; None if none."""
+        own = [self.dir / tag for tag in reversed(list_complete_tags(self.dir))]
+        return self._load_first_verified(engine, own or self.candidates(), log=log, strict=False)
+
+    def _load_first_verified(self, engine: Engine, tags: list[Path], *, log: Any, strict: bool) -> Resumed | None:
+        for tag_dir in tags:
             problem = self._verify(tag_dir)
             if problem is None:
                 return self._load(engine, tag_dir)
-            if self.config.strict_resume:
+            if strict:
                 hint = "resume from an earlier tag, or drop --strict-resume to fall back to it"
                 raise CheckpointError("E303", f"checkpoint {tag_dir} fails verification: {problem}", hint)
             log(f"warning: checkpoint {tag_dir.name} fails verification ({problem}): trying the previous one")
-        if self.config.resume or (self.config.auto_resume and list_complete_tags(self.dir)):
-            raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
         return None
 
     def _verify(self, tag_dir: Path) -> str | None:

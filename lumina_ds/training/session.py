@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import sys
 from collections.abc import Iterator
@@ -28,9 +29,21 @@ from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
-from lumina_ds.run_dir import CONFIG_FILE, DS_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, TOKENIZER_FILE, RunLock
+from lumina_ds.run_dir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    DS_CONFIG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    TOKENIZER_FILE,
+    RunLock,
+    list_complete_tags,
+)
+from lumina_ds.training.backoff import StepOutOfMemoryError, apply_recorded_backoff, back_off
 from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.engine import build_engine, build_model, optimizer_name
+from lumina_ds.training.faults import FaultPlan
+from lumina_ds.training.guard import DivergenceGuard
 from lumina_ds.training.resume import apply_changed_settings
 from lumina_ds.training.train_step import Engine, TrainStep
 from lumina_ds.training.trainer import Trainer
@@ -160,7 +173,8 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
     assert run.data.train_data is not None
     tokenizer = prepare_tokenizer(run, info)
     fit_vocab(run, tokenizer, info)
-    encode = EncodeSettings.of(tokenizer, train_on=run.data.train_on, strict=run.data.strict)
+    encode = EncodeSettings.of(tokenizer, train_on=run.data.train_on, strict=run.data.strict,
+                               max_line_bytes=run.data.max_line_bytes, truncate_long=run.data.truncate_long)  # fmt: skip
     sources = open_sources(
         parse_train_data(run.data.train_data),
         encode,
@@ -198,8 +212,9 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
 
 
 def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: Engine) -> Trainer:
+    guard = DivergenceGuard(run.train.guard, vocab_size=run.model.vocab_size) if run.train.guard.enabled else None
     return Trainer(
-        step=TrainStep(engine),
+        step=TrainStep(engine, guard=guard, faults=FaultPlan.from_env(rank=info.rank)),
         batches=data.batches,
         eval_data=data.eval_data,
         info=info,
@@ -264,7 +279,30 @@ def run_lock(run_dir: Path, info: DistInfo) -> Iterator[None]:
 
 
 def train_in(run: RunConfig, info: DistInfo, precision: str) -> dict[str, Any]:
-    """The run inside its locked run directory: data, model, engine, resume, loop."""
+    """The run inside its locked run directory. A step that runs out of memory shrinks the micro-batch (same global
+    batch) and, in a single process, restarts from the last checkpoint with a new engine (see training/backoff.py)."""
+    change = apply_recorded_backoff(run, world_size=info.world_size)
+    if change:
+        log(info, change)
+    while True:
+        try:
+            return train_attempt(run, info, precision)
+        except StepOutOfMemoryError as exc:  # leaving this block drops the traceback, and with it the engine
+            error = exc.message
+        log(info, back_off(run, world_size=info.world_size, error=error))  # E204 with several ranks, or at the floor
+        release_memory()
+        if list_complete_tags(run.logging.run_dir / CHECKPOINTS_DIR):
+            run.checkpoint.resume, run.checkpoint.auto_resume = None, True  # the newest verified tag of this run
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def train_attempt(run: RunConfig, info: DistInfo, precision: str) -> dict[str, Any]:
+    """Data, model, engine, resume, loop."""
     run_dir = run.logging.run_dir
     data = prepare_data(run, info)
     if info.is_main:

@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from lumina_ds.batch import Batch
-from lumina_ds.errors import MemoryPlanError
+from lumina_ds.distributed.collectives import all_reduce_sum, world_size
 from lumina_ds.models.transformer import ModelOutput
+from lumina_ds.training.backoff import StepOutOfMemoryError
+from lumina_ds.training.faults import FaultPlan
+from lumina_ds.training.guard import DivergenceGuard, install_step_gate
 from lumina_ds.training.metrics import WindowMetrics
 
 
@@ -46,38 +49,74 @@ class Engine(Protocol):
 
     def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict[str, Any] | None]: ...
 
+    def was_step_applied(self) -> bool: ...
+
 
 class TrainStep:
-    """Runs optimizer steps on an engine and keeps the window of metrics the model reported since the last log."""
+    """Runs optimizer steps on an engine and keeps the window of metrics the model reported since the last log.
 
-    def __init__(self, engine: Engine) -> None:
+    With a divergence guard, the step's loss is averaged over ranks before the update (one scalar all-reduce per
+    step) and the guard may veto the update; a vetoed step's metrics stay out of the window.
+    """
+
+    def __init__(
+        self, engine: Engine, *, guard: DivergenceGuard | None = None, faults: FaultPlan | None = None
+    ) -> None:
         self.engine = engine
         self.window = WindowMetrics()
+        self.guard = guard
+        self.faults = faults or FaultPlan([], rank=0)
+        self.updating = False  # inside an optimizer step (between its first forward and its engine.step)
+        if guard is not None:
+            install_step_gate(engine, guard)
 
     def forward(self, batch: Batch) -> ModelOutput:
         batch = batch.to(self.engine.device)
         return self.engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids)
 
-    def run(self, batches: Iterator[Batch]) -> bool:
-        """One optimizer step = the engine's accumulation steps of micro-batches; False when the data ran out.
+    def run(self, batches: Iterator[Batch], *, step: int = 0) -> bool | None:
+        """Optimizer step `step` = the engine's accumulation steps of micro-batches: whether the update was applied,
+        None when the data ran out.
 
         DeepSpeed scales each micro-batch's loss by 1/accumulation in backward and steps the optimizer on the last.
         Running out of memory is E204 with what to lower, not a page of allocator traceback.
         """
-        for _ in range(self.engine.gradient_accumulation_steps()):
+        outputs: list[tuple[ModelOutput, int]] = []
+        accumulation = self.engine.gradient_accumulation_steps()
+        for micro in range(accumulation):
             batch = next(batches, None)
             if batch is None:
-                return False
+                return None
+            self.updating = True  # from the first forward on, an error leaves the step half done
             try:
-                out = self.forward(batch)
-                self.engine.backward(out["loss"])
+                out = self._forward_backward(batch, poison=micro == 0, step=step)
+                outputs.append((out, batch.num_tokens))
+                if micro == accumulation - 1 and self.guard is not None:
+                    self.guard.judge_loss(mean_over_ranks([o["loss"] for o, _ in outputs]))
                 self.engine.step()
             except (RuntimeError, MemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise
                 raise out_of_memory_error(batch, exc) from exc
-            self.window.add(out, tokens=batch.num_tokens)
-        return True
+        self.updating = False
+        applied = self.engine.was_step_applied() and not (self.guard is not None and self.guard.vetoed)
+        if applied or self.guard is None:
+            for out, tokens in outputs:
+                self.window.add(out, tokens=tokens)
+        return applied
+
+    def _forward_backward(self, batch: Batch, *, poison: bool, step: int) -> ModelOutput:
+        if poison:
+            self.faults.before_forward(step=step)
+        out = self.forward(batch)
+        if poison:
+            out["loss"] = self.faults.poison(out["loss"], step=step)
+        self.engine.backward(out["loss"])
+        return out
+
+    def discard(self, batches: Iterator[Batch]) -> bool:
+        """Draw one step's micro-batches without training on them (batches a rewind leaves out); False at the end."""
+        return all(next(batches, None) is not None for _ in range(self.engine.gradient_accumulation_steps()))
 
     @torch.no_grad()
     def loss_sums(self, batches: Iterator[Batch]) -> torch.Tensor:
@@ -102,15 +141,21 @@ class TrainStep:
         }
 
 
+def mean_over_ranks(losses: list[torch.Tensor]) -> float:
+    """The mean of this step's micro-batch losses over every rank (one scalar all-reduce; reads the loss back)."""
+    local = torch.stack([loss.detach().float().cpu() for loss in losses]).mean()
+    return float(all_reduce_sum(local.reshape(1).double())[0]) / world_size()
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch.OutOfMemoryError on a GPU; on the CPU the allocator raises a RuntimeError (or Python a MemoryError)."""
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
 
 
-def out_of_memory_error(batch: Batch, exc: BaseException) -> MemoryPlanError:
+def out_of_memory_error(batch: Batch, exc: BaseException) -> StepOutOfMemoryError:
     rows, seq_len = batch.input_ids.shape
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return MemoryPlanError(
+    return StepOutOfMemoryError(
         "E204",
         f"out of memory in a training step of {rows} rows x {seq_len} tokens: {first_line[:200]}",
         "lower --micro-batch-size (raise --grad-accum to keep the global batch) or --seq-len, turn on "

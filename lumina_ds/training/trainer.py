@@ -18,15 +18,16 @@ from lumina_ds.batch import Batch
 from lumina_ds.config.run import LoggingConfig, TrainConfig
 from lumina_ds.data.packing import PackedDataset
 from lumina_ds.data.stream import PackedBatches
-from lumina_ds.distributed.collectives import all_reduce, all_reduce_sum, any_rank
+from lumina_ds.distributed.collectives import all_ranks_arrive, all_reduce, all_reduce_sum, any_rank
 from lumina_ds.distributed.env import DistInfo
-from lumina_ds.errors import TrainingError
+from lumina_ds.errors import CheckpointError, TrainingError
 from lumina_ds.monitor.callbacks import Callback
 from lumina_ds.training.checkpoint import CheckpointManager, Resumed
 from lumina_ds.training.metrics import memory_summary, perplexity
 from lumina_ds.training.train_step import Engine, TrainStep
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+EMERGENCY_WAIT_S = 60.0  # how long a rank with an error waits for the others before saving without them
 
 
 @dataclass
@@ -36,6 +37,10 @@ class TrainState:
     best_step: int = 0
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation results
+    data_steps: int = 0  # step-sized groups of batches drawn from the data: trained, skipped or left out
+    skipped_steps: int = 0  # optimizer steps the divergence guard did not apply
+    rewinds: int = 0
+    left_out: list[int] = field(default_factory=list)  # data steps a rewind leaves out (the offending batches)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -68,6 +73,7 @@ class Trainer:
         self.state = TrainState()
         self._stop_signal: int | None = None
         self._start_step = 0
+        self._last_saved = -1
 
     @property
     def engine(self) -> Engine:
@@ -91,33 +97,127 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start({"total_steps": self.total_steps, "start_step": self.state.step})
         start = time.time()
-        last_saved = self.state.step if self.state.step else -1  # a resumed run's tag is this step's checkpoint
+        self._last_saved = self.state.step if self.state.step else -1  # a resumed run's tag is this step's
         self._start_step = self.state.step
+        try:
+            stop_reason = self._loop(start)
+        except Exception as exc:
+            self._emergency_checkpoint(exc)
+            raise
+        return self._finish(stop_reason, time.time() - start)
+
+    def _loop(self, start: float) -> str:
+        """Steps until the end; the reason training stopped."""
         iterator = iter(self.batches)
-        stop_reason = "max_steps"
         while self.state.step < self.total_steps:
+            if self.state.data_steps + 1 in self.state.left_out:  # batches a rewind left out
+                self.state.data_steps += 1
+                if not self.step.discard(iterator):
+                    return "data exhausted"
+                continue
             step_start = time.perf_counter()
-            more = self.step.run(iterator)
+            applied = self.step.run(iterator, step=self.state.step + 1)
             self.step.window.seconds += time.perf_counter() - step_start  # eval and checkpoint time excluded
-            if not more:
-                stop_reason = "data exhausted"
-                break
+            if applied is None:
+                return "data exhausted"
+            self.state.data_steps += 1
             self.state.step += 1
-            for cb in self.callbacks:
-                cb.on_step(self.state.step)
-            if self.state.step % self.logging.log_every_n_batches == 0 or self.state.step == self.total_steps:
-                self._log(time.time() - start)
-            evaluate_now = self.eval_data is not None and self.state.step % self.train_config.eval_every_n_batches == 0
-            if evaluate_now and self._evaluate_and_check_patience():
-                stop_reason = "early stopping"
-                break
-            if self.checkpoints.due(self.state.step):
-                self.save()
-                last_saved = self.state.step
-            if self._signalled():
-                stop_reason = f"signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
-                break
-        return self._finish(stop_reason, last_saved, time.time() - start)
+            if self.step.guard is not None and self._judge(applied):
+                iterator = iter(self.batches)  # rewound: the data continues from the checkpoint's position
+                continue
+            self.step.faults.after_step(step=self.state.step)
+            stop_reason = self._after_step(start)
+            if stop_reason:
+                return stop_reason
+        return "max_steps"
+
+    def _after_step(self, start: float) -> str | None:
+        """Log, evaluate, save and check signals after step `state.step`; a reason to stop, if any."""
+        for cb in self.callbacks:
+            cb.on_step(self.state.step)
+        if self.state.step % self.logging.log_every_n_batches == 0 or self.state.step == self.total_steps:
+            self._log(time.time() - start)
+        evaluate_now = self.eval_data is not None and self.state.step % self.train_config.eval_every_n_batches == 0
+        if evaluate_now and self._evaluate_and_check_patience():
+            return "early stopping"
+        if self.checkpoints.due(self.state.step):
+            self.save()
+            self._last_saved = self.state.step
+        if self._signalled():
+            return f"signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
+        return None
+
+    # ---- divergence: skip, rewind, stop ------------------------------------------------------------
+    def _judge(self, applied: bool) -> bool:
+        """Record the step with the guard; count and report a skip; rewind when skips pile up (True then)."""
+        guard = self.step.guard
+        assert guard is not None
+        skip = guard.record(step=self.state.step, data_step=self.state.data_steps, applied=applied)
+        if skip is None:
+            return False
+        self.state.skipped_steps += 1
+        budget = f"{len(guard.skips)} of {guard.config.max_skips} skips allowed in {guard.config.window} steps"
+        self._say(f"warning: step {skip.step} not applied: {skip.reason} ({budget})")
+        if not guard.rewind_due:
+            return False
+        self._rewind()
+        return True
+
+    def _rewind(self) -> None:
+        """Back to the newest verified checkpoint; the skipped steps' batches are left out when the data replays."""
+        guard = self.step.guard
+        assert guard is not None
+        what = f"{len(guard.skips)} skipped steps within {guard.config.window} (steps {[s.step for s in guard.skips]})"
+        hint = ("lower --learning-rate, raise --warmup-ratio, lower --max-grad-norm, or use --precision bf16/fp32; "
+                "every checkpoint saved was taken before the divergence")  # fmt: skip
+        if self.state.rewinds >= guard.config.max_rewinds:
+            raise TrainingError("E301", f"training diverged: {what} after {self.state.rewinds} rewind(s)", hint)
+        resumed = self.checkpoints.load_newest(self.engine, log=self._say)
+        if resumed is None:
+            raise TrainingError("E301", f"training diverged: {what} and no verified checkpoint to rewind to", hint)
+        left_out = guard.rewound()
+        kept = {"rewinds": self.state.rewinds + 1, "skipped_steps": self.state.skipped_steps,
+                "left_out": sorted(set(self.state.left_out) | set(left_out))}  # fmt: skip
+        self.restore(resumed)
+        self.state.__dict__.update(kept)
+        self.step.window.reset()
+        self._last_saved = self.state.step
+        self._say(f"rewound to step {self.state.step} ({resumed.tag_dir.name}) after {what}; the batches of those "
+                  f"steps are left out (rewind {self.state.rewinds} of {guard.config.max_rewinds})")  # fmt: skip
+
+    # ---- an exception in the loop ------------------------------------------------------------------
+    def _emergency_checkpoint(self, exc: Exception) -> None:
+        """A checkpoint of the last completed step when that state is consistent (between steps, every rank there,
+        finite); otherwise one line saying why not."""
+        reason = self._inconsistent_after(exc)
+        if reason is None and not all_ranks_arrive(timeout_s=EMERGENCY_WAIT_S):
+            reason = f"not every rank reached it within {EMERGENCY_WAIT_S:.0f} s (the error was not on every rank)"
+        if reason is None and any_rank(not self.step.window.all_finite()):
+            reason = "a loss since the last log line was not finite"
+        if reason is not None:
+            self._say(f"no emergency checkpoint after {type(exc).__name__}: {reason}")
+            return
+        try:
+            self.save()
+        except Exception as failure:  # the original error is the one to report
+            self._say(f"no emergency checkpoint after {type(exc).__name__}: saving failed ({failure})")
+            return
+        self._say(f"emergency checkpoint of step {self.state.step} saved after {type(exc).__name__}")
+
+    def _inconsistent_after(self, exc: Exception) -> str | None:
+        if isinstance(exc, TrainingError):
+            return "the run diverged"
+        if isinstance(exc, CheckpointError):
+            return "checkpoints cannot be written or read"
+        if self.step.updating:
+            return f"it came inside optimizer step {self.state.step + 1}, with gradients partly accumulated"
+        if self._last_saved == self.state.step:
+            return f"the checkpoint of step {self.state.step} is current"
+        return None
+
+    def _say(self, message: str) -> None:
+        if self.info.is_main:
+            print(message, flush=True)
 
     @property
     def exit_code(self) -> int:
@@ -125,13 +225,14 @@ class Trainer:
         script can tell pre-emption from completion; 0 otherwise."""
         return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
 
-    def _finish(self, stop_reason: str, last_saved: int, elapsed: float) -> dict[str, Any]:
+    def _finish(self, stop_reason: str, elapsed: float) -> dict[str, Any]:
         if self.eval_data is not None and (not self.state.history or self.state.history[-1]["step"] != self.state.step):
             self._evaluate_and_check_patience()
-        if last_saved != self.state.step:
+        if self._last_saved != self.state.step:
             self.save()
         summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1),
-                   "exit_code": self.exit_code}  # fmt: skip
+                   "exit_code": self.exit_code, "skipped_steps": self.state.skipped_steps,
+                   "rewinds": self.state.rewinds}  # fmt: skip
         if self.state.history:
             summary["final_eval_loss"] = round(self.state.history[-1]["eval_loss"], 4)
         for cb in self.callbacks:
@@ -155,6 +256,8 @@ class Trainer:
     def _log(self, elapsed: float) -> None:
         self._check_finite()
         window = self.step.window
+        if window.micro_batches == 0:  # every step since the last line was skipped (on every rank alike)
+            return
         metrics = window.summary()  # collective: every rank calls it
         seconds = max(window.seconds, 1e-9)
         window.reset()
@@ -167,6 +270,8 @@ class Trainer:
             elapsed_s=elapsed,
             eta_s=self._eta(elapsed),
             memory=memory_summary(),
+            skipped_steps=self.state.skipped_steps,
+            rewinds=self.state.rewinds,
         )
         for cb in self.callbacks:
             cb.on_log(metrics)

@@ -58,6 +58,9 @@ class FakeEngine:
     def get_global_grad_norm(self) -> float:
         return 1.0
 
+    def was_step_applied(self) -> bool:
+        return True
+
     def get_lr(self) -> list[float]:
         return [1e-2]
 
