@@ -200,10 +200,19 @@ def _water_level(sizes: Sequence[int], budget: int) -> int:
 
 
 def _cut(text: str, cap: int) -> str:
-    piece = text[:cap]
-    excess = _json_size(piece) - cap
-    # each character is at least one byte, so dropping `excess` characters removes at least `excess` bytes
-    return piece[: len(piece) - excess] if excess > 0 else piece
+    """The longest prefix of `text` whose JSON string size is at most `cap` bytes."""
+    high = min(len(text), cap)  # every character is at least one byte
+    excess = _json_size(text[:high]) - cap
+    if excess <= 0:
+        return text[:high]
+    low = high - excess  # dropping `excess` characters drops at least `excess` bytes: this prefix fits
+    while low < high:  # the longest fitting prefix is in [low, high); sizes grow with the prefix
+        middle = (low + high + 1) // 2
+        if _json_size(text[:middle]) <= cap:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
 
 
 def _cut_to_fit(checked: LineCheck, size: int, max_bytes: int) -> LineCheck:

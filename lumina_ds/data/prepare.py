@@ -352,6 +352,7 @@ def content_hash(path: Path, *, memo_dir: Path | None = None) -> str:
     value = digest.hexdigest()
     if memo_file is not None:
         memo[memo_key] = value
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(memo_file, memo)
     return value
 
