@@ -71,6 +71,13 @@ def test_long_lines_are_errors_with_their_line_numbers(
     assert f"line is {size:,} bytes, longer than --max-line-bytes {LIMIT:,}" in validator.issues[0]["reason"]
     assert _skipped_by_training(data, LineLimit(LIMIT), tokenizer) == [errors] * 3  # training skips exactly those
     assert main(["validate-data", str(data), "--quiet"]) == 0  # the default limit (4 MiB) keeps every line
+    fixed, rejects = data.with_name("fixed.jsonl"), data.with_name("rejects.jsonl")
+    argv = ["validate-data", str(data), "--max-line-bytes", str(LIMIT), "--fix-errors", "--output", str(fixed)]
+    assert main([*argv, "--rejects", str(rejects)]) == 1
+    rejected = [json.loads(line) for line in rejects.open(encoding="utf-8")]
+    assert [(r["line"], r["code"]) for r in rejected] == [(2, "E111"), (5, "E111")]
+    head = data.read_bytes().splitlines()[1][:200].decode()  # what identifies the line: its start and its size
+    assert rejected[0]["raw"] == f"{head}... ({size:,} bytes)"
 
 
 def test_truncate_long_cuts_contents_into_a_valid_conversation_that_fits(
