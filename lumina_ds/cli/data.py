@@ -148,7 +148,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
             print(f"  line {skipped.line_no}: {skipped.code} {skipped.reason}")
         print(f"  -> {len(docs.parts)} shard(s) in {report.directory}")
     print(f"{len(specs)} file(s), {total_tokens:,} tokens in {args.output}")
-    print(f"train with: --prepared-dir {args.output} --tokenizer {args.tokenizer} --data-strategy sharded")
+    # the line limit is part of the shards' key: training must repeat a non-default one to reuse them
+    limit = f" --max-line-bytes {args.max_line_bytes}" if args.max_line_bytes != MAX_LINE_BYTES else ""
+    limit += " --truncate-long" if args.truncate_long else ""
+    print(f"train with: --prepared-dir {args.output} --tokenizer {args.tokenizer} --data-strategy sharded{limit}")
     return 0
 
 

@@ -139,3 +139,18 @@ def test_tokenizer_sample_and_evaluation_read_gz(tokenizer: ChatTokenizer, examp
                                             for p in (gz, plain))  # fmt: skip
     assert report_gz.conversations == report.conversations == 50
     assert np.array_equal(rows_gz.input_ids, rows.input_ids) and np.array_equal(rows_gz.labels, rows.labels)
+
+
+def test_prepare_data_reads_gz_and_names_the_flags_that_reuse_its_shards(
+    tokenizer: ChatTokenizer, examples_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gz = _gzip(examples_dir / "conversations_eval.jsonl", tmp_path / "eval.jsonl.gz")
+    tok, cache = tmp_path / "tok.json", tmp_path / "prepared"
+    tokenizer.save(tok)
+    argv = ["prepare-data", str(gz), "--tokenizer", str(tok), "--output", str(cache), "--max-line-bytes", "8192"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "eval.jsonl.gz: 50 conversations" in out and "--data-strategy sharded --max-line-bytes 8192\n" in out
+    # training with those flags finds the shards; with the default limit it would build new ones
+    assert prepare_source(gz, EncodeSettings.of(tokenizer, max_line_bytes=8192), prepared_dir=cache)[1].cached
+    assert not prepare_source(gz, EncodeSettings.of(tokenizer), prepared_dir=cache)[1].cached
