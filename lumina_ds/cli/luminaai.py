@@ -30,8 +30,6 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--debug": "set LUMINA_DS_VERBOSE=1 to see DeepSpeed's own INFO logging",
     "--pin-memory": "not offered: batches are assembled in the training process and copied once per step",
     "--persistent-workers": "always on: streaming loader workers live for the whole run",
-    "--auto-batch-size": "lumina-ds plan --preset NAME --nodes N picks the micro-batch that fits",
-    "--target-memory-usage": "lumina-ds plan --preset NAME --gpu-mem-gb N plans against the memory you give it",
     # features still to come
     "--use-wandb": f"Weights & Biases logging is {_SOON}: use TensorBoard (on by default) or metrics.jsonl",
     "--wandb-project": f"Weights & Biases logging is {_SOON}",

@@ -130,6 +130,19 @@ OPTIM_FLAGS = [
         {"type": int},
     ),
     Flag(("--max-rewinds",), "train.guard.max_rewinds", "rewinds before the run stops with E301", {"type": int}),
+    Flag(
+        ("--auto-batch-size",),
+        "train.auto_batch_size",
+        "on a GPU, the largest micro-batch the memory model fits in --target-memory-usage (accumulation grown to "
+        "keep the global batch)",
+        ON,
+    ),
+    Flag(
+        ("--target-memory-usage",),
+        "train.target_memory_usage",
+        "share of GPU memory --auto-batch-size plans for",
+        {"type": float},
+    ),
 ]
 RUN_FLAGS = [
     Flag(("--experiment-name",), "logging.experiment_name", "the run directory's name under --output-dir"),
@@ -377,9 +390,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     launch = detect_launch(os.environ)  # this rank's place in the job, read without starting anything
     run = resolve_run(args, world_size=launch.world_size, announce=launch.rank == 0)
+    if run.train.auto_batch_size:
+        line = size_micro_batch(run, world_size=launch.world_size, ranks_per_node=launch.local_world_size,
+                                local_rank=launch.local_rank)  # fmt: skip
+        if launch.rank == 0:
+            print(line, flush=True)
     if launch.rank == 0:
         warn_if_checkpoints_outgrow_disk(run)
     return int(train(run).get("exit_code", 0))
+
+
+def size_micro_batch(run: RunConfig, *, world_size: int, ranks_per_node: int, local_rank: int) -> str:
+    """--auto-batch-size: set the largest micro-batch the memory model fits on this rank's GPU (all GPUs of a job are
+    taken to be alike); a line saying what was picked, or why nothing changed."""
+    import torch
+
+    from lumina_ds.distributed.ds_config import select_precision
+    from lumina_ds.planning.auto_batch import pick_micro_batch
+
+    if not torch.cuda.is_available():
+        return f"--auto-batch-size: no GPU here, micro-batch {run.train.micro_batch_size} kept (it sizes GPU memory)"
+    device_bytes = torch.cuda.get_device_properties(local_rank % torch.cuda.device_count()).total_memory
+    target = run.train.target_memory_usage
+    pick = pick_micro_batch(run, device_bytes=device_bytes, target=target, world_size=world_size,
+                            ranks_per_node=ranks_per_node, precision=select_precision(run.train.precision))  # fmt: skip
+    run.train.micro_batch_size, run.train.grad_accum = pick.micro_batch_size, pick.grad_accum
+    return pick.describe(device_bytes, target)
 
 
 def warn_if_checkpoints_outgrow_disk(run: RunConfig) -> None:

@@ -96,6 +96,8 @@ class TrainConfig:
     eval_every_n_batches: int = 100
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     guard: GuardConfig = field(default_factory=GuardConfig)
+    auto_batch_size: bool = False  # pick the largest micro-batch the memory model fits in target_memory_usage
+    target_memory_usage: float = 0.9  # share of the GPU's memory --auto-batch-size may plan for
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -116,6 +118,8 @@ class TrainConfig:
             raise ConfigError("E002", "need 0 <= min_lr <= learning_rate and learning_rate > 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.eps <= 0 or self.max_grad_norm < 0:
             raise ConfigError("E002", "betas must be in [0, 1), eps > 0, max_grad_norm >= 0 (0 disables clipping)")
+        if not 0.1 <= self.target_memory_usage <= 1.0:
+            raise ConfigError("E002", f"target_memory_usage={self.target_memory_usage} must be in [0.1, 1]")
         self.guard.validate()
 
 

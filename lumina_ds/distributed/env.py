@@ -137,7 +137,7 @@ def barrier() -> None:
 
 
 def exit_process(code: int) -> None:
-    """End a process that may have run distributed: sync, flush, and leave through os._exit.
+    """End a process that may have run distributed: sync (after success only), flush, and leave through os._exit.
 
     torch's gloo teardown can abort with SIGABRT after a clean finish (README, "DeepSpeed notes"); skipping interpreter
     teardown avoids it. Callers close their files and writers first (os._exit runs no cleanup).
@@ -147,10 +147,11 @@ def exit_process(code: int) -> None:
     if not dist.is_initialized():
         finalize_mpi()
         sys.exit(code)
-    try:
-        barrier()
-    except RuntimeError:  # a peer already died: report failure
-        code = code or 1
+    if code == 0:  # a failing rank leaves at once: its peers may wait in a collective it will never join
+        try:
+            barrier()
+        except RuntimeError:  # a peer already died: report failure
+            code = 1
     finalize_mpi()
     sys.stdout.flush()
     sys.stderr.flush()

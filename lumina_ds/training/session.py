@@ -173,8 +173,13 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
     assert run.data.train_data is not None
     tokenizer = prepare_tokenizer(run, info)
     fit_vocab(run, tokenizer, info)
-    encode = EncodeSettings.of(tokenizer, train_on=run.data.train_on, strict=run.data.strict,
-                               max_line_bytes=run.data.max_line_bytes, truncate_long=run.data.truncate_long)  # fmt: skip
+    encode = EncodeSettings.of(
+        tokenizer,
+        train_on=run.data.train_on,
+        strict=run.data.strict,
+        max_line_bytes=run.data.max_line_bytes,
+        truncate_long=run.data.truncate_long,
+    )
     sources = open_sources(
         parse_train_data(run.data.train_data),
         encode,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import FAST, TRAIN, child_env, read_metrics
+from tests.integration.conftest import FAST, ROOT, TRAIN, child_env, free_port, read_metrics
 
 GUARD = ["--save-every-n-batches", "4", "--max-skipped-steps", "2", "--spike-window", "10"]
 
@@ -97,3 +97,31 @@ def test_a_huge_learning_rate_ends_in_e301_not_in_checkpoints_of_a_dead_model(wo
     assert proc.returncode == 1 and "[E301] training diverged" in proc.stderr
     assert "no verified checkpoint to rewind to" in proc.stderr
     assert not list((workdir / "runs" / "lr" / "checkpoints").glob("step_*"))
+
+
+def launch_two(workdir: Path, name: str, *args: str, faults: str = "") -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launch" / "train.py"), *FAST, "--train-data", TRAIN, "--experiment-name", name,
+           "--no-progress-bar", *args]  # fmt: skip
+    env = {**child_env(2), "LUMINA_FAULTS": faults}
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_ranks_agree_on_an_emergency_checkpoint_and_one_ranks_oom_is_recorded_for_the_relaunch(
+    workdir: Path,
+) -> None:
+    crashed = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-batches", "100", faults="crash@3")
+    assert crashed.returncode != 0 and "injected crash after step 3" in crashed.stderr + crashed.stdout
+    assert "emergency checkpoint of step 3 saved after RuntimeError" in crashed.stdout
+    tag = workdir / "runs" / "two" / "checkpoints" / "step_00000003"
+    assert json.loads((tag / "complete.json").read_text())["world_size"] == 2
+    # rank 1 alone runs out of memory in step 5: rank 0 waits in a collective it never joins, so nothing is retried
+    # in place; the smaller shape is recorded and the launch ends
+    oom = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-batches", "100", "--auto-resume",
+                     faults="oom@5:1")  # fmt: skip
+    assert oom.returncode != 0 and "[E204]" in oom.stderr + oom.stdout and "recorded a backoff" in oom.stderr
+    again = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-batches", "100", "--auto-resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "micro-batch 4 x accumulation 1 -> micro-batch 2 x accumulation 2" in again.stdout
+    assert "resumed from" in again.stdout and "at step 3" in again.stdout
+    assert [r["step"] for r in read_metrics(workdir / "runs" / "two")[0]][-3:] == [4, 5, 6]
