@@ -56,7 +56,7 @@ class GuardConfig:
     enabled: bool = True
     window: int = 50  # accepted steps the spike tests compare against; skips are counted over as many steps
     loss_spike: float = 3.0  # a step's loss above this x the window's mean, or above 2 ln(vocab), is skipped (0 = off)
-    grad_norm_spike: float = 10.0  # a pre-clipping gradient norm above this x the window's mean is skipped (0 = off)
+    grad_norm_spike: float = 100.0  # a pre-clipping gradient norm above this x the window's mean is skipped (0 = off)
     min_history: int = 10  # accepted steps before the spike tests start (non-finite losses are always skipped)
     max_skips: int = 3  # skipped steps within `window` steps that rewind to the last verified checkpoint
     max_rewinds: int = 2  # rewinds after which the run stops with E301

@@ -24,7 +24,7 @@ def step(guard: DivergenceGuard, n: int, loss: float, norm: float | None = 1.0) 
 
 
 def test_spikes_are_judged_against_the_mean_of_applied_steps_once_the_history_is_long_enough() -> None:
-    guard = DivergenceGuard(GuardConfig(window=4, min_history=3, loss_spike=3.0), vocab_size=4096)
+    guard = DivergenceGuard(GuardConfig(window=4, min_history=3, loss_spike=3.0, grad_norm_spike=10.0), vocab_size=4096)
     assert step(guard, 1, 17.0) == "loss 17 is above 2 ln(vocab) = 16.6"  # diverged before any history
     assert [step(guard, n, 2.0) for n in (2, 3)] == [None, None]
     assert step(guard, 4, 7.0) is None  # 3.5x the mean, but only 2 steps of history
@@ -36,6 +36,14 @@ def test_spikes_are_judged_against_the_mean_of_applied_steps_once_the_history_is
     assert step(guard, 8, 2.0, norm=9.0) is None  # 9x: under the factor of 10
     assert step(guard, 9, float("nan")) == "loss is nan"
     assert step(guard, 10, 2.0, norm=float("inf")) == "gradient norm is inf"
+
+
+def test_by_default_a_transient_gradient_norm_spike_is_applied_and_clipped_not_skipped() -> None:
+    """make demo's own gradient norms: 1.8 falling to 1.0 over 11 steps, then 24.98 at step 12 (18x), from which the
+    run recovers. A factor of 10 skipped it and the next two, and stalled the run into E301."""
+    guard = DivergenceGuard(GuardConfig(), vocab_size=2048)
+    norms = [1.81, 1.66, 1.56, 1.31, 1.29, 1.35, 1.29, 1.17, 1.29, 1.17, 1.02, 24.98, 0.92, 0.8, 0.79, 13.03]
+    assert [step(guard, n, 7.0 - n / 10, norm) for n, norm in enumerate(norms, start=1)] == [None] * len(norms)
 
 
 def test_the_grad_norm_reason_names_the_ratio_and_the_window() -> None:
