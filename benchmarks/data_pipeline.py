@@ -1,9 +1,10 @@
 """Data pipeline throughput: tokenization, prepared-shard reads and streaming, against the rate `debug` trains at.
 
 On a generated corpus (the bundled conversations, made unique and repeated to --size-mb) or on --train-data:
-tokenization in 1 and N processes, writing prepared shards, reading batches in each strategy (memory, sharded,
-streaming with 0 and N workers), and the tokens/s of `debug` training steps (forward, backward, AdamW) in this process
-for scale. A table goes to stdout, the same rows as JSON to --output. See benchmarks/NOTES.md for results.
+tokenization in 1 and N processes, writing prepared shards, streaming's one-time token count, reading batches in each
+strategy (memory, sharded, streaming with 0 and N workers), and the tokens/s of `debug` training steps (forward,
+backward, AdamW) in this process for scale. A table goes to stdout, the same rows as JSON to --output. See
+benchmarks/NOTES.md for results.
 
     python benchmarks/data_pipeline.py --size-mb 32 --workers 2
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from lumina_ds.config.presets import get_preset  # noqa: E402
 from lumina_ds.data import DocEncoder, EncodeSettings, JsonlDocs, Mixture  # noqa: E402
+from lumina_ds.data.lengths import count_tokens  # noqa: E402
 from lumina_ds.data.prepare import prepare_source, tokenize_source  # noqa: E402
 from lumina_ds.data.profile import measure_batches  # noqa: E402
 from lumina_ds.data.stream import PackedBatches, RankView  # noqa: E402
@@ -152,6 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sharded": prepare_source(path, settings, prepared_dir=work / "prepared")[0],
             "streaming": JsonlDocs(path, DocEncoder(tokenizer)),
         }
+        # streaming counts every conversation's tokens once before training (global row order needs the lengths)
+        report, seconds = timed("count tokens", lambda: count_tokens(sources["streaming"], num_workers=args.workers))
+        size = path.stat().st_size
+        rows.append(_row(f"streaming: count tokens once, {args.workers} worker(s)", report.tokens / seconds,
+                         size / seconds, report))  # fmt: skip
         rows += read_rows(sources, args)
         size_mb = path.stat().st_size / 1e6
     train_rate = debug_train_rate(args) if args.train_steps else None

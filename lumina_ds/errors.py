@@ -18,9 +18,10 @@ ERROR_CODES: dict[str, str] = {
     "E103": "a data line is not valid UTF-8 or holds U+FFFD / control characters (line skipped)",
     "E104": "an input file (training or evaluation data, tokenizer, YAML config, DeepSpeed JSON) does not exist; "
     "checked before any work starts",
-    "E105": "too little data for the number of ranks (or a rank got no usable conversation in an epoch)",
+    "E105": "too little data for the number of ranks (or an epoch without a usable conversation)",
     "E106": "no usable conversation in the evaluation file",
-    "E107": "a checkpoint's data position does not fit this run's files, weights, seed, `--seq-len` or world size",
+    "E107": "a checkpoint's data position does not fit this run's files, weights, seed or `--seq-len` (or was saved "
+    "per rank, before rows were ordered globally)",
     "E108": "prepared shards cannot be written (disk full, permissions): free space or pass `--prepared-dir` elsewhere",
     "E109": "prepared shards are unreadable or inconsistent: delete the directory named in the hint and prepare again",
     "E110": "a data file is not UTF-8 JSONL, named from its first bytes before any work: gzip without the `.gz` "
@@ -36,8 +37,8 @@ ERROR_CODES: dict[str, str] = {
     "E301": "training diverged: the divergence guard kept skipping steps after its rewinds (or had no checkpoint to "
     "rewind to); with the guard off, a non-finite loss at a log line or before a checkpoint. No diverged weights are "
     "saved",
-    "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, number of processes) or could "
-    "not be saved",
+    "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, ZeRO stage; a native-MoE or ZeRO-0 "
+    "checkpoint on another number of processes or expert-parallel size) or could not be saved or converted",
     "E304": "a file of the run directory cannot be written (disk full, permissions): metrics.jsonl, TensorBoard events",
     "E305": "another run is using this run directory (its lock names the host and process); a lock left by a "
     "process that is gone from this host is taken over",

@@ -48,7 +48,7 @@ DATA_FLAGS = [
         {"choices": DATA_STRATEGIES},
     ),
     Flag(("--num-workers",), "data.num_workers", "tokenizing processes / streaming loader workers", {"type": int}),
-    Flag(("--prefetch-factor",), "data.prefetch_factor", "chunks each streaming worker keeps ready", {"type": int}),
+    Flag(("--prefetch-factor",), "data.prefetch_factor", "micro-batches each streaming worker holds", {"type": int}),
     Flag(("--shard-size-mb",), "data.shard_size_mb", "JSONL megabytes per prepared shard", {"type": int}),
     Flag(("--prepared-dir",), "data.prepared_dir", "prepared-shard cache", default="<output-dir>/prepared"),
     Flag(("--strict",), "data.strict", "stop at the first malformed line (E101-E103) instead of skipping it", ON),

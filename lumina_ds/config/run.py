@@ -26,7 +26,7 @@ class DataConfig:
     train_on: str = "assistant"  # assistant | all
     strategy: str = "auto"  # auto | memory | sharded | streaming (auto: by dataset size and free RAM)
     num_workers: int = 2  # tokenizing processes (memory/sharded) and loader workers (streaming)
-    prefetch_factor: int = 2  # chunks each streaming worker keeps ready
+    prefetch_factor: int = 2  # micro-batches each streaming worker keeps ready
     shard_size_mb: int = 256  # JSONL bytes per prepared shard
     prepared_dir: str | None = None  # prepared-shard cache; None = <output_dir>/prepared
     strict: bool = False  # stop at the first malformed line instead of skipping it

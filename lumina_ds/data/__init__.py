@@ -31,7 +31,6 @@ _LAZY = {
     "PackedBatches": "lumina_ds.data.stream",
     "RankView": "lumina_ds.data.stream",
     "RowPacker": "lumina_ds.data.stream",
-    "count_rows": "lumina_ds.data.stream",
     "build_batches": "lumina_ds.data.pipeline",
     "choose_strategy": "lumina_ds.data.pipeline",
     "eval_rows": "lumina_ds.data.pipeline",

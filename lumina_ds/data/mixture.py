@@ -1,4 +1,5 @@
-"""Which documents each data-parallel rank sees in each epoch: a function of (seed, epoch) only."""
+"""The global document order of each epoch, a function of (seed, epoch) only (rows are packed from it in
+data/global_order.py, then shared out to the ranks)."""
 
 from __future__ import annotations
 
@@ -50,10 +51,6 @@ class Mixture:
                 order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
             self._cache = (epoch, order.astype(np.int64))
         return self._cache[1]
-
-    def rank_docs(self, epoch: int, *, rank: int, world_size: int) -> np.ndarray:
-        """This rank's share of the epoch: every `world_size`-th document, so ranks never overlap."""
-        return self.epoch_order(epoch)[rank::world_size]
 
     def locate(self, doc_id: int) -> tuple[int, int]:
         """Global id -> (source index, document index within it)."""

@@ -13,16 +13,17 @@ from lumina_ds.batch import Batch
 from lumina_ds.config.run import DATA_STRATEGIES, DataConfig
 from lumina_ds.data.documents import JsonlDocs, SourceSpec, parse_train_data
 from lumina_ds.data.files import data_bytes, is_gzip
+from lumina_ds.data.global_order import GlobalRows
+from lumina_ds.data.lengths import counted_sources
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.packing import PackedRows
 from lumina_ds.data.prepare import EncodeSettings, PrepareReport, prepare_source, tokenize_source
-from lumina_ds.data.stream import DocSource, PackedBatches, RankView, RowPacker, count_rows
+from lumina_ds.data.stream import DocSource, PackedBatches, RankView, RowPacker
 from lumina_ds.errors import ConfigError, DataError
 
 MEMORY_LIMIT_BYTES = 500 * 10**6  # below: tokenize into RAM
 STREAMING_LIMIT_BYTES = 10 * 10**9  # above: stream from the JSONL files
 RAM_BYTES_PER_INPUT_BYTE = 3.0  # tokenizing into RAM peaks near 3x the JSONL size (strings, lists, arrays)
-ESTIMATE_SAMPLE_DOCS = 2000
 
 
 def choose_strategy(total_bytes: int, *, requested: str, available_ram: int) -> tuple[str, str]:
@@ -75,12 +76,13 @@ def open_sources(
     workers = max(1, data.num_workers // max(local_world_size, 1))
     if strategy == "streaming":  # gzip has no random access: .gz files are prepared as shards, the others streamed
         gzipped = [s for s in specs if is_gzip(s.path)]
+        builds = shard_builder() if shard_builder is not None else is_local_main
         if gzipped:
-            builds = shard_builder() if shard_builder is not None else is_local_main
             _open_shards(gzipped, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
             result.reason += "; .gz files prepared as shards (gzip has no random access)"
         prepared = iter(result.sources)
         result.sources = [next(prepared) if is_gzip(s.path) else JsonlDocs(s.path, encode.encoder()) for s in specs]
+        _count_streamed(result, encode, data, prepared_dir, builds=builds, barrier=barrier)
     elif strategy == "memory":
         for spec in specs:
             docs, report = tokenize_source(spec.path, encode, num_workers=workers, progress=is_local_main)
@@ -117,39 +119,36 @@ def _open_shards(
     result.reports = built or result.reports  # the builder's reports say whether the cache was reused
 
 
+def _count_streamed(
+    sources: SourceSet,
+    encode: EncodeSettings,
+    data: DataConfig,
+    prepared_dir: Path,
+    *,
+    builds: bool,
+    barrier: Callable[[], None],
+) -> None:
+    """Token counts of the streamed files (global row order needs every length), reported with the shards'."""
+    streamed = [(spec, s) for spec, s in zip(sources.specs, sources.sources, strict=True) if isinstance(s, JsonlDocs)]
+    if streamed:
+        specs, docs = [spec for spec, _ in streamed], [s for _, s in streamed]
+        counted = counted_sources(
+            specs, docs, encode, prepared_dir=prepared_dir, builds=builds, barrier=barrier, num_workers=data.num_workers
+        )
+        sources.reports = [*sources.reports, *counted]
+
+
 def mixture_of(sources: SourceSet, *, seed: int) -> Mixture:
     return Mixture([len(s) for s in sources.sources], [s.weight for s in sources.specs], seed=seed)
 
 
-def _lengths_or_sample(source: DocSource) -> tuple[np.ndarray, bool]:
-    """Token counts of every document (exact) or of the first documents (a sample, for streaming)."""
-    if source.lengths is not None:
-        return source.lengths, True
-    items = source.fetch(range(min(len(source), ESTIMATE_SAMPLE_DOCS)))
-    return np.array([len(item[0]) if isinstance(item, tuple) else 0 for item in items], dtype=np.int64), False
-
-
 def micro_batches_for_epochs(
     sources: SourceSet, mixture: Mixture, *, epochs: int, world_size: int, seq_len: int, micro_batch_size: int
-) -> tuple[int, bool]:
-    """Micro-batches every rank can yield in `epochs` epochs (the minimum over ranks) and whether it is exact.
-
-    Exact when every document's length is known; for streaming, estimated from the first documents of each source.
-    """
-    measured = [_lengths_or_sample(s) for s in sources.sources]
-    if all(exact for _, exact in measured):
-        lengths = np.concatenate([m for m, _ in measured])
-        rows = [0] * world_size
-        for epoch in range(epochs):  # epoch-major: each epoch's order is drawn once, not once per rank
-            order = mixture.epoch_order(epoch)
-            for rank in range(world_size):
-                rows[rank] += count_rows(lengths[order[rank::world_size]], seq_len)
-        return min(rows) // micro_batch_size, True
-    rows_per_epoch = 0.0
-    for source_index, (sample, _) in enumerate(measured):
-        rows_per_doc = count_rows(sample, seq_len) / max(len(sample), 1)
-        rows_per_epoch += rows_per_doc * mixture.count(source_index) / world_size
-    return int(rows_per_epoch * epochs) // micro_batch_size, False
+) -> int:
+    """Micro-batches every rank yields in `epochs` epochs: the global rows of those epochs over ranks x batch."""
+    view = RankView(sources.sources, mixture, world_size=world_size)
+    rows = GlobalRows(mixture, view.lengths(), seq_len=seq_len)
+    return rows.total_rows(epochs) // (world_size * micro_batch_size)
 
 
 def build_batches(
@@ -163,7 +162,7 @@ def build_batches(
     micro_batch_size: int,
     data: DataConfig,
 ) -> PackedBatches:
-    """This rank's resumable batches; loader workers only where documents are tokenized on the fly."""
+    """This rank's share of the global rows, resumable; loader workers only where documents are tokenized on the fly."""
     view = RankView(sources.sources, mixture_of(sources, seed=seed), rank=rank, world_size=world_size)
     workers = data.num_workers if sources.strategy == "streaming" else 0
     return PackedBatches(
@@ -173,7 +172,6 @@ def build_batches(
         micro_batch_size=micro_batch_size,
         num_workers=workers,
         prefetch_factor=data.prefetch_factor,
-        strict=data.strict,
     )
 
 

@@ -1,12 +1,15 @@
-"""One rank's training batches: its documents in epoch order, packed into rows, resumable at any batch.
+"""One rank's training batches: its micro-batches of the global packed rows (data/global_order.py), resumable at
+any step on any number of ranks.
 
-The order is a function of (seed, epoch, world size) only, and packing is greedy in that order, so the memory,
-sharded and streaming strategies yield the same token stream, and so does any number of loader workers: workers
-only fetch and tokenize chunks of documents, which are packed in order in the training process.
+Row boundaries are a function of (seed, epoch, token counts) only, so the memory, sharded and streaming strategies
+yield the same token stream, and so does any number of loader workers: a worker builds whole micro-batches, whose rows
+are known before any document is fetched, and the loader hands them out in order. RowPacker packs a finite list of
+documents (the evaluation file) the same greedy way.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,13 +22,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lumina_ds.batch import IGNORE_INDEX, Batch
 from lumina_ds.data.documents import EncodedDoc, labels_of
+from lumina_ds.data.global_order import GlobalRows, RowPosition
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.reader import SkippedLine
 from lumina_ds.errors import DataError
 
-Position = tuple[int, int]  # (epoch, index into this rank's documents of that epoch)
+Position = tuple[int, int]  # (epoch, index of a document in the packer's input)
 Chunk = tuple[int, int, list[EncodedDoc | SkippedLine | None]]  # (epoch, index of the first item, items)
 MAX_LOGGED_SKIPS = 5
+ROW_ORDER = "global rows"  # how a saved position is to be read (per-rank document indices before)
 
 
 class DocSource(Protocol):
@@ -44,80 +49,80 @@ class DocSource(Protocol):
 
 @dataclass(frozen=True)
 class RankView:
-    """What one rank reads: all sources, how they mix, and its share."""
+    """What one rank reads: all sources, how they mix, and which share of the global rows is its."""
 
     sources: Sequence[DocSource]
     mixture: Mixture
     rank: int = 0
     world_size: int = 1
 
-    def docs(self, epoch: int) -> np.ndarray:
-        return self.mixture.rank_docs(epoch, rank=self.rank, world_size=self.world_size)
+    def lengths(self) -> np.ndarray:
+        """Tokens of every document by global id (streamed sources count them first: data/lengths.py)."""
+        missing = [s.name for s in self.sources if s.lengths is None]
+        assert not missing, f"token counts of {missing} are unknown: count them first (lumina_ds.data.lengths)"
+        parts = [np.asarray(s.lengths, dtype=np.int32) for s in self.sources]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
-    def normalize(self, position: Position) -> Position:
-        """A position at the end of an epoch is the start of the next one."""
-        epoch, index = position
-        return (epoch + 1, 0) if index >= len(self.docs(epoch)) else position
-
-    def chunk_starts(self, start: Position, chunk_docs: int) -> Iterator[tuple[int, int, int]]:
-        """(epoch, first index, stop index) of every chunk from `start` on, forever."""
-        epoch, index = self.normalize(start)
-        while True:
-            count = len(self.docs(epoch))
-            for first in range(index, count, chunk_docs):
-                yield epoch, first, min(first + chunk_docs, count)
-            epoch, index = epoch + 1, 0
-
-    def fetch(self, epoch: int, first: int, stop: int) -> Chunk:
-        """Documents [first, stop) of this rank's epoch, fetched per source, in order."""
-        ids = self.docs(epoch)[first:stop]
+    def fetch(self, ids: np.ndarray) -> list[EncodedDoc | SkippedLine | None]:
+        """Documents of these global ids, fetched per source, in order."""
         items: list[EncodedDoc | SkippedLine | None] = [None] * len(ids)
         located = [self.mixture.locate(int(doc_id)) for doc_id in ids]
         for source_index, source in enumerate(self.sources):
             slots = [i for i, (s, _) in enumerate(located) if s == source_index]
+            if not slots:
+                continue
             for slot, item in zip(slots, source.fetch([located[i][1] for i in slots]), strict=True):
                 items[slot] = item
-        return epoch, first, items
+        return items
+
+    def fetch_counted(self, ids: np.ndarray, lengths: np.ndarray) -> list[EncodedDoc]:
+        """Documents that were counted with tokens; E109 if one no longer has the tokens it was counted with."""
+        docs = []
+        for doc_id, item in zip(ids.tolist(), self.fetch(ids), strict=True):
+            if not isinstance(item, tuple) or len(item[0]) != lengths[doc_id]:
+                source, index = self.mixture.locate(doc_id)
+                raise DataError(
+                    "E109",
+                    f"line {index + 1} of {self.sources[source].name} no longer has the tokens it was counted with",
+                    "the file changed during the run: restore it, or start a new run on the changed file",
+                )
+            docs.append(item)
+        return docs
 
 
-class _ChunkDataset(IterableDataset[Chunk]):
-    """Loader-worker side: worker w of W fetches (and tokenizes) chunks k with k % W == w."""
+class MicroBatches(IterableDataset[dict[str, np.ndarray]]):
+    """A rank's micro-batches after `start`: its n-th is global micro-batch world_size x n + rank.
 
-    def __init__(self, view: RankView, start: Position, chunk_docs: int) -> None:
-        self.view, self.start, self.chunk_docs = view, start, chunk_docs
+    In loader workers, worker w of W builds micro-batches n with n % W == w (fetching and tokenizing their documents);
+    the loader hands results out round-robin, which is exactly micro-batch order.
+    """
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def __init__(
+        self, view: RankView, rows: GlobalRows, start: RowPosition, *, micro_batch_size: int, pad_id: int
+    ) -> None:
+        self.view, self.rows, self.start = view, rows, start
+        self.micro_batch_size, self.pad_id = micro_batch_size, pad_id
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for k, (epoch, first, stop) in enumerate(self.view.chunk_starts(self.start, self.chunk_docs)):
-            if k % workers == worker:
-                yield self.view.fetch(epoch, first, stop)
+        for n in itertools.count(worker, workers):
+            yield self.build(n)
+
+    def build(self, n: int) -> dict[str, np.ndarray]:
+        """Micro-batch `n` as arrays [B, S] per Batch field."""
+        first = self.micro_batch_size * (self.view.world_size * n + self.view.rank)
+        positions = [self.rows.advance(self.start, first)]
+        for _ in range(self.micro_batch_size - 1):
+            positions.append(self.rows.advance(positions[-1], 1))
+        row_ids = [self.rows.docs(p) for p in positions]
+        docs = iter(self.view.fetch_counted(np.concatenate(row_ids), self.rows.lengths))
+        built = [build_row([next(docs) for _ in ids], seq_len=self.rows.seq_len, pad_id=self.pad_id) for ids in row_ids]
+        return {key: np.stack([row[i] for row in built]) for i, key in enumerate(Batch._fields)}
 
 
 def _keep_as_is(chunk: Any) -> Any:
     return chunk
-
-
-def iterate_chunks(
-    view: RankView, start: Position, *, num_workers: int = 0, prefetch_factor: int = 2, chunk_docs: int = 64
-) -> Iterator[Chunk]:
-    """Chunks of this rank's documents from `start`, in order; fetched by `num_workers` processes when > 0.
-
-    The loader hands out worker results round-robin, which with the k % W assignment is exactly chunk order.
-    """
-    if num_workers <= 0:
-        for epoch, first, stop in view.chunk_starts(start, chunk_docs):
-            yield view.fetch(epoch, first, stop)
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not reuse tokenizer threads
-    loader = DataLoader(
-        _ChunkDataset(view, start, chunk_docs),
-        batch_size=None,
-        num_workers=num_workers,
-        prefetch_factor=prefetch_factor,
-        collate_fn=_keep_as_is,
-    )
-    yield from loader
 
 
 @dataclass
@@ -183,35 +188,29 @@ class RowPacker:
         return item
 
     def _row(self, pieces: list[EncodedDoc], next_start: Position) -> Row:
-        S = self.seq_len
-        ids = np.full(S, self.pad_id, dtype=np.int64)
-        labels = np.full(S, IGNORE_INDEX, dtype=np.int64)
-        positions = np.zeros(S, dtype=np.int64)
-        start = 0
-        for tokens, targets in pieces:
-            n = min(len(tokens), S - start)
-            ids[start : start + n] = tokens[:n]
-            # a truncated document keeps its label at the cut: a real next token of the same document
-            labels[start : start + n] = labels_of(tokens, targets)[:n]
-            positions[start : start + n] = np.arange(n)
-            start += n
+        ids, labels, positions = build_row(pieces, seq_len=self.seq_len, pad_id=self.pad_id)
         return Row(ids, labels, positions, next_start)
 
 
-def count_rows(lengths: Sequence[int] | np.ndarray, seq_len: int) -> int:
-    """Rows RowPacker makes from documents of these lengths in this order (one epoch)."""
-    rows, used = 0, seq_len
-    for n in np.minimum(np.asarray(lengths, dtype=np.int64), seq_len).tolist():
-        if n == 0:
-            continue
-        if used + n > seq_len:
-            rows, used = rows + 1, 0
-        used += n
-    return rows
+def build_row(pieces: Sequence[EncodedDoc], *, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input ids, labels, positions) [S] of documents packed in order; the last may be cut at the row's end."""
+    ids = np.full(seq_len, pad_id, dtype=np.int64)
+    labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
+    positions = np.zeros(seq_len, dtype=np.int64)
+    start = 0
+    for tokens, targets in pieces:
+        n = min(len(tokens), seq_len - start)
+        ids[start : start + n] = tokens[:n]
+        # a truncated document keeps its label at the cut: a real next token of the same document
+        labels[start : start + n] = labels_of(tokens, targets)[:n]
+        positions[start : start + n] = np.arange(n)
+        start += n
+    return ids, labels, positions
 
 
 class PackedBatches:
-    """This rank's micro-batches of packed rows, forever (epochs roll over); `state_dict` resumes exactly."""
+    """This rank's micro-batches of the global packed rows, forever (epochs roll over); `state_dict` is one global
+    row, the same on every rank, so a run resumes exactly on any number of ranks."""
 
     def __init__(
         self,
@@ -222,54 +221,73 @@ class PackedBatches:
         micro_batch_size: int,
         num_workers: int = 0,
         prefetch_factor: int = 2,
-        strict: bool = False,
     ) -> None:
         view.mixture.check_world(view.world_size)
         self.view = view
-        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.rows = GlobalRows(view.mixture, view.lengths(), seq_len=seq_len)
+        self.seq_len, self.pad_id, self.micro_batch_size = seq_len, pad_id, micro_batch_size
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-        self.packer = RowPacker(seq_len=seq_len, pad_id=pad_id, strict=strict, rank=view.rank)
-        self.position: Position = (0, 0)
+        self.position: RowPosition = (0, 0)  # the first global row of the next step
 
     @property
     def epoch(self) -> int:
-        """Epoch of the next unseen document (0-based)."""
-        return self.view.normalize(self.position)[0]
+        """Epoch of the next unseen row (0-based)."""
+        return self.rows.normalize(self.position)[0]
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches of LongTensors [B, S] from the saved position on."""
-        chunks = iterate_chunks(
-            self.view, self.position, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor
+        start = self.rows.normalize(self.position)
+        step_rows = self.view.world_size * self.micro_batch_size
+        for n, arrays in enumerate(self._arrays(start)):
+            # every rank has drawn n + 1 micro-batches at a step boundary: all ranks' rows so far are consumed
+            self.position = self.rows.advance(start, (n + 1) * step_rows)
+            yield Batch(*(torch.from_numpy(arrays[key]) for key in Batch._fields))
+
+    def _arrays(self, start: RowPosition) -> Iterator[dict[str, np.ndarray]]:
+        dataset = MicroBatches(self.view, self.rows, start, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id)
+        if self.num_workers <= 0:
+            yield from dataset
+            return
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not reuse tokenizer threads
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+            collate_fn=_keep_as_is,
         )
-        rows = self.packer.rows(chunks)
-        while True:
-            batch = [next(rows) for _ in range(self.micro_batch_size)]
-            self.position = batch[-1].next_start
-            yield Batch(*(torch.from_numpy(np.stack([getattr(row, key) for row in batch])) for key in Batch._fields))
+        yield from loader
 
     def fingerprint(self) -> dict[str, Any]:
-        """What the saved position is relative to; a resume with anything else different is refused (E107)."""
+        """What the saved position is relative to; a resume with anything else different is refused (E107). The
+        number of ranks is not part of it: the position is a global row."""
         mixture = self.view.mixture
         return {
             "documents": mixture.sizes,
             "weights": mixture.weights,
             "seed": mixture.seed,
-            "world_size": self.view.world_size,
             "seq_len": self.seq_len,
+            "order": ROW_ORDER,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Position of the first document not yet in a yielded batch."""
-        epoch, index = self.position
-        return {"epoch": epoch, "index": index, "fingerprint": self.fingerprint()}
+        """The first global row no rank has trained on."""
+        epoch, row = self.position
+        return {"epoch": epoch, "row": row, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue right after the last batch yielded before the state was saved."""
+        """Continue at the global row after the last step taken before the state was saved."""
         saved = state.get("fingerprint")
+        if "row" not in state:
+            raise DataError(
+                "E107",
+                "the checkpoint's data position is per rank: it was saved before lumina-ds ordered rows globally",
+                "resume it with the lumina-ds version that saved it, or start a new run",
+            )
         if saved != self.fingerprint():
             raise DataError(
                 "E107",
                 f"the checkpoint's data position is for {saved}, this run has {self.fingerprint()}",
-                "Resume with the same training files, mixing weights, seed, seq_len and number of ranks.",
+                "Resume with the same training files, mixing weights, seed and seq_len.",
             )
-        self.position = (int(state["epoch"]), int(state["index"]))
+        self.position = (int(state["epoch"]), int(state["row"]))

@@ -97,10 +97,10 @@ def report_skipped(report: PrepareReport, info: DistInfo) -> None:
 
 
 def total_steps_for(run: RunConfig, sources: SourceSet, batches: PackedBatches, info: DistInfo) -> tuple[int, str]:
-    """Optimizer steps: --max-steps, or the epochs' micro-batches of the slowest rank (estimated when streaming)."""
+    """Optimizer steps: --max-steps, or the epochs' global rows over the global batch."""
     if run.train.max_steps is not None:
         return run.train.max_steps, f"{run.train.max_steps} steps"
-    micro, exact = micro_batches_for_epochs(
+    micro = micro_batches_for_epochs(
         sources,
         batches.view.mixture,
         epochs=run.train.epochs,
@@ -113,8 +113,7 @@ def total_steps_for(run: RunConfig, sources: SourceSet, batches: PackedBatches, 
         raise ConfigError(
             "E002", "the training data does not fill one optimizer step", "lower --grad-accum or --batch-size"
         )
-    how = "" if exact else " (estimated from the first conversations of each file)"
-    return steps, f"{run.train.epochs} epoch(s) = {steps} steps{how}"
+    return steps, f"{run.train.epochs} epoch(s) = {steps} steps"
 
 
 def build_callbacks(run: RunConfig) -> list[Callback]:

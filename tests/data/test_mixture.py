@@ -32,14 +32,6 @@ def test_order_depends_only_on_seed_and_epoch() -> None:
     assert Mixture([6], [1.0], seed=0, shuffle=False).epoch_order(4).tolist() == list(range(6))
 
 
-def test_ranks_partition_each_epoch() -> None:
-    mixture = Mixture([13, 4], [1.0, 0.5], seed=2)
-    shares = [mixture.rank_docs(1, rank=r, world_size=3) for r in range(3)]
-    merged = np.concatenate(shares)
-    assert sorted(merged.tolist()) == sorted(mixture.epoch_order(1).tolist())
-    assert [len(s) for s in shares] == [5, 5, 5]
-
-
 def test_locate_maps_global_ids_back_to_sources() -> None:
     mixture = Mixture([3, 4], [1.0, 1.0], seed=0)
     assert [mixture.locate(i) for i in (0, 2, 3, 6)] == [(0, 0), (0, 2), (1, 0), (1, 3)]

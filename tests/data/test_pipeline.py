@@ -43,25 +43,28 @@ def test_unknown_strategy_is_a_config_error() -> None:
 def test_steps_per_epoch_match_what_each_rank_yields(
     tokenizer: ChatTokenizer, examples_dir: Path, tmp_path: Path, strategy: str
 ) -> None:
+    """Exact for streaming too: a streamed file's tokens are counted once before training (and cached)."""
     specs = parse_train_data(f"{examples_dir / 'conversations.jsonl'},{examples_dir / 'bad_lines.jsonl'}:3")
     data = DataConfig(strategy=strategy, num_workers=0)
     sources = open_sources(specs, EncodeSettings.of(tokenizer), data, prepared_dir=tmp_path)
     mixture = mixture_of(sources, seed=5)
-    micro, exact = micro_batches_for_epochs(sources, mixture, epochs=2, world_size=2, seq_len=128, micro_batch_size=3)
+    micro = micro_batches_for_epochs(sources, mixture, epochs=2, world_size=2, seq_len=128, micro_batch_size=3)
     yielded = []
     for rank in range(2):
         kwargs = {"rank": rank, "world_size": 2, "seq_len": 128, "pad_id": 0, "micro_batch_size": 3}
         batches = build_batches(sources, seed=5, data=data, **kwargs)
-        complete = 0  # batches whose rows all come from epochs 0 and 1
+        complete = 0  # micro-batches taken while every rank's rows so far lie in epochs 0 and 1
         for _ in batches:
-            if batches.view.normalize(batches.position) > (2, 0):
+            if batches.epoch >= 2 and batches.position != (2, 0):
                 break
             complete += 1
         yielded.append(complete)
-    if exact:
-        assert strategy == "memory" and micro == min(yielded)
-    else:  # streaming estimates from the first 2000 lines of each file: here that is all of them
-        assert strategy == "streaming" and abs(micro - min(yielded)) <= 0.05 * min(yielded)
+    assert micro == yielded[0] == yielded[1]
+    total_rows = batches.rows.rows_in_epoch(0) + batches.rows.rows_in_epoch(1)
+    assert micro == total_rows // (2 * 3)
+    if strategy == "streaming":
+        again = open_sources(specs, EncodeSettings.of(tokenizer), data, prepared_dir=tmp_path)
+        assert all(report.cached for report in again.reports)  # counted once, read back
 
 
 def test_eval_rows_are_the_file_in_order(tokenizer: ChatTokenizer, examples_dir: Path) -> None:

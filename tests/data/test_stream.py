@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from lumina_ds.data import (
     prepare_source,
     tokenize_source,
 )
-from lumina_ds.data.stream import PackedBatches, RankView, RowPacker, count_rows, iterate_chunks
+from lumina_ds.data.global_order import row_starts
+from lumina_ds.data.lengths import count_tokens
+from lumina_ds.data.stream import PackedBatches, RankView, RowPacker, build_row
 from lumina_ds.errors import DataError
 
 PAD = 0
@@ -78,12 +79,18 @@ def test_skipped_lines_are_counted_or_stop_a_strict_run() -> None:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_count_rows_predicts_the_packer(seed: int) -> None:
+def test_global_row_boundaries_pack_exactly_as_the_packer(seed: int) -> None:
+    """row_starts places rows from lengths alone; the rows built from them equal RowPacker's, padding and cuts too."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, 40, size=200)
     lengths[rng.integers(0, 200, size=10)] = 100  # some longer than a row
-    items = [None if n == 0 else _doc(1, int(n)) for n in lengths]
-    assert count_rows(lengths, 32) == len(_pack(items, 32))
+    items = [None if n == 0 else _doc(1000 * i, int(n)) for i, n in enumerate(lengths)]
+    packed = _pack(items, 32)
+    starts = row_starts(lengths, 32)
+    assert len(starts) - 1 == len(packed)
+    for row, begin, end in zip(packed, starts[:-1], starts[1:], strict=True):
+        ids, labels, positions = build_row([d for d in items[begin:end] if d is not None], seq_len=32, pad_id=PAD)
+        assert (ids == row.input_ids).all() and (labels == row.labels).all() and (positions == row.position_ids).all()
 
 
 def test_rows_hold_every_token_and_target_of_real_conversations(tokenizer: ChatTokenizer, examples_dir: Path) -> None:
@@ -109,15 +116,19 @@ def sources(tokenizer: ChatTokenizer, examples_dir: Path, tmp_path_factory: pyte
     settings = EncodeSettings.of(tokenizer)
     paths = [examples_dir / "conversations_eval.jsonl", examples_dir / "bad_lines.jsonl"]
     cache = tmp_path_factory.mktemp("prepared")
+    streaming = [JsonlDocs(p, DocEncoder(tokenizer)) for p in paths]
+    for source in streaming:  # streamed files count their tokens once (data/lengths.py)
+        count_tokens(source, num_workers=2)
     return {
         "memory": [tokenize_source(p, settings)[0] for p in paths],
         "sharded": [prepare_source(p, settings, prepared_dir=cache, shard_bytes=4096)[0] for p in paths],
-        "streaming": [JsonlDocs(p, DocEncoder(tokenizer)) for p in paths],
+        "streaming": streaming,
     }
 
 
-def _batches(sources: list, *, rank: int = 0, world: int = 1, workers: int = 0, seq_len: int = 96) -> PackedBatches:
-    mixture = Mixture([len(s) for s in sources], [1.0, 2.0], seed=11)
+def _batches(sources: list, *, rank: int = 0, world: int = 1, workers: int = 0, seq_len: int = 96,
+             seed: int = 11) -> PackedBatches:  # fmt: skip
+    mixture = Mixture([len(s) for s in sources], [1.0, 2.0], seed=seed)
     view = RankView(sources, mixture, rank=rank, world_size=world)
     return PackedBatches(view, seq_len=seq_len, pad_id=PAD, micro_batch_size=2, num_workers=workers)
 
@@ -142,7 +153,7 @@ def test_memory_sharded_and_streaming_yield_the_same_token_stream(sources: dict)
 def test_resume_continues_with_the_next_unseen_batch(sources: dict, strategy: str) -> None:
     workers = 2 if strategy == "streaming" else 0
     uninterrupted = _take(_batches(sources[strategy], rank=1, world=2, workers=workers), 24)
-    for k in (1, 5, 11):  # 11 batches cross an epoch boundary
+    for k in (1, 5, 14):  # 14 batches of rank 1 of 2 (56 rows) end past the end of epoch 0
         first = _batches(sources[strategy], rank=1, world=2, workers=workers)
         seen = _take(first, k)
         state = first.state_dict()
@@ -152,38 +163,50 @@ def test_resume_continues_with_the_next_unseen_batch(sources: dict, strategy: st
     assert first.epoch >= 0 and resumed.epoch >= 1
 
 
-def _chunk_docs(view: RankView, workers: int) -> Iterator[tuple[int, int, list]]:
-    """(epoch, global doc id, item) of every document the rank receives in epoch 0."""
-    for epoch, first, items in iterate_chunks(view, (0, 0), num_workers=workers, chunk_docs=7):
-        if epoch > 0:
-            return
-        for offset, item in enumerate(items):
-            yield epoch, int(view.docs(epoch)[first + offset]), item
+def test_ranks_share_out_the_one_rank_stream_micro_batch_by_micro_batch(sources: dict) -> None:
+    """Rank r of W takes global micro-batches r, r + W, ...: interleaved, 2 ranks (streamed with 2 workers each) are
+    the 1-rank stream, so 2 ranks x 1 micro-batch and 1 rank x 2 accumulated micro-batches train on the same rows."""
+    one = _take(_batches(sources["memory"]), 40)  # several epochs
+    ranks = [_take(_batches(sources["streaming"], rank=r, world=2, workers=2), 20) for r in range(2)]
+    assert _same([b for pair in zip(*ranks, strict=True) for b in pair], one)
 
 
-def test_two_ranks_and_two_workers_cover_every_document_once_per_epoch(sources: dict) -> None:
-    streaming = sources["streaming"]
-    mixture = Mixture([len(s) for s in streaming], [1.0, 2.0], seed=11)
-    seen: list[int] = []
-    for rank in range(2):
-        view = RankView(streaming, mixture, rank=rank, world_size=2)
-        received = list(_chunk_docs(view, workers=2))
-        assert [doc for _, doc, _ in received] == view.docs(0).tolist()  # in order, nothing skipped or repeated
-        for _, doc, item in received:  # and each is the document it claims to be
-            source, local = mixture.locate(doc)
-            (expected,) = streaming[source].fetch([local])
-            assert type(item) is type(expected)
-            if isinstance(item, tuple):
-                assert (item[0] == expected[0]).all()
-        seen += [doc for _, doc, _ in received]
-    assert sorted(seen) == sorted(mixture.epoch_order(0).tolist())
+def test_an_epoch_of_global_rows_holds_every_document_once(sources: dict) -> None:
+    memory = sources["memory"]
+    batches = _batches(memory)
+    rows = batches.rows
+    mixture = batches.view.mixture
+    docs = np.concatenate([rows.docs((0, k)) for k in range(rows.rows_in_epoch(0))])
+    with_tokens = [d for d in mixture.epoch_order(0).tolist() if rows.lengths[d] > 0]
+    assert docs.tolist() == with_tokens  # in the mixture's order, nothing skipped or repeated
+    assert len(with_tokens) < len(mixture.epoch_order(0))  # the bad lines (no tokens) are in no row
 
 
-def test_resume_with_different_data_or_ranks_is_refused(sources: dict) -> None:
+def test_a_position_saved_by_two_ranks_resumes_on_one_at_the_next_global_row(sources: dict) -> None:
+    memory = sources["memory"]
+    one = _take(_batches(memory), 40)
+    pair = [_batches(memory, rank=r, world=2) for r in range(2)]
+    for batches in pair:
+        _take(batches, 14)  # 14 steps of 2 ranks x 2 rows: 56 rows, past the end of epoch 0
+    states = [b.state_dict() for b in pair]
+    assert states[0] == states[1]  # one global position, whichever rank wrote it
+    resumed = _batches(memory)
+    resumed.load_state_dict(states[1])
+    assert (states[0]["epoch"], states[0]["row"]) == resumed.rows.advance((0, 0), 56)
+    assert resumed.rows.rows_in_epoch(0) < 56 and resumed.epoch == 1  # the position is in the second epoch
+    assert _same(_take(resumed, 12), one[28:40])  # 1 rank takes the 2 ranks' 28 micro-batches' successors
+
+
+def test_resume_with_different_data_seed_or_rows_is_refused(sources: dict) -> None:
     state = _batches(sources["memory"], rank=0, world=2).state_dict()
+    for other in (_batches(sources["memory"], seq_len=64), _batches(sources["memory"], seed=12)):
+        with pytest.raises(DataError) as err:
+            other.load_state_dict(state)
+        assert err.value.code == "E107"
+    per_rank = {"epoch": 0, "index": 12, "fingerprint": {**state["fingerprint"], "world_size": 2}}  # before global rows
     with pytest.raises(DataError) as err:
-        _batches(sources["memory"], rank=0, world=1).load_state_dict(state)
-    assert err.value.code == "E107"
+        _batches(sources["memory"]).load_state_dict(per_rank)
+    assert err.value.code == "E107" and "per rank" in err.value.message
 
 
 def test_more_ranks_than_conversations_is_refused(sources: dict) -> None:

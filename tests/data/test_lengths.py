@@ -1,0 +1,45 @@
+"""Streamed files count their tokens once (global row order needs every length) and every rank reads the counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lumina_ds.data import ChatTokenizer, DocEncoder, EncodeSettings, JsonlDocs, parse_train_data, tokenize_source
+from lumina_ds.data.lengths import count_tokens, counted_sources
+from lumina_ds.errors import DataError
+
+
+def test_counts_equal_the_tokenized_lengths_with_workers(tokenizer: ChatTokenizer, examples_dir: Path) -> None:
+    path = examples_dir / "bad_lines.jsonl"
+    tokenized, expected = tokenize_source(path, EncodeSettings.of(tokenizer))
+    source = JsonlDocs(path, DocEncoder(tokenizer))
+    report = count_tokens(source, num_workers=2)
+    assert source.lengths is not None and np.array_equal(source.lengths, tokenized.lengths)
+    assert (report.lines, report.conversations, report.tokens, report.skipped) == (
+        expected.lines, expected.conversations, expected.tokens, expected.skipped)  # fmt: skip
+    assert [s.line_no for s in report.skipped_examples] == [s.line_no for s in expected.skipped_examples]
+    with pytest.raises(DataError) as err:
+        count_tokens(JsonlDocs(path, DocEncoder(tokenizer)), strict=True)
+    assert err.value.code == expected.skipped_examples[0].code and f"line {expected.skipped_examples[0].line_no}" in (
+        err.value.message
+    )
+
+
+def test_one_process_counts_and_the_others_read_the_cache(
+    tokenizer: ChatTokenizer, examples_dir: Path, tmp_path: Path
+) -> None:
+    specs = parse_train_data(str(examples_dir / "conversations_eval.jsonl"))
+    settings = EncodeSettings.of(tokenizer)
+    waiting = [JsonlDocs(specs[0].path, DocEncoder(tokenizer))]
+    with pytest.raises(DataError) as err:  # the builder failed (or never ran): the others stop instead of hanging
+        counted_sources(specs, waiting, settings, prepared_dir=tmp_path, builds=False, barrier=lambda: None)
+    assert err.value.code == "E109"
+    builder = [JsonlDocs(specs[0].path, DocEncoder(tokenizer))]
+    (built,) = counted_sources(specs, builder, settings, prepared_dir=tmp_path, builds=True, barrier=lambda: None)
+    (read,) = counted_sources(specs, waiting, settings, prepared_dir=tmp_path, builds=False, barrier=lambda: None)
+    assert not built.cached and read.cached and read.tokens == built.tokens
+    assert np.array_equal(waiting[0].lengths, builder[0].lengths)  # type: ignore[arg-type]
+    assert "token counts reused" in read.summary()
