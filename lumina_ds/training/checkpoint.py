@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lumina_ds.config.run import CheckpointConfig
 from lumina_ds.distributed.collectives import any_rank, broadcast_token
@@ -29,6 +29,9 @@ from lumina_ds.training.checkpoint_state import (
     set_rng_state,
 )
 from lumina_ds.training.train_step import Engine
+
+if TYPE_CHECKING:
+    from lumina_ds.training.elastic import ElasticResume
 
 STAGING = ".saving-"  # `.<tag>.saving-<token>`: a save in progress (or killed)
 REPLACED = ".replaced-"  # `.<tag>.replaced-<token>`: a complete tag being replaced by a newer save of the same step
@@ -56,6 +59,7 @@ class CheckpointManager:
         self.config = config
         self.info = info
         self.backups = backup_copier(config, run_dir) if info.is_main else None  # copies to --backup-dir, if given
+        self.elastic: ElasticResume | None = None  # set when this run resumes a tag saved on other sizes
 
     def due(self, step: int) -> bool:
         """Whether the cadence asks for a checkpoint after optimizer step `step`."""
@@ -179,7 +183,10 @@ class CheckpointManager:
         return [checkpoints / t for t in reversed(tags[: tags.index(tag) + 1])]
 
     def load(self, engine: Engine, *, log: Any = print) -> Resumed | None:
-        """The newest candidate that verifies; a failing one is named and skipped (E303 with strict_resume)."""
+        """The newest candidate that verifies; a failing one is named and skipped (E303 with strict_resume). An elastic
+        resume's tag was chosen and verified before the engine was built (training/elastic.py)."""
+        if self.elastic is not None:
+            return self.elastic.load(engine)
         resumed = self._load_first_verified(engine, self.candidates(), log=log, strict=self.config.strict_resume)
         if resumed is None and (self.config.resume or (self.config.auto_resume and list_complete_tags(self.dir))):
             raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
@@ -192,6 +199,8 @@ class CheckpointManager:
 
     def _load_first_verified(self, engine: Engine, tags: list[Path], *, log: Any, strict: bool) -> Resumed | None:
         for tag_dir in tags:
+            if self.elastic is not None and tag_dir == self.elastic.tag_dir:  # a rewind before this run's first save
+                return self.elastic.load(engine)
             problem = self._verify(tag_dir)
             if problem is None:
                 return self._load(engine, tag_dir)

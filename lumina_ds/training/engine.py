@@ -104,14 +104,23 @@ def build_model(run: RunConfig, *, world_size: int, precision: str) -> Transform
 
 
 def build_engine(
-    model: Transformer, run: RunConfig, *, info: DistInfo, total_steps: int, precision: str
+    model: Transformer,
+    run: RunConfig,
+    *,
+    info: DistInfo,
+    total_steps: int,
+    precision: str,
+    load_universal: bool = False,
 ) -> EngineBundle:
-    """`precision` as resolved by `select_precision` (never "auto"); the layout passed the pre-flight."""
+    """`precision` as resolved by `select_precision` (never "auto"); the layout passed the pre-flight.
+    `load_universal`: the engine will load a universal checkpoint (an elastic resume, training/elastic.py)."""
     import deepspeed
 
     sections = parallelize(model, run, rank=info.rank)
     ds_config = build_ds_config(run, world_size=info.world_size, precision=precision)
     ds_config.update(sections)
+    if load_universal:  # DeepSpeed reads it at initialize: the engine then loads only universal checkpoints
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     schedule = schedule_for(run.train, total_steps)
     try:
         engine, _, _, _ = deepspeed.initialize(

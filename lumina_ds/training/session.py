@@ -41,6 +41,7 @@ from lumina_ds.run_dir import (
 )
 from lumina_ds.training.backoff import StepOutOfMemoryError, apply_recorded_backoff, back_off
 from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.elastic import plan_elastic_resume
 from lumina_ds.training.engine import build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
@@ -313,8 +314,10 @@ def train_attempt(run: RunConfig, info: DistInfo, precision: str) -> dict[str, A
         save_config(run, run_dir / CONFIG_FILE)
     log(info, f"run dir {run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
+    elastic = plan_elastic_resume(run, info, log=lambda message: log(info, message))  # before the engine: see there
     model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
-    bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision)
+    bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision,
+                          load_universal=elastic is not None)  # fmt: skip
     optimizer = optimizer_name(run, precision)
     if info.is_main:  # the JSON DeepSpeed got, and (under our own key, which DeepSpeed never sees) what steps it
         record = {**bundle.ds_config, "lumina_ds": {"optimizer": optimizer, "precision": precision}}
@@ -326,6 +329,7 @@ def train_attempt(run: RunConfig, info: DistInfo, precision: str) -> dict[str, A
         f"offload {dist_cfg.offload} | optimizer {optimizer} | {data.total_steps} steps",
     )
     trainer = build_trainer(run, info, data, bundle.engine)
+    trainer.checkpoints.elastic = elastic
     resume_if_asked(trainer, run, info)
     try:
         return trainer.fit()

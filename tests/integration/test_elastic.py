@@ -1,0 +1,69 @@
+"""Elastic resume through the CLI: a checkpoint of 2 ranks with expert parallelism 2 continues on 1 process with EP 1
+(ZeRO-2), and one of 1 process on 2 ranks with EP 2 (ZeRO-3). With `--grad-accum` keeping the global batch, every
+step after the resume trains on the rows the saved run's next step trained on, and the losses follow that run's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lumina_ds.training.universal import reusable
+from tests.integration.conftest import FAST, TRAIN, deepspeed_launch, lumina, read_metrics
+
+COMMON = [*FAST, "--train-data", TRAIN, "--precision", "fp32", "--max-steps", "8", "--no-progress-bar"]
+TOLERANCE = 1e-3  # fp32; the sums over ranks and micro-batches are ordered differently on the other world size
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)[0]}
+
+
+def assert_follows(resumed: Path, original: Path) -> None:
+    got, expected = losses(resumed), losses(original)
+    assert sorted(got) == [5, 6, 7, 8]
+    assert all(abs(got[s] - expected[s]) <= TOLERANCE for s in got), (got, expected)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_ep_2_resume_on_one_process_with_ep_1(workdir: Path) -> None:
+    saved = [*COMMON, "--zero-stage", "2", "--expert-parallel-size", "2", "--save-every-n-batches", "4"]
+    assert deepspeed_launch([*saved, "--experiment-name", "a"], cwd=workdir).returncode == 0
+    tag = workdir / "runs" / "a" / "checkpoints" / "step_00000004"
+    again = [*COMMON, "--zero-stage", "2", "--experiment-name", "b", "--resume", str(tag), "--tokenizer",
+             str(workdir / "runs" / "a" / "tokenizer.json")]  # fmt: skip
+    one = lumina(["train", *again, "--grad-accum", "2", "--save-every-n-batches", "100"], cwd=workdir)
+    assert one.returncode == 0
+    assert "saved by 2 process(es), expert-parallel size 2; this run has 1 process(es), expert-parallel size 1" in (
+        one.stdout
+    )
+    assert "not exact" not in one.stdout
+    assert_follows(workdir / "runs" / "b", workdir / "runs" / "a")
+
+    # the conversion is verified and reused; half the global batch is said in one line, and the run goes on
+    universal = workdir / "runs" / "b" / "checkpoints" / ".universal" / "step_00000004"
+    assert reusable(universal, tag) is None
+    halved = lumina(["train", *again, "--grad-accum", "1", "--max-steps", "5"], cwd=workdir)
+    assert halved.returncode == 0 and "reusing the verified universal checkpoint" in halved.stdout
+    notes = [line for line in halved.stdout.splitlines() if "not exact" in line]
+    assert len(notes) == 1 and "from 8 rows" in notes[0] and "--grad-accum 2 keeps 8" in notes[0]
+    shard = next((universal / "zero").rglob("exp_avg.pt"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert "does not match its checksum" in str(reusable(universal, tag))  # a damaged conversion is made again
+
+
+@pytest.mark.slow
+def test_one_process_resumes_on_two_ranks_with_ep_2_at_zero_3(workdir: Path) -> None:
+    saved = [*COMMON, "--zero-stage", "3", "--grad-accum", "2", "--save-every-n-batches", "4"]
+    assert lumina(["train", *saved, "--experiment-name", "a"], cwd=workdir).returncode == 0
+    tag = workdir / "runs" / "a" / "checkpoints" / "step_00000004"
+    two = deepspeed_launch([*COMMON, "--zero-stage", "3", "--expert-parallel-size", "2", "--experiment-name", "b",
+                            "--resume", str(tag), "--tokenizer", str(workdir / "runs" / "a" / "tokenizer.json")],
+                           cwd=workdir)  # fmt: skip
+    assert two.returncode == 0 and "this run has 2 process(es), expert-parallel size 2" in two.stdout
+    assert_follows(workdir / "runs" / "b", workdir / "runs" / "a")
+    final = json.loads((workdir / "runs" / "b" / "checkpoints" / "step_00000008" / "complete.json").read_text())
+    assert final["world_size"] == 2  # the resumed run saves ordinary tags of its own size
