@@ -83,12 +83,15 @@ class Layout:
 
 
 def saved_layout(tag_dir: Path) -> tuple[Layout, dict[str, Any]] | None:
-    """The layout and config a tag was saved with; None for tags written before our state was JSON."""
+    """The layout and config a tag was saved with; None for tags written before our state was JSON, or whose state
+    cannot be read (the verified load that follows names the damaged file and falls back to an older tag)."""
     if not (tag_dir / STATE_DIR / TRAINER_FILE).is_file():
         return None
-    config = load_trainer_state(tag_dir)["config"]
-    world_size = int(read_json(tag_dir / COMPLETE_MARKER)["world_size"])
-    return Layout.of(config, world_size), config
+    try:
+        config = load_trainer_state(tag_dir)["config"]
+        return Layout.of(config, int(read_json(tag_dir / COMPLETE_MARKER)["world_size"])), config
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
 
 
 def continuation_note(saved: Layout, now: Layout) -> str | None:

@@ -185,6 +185,7 @@ def adapted_load(engine: Engine, universal: Path, *, autoep_target: bool, num_ex
     original = dict(names)
     kept = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     adapter = _Adapter(engine, universal / "zero", autoep_target=autoep_target, num_experts=num_experts)
+    config = engine._config  # type: ignore[attr-defined]  # DeepSpeed consults it only when loading
     with weights_only_loads():
         safe_load = torch.load
 
@@ -193,12 +194,15 @@ def adapted_load(engine: Engine, universal: Path, *, autoep_target: bool, num_ex
 
         torch.load = load
         names.update(_folders_for(original, universal / "zero"))
+        config.load_universal_checkpoint = True
         try:
             yield
         finally:
             torch.load = safe_load
             names.clear()
             names.update(original)
+            # the run's own tags are plain checkpoints: a later rewind to one must not be read as universal
+            config.load_universal_checkpoint = False
     _restore_groups(engine, kept)
 
 

@@ -5,6 +5,7 @@ step after the resume trains on the rows the saved run's next step trained on, a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def assert_follows(resumed: Path, original: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_with_ep_2_resume_on_one_process_with_ep_1(workdir: Path) -> None:
+def test_two_ranks_with_ep_2_resume_on_one_process_with_ep_1(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     saved = [*COMMON, "--zero-stage", "2", "--expert-parallel-size", "2", "--save-every-n-batches", "4"]
     assert deepspeed_launch([*saved, "--experiment-name", "a"], cwd=workdir).returncode == 0
     tag = workdir / "runs" / "a" / "checkpoints" / "step_00000004"
@@ -41,13 +42,18 @@ def test_two_ranks_with_ep_2_resume_on_one_process_with_ep_1(workdir: Path) -> N
     assert "not exact" not in one.stdout
     assert_follows(workdir / "runs" / "b", workdir / "runs" / "a")
 
-    # the conversion is verified and reused; half the global batch is said in one line, and the run goes on
+    # the conversion is verified and reused; half the global batch is said in one line, and the run goes on, and a
+    # rewind to a tag of its own (a plain checkpoint, in an engine built to load a universal one) works
     universal = workdir / "runs" / "b" / "checkpoints" / ".universal" / "step_00000004"
     assert reusable(universal, tag) is None
-    halved = lumina(["train", *again, "--grad-accum", "1", "--max-steps", "5"], cwd=workdir)
+    monkeypatch.setenv("LUMINA_FAULTS", "nan_loss@6,nan_loss@7,nan_loss@8")
+    halved = lumina(["train", *again, "--grad-accum", "1", "--max-steps", "9", "--save-every-n-batches", "1"],
+                    cwd=workdir)  # fmt: skip
     assert halved.returncode == 0 and "reusing the verified universal checkpoint" in halved.stdout
     notes = [line for line in halved.stdout.splitlines() if "not exact" in line]
     assert len(notes) == 1 and "from 8 rows" in notes[0] and "--grad-accum 2 keeps 8" in notes[0]
+    rewound = re.search(r"rewound to step (\d+) ", halved.stdout)
+    assert rewound and int(rewound.group(1)) >= 5  # to a tag this run saved, not to the converted one
     shard = next((universal / "zero").rglob("exp_avg.pt"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
