@@ -6,6 +6,7 @@ strategy (memory, sharded, streaming) numbers and shuffles the same documents an
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -207,6 +208,7 @@ class JsonlDocs:
             self._ends_with_newline = handle.read(1) == b"\n"
         self.lengths: np.ndarray | None = None  # unknown until tokenized
         self._handle: BinaryIO | None = None
+        self._handle_pid = 0  # a forked loader worker must not share its parent's file position
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -216,8 +218,8 @@ class JsonlDocs:
 
     def read_lines(self, indices: Sequence[int]) -> list[tuple[int, bytes | LongLine]]:
         """Raw bytes of the given documents (a LongLine past the limit), with 1-based line numbers."""
-        if self._handle is None:
-            self._handle = self.path.open("rb")
+        if self._handle is None or self._handle_pid != os.getpid():
+            self._handle, self._handle_pid = self.path.open("rb"), os.getpid()
         out: list[tuple[int, bytes | LongLine]] = []
         limit = self.encoder.limit
         for index in indices:

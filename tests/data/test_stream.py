@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from itertools import islice
 from pathlib import Path
 
@@ -167,6 +168,8 @@ def test_ranks_share_out_the_one_rank_stream_micro_batch_by_micro_batch(sources:
     """Rank r of W takes global micro-batches r, r + W, ...: interleaved, 2 ranks (streamed with 2 workers each) are
     the 1-rank stream, so 2 ranks x 1 micro-batch and 1 rank x 2 accumulated micro-batches train on the same rows."""
     one = _take(_batches(sources["memory"]), 40)  # several epochs
+    for source in sources["streaming"]:  # the training process has read from the file before its workers fork
+        source.fetch(range(len(source)))
     ranks = [_take(_batches(sources["streaming"], rank=r, world=2, workers=2), 20) for r in range(2)]
     assert _same([b for pair in zip(*ranks, strict=True) for b in pair], one)
 
@@ -213,3 +216,26 @@ def test_more_ranks_than_conversations_is_refused(sources: dict) -> None:
     with pytest.raises(DataError) as err:
         _batches(sources["memory"], world=128)  # 50 + 2 x 16 lines per epoch
     assert err.value.code == "E105"
+
+
+def _read_everything(source: JsonlDocs, rounds: int) -> None:
+    expected = [raw for _, raw in source.read_lines(range(len(source)))]
+    same = all([raw for _, raw in source.read_lines(range(len(source)))] == expected for _ in range(rounds))
+    os._exit(0 if same else 1)
+
+
+def test_a_forked_loader_worker_reads_through_its_own_file_handle(tokenizer: ChatTokenizer, examples_dir: Path) -> None:
+    """A worker forked after the training process read the file used to share its file position: concurrent seeks
+    and reads returned other lines' bytes (a forked process inherits the source as it is, open handle included)."""
+    import multiprocessing
+
+    source = JsonlDocs(examples_dir / "conversations.jsonl", DocEncoder(tokenizer))
+    source.read_lines([0])  # the parent holds an open handle when the workers fork
+    workers = [
+        multiprocessing.get_context("fork").Process(target=_read_everything, args=(source, 30)) for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
