@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 STAGING = ".saving-"  # `.<tag>.saving-<token>`: a save in progress (or killed)
 REPLACED = ".replaced-"  # `.<tag>.replaced-<token>`: a complete tag being replaced by a newer save of the same step
+ABANDONED = "abandoned"  # checkpoints/abandoned/<time>/<tag>: newer tags of a continuation a resume abandoned
 
 
 @dataclass
@@ -190,7 +191,27 @@ class CheckpointManager:
         resumed = self._load_first_verified(engine, self.candidates(), log=log, strict=self.config.strict_resume)
         if resumed is None and (self.config.resume or (self.config.auto_resume and list_complete_tags(self.dir))):
             raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
+        if resumed is not None:
+            self._set_aside_newer(resumed.tag_dir, log=log)
         return resumed
+
+    def _set_aside_newer(self, tag_dir: Path, *, log: Any) -> None:
+        """Resuming a tag of this run older than its newest abandons the continuation the newer tags belong to: they
+        move to checkpoints/abandoned/, so rotation and --auto-resume follow the new continuation (rotation by step
+        number deleted the new tags, and --auto-resume went back to the abandoned ones)."""
+        barrier()  # every rank has loaded before anything moves
+        match = TAG_PATTERN.match(tag_dir.name)
+        if not self.info.is_main or match is None or tag_dir.parent.resolve() != self.dir.resolve():
+            return
+        newer = [t for t in list_complete_tags(self.dir) if _step_of(t) > int(match.group(1))]
+        if not newer:
+            return
+        aside = self.dir / ABANDONED / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for tag in newer:
+            os.replace(self.dir / tag, aside / tag)
+        log(f"resumed from {tag_dir.name}, older than {', '.join(newer)}: those belong to an abandoned continuation "
+            f"and were moved to {aside} (delete them when no longer needed)")  # fmt: skip
 
     def load_newest(self, engine: Engine, *, log: Any = print) -> Resumed | None:
         """For a rewind: the newest of this run's tags that verifies, else the one it resumed from; None if none."""
@@ -238,6 +259,12 @@ class CheckpointManager:
         set_rng_state(own["rng"])
         saved = load_trainer_state(tag_dir)
         return Resumed(tag_dir, saved["trainer"], own["data"], saved["config"])
+
+
+def _step_of(tag: str) -> int:
+    match = TAG_PATTERN.match(tag)
+    assert match is not None, tag
+    return int(match.group(1))
 
 
 def _tag_bytes(tag_dir: Path) -> int:

@@ -81,8 +81,21 @@ class DivergenceGuard:
         self.rewinds += 1
         self.skips.clear()
         self.losses.clear()
-        self.norms.clear()
+        self.norms.clear()  # the checkpoint's history, if it has one, is loaded next (Trainer.restore)
         return data_steps
+
+    # ---- checkpointed with the trainer: a resumed run judges its next steps as the uninterrupted run would ----
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "norms": list(self.norms),
+                "skips": [[s.step, s.data_step, s.reason] for s in self.skips]}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses.clear()
+        self.losses.extend(float(v) for v in state.get("losses", []))
+        self.norms.clear()
+        self.norms.extend(float(v) for v in state.get("norms", []))
+        self.skips = deque(Skip(int(step), int(data_step), str(reason)) for step, data_step, reason in
+                           state.get("skips", []))  # fmt: skip
 
     # ---- the tests ---------------------------------------------------------------------------------
     def _loss_problem(self, loss: float) -> str | None:
@@ -98,7 +111,7 @@ class DivergenceGuard:
         return self._spike("gradient norm", norm, self.norms, self.config.grad_norm_spike)
 
     def _spike(self, what: str, value: float, history: deque[float], factor: float) -> str | None:
-        if not factor or len(history) < self.config.min_history:
+        if not factor or len(history) < min(self.config.min_history, self.config.window):
             return None
         mean = sum(history) / len(history)
         if value > factor * mean:

@@ -81,13 +81,20 @@ class Trainer:
 
     # ---- checkpoint state -------------------------------------------------------------------------
     def restore(self, resumed: Resumed) -> None:
-        self.state = TrainState(**resumed.trainer)
+        saved = dict(resumed.trainer)
+        guard_state = saved.pop("guard", None)
+        self.state = TrainState(**saved)
         self.batches.load_state_dict(resumed.data)
+        if self.step.guard is not None and guard_state is not None:
+            self.step.guard.load_state_dict(guard_state)
 
     def save(self) -> None:
         self._check_finite()  # never checkpoint diverged weights
         best = self.state.best_step if self.state.history else None  # kept out of rotation
-        self.checkpoints.save(self.engine, self.state.step, trainer=self.state.as_dict(),
+        trainer = self.state.as_dict()
+        if self.step.guard is not None:
+            trainer["guard"] = self.step.guard.state_dict()
+        self.checkpoints.save(self.engine, self.state.step, trainer=trainer,
                               data=self.batches.state_dict(), config=self.config_record,
                               keep_step=best)  # fmt: skip
 

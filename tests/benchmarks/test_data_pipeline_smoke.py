@@ -18,6 +18,7 @@ def test_data_pipeline_benchmark_reports_every_measurement(tmp_path: Path) -> No
     assert names == [
         "tokenize into RAM, 1 process(es)",
         "prepare-data (write shards), 1 process(es)",
+        "streaming: count tokens once, 1 worker(s)",
         "read batches: memory",
         "read batches: sharded",
         "read batches: streaming, 0 worker(s)",

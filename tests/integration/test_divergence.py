@@ -125,3 +125,42 @@ def test_two_ranks_agree_on_an_emergency_checkpoint_and_one_ranks_oom_is_recorde
     assert "micro-batch 4 x accumulation 1 -> micro-batch 2 x accumulation 2" in again.stdout
     assert "resumed from" in again.stdout and "at step 3" in again.stdout
     assert [r["step"] for r in read_metrics(workdir / "runs" / "two")[0]][-3:] == [4, 5, 6]
+
+
+def test_a_resumed_run_judges_its_steps_with_the_guards_saved_history(workdir: Path) -> None:
+    """The guard's window of recent losses and norms is part of the checkpoint: without it a resumed run applied a
+    step the uninterrupted run skipped, and the two diverged (found by benchmarks/fault_drill.py)."""
+    # a touchy norm test: most steps above the recent mean are skipped, so the history decides many steps
+    touchy = ["--grad-norm-spike-factor", "1.01", "--spike-window", "4", "--max-skipped-steps", "1000",
+              "--max-steps", "12", "--save-every-n-batches", "4"]  # fmt: skip
+    full = train(workdir, "full", *touchy)
+    assert full.returncode == 0, full.stderr[-3000:]
+    skipped = {int(line.split()[2]) for line in full.stdout.splitlines() if line.startswith("warning: step ")}
+    # resume from a tag with a skip within the 4 steps after it, which only a saved history can decide
+    starts = [t for t in (8, 4) if skipped & set(range(t + 1, t + 5))]
+    assert starts, f"no skip right after a checkpoint: {skipped}"
+    tag = workdir / "runs" / "full" / "checkpoints" / f"step_{starts[0]:08d}"
+    tokenizer = str(workdir / "runs" / "full" / "tokenizer.json")
+    resumed = train(workdir, "resumed", *touchy, "--resume", str(tag), "--tokenizer", tokenizer)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = {int(line.split()[2]) for line in resumed.stdout.splitlines() if line.startswith("warning: step ")}
+    assert again == {s for s in skipped if s > starts[0]}
+    ref = dict(losses(workdir, "full"))
+    after = losses(workdir, "resumed")
+    assert after and all(loss == pytest.approx(ref[step], abs=1e-6) for step, loss in after)
+
+
+def test_resuming_an_older_tag_sets_the_newer_ones_aside_so_rotation_and_auto_resume_follow_it(workdir: Path) -> None:
+    """Found by benchmarks/fault_drill.py: after `--resume` of an older tag, rotation (newest by step number) deleted
+    the new continuation's tags at once, and a later --auto-resume went back to the abandoned ones."""
+    common = ["--save-every-n-batches", "2", "--save-total-limit", "2"]
+    assert train(workdir, "rot", *common, "--max-steps", "8").returncode == 0  # tags 6, 8
+    checkpoints = workdir / "runs" / "rot" / "checkpoints"
+    older = train(workdir, "rot", *common, "--max-steps", "7", "--resume", str(checkpoints / "step_00000006"))
+    assert older.returncode == 0, older.stderr[-3000:]
+    assert "resumed from step_00000006, older than step_00000008" in older.stdout
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", "step_00000007"]
+    (aside,) = (checkpoints / "abandoned").iterdir()
+    assert [p.name for p in aside.iterdir()] == ["step_00000008"]
+    again = train(workdir, "rot", *common, "--max-steps", "9", "--auto-resume")
+    assert again.returncode == 0 and "at step 7" in again.stdout
