@@ -86,25 +86,29 @@ def test_changed_learning_rate_takes_effect_on_resume(workdir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigusr1_on_one_of_two_ranks_stops_both_with_a_checkpoint_and_exit_138(workdir: Path) -> None:
-    """SLURM's usual warning signal (sbatch --signal=USR1@120) used to kill the run without a checkpoint."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_one_of_two_ranks_stops_both_with_a_checkpoint_and_exit_128_plus_it(
+    workdir: Path, sig: signal.Signals
+) -> None:
+    """SLURM's usual warning signal (sbatch --signal=USR1@120) used to kill the run without a checkpoint, and a run
+    stopped by SIGTERM exited 0, like a finished one."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launch" / "train.py"), *FAST, "--train-data", TRAIN, "--max-steps", "10000",
-           "--save-every-n-batches", "100000", "--experiment-name", "usr1", "--no-progress-bar"]  # fmt: skip
+           "--save-every-n-batches", "100000", "--experiment-name", "sig", "--no-progress-bar"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=workdir, env=child_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
-    metrics = workdir / "runs" / "usr1" / "metrics.jsonl"
+    metrics = workdir / "runs" / "sig" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.monotonic() < deadline:
         time.sleep(0.5)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
     assert len(ranks) == 1
-    ranks[0].send_signal(signal.SIGUSR1)
+    ranks[0].send_signal(sig)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGUSR1, stderr[-3000:]
-    assert "stop_reason=signal SIGUSR1" in stdout
-    last = read_metrics(workdir / "runs" / "usr1")[0][-1]["step"]
-    assert (workdir / "runs" / "usr1" / "checkpoints" / f"step_{last:08d}" / "complete.json").exists()
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    assert f"stop_reason=signal {sig.name}" in stdout
+    last = read_metrics(workdir / "runs" / "sig")[0][-1]["step"]
+    assert (workdir / "runs" / "sig" / "checkpoints" / f"step_{last:08d}" / "complete.json").exists()
 
 
 @pytest.fixture
