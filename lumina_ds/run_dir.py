@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -81,6 +82,47 @@ def write_weights(state: dict[str, torch.Tensor], target: Path) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, target)
     return target
+
+
+def write_shards(named: Iterable[tuple[str, torch.Tensor]], directory: Path, *, max_shard_bytes: int) -> list[Path]:
+    """Write `named` tensors, in order, into `directory` as safetensors of at most `max_shard_bytes` each (a larger
+    tensor gets a shard of its own): model.safetensors for one shard, else model-0000i-of-0000n.safetensors and Hugging
+    Face's model.safetensors.index.json. Holds one shard in memory at a time; files appear under their names only once
+    written. Returns the files written (the index last)."""
+    shards: list[tuple[Path, list[str], int]] = []  # temp file, its tensor names, their bytes
+    pending: dict[str, torch.Tensor] = {}
+    for name, tensor in named:
+        if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
+            shards.append(_write_shard(pending, directory, len(shards)))
+            pending = {}
+        pending[name] = tensor.detach().cpu().contiguous()
+    if pending:
+        shards.append(_write_shard(pending, directory, len(shards)))
+    return _name_shards(shards, directory) if shards else []
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], directory: Path, index: int) -> tuple[Path, list[str], int]:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".shard-{index:05d}.safetensors.tmp"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors), sum(t.nbytes for t in tensors.values())
+
+
+def _name_shards(shards: list[tuple[Path, list[str], int]], directory: Path) -> list[Path]:
+    if len(shards) == 1:
+        os.replace(shards[0][0], directory / WEIGHTS_FILE)
+        return [directory / WEIGHTS_FILE]
+    final, weight_map = [], {}
+    for i, (tmp, names, _) in enumerate(shards, start=1):
+        target = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(tmp, target)
+        weight_map.update(dict.fromkeys(names, target.name))
+        final.append(target)
+    index = {"metadata": {"total_size": sum(n for _, _, n in shards)}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return [*final, directory / INDEX_FILE]
 
 
 LOCK_FILE = ".run.lock"

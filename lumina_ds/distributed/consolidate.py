@@ -9,8 +9,6 @@ weights keep the module's dtype: bf16 under bf16 precisions, fp32 in fp32 runs.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -20,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lumina_ds.run_dir import INDEX_FILE, WEIGHTS_FILE
+from lumina_ds.run_dir import write_shards
 
 AUTOEP_RENAMES = ((".ffn.router.gate.", ".ffn.gate."), (".ffn.shared_experts.", ".ffn.shared."))
 NATIVE_GATE = ".ffn.moe.deepspeed_moe.gate.wg."
@@ -94,37 +92,4 @@ def consolidated_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]
 def write_consolidated(module: nn.Module, directory: Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
     """Write the module's full weights into `directory` as safetensors of at most `max_shard_bytes` each (one tensor
     larger than that gets a shard of its own). Collective; rank 0 writes and returns the files, others return []."""
-    shards: list[tuple[Path, list[str], int]] = []  # temp file, its tensor names, their bytes
-    pending: dict[str, torch.Tensor] = {}
-    for name, tensor in consolidated_tensors(module):
-        if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
-            shards.append(_write_shard(pending, directory, len(shards)))
-            pending = {}
-        pending[name] = tensor.contiguous()
-    if pending:
-        shards.append(_write_shard(pending, directory, len(shards)))
-    return _name_shards(shards, directory) if shards else []
-
-
-def _write_shard(tensors: dict[str, torch.Tensor], directory: Path, index: int) -> tuple[Path, list[str], int]:
-    from safetensors.torch import save_file
-
-    path = directory / f".shard-{index:05d}.safetensors.tmp"
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path, list(tensors), sum(t.nbytes for t in tensors.values())
-
-
-def _name_shards(shards: list[tuple[Path, list[str], int]], directory: Path) -> list[Path]:
-    """model.safetensors for one shard; else model-0000i-of-0000n.safetensors and Hugging Face's index."""
-    if len(shards) == 1:
-        os.replace(shards[0][0], directory / WEIGHTS_FILE)
-        return [directory / WEIGHTS_FILE]
-    final, weight_map = [], {}
-    for i, (tmp, names, _) in enumerate(shards, start=1):
-        target = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(tmp, target)
-        weight_map.update(dict.fromkeys(names, target.name))
-        final.append(target)
-    index = {"metadata": {"total_size": sum(n for _, _, n in shards)}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return [*final, directory / INDEX_FILE]
+    return write_shards(consolidated_tensors(module), directory, max_shard_bytes=max_shard_bytes)
