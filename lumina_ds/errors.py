@@ -12,6 +12,8 @@ ERROR_CODES: dict[str, str] = {
     "E003": "this machine cannot run the configuration: fp16 on CPU, bf16 on a GPU without it, a preset whose model "
     "states exceed GPU + host memory (`check-environment --preset`), `--attention-backend flash` without "
     "flash-attn / CUDA / bf16, `flex` for training on CPU, `mpirun` without mpi4py or `-x MASTER_ADDR/MASTER_PORT`",
+    "E005": "a Hugging Face architecture or option lumina-ds cannot represent exactly, on import or export (the "
+    "message names it and lists what is supported)",
     "E101": "a data line is not valid JSON, not a conversation, has an unknown role or roles out of order "
     "(line skipped)",
     "E102": "a data line misses required fields or has no assistant content (line skipped)",

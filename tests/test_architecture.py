@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "distributed": {"errors", "batch", "config", "models", "run_dir"},
     "generation": {"errors", "batch", "config", "models", "data", "run_dir"},
     "planning": {"errors", "config", "models", "distributed", "data"},
+    "hf": {"errors", "batch", "config", "models", "data", "run_dir"},
     "training": {"errors", "batch", "config", "models", "data", "distributed", "monitor", "run_dir"},
     "cli": {"__init__", "errors", "config", "data", "distributed", "planning", "training", "generation", "models"},
     "__init__": set(),

@@ -12,6 +12,42 @@ if TYPE_CHECKING:
 
 # auto picks per forward (flash-attn, then flex_attention on CUDA; SDPA on CPU); an explicit one that cannot run is E003
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
+# RoPE frequency schemes, each computed as transformers' modeling_rope_utils does (lumina_ds.models.rope)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# query/key RMSNorm before RoPE: none, per head over head_dim (Qwen3), or over the whole projection (OLMoE)
+QK_NORMS = ("none", "head", "projection")
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling as Hugging Face's `rope_parameters` state it; `type: default` is plain RoPE."""
+
+    type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0
+    # yarn / llama3: the pretraining context; dynamic: the length past which the base grows (HF max_position_embeddings)
+    original_max_position_embeddings: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 0.0  # yarn: 0 = unset (as HF, which tests the value for truth)
+    mscale_all_dim: float = 0.0  # yarn: 0 = unset
+    attention_factor: float = 0.0  # yarn: scale of cos/sin; 0 = derived from factor (and mscale)
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+    def validate(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise ConfigError("E002", f"unknown rope_scaling type {self.type!r}", f"use one of {', '.join(ROPE_TYPES)}")
+        if self.type == "default":
+            return
+        if self.factor <= 0 or (self.type != "linear" and self.original_max_position_embeddings <= 0):
+            raise ConfigError(
+                "E002",
+                f"rope_scaling {self.type} needs factor > 0"
+                + ("" if self.type == "linear" else " and original_max_position_embeddings > 0"),
+            )
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError("E002", "rope_scaling llama3 needs high_freq_factor > low_freq_factor")
 
 
 @dataclass
@@ -24,6 +60,9 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_intermediate_size: int = 0
     moe_every: int = 1  # MoE on every k-th layer (1 = all), dense SwiGLU on the others
+    dense_layers: list[int] = field(default_factory=list)  # dense whatever moe_every says (HF mlp_only_layers)
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral; Qwen-MoE/OLMoE: off)
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(Linear(H, 1)) (Qwen2-MoE)
     capacity_factor: float = 1.25  # native backend only: AutoEP is dropless
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
@@ -36,7 +75,7 @@ class MoEConfig:
         return self.num_experts > 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.enabled and (layer_idx + 1) % self.moe_every == 0
+        return self.enabled and layer_idx not in self.dense_layers and (layer_idx + 1) % self.moe_every == 0
 
     def validate(self) -> None:
         if not self.enabled:
@@ -51,6 +90,8 @@ class MoEConfig:
             raise ConfigError("E002", "expert_intermediate_size must be > 0 and moe_every >= 1")
         if self.num_shared_experts and self.shared_intermediate_size <= 0:
             raise ConfigError("E002", "shared experts need shared_intermediate_size > 0")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ConfigError("E002", "shared_expert_gate needs num_shared_experts > 0")
         if self.capacity_factor <= 0 or self.load_balancing_weight < 0 or self.router_z_loss_weight < 0:
             raise ConfigError("E002", "capacity_factor must be > 0 and loss weights >= 0")
 
@@ -71,14 +112,26 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
+    attention_head_dim: int = 0  # 0: hidden_size // num_heads (HF's explicit head_dim, e.g. Qwen3)
+    attention_bias: bool = False  # bias on the q/k/v projections (Qwen2); o_proj never has one
+    qk_norm: str = "none"  # one of QK_NORMS
+    sliding_window: int = 0  # > 0: a token attends to itself and the sliding_window - 1 tokens before it
+    sliding_window_layers: list[int] | None = None  # the layers the window applies to; None: all of them
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    def layer_window(self, layer_idx: int) -> int:
+        """The sliding window of one layer, 0 for full causal attention."""
+        if self.sliding_window_layers is not None and layer_idx not in self.sliding_window_layers:
+            return 0
+        return self.sliding_window
 
     def validate(self) -> None:
-        if self.hidden_size % self.num_heads:
+        if not self.attention_head_dim and self.hidden_size % self.num_heads:
             raise ConfigError(
                 "E002",
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}",
@@ -100,6 +153,11 @@ class ModelConfig:
             )
         if min(self.vocab_size, self.num_layers, self.max_seq_len, self.intermediate_size) <= 0:
             raise ConfigError("E002", "vocab_size, num_layers, max_seq_len and intermediate_size must be positive")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError("E002", f"unknown qk_norm {self.qk_norm!r}", f"use one of {', '.join(QK_NORMS)}")
+        if self.attention_head_dim < 0 or self.sliding_window < 0:
+            raise ConfigError("E002", "attention_head_dim and sliding_window must be >= 0")
+        self.rope_scaling.validate()
         self.moe.validate()
 
     def build(self) -> Transformer:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lumina_ds.errors import ConfigError
-from lumina_ds.models.layers import apply_rotary
+from lumina_ds.models.layers import RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -89,15 +89,28 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids == 0).cumsum(dim=-1)
 
 
-def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+def window_band(q_len: int, kv_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """[q_len, kv_len] bool, True where a key is within `window` tokens of the query (itself included).
+
+    The queries are the last q_len of the kv_len positions (decoding after a cache); causality is separate.
+    """
+    q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # [q_len, 1]
+    k = torch.arange(kv_len, device=device)[None, :]  # [1, kv_len]
+    return k > q - window  # as transformers' sliding_window_overlay
+
+
+def document_causal_mask(position_ids: torch.Tensor, *, window: int = 0) -> torch.Tensor:
     """position_ids [B, S] restarting at 0 per packed document -> [B, 1, S, S] bool, True = may attend.
 
-    Block-diagonal causal: a token sees earlier tokens of its own document only.
+    Block-diagonal causal: a token sees earlier tokens of its own document only (the last `window` of them, itself
+    included, when window > 0).
     """
     S = position_ids.shape[1]
     doc = document_ids(position_ids)  # [B, S]
     same_doc = doc[:, :, None] == doc[:, None, :]  # [B, S, S]
     causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()  # [S, S]
+    if window:
+        causal = causal & window_band(S, S, window, position_ids.device)
     return (same_doc & causal)[:, None]  # [B, 1, S, S]
 
 
@@ -116,8 +129,9 @@ def document_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
-def document_block_mask(position_ids: torch.Tensor, *, compiled: bool | None = None) -> BlockMask:
-    """position_ids [B, S] -> flex_attention BlockMask of `causal & same document` (heads share it).
+def document_block_mask(position_ids: torch.Tensor, *, compiled: bool | None = None, window: int = 0) -> BlockMask:
+    """position_ids [B, S] -> flex_attention BlockMask of `causal & same document` (heads share it), and within
+    `window` tokens when window > 0.
 
     compiled (default: on CUDA) builds it without ever materializing the dense [B, S, S] mask.
     """
@@ -129,22 +143,28 @@ def document_block_mask(position_ids: torch.Tensor, *, compiled: bool | None = N
     def causal_same_doc(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
+    def windowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return causal_same_doc(b, h, q_idx, kv_idx) & (kv_idx > q_idx - window)
+
     # a new closure per forward does not recompile: its captured tensor is a graph input. Eager on CPU: no compile
     compiled = position_ids.is_cuda if compiled is None else compiled
     build: Callable[..., object] = _compiled(create_block_mask) if compiled else create_block_mask
-    block_mask = build(causal_same_doc, B, None, S, S, device=position_ids.device)
+    block_mask = build(windowed if window else causal_same_doc, B, None, S, S, device=position_ids.device)
     assert isinstance(block_mask, BlockMask)
     return block_mask
 
 
-def build_document_mask(position_ids: torch.Tensor, backend: str) -> DocumentMask:
-    """The one DocumentMask of a forward over packed rows, in the form `backend` consumes."""
+def build_document_mask(position_ids: torch.Tensor, backend: str, *, window: int = 0) -> DocumentMask:
+    """The DocumentMask of a forward over packed rows, in the form `backend` consumes (one per sliding window size).
+
+    flash takes the window as an argument of each layer's call, so its mask is the same for every window.
+    """
     if backend == "flash":
         cu_seqlens, max_seqlen = document_cu_seqlens(position_ids)
         return DocumentMask(backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if backend == "flex":
-        return DocumentMask(backend, block_mask=document_block_mask(position_ids))
-    return DocumentMask(backend, dense=document_causal_mask(position_ids))
+        return DocumentMask(backend, block_mask=document_block_mask(position_ids, window=window))
+    return DocumentMask(backend, dense=document_causal_mask(position_ids, window=window))
 
 
 def resolve_backend(requested: str, *, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> str:
@@ -214,7 +234,14 @@ def flex_document_attention(
     return out
 
 
-def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+def flash_window(window: int) -> dict[str, tuple[int, int]]:
+    """flash-attn's keyword for a sliding window: (left, right) = the window - 1 tokens before a query."""
+    return {"window_size": (window - 1, 0)} if window else {}
+
+
+def flash_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask, *, window: int = 0
+) -> torch.Tensor:
     """q [B, nh, S, hd], k/v [B, nkv, S, hd] -> [B, S, nh, hd]: each document is one flash-attn sequence."""
     from flash_attn import flash_attn_varlen_func  # optional extra, GPU only
 
@@ -225,7 +252,9 @@ def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         return t.transpose(1, 2).reshape(B * S, t.shape[1], hd)  # [B*S, heads, hd], row-major like cu_seqlens
 
     cu, longest = mask.cu_seqlens, mask.max_seqlen
-    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, longest, longest, causal=True)  # GQA inside
+    out = flash_attn_varlen_func(
+        flat(q), flat(k), flat(v), cu, cu, longest, longest, causal=True, **flash_window(window)
+    )  # GQA inside
     return out.view(B, S, nh, hd)
 
 
@@ -247,16 +276,49 @@ class LayerKVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        backend: str = "auto",
+        head_dim: int = 0,
+        qkv_bias: bool = False,
+        qk_norm: str = "none",
+        norm_eps: float = 1e-5,
+        window: int = 0,
+    ) -> None:
+        """head_dim 0: hidden_size // num_heads. qk_norm: RMSNorm of queries and keys before RoPE, per head ("head")
+        or over the whole projection ("projection"). window > 0: attend to the last `window` tokens only."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
         self.backend = backend  # requested; the transformer resolves it per forward into the DocumentMask
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.window = window
+        q_size, kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, q_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, kv_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, hidden_size, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else q_size, eps=norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv_size, eps=norm_eps)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> q [B, S, nh, hd], k/v [B, S, nkv, hd], queries and keys normalised when qk_norm says."""
+        B, S, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.num_heads, self.head_dim)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v.view(B, S, self.num_kv_heads, self.head_dim)
 
     def forward(
         self,
@@ -268,9 +330,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, H]; mask from the transformer (None: plain causal, as in KV-cache decoding)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, nkv, S, hd]
+        q, k, v = (t.transpose(1, 2) for t in self._project(x))  # [B, nh, S, hd], [B, nkv, S, hd] x 2
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         past = 0
         if kv_cache is not None:
@@ -284,7 +344,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """-> [B, S, nh, hd] by the path the mask names; document fields unset mean plain causal."""
         if mask is not None and mask.cu_seqlens is not None:
-            return flash_varlen_attention(q, k, v, mask)
+            return flash_varlen_attention(q, k, v, mask, window=self.window)
         if mask is not None and mask.block_mask is not None:
             return flex_document_attention(q, k, v, mask.block_mask).transpose(1, 2)
         dense = mask.dense if mask is not None else None
@@ -305,14 +365,18 @@ class Attention(nn.Module):
         from flash_attn import flash_attn_func  # optional extra, GPU only
 
         # flash-attn takes [B, S, heads, hd] and handles GQA itself
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        qkv = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return flash_attn_func(*qkv, causal=True, **flash_window(self.window))
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, past: int
     ) -> torch.Tensor:
         S, T = q.shape[2], k.shape[2]
-        if attn_mask is None and past and S > 1:
-            # prefill after a cached prefix: query i sees keys up to past + i
-            attn_mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        windowed = 0 < self.window < T
+        if attn_mask is None and ((past and S > 1) or windowed):
+            # prefill after a cached prefix: query i sees keys up to past + i (and from past + i - window + 1 on)
+            attn_mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=T - S)
+            if windowed:
+                attn_mask &= window_band(S, T, self.window, q.device)
         is_causal = attn_mask is None and S > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)

@@ -27,7 +27,7 @@ def component_of(param_name: str) -> str:
         return "router"
     if "experts" in parts:
         return "experts"
-    if "shared" in parts:
+    if "shared" in parts or "shared_gate" in parts:
         return "shared_experts"
     return "dense_mlp"
 
@@ -63,5 +63,6 @@ def count_parameters(config: ModelConfig, *, seq_len: int | None = None) -> Para
     # compute per token: every active weight except the embedding lookup, plus the output projection
     compute_params = active - counts["embedding"] - counts["lm_head"] + config.vocab_size * config.hidden_size
     s = seq_len or config.max_seq_len
-    flops = 6.0 * compute_params + 12.0 * config.num_layers * config.hidden_size * s
+    attention_width = config.num_heads * config.head_dim  # hidden_size unless head_dim is set apart
+    flops = 6.0 * compute_params + 12.0 * config.num_layers * attention_width * s
     return ParameterCount(total=total, active=active, by_component=counts, flops_per_token=flops)

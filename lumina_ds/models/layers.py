@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lumina_ds.config.model import RopeScalingConfig
+from lumina_ds.models.rope import dynamic_inv_freq, scaled_inv_freq, yarn_attention_factor
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, *, eps: float = 1e-5) -> None:
@@ -38,20 +41,26 @@ class RotaryEmbedding(nn.Module):
 
     The frequencies are computed in fp32 where they are used and kept out of the module's buffers: a module-wide
     cast (DeepSpeed's bf16 engine, zero.Init's bf16 tensor constructors) would round them to bf16, which moves the
-    angle at position 4096 by up to 7 rad at the long-context presets' theta.
+    angle at position 4096 by up to 7 rad at the long-context presets' theta. They are computed on the CPU and
+    copied to each device, as transformers does (its buffers are built at init, then moved).
     """
 
-    def __init__(self, head_dim: int, *, theta: float) -> None:
+    def __init__(self, head_dim: int, *, theta: float, scaling: RopeScalingConfig | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling or RopeScalingConfig()
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device, fp32
+        # computed on first use, not here: zero.Init patches torch.arange to build bf16 tensors
+        self.attention_factor = yarn_attention_factor(self.scaling) if self.scaling.type == "yarn" else 1.0
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
-        """[head_dim / 2] fp32 inverse frequencies on `device`."""
+        """[head_dim / 2] fp32 inverse frequencies on `device` (dynamic NTK: at its base length)."""
         if device not in self._inv_freq:
-            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-            self._inv_freq[device] = 1.0 / (self.theta**exponents)
+            cpu = torch.device("cpu")
+            if cpu not in self._inv_freq:
+                self._inv_freq[cpu] = scaled_inv_freq(self.head_dim, self.theta, self.scaling)[0]
+            self._inv_freq[device] = self._inv_freq[cpu].to(device)
         return self._inv_freq[device]
 
     @property
@@ -62,11 +71,21 @@ class RotaryEmbedding(nn.Module):
         """Drop cached frequencies (they are recomputed in fp32 on first use)."""
         self._inv_freq.clear()
 
+    def _frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.scaling.type == "dynamic":
+            # the base grows with the longest position of the batch once past the base length (reads it back)
+            seq_len = position_ids.max() + 1
+            if seq_len > self.scaling.original_max_position_embeddings:
+                return dynamic_inv_freq(self.head_dim, self.theta, self.scaling, seq_len, position_ids.device)
+        return self.inv_freq_on(position_ids.device)
+
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] -> cos, sin [B, S, head_dim] in fp32."""
-        freqs = position_ids.float()[..., None] * self.inv_freq_on(position_ids.device)  # [B, S, hd/2]
+        freqs = position_ids.float()[..., None] * self._frequencies(position_ids)  # [B, S, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, hd]
-        return emb.cos(), emb.sin()
+        if self.attention_factor == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

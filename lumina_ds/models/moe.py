@@ -24,11 +24,12 @@ class Router(nn.Linear):
             return F.linear(x.float(), self.weight.float())
 
 
-def route_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] summing to 1, expert indices [T, k])."""
+def route_top_k(logits: torch.Tensor, top_k: int, *, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, k], expert indices [T, k]); normalize: the k weights sum to 1, else they are
+    the softmax probabilities over all E experts (Qwen-MoE and OLMoE with norm_topk_prob off)."""
     probs = logits.softmax(dim=-1)  # [T, E]
     weights, indices = probs.topk(top_k, dim=-1)  # [T, k]
-    return weights / weights.sum(dim=-1, keepdim=True), indices
+    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), indices
 
 
 def tokens_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -75,11 +76,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 EXPERTS_PATH = "auto"  # auto | grouped | loop: benchmarks/moe_paths.py times each path; training keeps auto
 
 
-def use_grouped_mm(x: torch.Tensor) -> bool:
+def use_grouped_mm(x: torch.Tensor, *, widths: tuple[int, ...] = ()) -> bool:
     """torch._grouped_mm on CPU (measured faster, flat memory) and for bf16 on Hopper and newer GPUs (its CUDA
-    kernel takes bf16 only); elsewhere the per-expert loop, which reads the counts back to the host."""
+    kernel takes bf16 only); elsewhere the per-expert loop, which reads the counts back to the host.
+
+    widths: the matrices' row lengths; grouped_mm needs each row to span a multiple of 16 bytes (an imported model
+    may have an expert size that does not).
+    """
     if EXPERTS_PATH != "auto" or not hasattr(torch, "_grouped_mm"):
         return EXPERTS_PATH == "grouped"
+    itemsize = torch.empty((), dtype=compute_dtype(x)).element_size()
+    if any(width * itemsize % 16 for width in widths):
+        return False
     if x.device.type == "cpu":
         return True
     cuda_bf16 = x.device.type == "cuda" and compute_dtype(x) == torch.bfloat16
@@ -103,7 +111,8 @@ class GroupedExperts(nn.Module):
         token_of = order // top_k  # [T*k] source token of each sorted assignment
         counts = tokens_per_expert(flat, num_experts)  # [E]
         xs = x[token_of]  # [T*k, H] grouped by expert
-        y = self._grouped(xs, counts) if use_grouped_mm(xs) else self._looped(xs, counts)  # [T*k, H]
+        grouped = use_grouped_mm(xs, widths=tuple(self.w2.shape[1:]))  # (H, F)
+        y = self._grouped(xs, counts) if grouped else self._looped(xs, counts)  # [T*k, H]
         y = y * weights.flatten()[order, None].to(y.dtype)  # [T*k, H]
         return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
 
@@ -133,22 +142,30 @@ class MoEBlock(nn.Module):
         top_k: int,
         intermediate_size: int,
         shared_intermediate_size: int = 0,
+        shared_expert_gate: bool = False,
+        norm_topk_prob: bool = True,
     ) -> None:
+        """shared_expert_gate: the shared expert's output is scaled by sigmoid(shared_gate(x)), a Linear(H, 1)."""
         super().__init__()
         self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
         self.gate = Router(hidden_size, num_experts, bias=False)
         self.experts = GroupedExperts(
             num_experts=num_experts, hidden_size=hidden_size, intermediate_size=intermediate_size
         )
         self.shared = SwiGLU(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, H = x.shape
         flat = x.reshape(B * S, H)  # [T, H]
-        weights, indices = route_top_k(self.gate(flat), self.top_k)  # [T, k] each
+        weights, indices = route_top_k(self.gate(flat), self.top_k, normalize=self.norm_topk_prob)  # [T, k] each
         out = self.experts(flat, weights, indices)  # [T, H]
         if self.shared is not None:
-            out = out + self.shared(flat)
+            shared = self.shared(flat)  # [T, H]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
         return out.view(B, S, H)
 
 

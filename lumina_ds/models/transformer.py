@@ -11,7 +11,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lumina_ds.batch import IGNORE_INDEX
-from lumina_ds.models.attention import Attention, DocumentMask, LayerKVCache, build_document_mask, resolve_backend
+from lumina_ds.models.attention import (
+    Attention,
+    DocumentMask,
+    LayerKVCache,
+    build_document_mask,
+    resolve_backend,
+    window_band,
+)
 from lumina_ds.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from lumina_ds.models.moe import GroupedExperts, MoEBlock, RouterLogitsCollector, router_statistics
 
@@ -44,6 +51,11 @@ class Block(nn.Module):
             num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads,
             backend=config.attention_backend,
+            head_dim=config.head_dim,
+            qkv_bias=config.attention_bias,
+            qk_norm=config.qk_norm,
+            norm_eps=config.rms_norm_eps,
+            window=config.layer_window(layer_idx),
         )
         self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.ffn: nn.Module
@@ -54,6 +66,8 @@ class Block(nn.Module):
                 top_k=moe.top_k,
                 intermediate_size=moe.expert_intermediate_size,
                 shared_intermediate_size=moe.shared_intermediate_size * moe.num_shared_experts,
+                shared_expert_gate=moe.shared_expert_gate,
+                norm_topk_prob=moe.norm_topk_prob,
             )
         else:
             self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
@@ -74,7 +88,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rope = RotaryEmbedding(config.head_dim, theta=config.rope_theta)
+        self.rope = RotaryEmbedding(config.head_dim, theta=config.rope_theta, scaling=config.rope_scaling)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -101,6 +115,8 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             last = name.rsplit(".", 1)[-1]
             nn.init.normal_(module.weight, std=out_std if last in ("o_proj", "w2") else std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, GroupedExperts):
             for pname, p in module.named_parameters():
                 nn.init.normal_(p, std=out_std if pname == "w2" else std)
@@ -125,13 +141,14 @@ class Transformer(nn.Module):
         B, S = input_ids.shape
         self.router_logits.clear()
         x = self.embed(input_ids)  # [B, S, H]
-        mask = self._attention_mask(x, position_ids, attn_mask, cached=bool(kv_cache))
+        masks = self._attention_masks(x, position_ids, attn_mask, cached=bool(kv_cache))
         if position_ids is None:
             start = kv_cache[0].length if kv_cache else 0
             position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)  # [B, S]
         rope = self.rope(position_ids)
         for i, layer in enumerate(self.layers):
             cache = kv_cache[i] if kv_cache else None
+            mask = masks[self.config.layer_window(i)]
             if self.checkpoint_layers and self.training and cache is None:
                 x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
@@ -143,20 +160,30 @@ class Transformer(nn.Module):
         self.router_logits.clear()  # the losses hold what they need; nothing outlives the forward
         return out
 
-    def _attention_mask(
+    def _attention_masks(
         self, x: torch.Tensor, position_ids: torch.Tensor | None, attn_mask: torch.Tensor | None, *, cached: bool
-    ) -> DocumentMask | None:
-        """The one mask of this forward, shared by every layer (so no layer rebuilds it)."""
+    ) -> dict[int, DocumentMask | None]:
+        """The masks of this forward by sliding window size (0: full), each shared by its layers (none rebuilds it).
+
+        Without documents a layer's window is applied where it attends (SDPA band, flash-attn window_size).
+        """
+        windows = {self.config.layer_window(i) for i in range(self.config.num_layers)}
         if attn_mask is not None:
-            return DocumentMask("sdpa", dense=attn_mask)
+            S, T = attn_mask.shape[-2:]
+            return {w: DocumentMask("sdpa", dense=attn_mask & window_band(S, T, w, x.device) if w else attn_mask)
+                    for w in windows}  # fmt: skip
         if cached:
-            return None  # incremental decoding: causal over the cache, one document per row
+            return dict.fromkeys(windows)  # incremental decoding: causal over the cache, one document per row
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         backend = resolve_backend(
             self.config.attention_backend, device=x.device, dtype=dtype, needs_grad=x.requires_grad
         )
-        return DocumentMask(backend) if position_ids is None else build_document_mask(position_ids, backend)
+        if position_ids is None:
+            return dict.fromkeys(windows, DocumentMask(backend))
+        if backend == "flash":  # the window is an argument of each layer's call: one mask serves every layer
+            return dict.fromkeys(windows, build_document_mask(position_ids, backend))
+        return {w: build_document_mask(position_ids, backend, window=w) for w in windows}
 
     def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
         """Nothing here reads a value back to the host: on a GPU that would stall the queue every forward."""

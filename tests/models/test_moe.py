@@ -261,3 +261,19 @@ def test_tokens_per_expert_counts_like_bincount_and_keeps_unused_experts() -> No
     assert tokens_per_expert(indices, 6).tolist() == [2, 1, 0, 3, 0, 0]
     random = torch.randint(0, 8, (100, 2))
     assert torch.equal(tokens_per_expert(random, 8), torch.bincount(random.flatten(), minlength=8))
+
+
+def test_expert_widths_grouped_mm_cannot_take_run_per_expert() -> None:
+    """torch._grouped_mm needs rows of a multiple of 16 bytes; an imported model's expert size (18 x fp32) may not."""
+    from lumina_ds.models.moe import use_grouped_mm
+
+    x = torch.randn(9, 8)
+    assert use_grouped_mm(x, widths=(8, 16)) and not use_grouped_mm(x, widths=(8, 18))
+    assert use_grouped_mm(x.bfloat16(), widths=(8, 24)) and not use_grouped_mm(x.bfloat16(), widths=(8, 20))
+    torch.manual_seed(3)
+    experts = GroupedExperts(num_experts=4, hidden_size=8, intermediate_size=18)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    weights, indices = route_top_k(torch.randn(9, 4), 2)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, weights, indices), naive_experts(experts, x, weights, indices))
