@@ -131,3 +131,33 @@ def test_debug_preset_exports_as_mixtral(tmp_path: Path) -> None:
     assert "lm_head.weight" not in exported  # tied: transformers takes the embedding
     diff = _reloaded_diff(exported_config, exported, tmp_path / "export", our_logits(ours))
     assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"])
+def test_consolidated_checkpoint_weights_export(arch: str) -> None:
+    """A checkpoint's consolidated weights (what `export` reads) carry the names the mapping expects."""
+    from lumina_ds.distributed.consolidate import consolidated_tensors
+    from tests.hf.tiny_models import hf_config
+
+    config = model_config_from_hf(hf_config(arch).to_dict()).model
+    torch.manual_seed(5)
+    model = config.build()
+    consolidated = dict(consolidated_tensors(model))
+    exported = dict(ours_to_hf(config, arch, list(consolidated), consolidated.__getitem__))
+    params = dict(model.named_parameters())
+    expected = dict(ours_to_hf(config, arch, list(params), lambda n: params[n].detach()))
+    assert sorted(exported) == sorted(expected) and all(torch.equal(exported[n], expected[n]) for n in expected)
+
+
+def test_imported_configs_survive_the_run_config_yaml(tmp_path: Path) -> None:
+    """import-hf writes the ModelConfig into config.yaml: every option must read back the same."""
+    import dataclasses
+
+    from lumina_ds.config.io import load_config, save_config
+    from lumina_ds.config.presets import get_preset
+    from tests.hf.tiny_models import hf_config
+
+    for arch in CASES:
+        model = model_config_from_hf(hf_config(arch).to_dict()).model
+        save_config(dataclasses.replace(get_preset("debug"), model=model), tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml").model == model, arch
