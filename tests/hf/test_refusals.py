@@ -153,25 +153,3 @@ def test_presets_export_as_mixtral_up_to_b6_and_not_with_an_ungated_shared_exper
         else:
             assert export_architecture(model) == "MixtralForCausalLM", name
     assert get_preset("b6_quality").model.moe.num_shared_experts == 0 and get_preset("b7").model.moe.num_shared_experts
-
-
-@pytest.mark.parametrize("arch", list(SUPPORTED))
-def test_keys_left_out_take_the_transformers_class_defaults(arch: str) -> None:
-    """A config.json naming only the architecture reads as the class's full defaults do."""
-    import transformers
-
-    full = getattr(transformers, arch.replace("ForCausalLM", "Config"))().to_dict()
-    stated = model_config_from_hf({**full, "architectures": [arch]})
-    assert model_config_from_hf({"architectures": [arch]}).model == stated.model
-
-
-@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM"])
-@pytest.mark.parametrize("first", [0, 2, 5])
-def test_windowed_layers_without_layer_types_are_transformers(arch: str, first: int) -> None:
-    """Older config.json files state use_sliding_window / max_window_layers and no layer_types."""
-    import transformers
-
-    keys = {"num_hidden_layers": 5, "use_sliding_window": True, "sliding_window": 7, "max_window_layers": first}
-    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**keys).layer_types
-    model = model_config_from_hf({"architectures": [arch], **keys}).model
-    assert [model.layer_window(i) for i in range(5)] == [7 if t == "sliding_attention" else 0 for t in theirs]
