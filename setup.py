@@ -16,6 +16,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.19.8",
         "tokenizers>=0.19",
+        "jinja2>=3.1.6",  # chat templates: the sandbox fixes transformers also requires
         "numpy",
         "pyyaml",
         "tensorboard",

@@ -30,6 +30,10 @@ ERROR_CODES: dict[str, str] = {
     "name, UTF-16/UTF-32, zstd/xz/bzip2/zip, a `.gz` that is not gzip or is damaged (the hint says how to convert it)",
     "E111": "a data line is longer than `--max-line-bytes` (line skipped without being read into memory; "
     "`--truncate-long` cuts its message contents instead)",
+    "E120": "a model's chat template cannot be used: it does not compile, the sandbox refused it (attribute access to "
+    "Python internals, changing its inputs), or it rejects a conversation (`raise_exception`; that line is skipped)",
+    "E121": "a chat template's assistant spans cannot be computed exactly: it is not prefix-stable, changes the "
+    "assistant's text, or puts no special token after it (that line is skipped; the hint says what to do)",
     "E201": "`plan`: nothing fits in GPU memory; the hint says how many nodes or which `--seq-len` would fit",
     "E202": "`plan`: a layout fits the GPUs only with more host memory than `--cpu-mem-gb` (offloaded states, "
     "or building the model)",

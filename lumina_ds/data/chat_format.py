@@ -33,6 +33,26 @@ _ROLE_ALIASES = {
 }
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
+# The same format as a Hugging Face chat template (exported with the tokenizer): transformers' apply_chat_template
+# gives token for token what ChatTemplate encodes. The assistant's content and END are its generation span.
+NATIVE_CHAT_TEMPLATE = (
+    "{{- '" + BOS + "' }}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}\n"
+    "{{- raise_exception('lumina-ds chats have system, user and assistant turns, not ' + message['role']) }}\n"
+    "{%- endif %}\n"
+    "{{- '<|' + message['role'] + '|>\\n' }}\n"
+    "{%- if message['role'] == 'assistant' %}\n"
+    "{%- generation %}{{- message['content'] + '" + END + "' }}{%- endgeneration %}\n"
+    "{%- else %}\n"
+    "{{- message['content'] + '" + END + "' }}\n"
+    "{%- endif %}\n"
+    "{{- '\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '" + ASSISTANT + "\\n' }}{%- endif %}\n"
+)
+assert all(token == f"<|{role}|>" for role, token in ROLE_TOKENS.items()), "NATIVE_CHAT_TEMPLATE spells roles so"
+
 
 def normalize_role(role: str) -> str | None:
     """Map a role alias (case-insensitive) to "user", "assistant" or "system"; None if unknown."""
@@ -59,6 +79,17 @@ class TokenizerLike(Protocol):
 
     def token_id(self, token: str) -> int: ...
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+
+def newline_tokens(offsets: Sequence[tuple[int, int]]) -> int:
+    """How many leading tokens of an encoded "\\n" + content cover only the newline (0 when BPE merged it into the
+    content's first token: then that token is the content's, as in transformers' tokenization of the whole text)."""
+    count = 0
+    while count < len(offsets) and offsets[count][1] <= 1:
+        count += 1
+    return count
+
 
 class ChatTemplate:
     """`<|bos|>` then `{ROLE}\\n{content}<|end|>\\n` per message; identical for training and generation."""
@@ -80,10 +111,14 @@ class ChatTemplate:
         ids = [tokenizer.token_id(BOS)]
         trainable = [False]
         for message in messages:
-            # Encoded piecewise so the trainable span is exactly content + END, whatever BPE would merge.
-            header = [tokenizer.token_id(ROLE_TOKENS[message.role]), *newline]
+            # The text between two special tokens is tokenized as one piece, as transformers tokenizes the rendered
+            # text; the trainable span is content + END (a token that merges the header's newline into the content
+            # belongs to the content).
+            body, offsets = tokenizer.encode_offsets("\n" + message.content)
+            head = newline_tokens(offsets)
+            header = [tokenizer.token_id(ROLE_TOKENS[message.role]), *body[:head]]
             learn = train_all or message.role == "assistant"
-            content = tokenizer.encode(message.content)
+            content = body[head:]
             for piece, flag in ((header, train_all), (content, learn), ([end_id], learn), (newline, train_all)):
                 ids.extend(piece)
                 trainable.extend([flag] * len(piece))

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from tokenizers import Encoding
 
 from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.config.run import DataConfig
-from lumina_ds.data.chat_format import ROLE_TOKENS, TRAIN_ON_CHOICES, Message
+from lumina_ds.data.chat_format import ROLE_TOKENS, TRAIN_ON_CHOICES, Message, newline_tokens
 from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit
 from lumina_ds.data.files import HEAD_BYTES, LongLine, check_data_file, is_gzip
 from lumina_ds.data.reader import SkippedLine, parse_line, require_conversation_lines
@@ -87,6 +88,9 @@ class DocEncoder:
             raise ConfigError("E002", f"train_on must be one of {TRAIN_ON_CHOICES}, got {train_on!r}")
         self.tokenizer, self.limit = tokenizer, limit
         self.train_all = train_on == "all"
+        self.codec = tokenizer.codec  # a model's own chat template (data/template_codec.py), else our format
+        if self.codec is not None:
+            return
         self._newline = tokenizer.encode("\n")
         self._bos = tokenizer.bos_id
         self._end = tokenizer.end_id
@@ -95,29 +99,37 @@ class DocEncoder:
     def encode_lines(self, lines: Sequence[tuple[int, bytes | LongLine]]) -> list[EncodedDoc | SkippedLine | None]:
         """`(line_no, raw)` pairs -> a document, a SkippedLine, or None (blank) per line."""
         parsed = [parse_line(line_no, raw, self.limit) for line_no, raw in lines]
-        contents = [m.content for item in parsed if isinstance(item, list) for m in item]
+        if self.codec is not None:
+            conversations = [(n, item) for (n, _), item in zip(lines, parsed, strict=True) if isinstance(item, list)]
+            docs = iter(self.codec.encode_docs(conversations, train_all=self.train_all))
+            return [next(docs) if isinstance(item, list) else item for item in parsed]
+        # "\n" + content: the text between two special tokens, tokenized whole (see ChatTemplate.encode_conversation)
+        contents = ["\n" + m.content for item in parsed if isinstance(item, list) for m in item]
         encodings = self.tokenizer.backend.encode_batch(contents, add_special_tokens=False) if contents else []
         pieces = iter(encodings)
         out: list[EncodedDoc | SkippedLine | None] = []
         for item in parsed:
             if isinstance(item, list):
-                out.append(self._assemble(item, [next(pieces).ids for _ in item]))
+                out.append(self._assemble(item, [next(pieces) for _ in item]))
             else:
                 out.append(item)
         return out
 
     def encode_messages(self, messages: Sequence[Message]) -> EncodedDoc:
         """One conversation (already parsed) -> document."""
-        contents = self.tokenizer.backend.encode_batch([m.content for m in messages], add_special_tokens=False)
-        return self._assemble(messages, [c.ids for c in contents])
+        if self.codec is not None:
+            return self.codec.encode_doc(messages, train_all=self.train_all)
+        contents = self.tokenizer.backend.encode_batch(["\n" + m.content for m in messages], add_special_tokens=False)
+        return self._assemble(messages, contents)
 
-    def _assemble(self, messages: Sequence[Message], contents: Sequence[list[int]]) -> EncodedDoc:
+    def _assemble(self, messages: Sequence[Message], bodies: Sequence[Encoding]) -> EncodedDoc:
         # Same layout as ChatTemplate.encode_conversation (a test keeps them equal), built from batched encodings.
         ids = [self._bos]
         trainable = [False]
-        for message, content in zip(messages, contents, strict=True):
+        for message, body in zip(messages, bodies, strict=True):
             learn = self.train_all or message.role == "assistant"
-            header = [self._role[message.role], *self._newline]
+            head = newline_tokens(body.offsets)
+            header, content = [self._role[message.role], *body.ids[:head]], body.ids[head:]
             for piece, flag in ((header, self.train_all), (content, learn), ([self._end], learn)):
                 ids.extend(piece)
                 trainable.extend([flag] * len(piece))

@@ -35,7 +35,7 @@ from lumina_ds.data.reader import SkippedLine
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a message's header newline and content are tokenized as one text
 META_FILE = "meta.json"
 LINES_PER_CHUNK = 512  # lines per tokenizer call: large enough to amortise, small enough to stay cache-friendly
 MAX_REPORTED_SKIPS = 20
@@ -58,9 +58,7 @@ class EncodeSettings:
         return LineLimit(self.max_line_bytes, self.truncate_long)
 
     def encoder(self) -> DocEncoder:
-        from tokenizers import Tokenizer
-
-        tokenizer = ChatTokenizer(Tokenizer.from_str(self.tokenizer_json))
+        tokenizer = ChatTokenizer.from_str(self.tokenizer_json)  # with its chat template, if any
         return DocEncoder(tokenizer, train_on=self.train_on, limit=self.limit)
 
     @classmethod
@@ -73,7 +71,7 @@ class EncodeSettings:
         max_line_bytes: int = MAX_LINE_BYTES,
         truncate_long: bool = False,
     ) -> EncodeSettings:
-        return cls(tokenizer.backend.to_str(), train_on, strict, max_line_bytes, truncate_long)
+        return cls(tokenizer.to_str(), train_on, strict, max_line_bytes, truncate_long)
 
 
 @dataclass

@@ -1,25 +1,37 @@
-"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) with the chat special tokens."""
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) with the chat special tokens, or an imported model's
+tokenizer with its own chat template (then conversations are encoded by the template, see data/template_codec.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lumina_ds.data.chat_format import BOS, END, PAD, SPECIAL_TOKENS, Message
+from lumina_ds.data.chat_format import BOS, END, NATIVE_CHAT_TEMPLATE, PAD, SPECIAL_TOKENS, ChatTemplate, Message
+from lumina_ds.data.chat_template import JinjaChatTemplate, load_chat_template
+from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit
+from lumina_ds.data.template_codec import TemplateCodec
+from lumina_ds.data.tokenizer_files import write_template_files
 from lumina_ds.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+_SERIALIZED_KEY = "lumina_ds_tokenizer"  # to_str of a tokenizer with a chat template
 
 
 class ChatTokenizer:
-    """A `tokenizers.Tokenizer` that is guaranteed to hold every chat special token."""
+    """A `tokenizers.Tokenizer` with lumina-ds' chat format (every chat special token guaranteed), or with a model's
+    own chat template (`chat_template`; the vocabulary is left as it is)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, chat_template: JinjaChatTemplate | None = None) -> None:
         self._tok = tokenizer
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        if chat_template is not None and chat_template.source == NATIVE_CHAT_TEMPLATE:
+            chat_template = None  # our own export read back: the native encoder gives the same tokens, faster
+        self.chat_template = chat_template
+        self.codec = TemplateCodec(chat_template, tokenizer) if chat_template is not None else None
+        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None] if self.codec is None else []
         if missing:
             # Appended at the end of the vocab; the model's embedding must cover vocab_size.
             tokenizer.add_special_tokens(missing)
@@ -40,22 +52,47 @@ class ChatTokenizer:
 
     @property
     def pad_id(self) -> int:
-        """Id of the padding token."""
-        return self.token_id(PAD)
+        """Id of the padding token (a template's pad_token, else its EOS or end-of-turn)."""
+        return self.codec.pad_id if self.codec is not None else self.token_id(PAD)
 
     @property
     def bos_id(self) -> int:
-        """Id of the beginning-of-conversation token."""
+        """Id of the beginning-of-conversation token (lumina-ds' format; a template writes its own)."""
+        assert self.codec is None, "a chat template writes its own beginning of conversation"
         return self.token_id(BOS)
 
     @property
     def end_id(self) -> int:
-        """Id of the end-of-turn token (generation stops here)."""
-        return self.token_id(END)
+        """Id of the end-of-turn token that closes an assistant reply."""
+        return self.codec.end_id if self.codec is not None else self.token_id(END)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Generation stops at these ids: the end-of-turn token, and a template's EOS token."""
+        return self.codec.stop_ids if self.codec is not None else frozenset({self.end_id})
+
+    def encode_conversation(
+        self, messages: Sequence[Message], *, train_on: str = "assistant"
+    ) -> tuple[list[int], list[int]]:
+        """`input_ids` and pre-shifted `labels` of a conversation, with the chat template or lumina-ds' format."""
+        if self.codec is not None:
+            return self.codec.encode_conversation(messages, train_on=train_on)
+        return ChatTemplate().encode_conversation(messages, self, train_on=train_on)
+
+    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """The conversation followed by the opening of an assistant turn: what chat feeds the model."""
+        if self.codec is not None:
+            return self.codec.encode_prompt(messages)
+        return ChatTemplate().encode_prompt(messages, self)
 
     def encode(self, text: str) -> list[int]:
         """Encode plain text; special-token strings inside it are encoded as ordinary text."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Like encode, with each token's character span in text."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return list(encoding.ids), list(encoding.offsets)
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         """Decode ids back to text."""
@@ -69,13 +106,34 @@ class ChatTokenizer:
         return int(token_id)
 
     def save(self, path: str | Path) -> None:
-        """Write the tokenizer as a single `tokenizer.json` file (HF-compatible)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        """Write the tokenizer as `tokenizer.json` (HF-compatible); a chat template goes beside it, as
+        chat_template.jinja and tokenizer_config.json (its special tokens), where from_file finds it again."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(path))
+        if self.chat_template is not None:
+            write_template_files(self.chat_template, path.parent)
+
+    def to_str(self) -> str:
+        """The tokenizer as one string (how worker processes receive it; part of the prepared-data cache key): the
+        tokenizer.json text, wrapped with the chat template when there is one."""
+        if self.chat_template is None:
+            return str(self._tok.to_str())
+        return json.dumps({_SERIALIZED_KEY: self._tok.to_str(), "chat_template": self.chat_template.to_json()})
+
+    @classmethod
+    def from_str(cls, text: str) -> ChatTokenizer:
+        """Inverse of to_str."""
+        if not text.startswith(f'{{"{_SERIALIZED_KEY}"'):
+            return cls(Tokenizer.from_str(text))
+        data = json.loads(text)
+        template = JinjaChatTemplate.from_json(data["chat_template"])
+        return cls(Tokenizer.from_str(data[_SERIALIZED_KEY]), chat_template=template)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ChatTokenizer:
-        """Load a `tokenizer.json`; missing special tokens are added (see `added_special_tokens`)."""
+        """Load a `tokenizer.json` with the chat template of its directory (chat_template.jinja, else
+        tokenizer_config.json's); without one, missing special tokens are added (see `added_special_tokens`)."""
         path = Path(path)
         if not path.is_file():
             raise DataError("E104", f"tokenizer file not found: {path}", "Pass a tokenizer.json written by lumina-ds.")
@@ -85,7 +143,7 @@ class ChatTokenizer:
             raise DataError(
                 "E101", f"cannot read tokenizer {path}: {exc}", "Expected a Hugging Face tokenizer.json file."
             ) from exc
-        return cls(tokenizer)
+        return cls(tokenizer, chat_template=load_chat_template(path.parent))
 
 
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> ChatTokenizer:
@@ -114,14 +172,14 @@ def conversation_texts(conversations: Iterable[Sequence[Message]]) -> Iterator[s
             yield message.content
 
 
-def sample_texts(paths: Iterable[str | Path], *, max_bytes: int) -> Iterator[str]:
-    """Message contents of JSONL chat files, streamed in file order, until about `max_bytes` of text (bad lines are
-    skipped): a BPE vocabulary needs a sample, not a multi-GB corpus in memory."""
+def sample_texts(paths: Iterable[str | Path], *, max_bytes: int, limit: LineLimit | None = None) -> Iterator[str]:
+    """Message contents of data sources (`limit` carries --data-format/--data-fields), streamed in order, until about
+    `max_bytes` of text (bad records are skipped): a BPE vocabulary needs a sample, not a multi-GB corpus in memory."""
     from lumina_ds.data.reader import SkippedLine, iter_conversations
 
     budget = max_bytes
     for path in paths:
-        for _, item in iter_conversations(path):
+        for _, item in iter_conversations(path, limit=limit or DEFAULT_LIMIT):
             if isinstance(item, SkippedLine):
                 continue
             for text in conversation_texts([item]):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from lumina_ds.data.chat_format import END, ChatTemplate, Message
+from lumina_ds.data.chat_format import Message
 from lumina_ds.errors import LuminaError
 from lumina_ds.generation.loading import InferenceBundle
 from lumina_ds.generation.sampling import SamplingConfig, generate
@@ -36,7 +36,6 @@ class ChatSession:
         self.sampling = sampling or SamplingConfig()
         self.system_prompt = system_prompt or None
         self.history: list[Message] = []
-        self.template = ChatTemplate()
 
     def reset(self) -> None:
         self.history.clear()
@@ -47,7 +46,8 @@ class ChatSession:
         return system + self.history
 
     def prompt_ids(self, user_text: str) -> list[int]:
-        return self.template.encode_prompt([*self.messages(), Message("user", user_text)], self.bundle.tokenizer)
+        """The conversation plus user_text, formatted by the tokenizer's chat template (a model's own, or ours)."""
+        return self.bundle.tokenizer.encode_prompt([*self.messages(), Message("user", user_text)])
 
     def reply(self, user_text: str, *, stream: Callable[[str], None] | None = None) -> str:
         """Generate the assistant's answer to user_text, append both turns to the history and return the answer.
@@ -57,8 +57,7 @@ class ChatSession:
         tokenizer = self.bundle.tokenizer
         prompt = self.prompt_ids(user_text)
         streamer = _TextStreamer(tokenizer.decode, stream)
-        stop_ids = {tokenizer.token_id(END)}
-        ids = generate(self.bundle.model, prompt, self.sampling, stop_ids=stop_ids, on_token=streamer.push)
+        ids = generate(self.bundle.model, prompt, self.sampling, stop_ids=tokenizer.stop_ids, on_token=streamer.push)
         text = streamer.finish(ids)
         self.history += [Message("user", user_text), Message("assistant", text)]
         return text
@@ -107,11 +106,16 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _model_of(bundle: InferenceBundle) -> str:
+    source = bundle.config.model_source
+    return f"model from {source}" if source else f"preset {bundle.config.preset}"
+
+
 def banner(session: ChatSession) -> str:
     bundle, cfg = session.bundle, session.sampling
     counts = count_parameters(bundle.config.model)
     return (
-        f"lumina-ds chat | preset {bundle.config.preset} | {_human(counts.total)} parameters "
+        f"lumina-ds chat | {_model_of(bundle)} | {_human(counts.total)} parameters "
         f"({_human(counts.active)} active) | checkpoint {bundle.checkpoint_tag} ({bundle.run_dir})\n"
         f"temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}, max_tokens {cfg.max_new_tokens}\n"
         f"Type a message; /help lists commands, /quit leaves."

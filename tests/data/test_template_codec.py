@@ -1,0 +1,197 @@
+"""Loss spans of conversations rendered by a model's own chat template: exactly the assistant's text and its
+end-of-turn token(s), whether found by incremental prefix rendering or from {% generation %} markers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lumina_ds.data.chat_format import Message
+from lumina_ds.data.chat_template import JinjaChatTemplate, SandboxError
+from lumina_ds.data.documents import DocEncoder
+from lumina_ds.data.reader import SkippedLine
+from lumina_ds.data.template_codec import target_flags
+from lumina_ds.data.tokenizer import ChatTokenizer
+from lumina_ds.errors import DataError
+from tests.data.hf_templates import CHATML_GENERATION, CHATML_SPECIALS, family_chat_tokenizer, family_tokenizer
+
+# Multi-turn with a system turn; the second reply starts with a space and ends with a newline.
+CONVERSATION = [
+    Message("system", "Be brief."),
+    Message("user", "Hello there"),
+    Message("assistant", "I am fine.\n\nThanks"),
+    Message("user", "  leading spaces"),
+    Message("assistant", " ok 🙂\n"),
+]
+
+# The rendered conversation, written out by hand, as (text, is the loss on it) pieces.
+EXPECTED = {
+    "chatml": [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("I am fine.\n\nThanks<|im_end|>", True),
+        ("\n<|im_start|>user\n  leading spaces<|im_end|>\n<|im_start|>assistant\n", False),
+        (" ok 🙂\n<|im_end|>", True),
+        ("\n", False),
+    ],
+    "llama3": [  # Llama-3 trims contents
+        ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+         "<|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ("I am fine.\n\nThanks<|eot_id|>", True),
+        ("<|start_header_id|>user<|end_header_id|>\n\nleading spaces<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ("ok 🙂<|eot_id|>", True),
+    ],
+    "mistral": [  # the system message joins the first user turn; no generation prompt, so the reply's space is its own
+        ("<s> [INST] Be brief.\n\nHello there [/INST]", False),
+        (" I am fine.\n\nThanks</s>", True),
+        (" [INST]   leading spaces [/INST]", False),
+        ("  ok 🙂\n</s>", True),
+    ],
+    "chatml_generation": [
+        ("<|im_start|>system\nA chat of 5 messages.<|im_end|>\n<|im_start|>system\nBe brief.<|im_end|>\n"
+         "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n", False),
+        ("I am fine.\n\nThanks<|im_end|>", True),
+        ("\n<|im_start|>user\n  leading spaces<|im_end|>\n<|im_start|>assistant\n", False),
+        (" ok 🙂\n<|im_end|>", True),
+        ("\n", False),
+    ],
+}  # fmt: skip
+
+
+def _spans(pieces: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]]]:
+    text, spans = "", []
+    for piece, trained in pieces:
+        if trained:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, spans
+
+
+def _trained_runs(tokenizer: ChatTokenizer, messages: list[Message]) -> list[str]:
+    """The rendered text under each run of consecutive loss tokens, from the token offsets."""
+    ids, labels = tokenizer.encode_conversation(messages)
+    assert tokenizer.codec is not None
+    text = tokenizer.chat_template.render(messages) if tokenizer.chat_template else ""
+    offsets = tokenizer.codec.backend.encode(text, add_special_tokens=False).offsets
+    assert len(offsets) == len(ids)
+    flags = [False] + [label != -100 for label in labels[:-1]]  # labels[t] is the target of token t + 1
+    runs: list[list[tuple[int, int]]] = []
+    for index, flag in enumerate(flags):
+        if flag and (not index or not flags[index - 1]):
+            runs.append([])
+        if flag:
+            runs[-1].append(offsets[index])
+    return [text[run[0][0] : run[-1][1]] for run in runs]
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "mistral", "chatml_generation"])
+def test_loss_spans_are_the_assistant_text_and_its_end_of_turn(family: str) -> None:
+    tokenizer = family_chat_tokenizer(family)
+    assert tokenizer.codec is not None
+    assert tokenizer.codec.spans(CONVERSATION) == _spans(EXPECTED[family])
+    assert _trained_runs(tokenizer, CONVERSATION) == [piece for piece, trained in EXPECTED[family] if trained]
+
+
+def test_generation_markers_give_spans_where_prefix_rendering_cannot() -> None:
+    with_markers = family_chat_tokenizer("chatml_generation")
+    assert with_markers.codec is not None and with_markers.chat_template is not None
+    assert with_markers.chat_template.has_generation_markers
+    plain = CHATML_GENERATION.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    without = ChatTokenizer(
+        family_tokenizer("bytelevel", CHATML_SPECIALS, ["hi"]), chat_template=JinjaChatTemplate(plain)
+    )
+    assert without.codec is not None
+    # "A chat of 2 messages" up to the first reply, "A chat of 5 messages" in the whole conversation
+    with pytest.raises(DataError, match="not prefix-stable at message 3") as err:
+        without.codec.spans(CONVERSATION)
+    assert err.value.code == "E121"
+    assert with_markers.codec.spans(CONVERSATION) == _spans(EXPECTED["chatml_generation"])
+
+
+def test_a_template_that_moves_the_system_prompt_is_not_prefix_stable() -> None:
+    tokenizer = family_chat_tokenizer("mistral_v3")  # the system message joins the *last* user turn
+    assert tokenizer.codec is not None
+    skipped = tokenizer.codec.encode_line(7, CONVERSATION)
+    assert isinstance(skipped, SkippedLine)
+    assert (skipped.line_no, skipped.code) == (7, "E121")
+    no_system = CONVERSATION[1:3]
+    assert tokenizer.codec.spans(no_system) == _spans(
+        [("<s>[INST] Hello there[/INST]", False), (" I am fine.\n\nThanks</s>", True)]
+    )
+
+
+def test_train_on_all_targets_every_token_after_the_first() -> None:
+    tokenizer = family_chat_tokenizer("chatml")
+    ids, labels = tokenizer.encode_conversation(CONVERSATION, train_on="all")
+    assert labels == [*ids[1:], -100]
+
+
+def _lines(*conversations: list[Message]) -> list[tuple[int, bytes]]:
+    rows = [{"messages": [{"role": m.role, "content": m.content} for m in c]} for c in conversations]
+    return [(n, json.dumps(row).encode()) for n, row in enumerate(rows, start=1)]
+
+
+def test_a_conversation_the_template_rejects_is_skipped_with_e120() -> None:
+    tokenizer = family_chat_tokenizer("gemma2")  # raise_exception('System role not supported')
+    out = DocEncoder(tokenizer).encode_lines(_lines(CONVERSATION, CONVERSATION[1:]))
+    skipped, doc = out
+    assert isinstance(skipped, SkippedLine)
+    assert (skipped.line_no, skipped.code) == (1, "E120")
+    assert "System role not supported" in skipped.reason
+    assert not isinstance(doc, SkippedLine) and doc is not None
+    ids, target = doc
+    text = (
+        "<bos><start_of_turn>user\nHello there<end_of_turn>\n<start_of_turn>model\nI am fine.\n\nThanks<end_of_turn>\n"
+        "<start_of_turn>user\nleading spaces<end_of_turn>\n<start_of_turn>model\nok 🙂<end_of_turn>\n"
+    )
+    assert tokenizer.decode(ids.tolist(), skip_special=False) == text
+    targets = [int(i) for i, t in zip(ids[1:], target[:-1], strict=True) if t]
+    expected = tokenizer.encode_conversation(CONVERSATION[1:])[1]
+    assert targets == [label for label in expected if label != -100]
+    assert tokenizer.decode(targets, skip_special=False) == "I am fine.\n\nThanks<end_of_turn>ok 🙂<end_of_turn>"
+
+
+def test_a_sandbox_refusal_during_data_is_fatal() -> None:
+    # renders like ChatML, but reaches for Python internals once a conversation has more than two messages
+    evil = "{% if messages | length > 2 %}{{ ''.__class__.__mro__ }}{% endif %}" + (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    backend = family_tokenizer("bytelevel", CHATML_SPECIALS, ["hello"])
+    tokenizer = ChatTokenizer(backend, chat_template=JinjaChatTemplate(evil))
+    encoder = DocEncoder(tokenizer)
+    with pytest.raises(SandboxError, match="__class__") as err:
+        encoder.encode_lines(_lines(CONVERSATION[1:3], CONVERSATION))
+    assert err.value.code == "E120"
+
+
+def test_a_template_without_an_end_of_turn_token_is_e121() -> None:
+    plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    backend = family_tokenizer("bytelevel", CHATML_SPECIALS, ["hello"])
+    with pytest.raises(DataError, match="no special token after the assistant") as err:
+        ChatTokenizer(backend, chat_template=JinjaChatTemplate(plain))
+    assert err.value.code == "E121"
+
+
+@pytest.mark.parametrize(
+    ("family", "stops", "pad"),
+    [
+        ("chatml", {"<|im_end|>"}, "<|endoftext|>"),
+        ("llama3", {"<|eot_id|>"}, "<|eot_id|>"),
+        ("gemma2", {"<end_of_turn>", "<eos>"}, "<pad>"),
+    ],
+)
+def test_stop_ids_are_the_end_of_turn_and_eos(family: str, stops: set[str], pad: str) -> None:
+    tokenizer = family_chat_tokenizer(family)
+    assert tokenizer.stop_ids == {tokenizer.token_id(token) for token in stops}
+    assert tokenizer.pad_id == tokenizer.token_id(pad)
+
+
+def test_a_token_is_a_target_when_its_characters_overlap_a_span() -> None:
+    offsets = [(0, 3), (3, 5), (5, 9), (9, 9), (9, 12), (12, 14), (14, 20), (20, 21)]
+    spans = [(4, 9), (12, 14), (20, 21)]
+    # (3, 5) straddles a span's start, (9, 9) is zero-width just after one, (14, 20) starts where one ends
+    assert target_flags(offsets, spans).tolist() == [False, True, True, False, False, True, False, True]
+    assert target_flags(offsets, []).tolist() == [False] * 8
