@@ -34,6 +34,14 @@ ERROR_CODES: dict[str, str] = {
     "Python internals, changing its inputs), or it rejects a conversation (`raise_exception`; that line is skipped)",
     "E121": "a chat template's assistant spans cannot be computed exactly: it is not prefix-stable, changes the "
     "assistant's text, or puts no special token after it (that line is skipped; the hint says what to do)",
+    "E112": "a record's format cannot be read: a record of another format than its source's (one format per file, "
+    "detected from its first recognisable record or forced by `--data-format`; record skipped), or no format fits a "
+    "table's columns (the message lists them; name yours with `--data-fields`)",
+    "E113": "a Hugging Face dataset cannot be loaded: an `hf://` name that is not in the local cache while the hub "
+    "cannot be reached (the message names the cache path, the hint how to pre-download it), an unknown split or "
+    "config, or a `save_to_disk` directory that is damaged",
+    "E114": "a conversation holds tool-call or tool-result turns (ShareGPT `function_call`, `observation`, `tool`), "
+    "which the chat template cannot represent (record skipped)",
     "E201": "`plan`: nothing fits in GPU memory; the hint says how many nodes or which `--seq-len` would fit",
     "E202": "`plan`: a layout fits the GPUs only with more host memory than `--cpu-mem-gb` (offloaded states, "
     "or building the model)",

@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lumina_ds.config.run import MAX_LINE_BYTES
+from lumina_ds.config.run import DATA_FORMATS, MAX_LINE_BYTES
 from lumina_ds.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lumina_ds.data.checks import LineLimit
+
+SOURCES_HELP = (
+    ".jsonl, .jsonl.gz, .json, .parquet files, datasets save_to_disk dirs (DIR[@SPLIT]), hf://NAME[:CONFIG][@SPLIT]"
+)
 
 
 def _add_line_limit_flags(p: argparse.ArgumentParser) -> None:
-    """--max-line-bytes and --truncate-long, spelled and defaulted as for `train`."""
+    """--max-line-bytes, --truncate-long, --data-format and --data-fields, spelled and defaulted as for `train`."""
     p.add_argument(
         "--max-line-bytes",
         type=int,
@@ -23,6 +31,26 @@ def _add_line_limit_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cut longer lines' message contents to fit instead, with a warning (W106) (default: off)",
     )
+    p.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default="auto",
+        help="record format of every source (default: auto, detected per source)",
+    )
+    p.add_argument(
+        "--data-fields",
+        metavar="OURS=THEIRS,...",
+        help="the data's names for renamed fields, e.g. instruction=question,output=answer (default: none)",
+    )
+
+
+def _limit(args: argparse.Namespace) -> LineLimit:
+    """How the sources are read: line limit and record format, from the flags above."""
+    from lumina_ds.data.checks import LineLimit
+    from lumina_ds.data.formats import RecordFormat, parse_fields
+
+    fmt = RecordFormat(args.data_format, parse_fields(args.data_fields))
+    return LineLimit(args.max_line_bytes, args.truncate_long, fmt)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -39,7 +67,6 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def cmd_validate_data(args: argparse.Namespace) -> int:
     # Imported here so that `lumina-ds --help` and other subcommands stay light.
-    from lumina_ds.data.checks import LineLimit
     from lumina_ds.data.validate import quiet_line, summary_lines, validate_files
 
     _check_flags(args)
@@ -59,11 +86,11 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
         strict=args.strict,
         fix_output=args.output if args.fix_errors else None,
         rejects_output=rejects if args.fix_errors else None,
-        limit=LineLimit(args.max_line_bytes, args.truncate_long),
+        limit=_limit(args),
     )
     print(quiet_line(validator) if args.quiet else "\n".join(summary_lines(validator, show_stats=args.show_stats)))
     if args.report is not None:
-        report_path = Path(args.report or f"{Path(args.files[0]).stem}_report.json")
+        report_path = Path(args.report or f"{report_stem(args.files[0])}_report.json")
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(validator.report(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         if not args.quiet:
@@ -76,10 +103,10 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
 def _validate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate-data",
-        help="check JSONL chat files line by line (exit 1 if any line has an error)",
-        description="Stream JSONL chat files once; report every problem with its line number, code and kind.",
+        help="check chat data record by record (exit 1 if any record has an error)",
+        description="Stream data sources once; report every problem with its line or row number, code and kind.",
     )
-    p.add_argument("files", nargs="+", help="JSONL files (one conversation per line)")
+    p.add_argument("files", nargs="+", help=SOURCES_HELP)
     p.add_argument(
         "--report",
         "--create-report",
@@ -113,9 +140,16 @@ def _validate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_validate_data)
 
 
+def report_stem(location: str) -> str:
+    """The default report's name: the first source's stem (a hub name's too)."""
+    from lumina_ds.data.sources import parse_source
+
+    return parse_source(location).stem
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from lumina_ds.data.documents import parse_train_data
     from lumina_ds.data.prepare import EncodeSettings, prepare_source
+    from lumina_ds.data.sources import parse_train_data
     from lumina_ds.data.tokenizer import ChatTokenizer
 
     if not args.tokenizer:
@@ -130,12 +164,13 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
         strict=args.strict,
         max_line_bytes=args.max_line_bytes,
         truncate_long=args.truncate_long,
+        record_format=_limit(args).record_format,
     )
-    specs = parse_train_data(",".join(args.files))
+    specs = parse_train_data(",".join(args.files))  # a --train-data list, weights and all, prepares its sources
     total_tokens = 0
     for spec in specs:
         docs, report = prepare_source(
-            spec.path,
+            spec.source,
             encode,
             prepared_dir=Path(args.output),
             num_workers=args.num_workers,
@@ -145,22 +180,24 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
         total_tokens += report.tokens
         print(report.summary())
         for skipped in report.skipped_examples[:5]:
-            print(f"  line {skipped.line_no}: {skipped.code} {skipped.reason}")
+            print(f"  {spec.source.unit} {skipped.line_no}: {skipped.code} {skipped.reason}")
         print(f"  -> {len(docs.parts)} shard(s) in {report.directory}")
-    print(f"{len(specs)} file(s), {total_tokens:,} tokens in {args.output}")
-    # the line limit is part of the shards' key: training must repeat a non-default one to reuse them
+    print(f"{len(specs)} source(s), {total_tokens:,} tokens in {args.output}")
+    # the line limit and record format are part of the shards' key: training must repeat non-default ones to reuse them
     limit = f" --max-line-bytes {args.max_line_bytes}" if args.max_line_bytes != MAX_LINE_BYTES else ""
     limit += " --truncate-long" if args.truncate_long else ""
+    limit += f" --data-format {args.data_format}" if args.data_format != "auto" else ""
+    limit += f" --data-fields {args.data_fields}" if args.data_fields else ""
     print(f"train with: --prepared-dir {args.output} --tokenizer {args.tokenizer} --data-strategy sharded{limit}")
     return 0
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from lumina_ds.data.documents import parse_train_data
+    from lumina_ds.data.sources import parse_train_data
     from lumina_ds.data.tokenizer import sample_texts, train_bpe_tokenizer
 
-    paths = [spec.path for spec in parse_train_data(",".join(args.files))]
-    texts = sample_texts(paths, max_bytes=args.max_mb * 10**6)
+    locations = [spec.source.location for spec in parse_train_data(",".join(args.files))]
+    texts = sample_texts(locations, max_bytes=args.max_mb * 10**6)
     tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
     tokenizer.save(args.output)
     print(f"byte-level BPE with {tokenizer.vocab_size:,} tokens (chat special tokens = ids 0-5) -> {args.output}")
@@ -169,12 +206,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     _validate_parser(sub)
-    p = sub.add_parser("prepare-data", help="tokenize JSONL files into memory-mapped token shards (cached by hash)")
-    p.add_argument("files", nargs="+", help="JSONL chat files")
+    p = sub.add_parser("prepare-data", help="tokenize data sources into memory-mapped token shards (cached by hash)")
+    p.add_argument("files", nargs="+", help=SOURCES_HELP)
     p.add_argument("--tokenizer", help="tokenizer.json the training run will use (required)")
     p.add_argument("--output", default="data/prepared", help="prepared-shard cache directory (default: data/prepared)")
     p.add_argument("--num-workers", type=int, default=2, help="tokenizing processes (default: 2)")
-    p.add_argument("--shard-size-mb", type=int, default=256, help="JSONL megabytes per shard (default: 256)")
+    p.add_argument("--shard-size-mb", type=int, default=256, help="data megabytes per shard (default: 256)")
     p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
                    help="which tokens carry loss (default: assistant)")  # fmt: skip
     p.add_argument("--strict", action="store_true", help="stop at the first malformed line (default: off)")
@@ -183,7 +220,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer with the chat special tokens")
-    p.add_argument("files", nargs="+", help="JSONL chat files")
+    p.add_argument("files", nargs="+", help=SOURCES_HELP)
     p.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary (required)")
     p.add_argument("--output", required=True, help="where to write tokenizer.json (required)")
     p.add_argument("--max-mb", type=int, default=200, help="megabytes of message text to learn from (default: 200)")

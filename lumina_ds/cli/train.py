@@ -13,7 +13,7 @@ from lumina_ds.cli.luminaai import config_file_given_as_preset
 from lumina_ds.config.io import deep_merge, load_config
 from lumina_ds.config.model import ATTENTION_BACKENDS
 from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import DATA_STRATEGIES, OFFLOAD_MODES, PRECISIONS, SCHEDULERS, RunConfig
+from lumina_ds.config.run import DATA_FORMATS, DATA_STRATEGIES, OFFLOAD_MODES, PRECISIONS, SCHEDULERS, RunConfig
 from lumina_ds.errors import ConfigError
 
 
@@ -35,8 +35,25 @@ class Flag:
 BOOL = {"action": argparse.BooleanOptionalAction}
 ON = {"action": "store_true", "default": None}
 DATA_FLAGS = [
-    Flag(("--train-data",), "data.train_data", "JSONL chat files: FILE[,FILE2:WEIGHT,...] (weight = uses per epoch)"),
-    Flag(("--eval-data",), "data.eval_data", "JSONL chat file to evaluate on"),
+    Flag(
+        ("--train-data",),
+        "data.train_data",
+        "data sources: SOURCE[,SOURCE2:WEIGHT,...] (weight = uses per epoch); a source is a .jsonl, .jsonl.gz, .json "
+        "or .parquet file, a datasets save_to_disk dir (DIR[@SPLIT]) or hf://NAME[:CONFIG][@SPLIT]",
+    ),
+    Flag(("--eval-data",), "data.eval_data", "a data source to evaluate on (any kind --train-data takes)"),
+    Flag(
+        ("--data-format",),
+        "data.data_format",
+        "record format of every source: messages, sharegpt, alpaca, prompt-completion (auto: detected per source)",
+        {"choices": DATA_FORMATS},
+    ),
+    Flag(
+        ("--data-fields",),
+        "data.data_fields",
+        "the data's names for renamed fields, OURS=THEIRS,... (e.g. instruction=question,output=answer)",
+        default="none",
+    ),
     Flag(("--tokenizer",), "data.tokenizer", "a tokenizer.json", default="a byte-level BPE trained on the data"),
     Flag(("--seq-len",), "data.seq_len", "packed row length in tokens", {"type": int}, "min(context, 4096)"),
     Flag(("--train-on",), "data.train_on", "which tokens carry loss", {"choices": ("assistant", "all")}),

@@ -13,6 +13,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
 SCHEDULERS = ("cosine", "linear", "onecycle", "none")
 
 DATA_STRATEGIES = ("auto", "memory", "sharded", "streaming")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt-completion")  # record formats (data/formats.py)
 MAX_LINE_BYTES = 4 << 20  # a JSONL line past this is skipped (E111) or cut (--truncate-long): ~1M tokens of text
 MIN_LINE_BYTES = 1024
 
@@ -32,6 +33,8 @@ class DataConfig:
     strict: bool = False  # stop at the first malformed line instead of skipping it
     max_line_bytes: int = MAX_LINE_BYTES  # longer lines are skipped (E111) without being read into memory
     truncate_long: bool = False  # cut the message contents of longer lines to fit instead (W106)
+    data_format: str = "auto"  # record format of every source: auto (detected per source) or one of DATA_FORMATS
+    data_fields: str | None = None  # renamed fields, OUR=THEIRS[,...]: e.g. "instruction=question,output=answer"
 
     def validate(self) -> None:
         if self.train_on not in ("assistant", "all"):
@@ -40,6 +43,8 @@ class DataConfig:
             raise ConfigError("E002", f"seq_len={self.seq_len} is too short", "use at least 8 tokens per row")
         if self.strategy not in DATA_STRATEGIES:
             raise ConfigError("E002", f"unknown data strategy {self.strategy!r}", f"use one of {DATA_STRATEGIES}")
+        if self.data_format not in DATA_FORMATS:
+            raise ConfigError("E002", f"unknown data format {self.data_format!r}", f"use one of {DATA_FORMATS}")
         for name in ("prefetch_factor", "shard_size_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError("E002", f"{name} must be at least 1, got {getattr(self, name)}")

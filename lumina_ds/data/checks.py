@@ -15,6 +15,7 @@ from typing import Any
 from lumina_ds.config.run import MAX_LINE_BYTES, MIN_LINE_BYTES
 from lumina_ds.data.chat_format import Message, known_roles, normalize_role
 from lumina_ds.data.files import UTF8_BOM, LongLine
+from lumina_ds.data.formats import AUTO, RecordFormat, Row, to_messages
 from lumina_ds.errors import ConfigError, DataError
 
 ERROR = "error"
@@ -23,10 +24,12 @@ WARNING = "warning"
 
 @dataclass(frozen=True)
 class LineLimit:
-    """The longest line read (bytes, line end not counted) and whether a longer one is cut instead of skipped."""
+    """How records are read: the longest line (bytes, line end not counted), whether a longer one is cut instead of
+    skipped, and the record format (data/formats.py)."""
 
     max_bytes: int = MAX_LINE_BYTES
     truncate: bool = False
+    record_format: RecordFormat = AUTO
 
     def __post_init__(self) -> None:
         if self.max_bytes < MIN_LINE_BYTES:
@@ -34,6 +37,7 @@ class LineLimit:
 
 
 DEFAULT_LIMIT = LineLimit()
+RawRecord = bytes | LongLine | Row  # a JSONL line as read (a LongLine past the limit), or a table's row
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ _REJECT = "rejected"
 _MESSAGES = 'Write {"messages": [{"role": ..., "content": ...}, ...]}.'
 _TOO_LONG_HINT = "Split the conversation, raise --max-line-bytes, or pass --truncate-long to cut it."
 _CUT_HINT = "Split the conversation or raise --max-line-bytes."
+_FIELDS = "Name the data's fields with --data-fields (e.g. instruction=question,output=answer)."
+_ONE_FORMAT = "One record format per file: split the file, or convert its records to one format."
+_TOOLS = "Drop tool turns, or write the tool call and result into the assistant and user turns."
 _ORDER = "Optional system message first, then user and assistant turns alternating, ending with an assistant turn."
 KINDS: dict[str, Kind] = {
     k.name: k
@@ -59,6 +66,9 @@ KINDS: dict[str, Kind] = {
         Kind("invalid_json", "E101", ERROR, "not valid JSON", _REJECT, "One JSON object per line; check quotes."),
         Kind("not_object", "E101", ERROR, "line is not a JSON object", _REJECT, _MESSAGES),
         Kind("missing_messages", "E102", ERROR, "no 'messages' field", _REJECT, _MESSAGES),
+        Kind("missing_field", "E102", ERROR, "a field its format needs is missing", _REJECT, _FIELDS),
+        Kind("format_mismatch", "E112", ERROR, "another record format than its source's", _REJECT, _ONE_FORMAT),
+        Kind("tool_role", "E114", ERROR, "tool call or tool result turn", _REJECT, _TOOLS),
         Kind("messages_not_list", "E101", ERROR, "'messages' is not a list", _REJECT, _MESSAGES),
         Kind("empty_messages", "E102", ERROR, "'messages' is empty", _REJECT, "Add a user and an assistant message."),
         Kind("message_not_object", "E101", ERROR, "a message is not an object", _REJECT, _MESSAGES),
@@ -148,9 +158,12 @@ def is_blank(line_no: int, raw: bytes) -> bool:
     return not text or text.isspace()
 
 
-def check_line(line_no: int, raw: bytes | LongLine, limit: LineLimit = DEFAULT_LIMIT) -> LineCheck | None:
-    """Check one raw JSONL line (1-based `line_no`); None for a blank line. A line longer than the limit is an error
-    (E111), or with `limit.truncate` is checked whole and then has its longest contents cut to fit (W106)."""
+def check_line(line_no: int, raw: RawRecord, limit: LineLimit = DEFAULT_LIMIT) -> LineCheck | None:
+    """Check one raw JSONL line (1-based `line_no`) or a table's row; None for a blank line. A line longer than the
+    limit is an error (E111), or with `limit.truncate` is checked whole and then has its longest contents cut to fit
+    (W106); rows are already decoded, so no byte limit applies to them."""
+    if isinstance(raw, Row):
+        return check_record(raw.value, limit.record_format)
     size = line_size(raw)
     if size > limit.max_bytes and not limit.truncate:
         reason = f"line is {size:,} bytes, longer than --max-line-bytes {limit.max_bytes:,}"
@@ -170,7 +183,7 @@ def check_line(line_no: int, raw: bytes | LongLine, limit: LineLimit = DEFAULT_L
         return _failed(None, [], "invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
     except (ValueError, RecursionError) as exc:  # numbers with too many digits, absurd nesting
         return _failed(None, [], "invalid_json", f"invalid JSON: {exc}")
-    checked = check_object(obj)
+    checked = check_record(obj, limit.record_format)
     if size > limit.max_bytes and checked.messages is not None:
         return _cut_to_fit(checked, size, limit.max_bytes)
     return checked
@@ -237,6 +250,14 @@ def _cut_to_fit(checked: LineCheck, size: int, max_bytes: int) -> LineCheck:
     cut_count = sum(n > cap for n in sizes)
     _warn(checked.issues, "truncated_long", f"{reason}: {cut_count} message(s) cut to {cap:,} bytes")
     return LineCheck(as_object(recheck.messages), recheck.messages, checked.issues)
+
+
+def check_record(obj: object, fmt: RecordFormat) -> LineCheck:
+    """Check a decoded record of any format: converted to its messages object (kept as `obj`), then checked."""
+    converted = to_messages(obj, fmt)
+    if isinstance(converted, tuple):
+        return _failed(obj, [], *converted)
+    return check_object(converted)
 
 
 def check_object(obj: object) -> LineCheck:

@@ -7,7 +7,6 @@ strategy (memory, sharded, streaming) numbers and shuffles the same documents an
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,58 +16,18 @@ import numpy as np
 from tokenizers import Encoding
 
 from lumina_ds.batch import IGNORE_INDEX
-from lumina_ds.config.run import DataConfig
 from lumina_ds.data.chat_format import ROLE_TOKENS, TRAIN_ON_CHOICES, Message, newline_tokens
-from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit
-from lumina_ds.data.files import HEAD_BYTES, LongLine, check_data_file, is_gzip
-from lumina_ds.data.reader import SkippedLine, parse_line, require_conversation_lines
+from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit, RawRecord
+from lumina_ds.data.files import HEAD_BYTES, LongLine, is_gzip
+from lumina_ds.data.reader import SkippedLine, parse_line
+from lumina_ds.data.sources import SourceSpec as SourceSpec  # re-exported from their old home
+from lumina_ds.data.sources import check_input_files as check_input_files
+from lumina_ds.data.sources import parse_train_data as parse_train_data
 from lumina_ds.data.tokenizer import ChatTokenizer
-from lumina_ds.errors import ConfigError, DataError
+from lumina_ds.errors import ConfigError
 
 # ids int32 [T] and target flags uint8 [T]: target[t] = 1 when position t predicts ids[t + 1]
 EncodedDoc = tuple[np.ndarray, np.ndarray]
-
-_WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One training file and its mixing weight (copies of each conversation per epoch, on average)."""
-
-    path: Path
-    weight: float = 1.0
-
-
-def parse_train_data(spec: str) -> list[SourceSpec]:
-    """`a.jsonl,b.jsonl.gz:0.3` -> sources; a missing file is E104, one that is not UTF-8 text (plain or .gz) E110,
-    a bad weight E002."""
-    sources = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        match = _WEIGHT_SUFFIX.match(item)
-        path, weight = (Path(match["path"]), float(match["weight"])) if match else (Path(item), 1.0)
-        if weight <= 0:
-            raise ConfigError("E002", f"mixing weight of {path} must be positive, got {weight}", "write FILE:0.5")
-        sources.append(SourceSpec(check_data_file(path), weight))
-    if not sources:
-        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl[,FILE2.jsonl:WEIGHT]")
-    return sources
-
-
-def check_input_files(data: DataConfig) -> None:
-    """Every input file of a run exists (E104), data files are UTF-8 text, plain or .gz (E110), and every training
-    file holds a non-blank line (E105): checked before any tokenizer is trained or data tokenized."""
-    if not data.train_data:
-        raise ConfigError("E002", "no training data given", "pass --train-data FILE.jsonl")
-    for spec in parse_train_data(data.train_data):
-        require_conversation_lines(spec.path)
-    for what, path in (("evaluation data", data.eval_data), ("tokenizer", data.tokenizer)):
-        if path and not Path(path).expanduser().is_file():
-            raise DataError("E104", f"{what} file not found: {path}", "check the path")
-    if data.eval_data:
-        check_data_file(Path(data.eval_data).expanduser())
-
 
 def labels_of(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Pre-shifted labels [T] int64: ids[t + 1] where target[t], else IGNORE_INDEX."""
@@ -96,8 +55,8 @@ class DocEncoder:
         self._end = tokenizer.end_id
         self._role = {role: tokenizer.token_id(token) for role, token in ROLE_TOKENS.items()}
 
-    def encode_lines(self, lines: Sequence[tuple[int, bytes | LongLine]]) -> list[EncodedDoc | SkippedLine | None]:
-        """`(line_no, raw)` pairs -> a document, a SkippedLine, or None (blank) per line."""
+    def encode_lines(self, lines: Sequence[tuple[int, RawRecord]]) -> list[EncodedDoc | SkippedLine | None]:
+        """`(line_no, raw)` pairs (lines, or a table's rows) -> a document, a SkippedLine, or None (blank) per line."""
         parsed = [parse_line(line_no, raw, self.limit) for line_no, raw in lines]
         if self.codec is not None:
             conversations = [(n, item) for (n, _), item in zip(lines, parsed, strict=True) if isinstance(item, list)]

@@ -91,7 +91,8 @@ def check_data_file(path: str | Path) -> Path:
     anything else (named from its first bytes)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError("E104", f"data file not found: {path}", "Check the path; expected a .jsonl or .jsonl.gz file.")
+        hint = "Check the path; expected a .jsonl, .jsonl.gz, .json or .parquet file, a save_to_disk directory or hf://NAME."
+        raise DataError("E104", f"data file not found: {path}", hint)
     with path.open("rb") as handle:
         first = handle.read(4)
     if first.startswith(GZIP_MAGIC) and not is_gzip(path):

@@ -20,14 +20,17 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lumina_ds.data.documents import JsonlDocs, SourceSpec
+from lumina_ds.data.documents import JsonlDocs
 from lumina_ds.data.prepare import MAX_REPORTED_SKIPS, EncodeSettings, PrepareReport, cache_key, temp_path
 from lumina_ds.data.reader import SkippedLine
+from lumina_ds.data.sources import SourceSpec
+from lumina_ds.data.tables import TableDocs
 from lumina_ds.errors import DataError
 
 COUNTS_DIR = "token-counts"
 LINES_PER_TASK = 2048
 Counted = tuple[int, np.ndarray, list[SkippedLine]]  # (first line index, tokens per line, skipped lines)
+Streamed = JsonlDocs | TableDocs  # a source read on demand: JSONL lines by offset, table rows by index
 
 
 @dataclass
@@ -45,7 +48,7 @@ class CountReport(PrepareReport):
 class _CountTasks(IterableDataset[Counted]):
     """Worker w of W counts line ranges k with k % W == w; the loader returns them in order."""
 
-    def __init__(self, source: JsonlDocs) -> None:
+    def __init__(self, source: Streamed) -> None:
         self.source = source
 
     def __iter__(self) -> Iterator[Counted]:
@@ -61,10 +64,11 @@ def _keep(item: Any) -> Any:
     return item
 
 
-def count_tokens(source: JsonlDocs, *, num_workers: int = 0, strict: bool = False) -> CountReport:
-    """Tokenize every line of `source` once (in `num_workers` processes) and set `source.lengths`."""
+def count_tokens(source: Streamed, *, num_workers: int = 0, strict: bool = False) -> CountReport:
+    """Tokenize every record of `source` once (in `num_workers` processes) and set `source.lengths`."""
     started = time.perf_counter()
-    report = CountReport(source=source.name, bytes=source.path.stat().st_size)
+    size = source.nbytes if isinstance(source, TableDocs) else source.path.stat().st_size
+    report = CountReport(source=source.name, bytes=size)
     counts = np.zeros(len(source), dtype=np.int32)
     tasks = _CountTasks(source)
     results: Any = tasks
@@ -77,9 +81,9 @@ def count_tokens(source: JsonlDocs, *, num_workers: int = 0, strict: bool = Fals
         room = MAX_REPORTED_SKIPS - len(report.skipped_examples)
         report.skipped_examples.extend(skipped[: max(room, 0)])
         if skipped and strict:
-            line = skipped[0]
-            hint = "fix the line or drop --strict to skip it"
-            raise DataError(line.code, f"{source.name} line {line.line_no}: {line.reason}", hint)
+            line, unit = skipped[0], "row" if isinstance(source, TableDocs) else "line"
+            hint = f"fix the {unit} or drop --strict to skip it"
+            raise DataError(line.code, f"{source.name} {unit} {line.line_no}: {line.reason}", hint)
     report.lines = len(counts)
     report.conversations = int((counts > 0).sum())
     report.tokens = int(counts.sum(dtype=np.int64))
@@ -89,8 +93,8 @@ def count_tokens(source: JsonlDocs, *, num_workers: int = 0, strict: bool = Fals
 
 
 def _cache_files(spec: SourceSpec, settings: EncodeSettings, prepared_dir: Path) -> tuple[Path, Path]:
-    key = cache_key(spec.path, settings, memo_dir=prepared_dir)
-    base = prepared_dir / COUNTS_DIR / f"{spec.path.stem}-{key}"
+    key = cache_key(spec.source, settings, memo_dir=prepared_dir)
+    base = prepared_dir / COUNTS_DIR / f"{spec.source.stem}-{key}"
     return base.with_suffix(".npy"), base.with_suffix(".json")
 
 
@@ -107,7 +111,7 @@ def _save(counts_file: Path, meta_file: Path, report: CountReport, counts: np.nd
     os.replace(tmp, meta_file)  # last: the counts are complete once their meta exists
 
 
-def _load(source: JsonlDocs, counts_file: Path, meta_file: Path) -> CountReport:
+def _load(source: Streamed, counts_file: Path, meta_file: Path) -> CountReport:
     meta = json.loads(meta_file.read_text())
     counts = np.load(counts_file)
     if len(counts) != len(source) or int(counts.sum(dtype=np.int64)) != meta["tokens"]:
@@ -119,7 +123,7 @@ def _load(source: JsonlDocs, counts_file: Path, meta_file: Path) -> CountReport:
 
 def counted_sources(
     specs: Sequence[SourceSpec],
-    sources: Sequence[JsonlDocs],
+    sources: Sequence[Streamed],
     settings: EncodeSettings,
     *,
     prepared_dir: Path,

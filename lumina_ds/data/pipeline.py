@@ -11,18 +11,20 @@ import psutil
 
 from lumina_ds.batch import Batch
 from lumina_ds.config.run import DATA_STRATEGIES, DataConfig
-from lumina_ds.data.documents import JsonlDocs, SourceSpec, parse_train_data
-from lumina_ds.data.files import data_bytes, is_gzip
+from lumina_ds.data.documents import JsonlDocs
+from lumina_ds.data.files import is_gzip
 from lumina_ds.data.global_order import GlobalRows
 from lumina_ds.data.lengths import counted_sources
 from lumina_ds.data.mixture import Mixture
 from lumina_ds.data.packing import PackedRows
 from lumina_ds.data.prepare import EncodeSettings, PrepareReport, prepare_source, tokenize_source
+from lumina_ds.data.sources import JSONL, DataSource, SourceSpec, open_source, parse_source, source_bytes
 from lumina_ds.data.stream import DocSource, PackedBatches, RankView, RowPacker
+from lumina_ds.data.tables import TableDocs
 from lumina_ds.errors import ConfigError, DataError
 
 MEMORY_LIMIT_BYTES = 500 * 10**6  # below: tokenize into RAM
-STREAMING_LIMIT_BYTES = 10 * 10**9  # above: stream from the JSONL files
+STREAMING_LIMIT_BYTES = 10 * 10**9  # above: stream from the sources
 RAM_BYTES_PER_INPUT_BYTE = 3.0  # tokenizing into RAM peaks near 3x the JSONL size (strings, lists, arrays)
 
 
@@ -30,7 +32,7 @@ def choose_strategy(total_bytes: int, *, requested: str, available_ram: int) -> 
     """(strategy, why): by size, and never into RAM when tokenizing would take more than half of what is free."""
     if requested not in DATA_STRATEGIES:
         raise ConfigError("E002", f"unknown data strategy {requested!r}", f"choose one of {DATA_STRATEGIES}")
-    size = f"{total_bytes / 1e6:,.1f} MB of JSONL"
+    size = f"{total_bytes / 1e6:,.1f} MB of data"
     if requested != "auto":
         return requested, f"{size}, chosen by flag"
     if total_bytes >= STREAMING_LIMIT_BYTES:
@@ -69,29 +71,39 @@ def open_sources(
     """Open every source with the chosen strategy; with shards, one process builds a missing cache while the others
     wait. `available_ram` must be the same on every rank (the least free RAM of any node), so that all ranks choose
     the same strategy; `shard_builder` (called by every rank, it may be collective) says whether this one builds."""
-    total = sum(data_bytes(s.path) for s in specs)  # a .gz counts as its (estimated) JSONL size
+    total = sum(source_bytes(s.source) for s in specs)  # a .gz: its (estimated) JSONL size; a table: uncompressed
     ram = psutil.virtual_memory().available if available_ram is None else available_ram
     strategy, reason = choose_strategy(total, requested=data.strategy, available_ram=ram)
     result = SourceSet(list(specs), [], strategy=strategy, reason=reason)
     workers = max(1, data.num_workers // max(local_world_size, 1))
     if strategy == "streaming":  # gzip has no random access: .gz files are prepared as shards, the others streamed
-        gzipped = [s for s in specs if is_gzip(s.path)]
+        gzipped = [s for s in specs if not s.source.random_access]
         builds = shard_builder() if shard_builder is not None else is_local_main
         if gzipped:
             _open_shards(gzipped, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
             result.reason += "; .gz files prepared as shards (gzip has no random access)"
         prepared = iter(result.sources)
-        result.sources = [next(prepared) if is_gzip(s.path) else JsonlDocs(s.path, encode.encoder()) for s in specs]
+        result.sources = [streamed(s.source, encode) if s.source.random_access else next(prepared) for s in specs]
         _count_streamed(result, encode, data, prepared_dir, builds=builds, barrier=barrier)
     elif strategy == "memory":
         for spec in specs:
-            docs, report = tokenize_source(spec.path, encode, num_workers=workers, progress=is_local_main)
+            docs, report = tokenize_source(spec.source, encode, num_workers=workers, progress=is_local_main)
             result.sources.append(docs)
             result.reports.append(report)
     else:
         builds = shard_builder() if shard_builder is not None else is_local_main
         _open_shards(specs, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
     return result
+
+
+def streamed(source: DataSource, encode: EncodeSettings) -> JsonlDocs | TableDocs:
+    """A source read on demand: a plain JSONL file by line offsets, a table by row index."""
+    opened = open_source(source, encode.record_format)
+    encoder = encode.for_source(opened).encoder()
+    if opened.table is None:
+        assert source.kind == JSONL and not is_gzip(source.local), source
+        return JsonlDocs(source.local, encoder)
+    return TableDocs(str(source), opened.table, encoder)
 
 
 def _open_shards(
@@ -108,12 +120,12 @@ def _open_shards(
     built = []
     if builds:
         for spec in specs:
-            _, report = prepare_source(spec.path, encode, prepared_dir=prepared_dir, num_workers=data.num_workers,
+            _, report = prepare_source(spec.source, encode, prepared_dir=prepared_dir, num_workers=data.num_workers,
                                        shard_bytes=shard_bytes, progress=True)  # fmt: skip
             built.append(report)
     barrier()
     for spec in specs:
-        docs, report = prepare_source(spec.path, encode, prepared_dir=prepared_dir, shard_bytes=shard_bytes)
+        docs, report = prepare_source(spec.source, encode, prepared_dir=prepared_dir, shard_bytes=shard_bytes)
         result.sources.append(docs)
         result.reports.append(report)
     result.reports = built or result.reports  # the builder's reports say whether the cache was reused
@@ -129,9 +141,10 @@ def _count_streamed(
     barrier: Callable[[], None],
 ) -> None:
     """Token counts of the streamed files (global row order needs every length), reported with the shards'."""
-    streamed = [(spec, s) for spec, s in zip(sources.specs, sources.sources, strict=True) if isinstance(s, JsonlDocs)]
-    if streamed:
-        specs, docs = [spec for spec, _ in streamed], [s for _, s in streamed]
+    pairs = zip(sources.specs, sources.sources, strict=True)
+    on_demand = [(spec, s) for spec, s in pairs if isinstance(s, JsonlDocs | TableDocs)]
+    if on_demand:
+        specs, docs = [spec for spec, _ in on_demand], [s for _, s in on_demand]
         counted = counted_sources(
             specs, docs, encode, prepared_dir=prepared_dir, builds=builds, barrier=barrier, num_workers=data.num_workers
         )
@@ -175,15 +188,17 @@ def build_batches(
     )
 
 
-def eval_rows(path: Path, encode: EncodeSettings, *, seq_len: int, pad_id: int) -> tuple[PackedRows, PrepareReport]:
-    """The evaluation file in file order, packed into rows once (it is small and read every evaluation)."""
-    (spec,) = parse_train_data(str(path))
-    docs, report = tokenize_source(spec.path, encode)
+def eval_rows(
+    location: str | Path, encode: EncodeSettings, *, seq_len: int, pad_id: int
+) -> tuple[PackedRows, PrepareReport]:
+    """The evaluation source in its order, packed into rows once (it is small and read every evaluation)."""
+    source = parse_source(location)
+    docs, report = tokenize_source(source, encode)
     if report.conversations == 0:
         raise DataError(
             "E106",
-            f"no usable conversations in {path} ({report.skipped} of {report.lines} lines skipped)",
-            f"Run `lumina-ds validate-data {path}` to see what is wrong.",
+            f"no usable conversations in {source} ({report.skipped} of {report.lines} {source.unit}s skipped)",
+            f"Run `lumina-ds validate-data {source}` to see what is wrong.",
         )
     packer = RowPacker(seq_len=seq_len, pad_id=pad_id)
     rows = list(packer.rows(iter([(0, 0, docs.fetch(range(len(docs))))])))

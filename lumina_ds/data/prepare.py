@@ -1,7 +1,8 @@
-"""Tokenize JSONL sources into token parts, in parallel worker processes, in RAM or as memory-mapped shards on disk.
+"""Tokenize data sources into token parts, in parallel worker processes, in RAM or as memory-mapped shards on disk.
 
-Prepared shards live in `<prepared_dir>/<stem>-<key>/`, where the key hashes the file's content, the tokenizer and
-the template settings: a second run with the same inputs reuses them, a changed file or tokenizer builds new ones.
+Prepared shards live in `<prepared_dir>/<stem>-<key>/`, where the key hashes the source's content, the tokenizer,
+the template settings and a non-default record format: a second run with the same inputs reuses them, a changed file
+or tokenizer builds new ones.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,12 @@ import numpy as np
 import psutil
 
 from lumina_ds.config.run import MAX_LINE_BYTES
-from lumina_ds.data.checks import LineLimit
+from lumina_ds.data.checks import LineLimit, RawRecord
 from lumina_ds.data.documents import DocEncoder, TokenizedDocs, TokenizedPart, token_dtype
-from lumina_ds.data.files import LongLine, data_bytes, is_gzip, iter_lines, read_line, reading, skip_line
+from lumina_ds.data.files import LongLine, is_gzip, iter_lines, read_line, reading, skip_line
+from lumina_ds.data.formats import AUTO, RecordFormat, Row
 from lumina_ds.data.reader import SkippedLine
+from lumina_ds.data.sources import JSONL, DataSource, OpenSource, open_source, open_table, parse_source, source_bytes
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import DataError
 
@@ -52,10 +55,15 @@ class EncodeSettings:
     strict: bool = False
     max_line_bytes: int = MAX_LINE_BYTES
     truncate_long: bool = False
+    record_format: RecordFormat = AUTO  # --data-format/--data-fields; a source's own once it is opened
 
     @property
     def limit(self) -> LineLimit:
-        return LineLimit(self.max_line_bytes, self.truncate_long)
+        return LineLimit(self.max_line_bytes, self.truncate_long, self.record_format)
+
+    def for_source(self, opened: OpenSource) -> EncodeSettings:
+        """These settings with the record format decided for one source."""
+        return replace(self, record_format=opened.record_format)
 
     def encoder(self) -> DocEncoder:
         tokenizer = ChatTokenizer.from_str(self.tokenizer_json)  # with its chat template, if any
@@ -70,8 +78,9 @@ class EncodeSettings:
         strict: bool = False,
         max_line_bytes: int = MAX_LINE_BYTES,
         truncate_long: bool = False,
+        record_format: RecordFormat = AUTO,
     ) -> EncodeSettings:
-        return cls(tokenizer.to_str(), train_on, strict, max_line_bytes, truncate_long)
+        return cls(tokenizer.to_str(), train_on, strict, max_line_bytes, truncate_long, record_format)
 
 
 @dataclass
@@ -105,7 +114,8 @@ class _Task:
     stop: int
     settings: EncodeSettings
     out_prefix: str | None  # write the part here (sharded) instead of returning arrays
-    lines: list[bytes | LongLine] | None = None  # a .gz chunk, decompressed by the main process (start/stop: offsets)
+    lines: list[RawRecord] | None = None  # a .gz chunk or a table's rows, read by the main process (start/stop: bytes)
+    unit: str = "line"  # what the source's record numbers count, for errors
 
 
 @dataclass
@@ -134,8 +144,8 @@ def byte_ranges(path: Path, *, target_bytes: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def _task_lines(task: _Task) -> Iterator[bytes | LongLine]:
-    """The task's lines: its .gz chunk, or its byte range read a bounded line at a time."""
+def _task_lines(task: _Task) -> Iterator[RawRecord]:
+    """The task's lines: its .gz chunk or rows, or its byte range read a bounded line at a time."""
     if task.lines is not None:
         yield from task.lines
         return
@@ -149,7 +159,7 @@ def _task_lines(task: _Task) -> Iterator[bytes | LongLine]:
 def _gzip_tasks(path: Path, settings: EncodeSettings, *, target_bytes: int, out_dir: Path | None) -> Iterator[_Task]:
     """Consecutive chunks of about `target_bytes` of a .gz file's lines: it can only be read from the start."""
     limit = settings.limit
-    lines: list[bytes | LongLine] = []
+    lines: list[RawRecord] = []
     start = stop = index = 0
     with reading(path) as handle:
         for raw in itertools.chain(iter_lines(handle, max_bytes=limit.max_bytes, whole=limit.truncate), [None]):
@@ -172,7 +182,7 @@ def _encode_range(task: _Task, first_line_no: int) -> _TaskResult:
     targets: list[np.ndarray] = []
     skipped, first_error = 0, None
     examples: list[tuple[int, str, str]] = []
-    chunk: list[tuple[int, bytes | LongLine]] = []
+    chunk: list[tuple[int, RawRecord]] = []
     for raw in itertools.chain(_task_lines(task), [None]):
         if raw is not None:
             # line numbers matter only for BOM handling here (line 1); reports use the range-local index
@@ -264,9 +274,8 @@ def _collect(results: Iterator[tuple[_Task, _TaskResult]], report: PrepareReport
                 report.skipped_examples.append(SkippedLine(first_line + local, code, reason))
         if result.first_error and task.settings.strict:
             local, code, reason = result.first_error
-            raise DataError(
-                code, f"{task.path} line {first_line + local}: {reason}", "fix the line or drop --strict to skip it"
-            )
+            where = f"{task.path} {task.unit} {first_line + local}"
+            raise DataError(code, f"{where}: {reason}", f"fix the {task.unit} or drop --strict to skip it")
         done.append(result)
         bar.update(task.stop - task.start)
         bar.set_postfix(conv_s=f"{report.conversations / max(time.perf_counter() - started, 1e-9):,.0f}")
@@ -274,7 +283,7 @@ def _collect(results: Iterator[tuple[_Task, _TaskResult]], report: PrepareReport
 
 
 def tokenize_source(
-    path: Path,
+    location: str | Path | DataSource,
     settings: EncodeSettings,
     *,
     num_workers: int = 1,
@@ -282,31 +291,52 @@ def tokenize_source(
     out_dir: Path | None = None,
     progress: bool = False,
 ) -> tuple[TokenizedDocs, PrepareReport]:
-    """Tokenize a JSONL file (plain or .gz): into RAM, or (with `out_dir`) into memory-mapped shards written there.
+    """Tokenize a source: into RAM, or (with `out_dir`) into memory-mapped shards written there.
 
-    A plain file is split into byte ranges that workers read themselves; a .gz is decompressed once, here, and its
-    chunks of lines are handed to the workers.
+    A plain JSONL file is split into byte ranges that workers read themselves; a .gz is decompressed once, here, and
+    a table's rows are read here too, and their chunks handed to the workers.
     """
     started = time.perf_counter()
-    size = data_bytes(path)  # estimated for a .gz
+    opened = open_source(location, settings.record_format)
+    settings, source = settings.for_source(opened), opened.source
+    size = source_bytes(source)  # estimated for a .gz
     # enough ranges to keep every worker busy and the progress bar moving
     target = min(shard_bytes, max(1 << 20, size // max(4 * num_workers, 1) + 1))
     tasks: Iterable[_Task]
-    if is_gzip(path):
-        tasks = _gzip_tasks(path, settings, target_bytes=min(target, GZIP_TASK_BYTES), out_dir=out_dir)
+    if opened.table is not None:
+        tasks = _table_tasks(opened, settings, target_bytes=min(target, GZIP_TASK_BYTES), out_dir=out_dir)
+    elif is_gzip(source.local):
+        tasks = _gzip_tasks(source.local, settings, target_bytes=min(target, GZIP_TASK_BYTES), out_dir=out_dir)
     else:
+        path = source.local
         ranges = byte_ranges(path, target_bytes=target) if size else [(0, 0)]
         prefixes = [str(out_dir / f"part-{i:05d}") if out_dir else None for i in range(len(ranges))]
         tasks = [_Task(str(path), a, b, settings, prefix) for (a, b), prefix in zip(ranges, prefixes, strict=True)]
     workers = 1 if size < IN_PROCESS_BYTES or size <= target else num_workers
-    report = PrepareReport(source=str(path))
-    with _progress(size, path.name, progress) as bar:
+    report = PrepareReport(source=str(source))
+    with _progress(size, source.stem, progress) as bar:
         results = _collect(_results(tasks, workers), report, bar)
     report.seconds = time.perf_counter() - started
     if out_dir is not None:
-        return open_shards(out_dir, name=str(path)), report
+        return open_shards(out_dir, name=str(source)), report
     parts = [_part(r.tokens, r.targets, r.lengths) for r in results]
-    return TokenizedDocs(str(path), parts), report
+    return TokenizedDocs(str(source), parts), report
+
+
+def _table_tasks(
+    opened: OpenSource, settings: EncodeSettings, *, target_bytes: int, out_dir: Path | None
+) -> Iterator[_Task]:
+    """Consecutive chunks of about `target_bytes` of a table's rows, read here (start/stop: estimated bytes)."""
+    table = opened.table
+    assert table is not None
+    rows = len(table)
+    per_task = max(1, rows * target_bytes // max(table.nbytes, 1))
+    for index, first in enumerate(range(0, max(rows, 1), per_task)):
+        last = min(first + per_task, rows)
+        records: list[RawRecord] = [Row(r) for r in table.read(first, last)]
+        prefix = str(out_dir / f"part-{index:05d}") if out_dir else None
+        start, stop = table.nbytes * first // max(rows, 1), table.nbytes * last // max(rows, 1)
+        yield _Task(str(opened.source), start, stop, settings, prefix, records, unit="row")
 
 
 def _part(tokens: np.ndarray | None, targets: np.ndarray | None, lengths: np.ndarray) -> TokenizedPart:
@@ -355,13 +385,18 @@ def content_hash(path: Path, *, memo_dir: Path | None = None) -> str:
     return value
 
 
-def cache_key(path: Path, settings: EncodeSettings, *, memo_dir: Path | None = None) -> str:
-    """Key of a prepared source: its content (the compressed bytes of a .gz), the tokenizer, the template settings,
-    the line limit and the format version."""
-    digest = hashlib.blake2b(digest_size=8)
+def cache_key(location: str | Path | DataSource, settings: EncodeSettings, *, memo_dir: Path | None = None) -> str:
+    """Key of a prepared source: its content (the compressed bytes of a .gz, a table's files), the tokenizer, the
+    template settings, the line limit, a non-default record format and the format version."""
+    source, digest = parse_source(location), hashlib.blake2b(digest_size=8)
     limit = f"{settings.max_line_bytes}:{settings.truncate_long}"
-    for piece in (content_hash(path, memo_dir=memo_dir), settings.tokenizer_json, settings.train_on, limit):
+    files = [source.local] if source.kind == JSONL else open_table(source).files
+    content = "|".join(content_hash(f, memo_dir=memo_dir) for f in files)
+    for piece in (content, settings.tokenizer_json, settings.train_on, limit):
         digest.update(piece.encode())
+    fmt = settings.record_format
+    if not fmt.plain:  # keys of plain messages sources stay those of before formats existed
+        digest.update(f"{fmt.name}:{fmt.fields}".encode())
     digest.update(str(FORMAT_VERSION).encode())
     return digest.hexdigest()
 
@@ -386,7 +421,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def prepare_source(
-    path: Path,
+    location: str | Path | DataSource,
     settings: EncodeSettings,
     *,
     prepared_dir: Path,
@@ -394,27 +429,27 @@ def prepare_source(
     shard_bytes: int = 256 << 20,
     progress: bool = False,
 ) -> tuple[TokenizedDocs, PrepareReport]:
-    """Prepared shards of `path` from the cache, built first when missing (atomically: temp dir, then rename)."""
+    """Prepared shards of a source from the cache, built first when missing (atomically: temp dir, then rename)."""
+    source = parse_source(location)
     try:
         prepared_dir.mkdir(parents=True, exist_ok=True)
-        stem = Path(path.name.removesuffix(".gz")).stem
-        target = prepared_dir / f"{stem}-{cache_key(path, settings, memo_dir=prepared_dir)}"
+        target = prepared_dir / f"{source.stem}-{cache_key(source, settings, memo_dir=prepared_dir)}"
         if (target / META_FILE).is_file():
-            return _load_cached(target, path)
-        return _build(path, settings, target, num_workers, shard_bytes, progress)
+            return _load_cached(target, source)
+        return _build(source, settings, target, num_workers, shard_bytes, progress)
     except OSError as exc:
         hint = "free disk space or pass --prepared-dir on a larger disk" if exc.errno == errno.ENOSPC else ""
         raise DataError("E108", f"cannot write prepared shards under {prepared_dir}: {exc}", hint) from exc
 
 
-def _load_cached(target: Path, path: Path) -> tuple[TokenizedDocs, PrepareReport]:
+def _load_cached(target: Path, source: DataSource) -> tuple[TokenizedDocs, PrepareReport]:
     meta = json.loads((target / META_FILE).read_text())
-    report = PrepareReport(source=str(path), cached=True, bytes=int(meta["bytes"]))
+    report = PrepareReport(source=str(source), cached=True, bytes=int(meta["bytes"]))
     for key in ("lines", "conversations", "tokens", "skipped"):
         setattr(report, key, int(meta[key]))
     report.skipped_examples = [SkippedLine(*item) for item in meta["skipped_examples"]]
     report.directory = str(target)
-    docs = open_shards(target, name=str(path))
+    docs = open_shards(target, name=str(source))
     if len(docs) != report.lines or docs.num_tokens != report.tokens:
         raise DataError("E109", f"prepared shards in {target} do not match their meta.json", f"delete {target}")
     return docs, report
@@ -430,14 +465,14 @@ def _remove_abandoned_builds(target: Path) -> None:
 
 
 def _build(
-    path: Path, settings: EncodeSettings, target: Path, num_workers: int, shard_bytes: int, progress: bool
+    source: DataSource, settings: EncodeSettings, target: Path, num_workers: int, shard_bytes: int, progress: bool
 ) -> tuple[TokenizedDocs, PrepareReport]:
     _remove_abandoned_builds(target)
     tmp = temp_path(target)
     tmp.mkdir(parents=True)
     try:
         _, report = tokenize_source(
-            path, settings, num_workers=num_workers, shard_bytes=shard_bytes, out_dir=tmp, progress=progress
+            source, settings, num_workers=num_workers, shard_bytes=shard_bytes, out_dir=tmp, progress=progress
         )
         report.directory = str(target)
         skip = ("skipped_examples", "cached", "seconds", "directory")
@@ -453,4 +488,4 @@ def _build(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return open_shards(target, name=str(path)), report
+    return open_shards(target, name=str(source)), report

@@ -1,4 +1,5 @@
-"""Stream a JSONL chat file (plain or .gz) line by line; bad lines are skipped and reported (or, with strict, fatal)."""
+"""Stream the records of a data source (JSONL lines, table rows: data/sources.py); bad records are skipped and
+reported (or, with strict, fatal)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lumina_ds.data.chat_format import Message
-from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit, check_line, is_blank
-from lumina_ds.data.files import LongLine, check_data_file, iter_lines, reading
+from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit, RawRecord, check_line
+from lumina_ds.data.files import LongLine, check_data_file
+from lumina_ds.data.sources import JSONL, DataSource, numbered_records, open_source
+from lumina_ds.data.sources import require_conversation_lines as require_conversation_lines  # re-exported
 from lumina_ds.errors import DataError
+
+Location = str | Path | DataSource  # a path, `hf://NAME[:CONFIG][@SPLIT]`, or a parsed source
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,8 @@ class ReadResult:
     total_lines: int = 0
 
 
-def parse_line(
-    line_no: int, raw: bytes | LongLine, limit: LineLimit = DEFAULT_LIMIT
-) -> list[Message] | SkippedLine | None:
-    """Parse one raw line: the messages training uses, a SkippedLine for its first error, or None if blank."""
+def parse_line(line_no: int, raw: RawRecord, limit: LineLimit = DEFAULT_LIMIT) -> list[Message] | SkippedLine | None:
+    """Parse one raw line or row: the messages training uses, a SkippedLine for its first error, or None if blank."""
     checked = check_line(line_no, raw, limit)
     if checked is None:
         return None
@@ -52,50 +55,39 @@ def open_data_file(path: str | Path) -> Path:
 
 def numbered_lines(path: Path, limit: LineLimit) -> Iterator[tuple[int, bytes | LongLine]]:
     """`(line_no, raw)` of every line, decompressed if .gz; a line past the limit is a LongLine unless it is cut."""
-    with reading(path) as handle:
-        yield from enumerate(iter_lines(handle, max_bytes=limit.max_bytes, whole=limit.truncate), start=1)
+    from lumina_ds.data.sources import numbered_lines as lines_of
 
-
-def require_conversation_lines(path: str | Path) -> None:
-    """E105 when a file has no line but blank ones (or none): it cannot give training a single conversation."""
-    path = check_data_file(path)
-    lines = 0
-    for line_no, raw in numbered_lines(path, LineLimit()):
-        if isinstance(raw, LongLine) or not is_blank(line_no, raw):
-            return
-        lines = line_no
-    what = "is empty" if lines == 0 else f"holds only {lines:,} blank line(s)"
-    raise DataError(
-        "E105", f"{path} {what}: no conversation to train on", "Check the path, or drop the file from the data."
-    )
+    yield from lines_of(DataSource(str(path), JSONL, Path(path)), limit)
 
 
 def _iter_lines(
-    path: str | Path, *, strict: bool, limit: LineLimit
+    location: Location, *, strict: bool, limit: LineLimit
 ) -> Iterator[tuple[int, list[Message] | SkippedLine | None]]:
-    """Yield every line parsed, blank lines as None; strict raises the first error line as a DataError."""
-    path = open_data_file(path)
-    for line_no, raw in numbered_lines(path, limit):
+    """Yield every record parsed, blank lines as None; strict raises the first bad record as a DataError."""
+    opened = open_source(location, limit.record_format)
+    limit = opened.limit(limit)
+    unit = opened.source.unit
+    for line_no, raw in numbered_records(opened, limit):
         parsed = parse_line(line_no, raw, limit)
         if strict and isinstance(parsed, SkippedLine):
-            hint = f"Run `lumina-ds validate-data {path}` to list every problem; --fix-errors repairs some."
-            raise DataError(parsed.code, f"{path} line {line_no}: {parsed.reason}", hint)
+            hint = f"Run `lumina-ds validate-data {opened.source}` to list every problem; --fix-errors repairs some."
+            raise DataError(parsed.code, f"{opened.source} {unit} {line_no}: {parsed.reason}", hint)
         yield line_no, parsed
 
 
 def iter_conversations(
-    path: str | Path, *, strict: bool = False, limit: LineLimit = DEFAULT_LIMIT
+    location: Location, *, strict: bool = False, limit: LineLimit = DEFAULT_LIMIT
 ) -> Iterator[tuple[int, list[Message] | SkippedLine]]:
-    """Yield `(line_no, messages or SkippedLine)` for every non-blank line, streaming (1-based line numbers)."""
-    for line_no, parsed in _iter_lines(path, strict=strict, limit=limit):
+    """Yield `(number, messages or SkippedLine)` for every non-blank record, streaming (1-based line or row)."""
+    for line_no, parsed in _iter_lines(location, strict=strict, limit=limit):
         if parsed is not None:
             yield line_no, parsed
 
 
-def read_conversations(path: str | Path, *, strict: bool = False, limit: LineLimit = DEFAULT_LIMIT) -> ReadResult:
-    """Read a whole JSONL chat file into memory, collecting skipped lines (strict: raise at the first one)."""
+def read_conversations(location: Location, *, strict: bool = False, limit: LineLimit = DEFAULT_LIMIT) -> ReadResult:
+    """Read a whole source into memory, collecting skipped records (strict: raise at the first one)."""
     result = ReadResult()
-    for line_no, item in _iter_lines(path, strict=strict, limit=limit):
+    for line_no, item in _iter_lines(location, strict=strict, limit=limit):
         result.total_lines = line_no
         if isinstance(item, SkippedLine):
             result.skipped.append(item)

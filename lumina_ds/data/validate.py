@@ -1,4 +1,4 @@
-"""`validate-data`: one streaming pass over JSONL chat files; issues per line, statistics, optional repair."""
+"""`validate-data`: one streaming pass over data sources; issues per line or row, statistics, optional repair."""
 
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ from lumina_ds.data.checks import (
     Issue,
     LineCheck,
     LineLimit,
+    RawRecord,
     as_object,
     check_line,
     fix_object,
 )
 from lumina_ds.data.dedup import DigestSet, conversation_digest
 from lumina_ds.data.files import LongLine, is_gzip
-from lumina_ds.data.reader import numbered_lines, open_data_file, require_conversation_lines
+from lumina_ds.data.formats import Row
+from lumina_ds.data.sources import DataSource, numbered_records, open_source, require_conversation_lines
 from lumina_ds.data.stats import DatasetStats, render
 from lumina_ds.errors import ConfigError
 
@@ -49,7 +51,7 @@ class Fixer:
         self._seen = DigestSet()
         self.counts = {"written": 0, "fixed": 0, "rejected": 0, "duplicates_dropped": 0}
 
-    def handle(self, where: dict[str, Any], raw: bytes | LongLine, checked: LineCheck) -> None:
+    def handle(self, where: dict[str, Any], raw: RawRecord, checked: LineCheck) -> None:
         """Write the line repaired, drop it as a duplicate, or reject it."""
         error = checked.error
         repaired = fix_object(checked.obj) if error is None or error.kind == "control_char" else None
@@ -73,9 +75,11 @@ class Fixer:
         self.counts["written"] += 1
         self.counts["fixed"] += any(i.kind in _FIX_KINDS for i in checked.issues)
 
-    def _reject(self, where: dict[str, Any], raw: bytes | LongLine, error: Issue | None) -> None:
+    def _reject(self, where: dict[str, Any], raw: RawRecord, error: Issue | None) -> None:
         assert error is not None
-        if isinstance(raw, LongLine):  # never read whole: its first bytes say which line it is
+        if isinstance(raw, Row):  # a table's row, written as JSON (values JSON has no type for as text)
+            text = json.dumps(raw.value, ensure_ascii=False, default=str)
+        elif isinstance(raw, LongLine):  # never read whole: its first bytes say which line it is
             text = raw.head.decode("utf-8", errors="replace") + f"... ({raw.size:,} bytes)"
         else:
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -102,6 +106,7 @@ class Validator:
         self.tokenizer, self.seq_len, self.strict, self.fixer = tokenizer, seq_len, strict, fixer
         self.max_issues, self.limit = max_issues, limit
         self.files: list[str] = []
+        self.units: dict[str, str] = {}  # what each source's record numbers count: line or row
         self.lines = self.blank = self.valid = self.truncated = 0
         self.counts: dict[str, defaultdict[str, int]] = {"error": defaultdict(int), "warning": defaultdict(int)}
         self.issues: list[dict[str, Any]] = []
@@ -109,24 +114,28 @@ class Validator:
         self.stats = DatasetStats(with_tokens=tokenizer is not None)
         self._seen = DigestSet()
 
-    def validate_file(self, path: str | Path) -> None:
-        """Check every line of one file (plain or .gz, streaming: memory does not grow with the file or a line)."""
-        path = open_data_file(path)
-        self.files.append(str(path))
-        for line_no, raw in numbered_lines(path, self.limit):
-            self._line(str(path), line_no, raw)
+    def validate_file(self, location: str | Path | DataSource) -> None:
+        """Check every record of one source (streaming: memory does not grow with a JSONL file or a line; tables
+        are read a batch of rows at a time)."""
+        opened = open_source(location, self.limit.record_format)
+        name, limit, unit = str(opened.source), opened.limit(self.limit), opened.source.unit
+        self.files.append(name)
+        self.units[name] = unit
+        for number, raw in numbered_records(opened, limit):
+            self._line(name, number, raw, limit)
             self.lines += 1
 
-    def _line(self, path: str, line_no: int, raw: bytes | LongLine) -> None:
-        checked = check_line(line_no, raw, self.limit)
+    def _line(self, path: str, line_no: int, raw: RawRecord, limit: LineLimit) -> None:
+        checked = check_line(line_no, raw, limit)
         if checked is None:
             self.blank += 1
             return
-        where = {"file": path, "line": line_no}
+        unit = self.units[path]
+        where = {"file": path, unit: line_no}  # "row" for a table's rows, which have no line
         error = checked.error
         if error is not None:
             if self.strict:
-                raise error.to_error(f"{path} line {line_no}: ")
+                raise error.to_error(f"{path} {unit} {line_no}: ")
             # Warnings of a skipped line would only repeat the error (its reason says if empty messages broke it).
             self._record(where, error)
         else:
@@ -155,7 +164,7 @@ class Validator:
         self.counts[kind.severity][kind.name] += 1
         firsts = self.first_lines[kind.name]
         if len(firsts) < FIRST_LINES:
-            firsts.append((where["file"], where["line"]))
+            firsts.append((where["file"], where.get("line", where.get("row", 0))))
         if len(self.issues) >= self.max_issues:
             self.truncated += 1
             return
@@ -216,15 +225,15 @@ def validate_files(
 ) -> Validator:
     """Validate files in order (duplicates are found across them); with `fix_output`, also write the repair.
 
-    Every file is first checked as training checks it before any work: it exists (E104), is UTF-8 text, plain or
-    .gz (E110), and holds a non-blank line (E105).
+    Every source is first checked as training checks it before any work: it exists (E104), is of a kind lumina-ds
+    reads (E110) and holds a non-blank line or a row (E105).
     """
     if (fix_output is None) != (rejects_output is None):
         raise ConfigError("E002", "a fixed output and a rejects output go together", "Pass both paths.")
     for path in paths:
         require_conversation_lines(path)
     for target in (t for t in (fix_output, rejects_output) if t is not None):
-        if any(Path(target).resolve() == Path(p).resolve() for p in paths):
+        if any(Path(target).resolve() == Path(str(p)).resolve() for p in paths):
             raise ConfigError("E002", f"{target} is also an input file", "Write the fixed data to a new file.")
         Path(target).parent.mkdir(parents=True, exist_ok=True)
     with _fixer(fix_output, rejects_output, limit) as fixer:
@@ -234,45 +243,55 @@ def validate_files(
     return validator
 
 
-def _where(firsts: list[tuple[str, int]], total: int, *, with_file: bool) -> str:
+def _where(firsts: list[tuple[str, int]], total: int, *, with_file: bool, word: str) -> str:
     locations = [f"{path}:{line}" if with_file else str(line) for path, line in firsts]
-    word = "line" if total == 1 else "lines"
+    word = word.removesuffix("s") if total == 1 else word
     return f"{word} {', '.join(locations)}{', ...' if total > len(firsts) else ''}"
+
+
+def _records_word(validator: Validator) -> str:
+    """What the numbers count: rows when every source is a table, lines otherwise."""
+    return "rows" if validator.units and set(validator.units.values()) == {"row"} else "lines"
 
 
 def quiet_line(validator: Validator) -> str:
     """One summary line (`--quiet`)."""
     errors, warnings = (sum(validator.counts[s].values()) for s in ("error", "warning"))
     verdict = "OK" if validator.ok else "FAIL"
-    counts = f"{validator.lines:,} lines, {validator.valid:,} valid, {errors:,} errors, {warnings:,} warnings"
+    word = _records_word(validator)
+    counts = f"{validator.lines:,} {word}, {validator.valid:,} valid, {errors:,} errors, {warnings:,} warnings"
     return f"{', '.join(validator.files)}: {verdict} {counts}"
 
 
 def summary_lines(validator: Validator, *, show_stats: bool = False) -> list[str]:
-    """The human summary: counts by kind with their first line numbers, statistics, fix counts, verdict."""
+    """The human summary: counts by kind with their first line (row) numbers, statistics, fix counts, verdict."""
     errors, warnings = (sum(validator.counts[s].values()) for s in ("error", "warning"))
+    word = _records_word(validator)
     lines = [
-        f"{', '.join(validator.files)}: {validator.lines:,} lines ({validator.blank:,} blank), "
-        f"{validator.valid:,} conversations training uses, {errors:,} lines with errors, {warnings:,} warnings"
+        f"{', '.join(validator.files)}: {validator.lines:,} {word} ({validator.blank:,} blank), "
+        f"{validator.valid:,} conversations training uses, {errors:,} {word} with errors, {warnings:,} warnings"
     ]
     with_file = len(validator.files) > 1
-    headings = {"error": "errors (training skips these lines):", "warning": "warnings (training keeps these lines):"}
+    headings = {
+        "error": f"errors (training skips these {word}):",
+        "warning": f"warnings (training keeps these {word}):",
+    }
     for severity, heading in headings.items():
         counts = validator.counts[severity]
         if counts:
             lines.append(heading)
         for name in (k for k in KINDS if k in counts):
-            kind, where = KINDS[name], _where(validator.first_lines[name], counts[name], with_file=with_file)
-            lines.append(f"  {kind.code} {name:<20} {counts[name]:>9,}  {kind.title}; {where}")
+            where = _where(validator.first_lines[name], counts[name], with_file=with_file, word=word)
+            lines.append(f"  {KINDS[name].code} {name:<20} {counts[name]:>9,}  {KINDS[name].title}; {where}")
     if show_stats:
         lines.extend(_stats_lines(validator.stats))
     if validator.fixer is not None:
         c = validator.fixer.counts
         lines.append(
             f"fix: wrote {c['written']:,} conversations ({c['fixed']:,} repaired), "
-            f"dropped {c['duplicates_dropped']:,} duplicates, rejected {c['rejected']:,} lines"
+            f"dropped {c['duplicates_dropped']:,} duplicates, rejected {c['rejected']:,} {word}"
         )
-    verdict = "OK: no errors" if validator.ok else f"FAIL: {errors:,} lines with errors (training would skip them)"
+    verdict = "OK: no errors" if validator.ok else f"FAIL: {errors:,} {word} with errors (training would skip them)"
     lines.append(verdict)
     return lines
 

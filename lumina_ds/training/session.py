@@ -16,11 +16,13 @@ import torch
 
 from lumina_ds.config.io import config_to_dict, save_config
 from lumina_ds.config.run import RunConfig
+from lumina_ds.data.checks import LineLimit
 from lumina_ds.data.documents import check_input_files, parse_train_data
 from lumina_ds.data.packing import PackedDataset
 from lumina_ds.data.pipeline import SourceSet, build_batches, eval_rows, micro_batches_for_epochs, open_sources
 from lumina_ds.data.prepare import EncodeSettings, PrepareReport
 from lumina_ds.data.profile import LoaderRate, measure_batches
+from lumina_ds.data.sources import record_format_of
 from lumina_ds.data.stream import PackedBatches
 from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer
 from lumina_ds.distributed.collectives import any_rank, min_over_ranks, shared_by_all_ranks
@@ -69,8 +71,9 @@ def prepare_tokenizer(run: RunConfig, info: DistInfo) -> ChatTokenizer:
     else:
         if info.is_main:
             assert run.data.train_data is not None
-            paths = [spec.path for spec in parse_train_data(run.data.train_data)]
-            texts = sample_texts(paths, max_bytes=TOKENIZER_SAMPLE_BYTES)
+            locations = [spec.source.location for spec in parse_train_data(run.data.train_data)]
+            limit = LineLimit(record_format=record_format_of(run.data))
+            texts = sample_texts(locations, max_bytes=TOKENIZER_SAMPLE_BYTES, limit=limit)
             train_bpe_tokenizer(texts, vocab_size=run.model.vocab_size).save(own)
             log(info, f"trained a byte-level BPE tokenizer (vocab {run.model.vocab_size}) -> {own}")
         barrier()
@@ -179,6 +182,7 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
         strict=run.data.strict,
         max_line_bytes=run.data.max_line_bytes,
         truncate_long=run.data.truncate_long,
+        record_format=record_format_of(run.data),
     )
     sources = open_sources(
         parse_train_data(run.data.train_data),
@@ -207,11 +211,11 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
     )
     eval_data = None
     if run.data.eval_data:
-        rows, report = eval_rows(Path(run.data.eval_data), encode, seq_len=run.seq_len, pad_id=tokenizer.pad_id)
+        rows, report = eval_rows(run.data.eval_data, encode, seq_len=run.seq_len, pad_id=tokenizer.pad_id)
         report_skipped(report, info)
         eval_data = PackedDataset(rows)
     total_steps, steps_text = total_steps_for(run, sources, batches, info)
-    files = ", ".join(f"{spec.path.name} x{spec.weight:g}" for spec in sources.specs)
+    files = ", ".join(f"{spec.source.stem} x{spec.weight:g}" for spec in sources.specs)
     description = f"{files} | {batches.view.mixture.docs_per_epoch:,} lines/epoch | {steps_text}"
     return PreparedData(batches=batches, eval_data=eval_data, total_steps=total_steps, description=description)
 

@@ -33,11 +33,11 @@ def test_one_process_counts_and_the_others_read_the_cache(
 ) -> None:
     specs = parse_train_data(str(examples_dir / "conversations_eval.jsonl"))
     settings = EncodeSettings.of(tokenizer)
-    waiting = [JsonlDocs(specs[0].path, DocEncoder(tokenizer))]
+    waiting = [JsonlDocs(specs[0].source.local, DocEncoder(tokenizer))]
     with pytest.raises(DataError) as err:  # the builder failed (or never ran): the others stop instead of hanging
         counted_sources(specs, waiting, settings, prepared_dir=tmp_path, builds=False, barrier=lambda: None)
     assert err.value.code == "E109"
-    builder = [JsonlDocs(specs[0].path, DocEncoder(tokenizer))]
+    builder = [JsonlDocs(specs[0].source.local, DocEncoder(tokenizer))]
     (built,) = counted_sources(specs, builder, settings, prepared_dir=tmp_path, builds=True, barrier=lambda: None)
     (read,) = counted_sources(specs, waiting, settings, prepared_dir=tmp_path, builds=False, barrier=lambda: None)
     assert not built.cached and read.cached and read.tokens == built.tokens

@@ -144,13 +144,13 @@ def test_corrupt_shard_and_unwritable_cache_are_reported(
 def test_train_data_spec_with_weights(examples_dir: Path) -> None:
     a, b = examples_dir / "conversations.jsonl", examples_dir / "bad_lines.jsonl"
     specs = parse_train_data(f"{a}, {b}:0.25")
-    assert [(s.path, s.weight) for s in specs] == [(a, 1.0), (b, 0.25)]
+    assert [(s.source.local, s.weight) for s in specs] == [(a, 1.0), (b, 0.25)]
     with pytest.raises(DataError) as missing:
         parse_train_data(f"{a},nope.jsonl:2")
     assert missing.value.code == "E104" and "nope.jsonl" in missing.value.message
     with pytest.raises(ConfigError):
         parse_train_data(f"{a}:0")
-    assert json.loads(json.dumps([str(s.path) for s in specs]))  # plain paths, serialisable
+    assert json.loads(json.dumps([s.source.location for s in specs]))  # plain names, serialisable
 
 
 def test_the_next_build_removes_temp_dirs_of_killed_builds_on_this_host(
