@@ -29,6 +29,7 @@ from lumina_ds.errors import ConfigError
 # ids int32 [T] and target flags uint8 [T]: target[t] = 1 when position t predicts ids[t + 1]
 EncodedDoc = tuple[np.ndarray, np.ndarray]
 
+
 def labels_of(ids: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Pre-shifted labels [T] int64: ids[t + 1] where target[t], else IGNORE_INDEX."""
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
