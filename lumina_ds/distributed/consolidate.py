@@ -20,7 +20,11 @@ from torch import nn
 
 from lumina_ds.run_dir import write_shards
 
-AUTOEP_RENAMES = ((".ffn.router.gate.", ".ffn.gate."), (".ffn.shared_experts.", ".ffn.shared."))
+AUTOEP_RENAMES = (
+    (".ffn.router.gate.", ".ffn.gate."),
+    (".ffn.shared_experts_gate.", ".ffn.shared_gate."),
+    (".ffn.shared_experts.", ".ffn.shared."),
+)
 NATIVE_GATE = ".ffn.moe.deepspeed_moe.gate.wg."
 NATIVE_EXPERT = re.compile(
     r"^(layers\.\d+\.ffn)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight$"

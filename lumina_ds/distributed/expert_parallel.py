@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lumina_ds.config.model import MoEConfig
+from lumina_ds.errors import ConfigError
 from lumina_ds.models.layers import SwiGLU
 from lumina_ds.models.moe import MoEBlock
 from lumina_ds.models.transformer import Transformer
@@ -37,12 +38,14 @@ def autoep_section(model: Transformer, *, ep_size: int) -> dict[str, Any]:
         "expert_w3": "w3",
         "top_k": moe.top_k,
         "score_func": "softmax",
-        "route_norm": True,
+        "route_norm": moe.norm_topk_prob,  # Qwen2-MoE / OLMoE weight experts by the raw softmax probabilities
         "has_shared_experts": moe.num_shared_experts > 0,
         "use_grouped_mm": True,
     }
     if moe.num_shared_experts:  # naming a pattern without shared experts makes DeepSpeed warn on every rank
         section["shared_experts_pattern"] = "shared"
+    if moe.shared_expert_gate:  # AutoEP scales the shared expert by sigmoid(shared_experts_gate(x)), as our block
+        section["shared_experts_gate_pattern"] = "shared_gate"
     return section
 
 
@@ -94,6 +97,16 @@ class NativeMoEBlock(nn.Module):
 
 
 def apply_native_moe(model: Transformer, *, ep_size: int, ep_rank: int, deterministic: bool) -> None:
+    moe = model.config.moe
+    raw_top_k = not moe.norm_topk_prob and moe.top_k > 1
+    if moe.shared_expert_gate or raw_top_k:  # refused, not approximated
+        what = "top-k weights that are not renormalised (its top-2/top-k gates renormalise)" if raw_top_k else ""
+        raise ConfigError(
+            "E002",
+            "the native DeepSpeed MoE layer cannot compute this model: "
+            + (what or "a sigmoid-gated shared expert (it has no shared-expert gate)"),
+            "use --moe-backend autoep (Qwen2-MoE, OLMoE and Qwen3-MoE without norm_topk_prob need it)",
+        )
     for idx in moe_layer_indices(model):
         block = model.layers[idx]
         assert isinstance(block.ffn, MoEBlock)
