@@ -14,7 +14,7 @@ from lumina_ds.data.chat_format import BOS, END, NATIVE_CHAT_TEMPLATE, PAD, SPEC
 from lumina_ds.data.chat_template import JinjaChatTemplate, load_chat_template
 from lumina_ds.data.checks import DEFAULT_LIMIT, LineLimit
 from lumina_ds.data.template_codec import TemplateCodec
-from lumina_ds.data.tokenizer_files import write_template_files
+from lumina_ds.data.tokenizer_files import read_generation_stops, write_generation_stops, write_template_files
 from lumina_ds.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -25,8 +25,16 @@ class ChatTokenizer:
     """A `tokenizers.Tokenizer` with lumina-ds' chat format (every chat special token guaranteed), or with a model's
     own chat template (`chat_template`; the vocabulary is left as it is)."""
 
-    def __init__(self, tokenizer: Tokenizer, *, chat_template: JinjaChatTemplate | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        chat_template: JinjaChatTemplate | None = None,
+        generation_stops: Iterable[int] = (),
+    ) -> None:
         self._tok = tokenizer
+        # the model's generation_config.json eos ids: chat stops there too, as transformers' generate does
+        self.generation_stops = frozenset(i for i in generation_stops if i < tokenizer.get_vocab_size(True))
         if chat_template is not None and chat_template.source == NATIVE_CHAT_TEMPLATE:
             chat_template = None  # our own export read back: the native encoder gives the same tokens, faster
         self.chat_template = chat_template
@@ -68,8 +76,10 @@ class ChatTokenizer:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Generation stops at these ids: the end-of-turn token, and a template's EOS token."""
-        return self.codec.stop_ids if self.codec is not None else frozenset({self.end_id})
+        """Generation stops at these ids: the end-of-turn token, a template's EOS token, and the eos ids of the
+        model's generation_config.json."""
+        own = self.codec.stop_ids if self.codec is not None else frozenset({self.end_id})
+        return own | self.generation_stops
 
     def encode_conversation(
         self, messages: Sequence[Message], *, train_on: str = "assistant"
@@ -107,12 +117,15 @@ class ChatTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as `tokenizer.json` (HF-compatible); a chat template goes beside it, as
-        chat_template.jinja and tokenizer_config.json (its special tokens), where from_file finds it again."""
+        chat_template.jinja and tokenizer_config.json (its special tokens), and the model's stop ids as
+        generation_config.json's eos_token_id, where from_file finds them again."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(path))
         if self.chat_template is not None:
             write_template_files(self.chat_template, path.parent)
+        if self.generation_stops:
+            write_generation_stops(self.generation_stops, path.parent)
 
     def to_str(self) -> str:
         """The tokenizer as one string (how worker processes receive it; part of the prepared-data cache key): the
@@ -133,7 +146,8 @@ class ChatTokenizer:
     @classmethod
     def from_file(cls, path: str | Path) -> ChatTokenizer:
         """Load a `tokenizer.json` with the chat template of its directory (chat_template.jinja, else
-        tokenizer_config.json's); without one, missing special tokens are added (see `added_special_tokens`)."""
+        tokenizer_config.json's) and generation_config.json's stop ids; without a template, missing special tokens
+        are added (see `added_special_tokens`)."""
         path = Path(path)
         if not path.is_file():
             raise DataError("E104", f"tokenizer file not found: {path}", "Pass a tokenizer.json written by lumina-ds.")
@@ -143,7 +157,8 @@ class ChatTokenizer:
             raise DataError(
                 "E101", f"cannot read tokenizer {path}: {exc}", "Expected a Hugging Face tokenizer.json file."
             ) from exc
-        return cls(tokenizer, chat_template=load_chat_template(path.parent))
+        template, stops = load_chat_template(path.parent), read_generation_stops(path.parent)
+        return cls(tokenizer, chat_template=template, generation_stops=stops)
 
 
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> ChatTokenizer:

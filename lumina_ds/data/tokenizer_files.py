@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from lumina_ds.data.tokenizer import ChatTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -30,6 +31,30 @@ def write_template_files(template: JinjaChatTemplate, directory: Path) -> None:
     config.pop("chat_template", None)  # chat_template.jinja is the one copy (transformers prefers it anyway)
     (directory / CHAT_TEMPLATE_FILE).write_text(template.source, encoding="utf-8")
     _write_json(directory / TOKENIZER_CONFIG_FILE, config)
+
+
+def read_generation_stops(directory: Path) -> frozenset[int]:
+    """The `eos_token_id` (an id or a list) of the directory's generation_config.json: where transformers' generate
+    stops for this model (Llama-3 lists <|eot_id|> and <|end_of_text|>, Qwen2.5 <|im_end|> and <|endoftext|>)."""
+    path = directory / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return frozenset()
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return frozenset()  # not ours to validate: transformers reads it, chat only borrows the stop ids
+    ids = value if isinstance(value, list) else [value]
+    return frozenset(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0)
+
+
+def write_generation_stops(stops: frozenset[int], directory: Path) -> None:
+    """Record stop ids as generation_config.json's `eos_token_id`, keeping the file's other keys."""
+    path = directory / GENERATION_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        config = {}
+    _write_json(path, {**(config if isinstance(config, dict) else {}), "eos_token_id": sorted(stops)})
 
 
 def export_tokenizer_files(tokenizer: ChatTokenizer, out_dir: str | Path) -> list[Path]:

@@ -4,6 +4,7 @@ end-of-turn token(s), whether found by incremental prefix rendering or from {% g
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -195,3 +196,27 @@ def test_a_token_is_a_target_when_its_characters_overlap_a_span() -> None:
     # (3, 5) straddles a span's start, (9, 9) is zero-width just after one, (14, 20) starts where one ends
     assert target_flags(offsets, spans).tolist() == [False, True, True, False, False, True, False, True]
     assert target_flags(offsets, []).tolist() == [False] * 8
+
+
+def test_worker_processes_tokenize_with_the_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lumina_ds.data import prepare as prepare_module
+    from lumina_ds.data.prepare import EncodeSettings, tokenize_source
+
+    tokenizer = family_chat_tokenizer("gemma2")
+    good, refused = CONVERSATION[1:], CONVERSATION  # Gemma refuses the system turn: E120, line skipped
+    lines = _lines(*[good if n % 3 else refused for n in range(60)])
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(b"\n".join(raw for _, raw in lines) + b"\n")
+    monkeypatch.setattr(prepare_module, "IN_PROCESS_BYTES", 0)  # spawn the worker pool on a small file
+    docs, report = tokenize_source(path, EncodeSettings.of(tokenizer), num_workers=2, shard_bytes=2_000)
+    assert len(docs.parts) > 1
+    assert (report.conversations, report.skipped) == (40, 20)
+    assert {s.code for s in report.skipped_examples} == {"E120"}
+    assert [s.line_no for s in report.skipped_examples] == list(range(1, 60, 3))
+    assert tokenizer.codec is not None
+    expected_ids, expected_target = tokenizer.codec.encode_doc(good)
+    for index in (1, 2, 58):
+        doc = docs.doc(index)
+        assert doc is not None and doc[0].tolist() == expected_ids.tolist()
+        assert doc[1].tolist() == expected_target.tolist()
+    assert docs.doc(0) is None and docs.doc(57) is None  # lines 1 and 58: skipped

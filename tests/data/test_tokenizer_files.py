@@ -154,3 +154,18 @@ def test_the_template_is_read_as_transformers_picks_it(tmp_path: Path) -> None:
         load_chat_template(tmp_path)
     assert err.value.code == "E120"
     assert load_chat_template(tmp_path / "nowhere") is None
+
+
+def test_generation_config_stop_ids_are_read_and_saved_with_the_tokenizer(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    export_tokenizer_files(family_chat_tokenizer("llama3"), model)  # EOS <|eot_id|> (4), as Llama-3-Instruct's
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4], "temperature": 0.6}))
+    tokenizer = ChatTokenizer.from_file(model / "tokenizer.json")
+    assert tokenizer.stop_ids == {1, 4}  # <|end_of_text|> and <|eot_id|>
+    tokenizer.save(tmp_path / "run" / "tokenizer.json")
+    assert json.loads((tmp_path / "run" / "generation_config.json").read_text()) == {"eos_token_id": [1, 4]}
+    assert ChatTokenizer.from_file(tmp_path / "run" / "tokenizer.json").stop_ids == {1, 4}
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
+    assert ChatTokenizer.from_file(model / "tokenizer.json").stop_ids == {1, 4}
+    (model / "generation_config.json").write_text("not json")
+    assert ChatTokenizer.from_file(model / "tokenizer.json").stop_ids == {4}

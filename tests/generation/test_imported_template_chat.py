@@ -3,6 +3,7 @@ generation stops at its end-of-turn or EOS token."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,12 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=32)
 
 @pytest.fixture(scope="module")
 def chatml() -> ChatTokenizer:
-    """Qwen2.5's template with a base model's EOS: replies end at <|im_end|>, and <|endoftext|> stops too."""
-    named = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    backend = family_tokenizer("bytelevel", CHATML_SPECIALS, TEXTS)
-    return ChatTokenizer(backend, chat_template=JinjaChatTemplate(QWEN25, special_tokens=named))
+    """Qwen2.5-Instruct as published: EOS <|im_end|>, and generation_config.json's eos ids add <|endoftext|>."""
+    named = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    backend = family_tokenizer("qwen2", CHATML_SPECIALS, TEXTS)
+    template = JinjaChatTemplate(QWEN25, special_tokens=named)
+    stops = [backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")]
+    return ChatTokenizer(backend, chat_template=template, generation_stops=stops)
 
 
 def _text_ids(tokenizer: ChatTokenizer, text: str) -> list[int]:
@@ -36,6 +39,7 @@ def test_a_run_with_an_imported_template_chats_with_it(chatml: ChatTokenizer, tm
     run, _ = make_run_dir(tmp_path / "run", chatml)
     bundle = load_for_inference(run)
     assert bundle.tokenizer.chat_template == chatml.chat_template  # chat_template.jinja beside tokenizer.json
+    assert json.loads((run / "generation_config.json").read_text()) == {"eos_token_id": [0, 2]}
     end, eos = chatml.token_id("<|im_end|>"), chatml.token_id("<|endoftext|>")
     assert bundle.tokenizer.stop_ids == {end, eos}
     # first reply ends at the end-of-turn token, the second at EOS; what follows a stop id is never produced
