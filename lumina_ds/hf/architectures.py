@@ -146,6 +146,14 @@ def architecture_of(hf_config: Mapping[str, Any]) -> str:
             f"architecture {names[0]} is not supported",
             f"lumina-ds imports and exports exactly: {supported_list()} (README: Supported Hugging Face architectures)",
         )
+    model_type = hf_config.get("model_type", SUPPORTED[names[0]].model_type)
+    if model_type != SUPPORTED[names[0]].model_type:  # transformers builds by model_type, vLLM by architectures
+        raise refuse(
+            names[0],
+            f"model_type {model_type!r} is not this architecture's ({SUPPORTED[names[0]].model_type!r}): "
+            "transformers and other readers would build different models",
+            "make config.json's architectures and model_type agree",
+        )
     return names[0]
 
 

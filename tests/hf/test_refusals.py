@@ -36,6 +36,12 @@ def test_unknown_architecture_lists_the_supported_ones() -> None:
     assert all(name in message for name in SUPPORTED)
 
 
+def test_architectures_and_model_type_must_agree() -> None:
+    message = refusal(config_dict("MistralForCausalLM", architectures=["MistralForCausalLM"], model_type="llama"))
+    assert "model_type 'llama'" in message and "'mistral'" in message
+    assert model_config_from_hf({"model_type": "qwen3_moe"}).arch == "Qwen3MoeForCausalLM"  # no architectures key
+
+
 @pytest.mark.parametrize(
     ("arch", "overrides", "named"),
     [
