@@ -34,7 +34,16 @@ from lumina_ds.data.documents import DocEncoder, TokenizedDocs, TokenizedPart, t
 from lumina_ds.data.files import LongLine, is_gzip, iter_lines, read_line, reading, skip_line
 from lumina_ds.data.formats import AUTO, RecordFormat, Row
 from lumina_ds.data.reader import SkippedLine
-from lumina_ds.data.sources import JSONL, DataSource, OpenSource, open_source, open_table, parse_source, source_bytes
+from lumina_ds.data.sources import (
+    JSON,
+    JSONL,
+    DataSource,
+    OpenSource,
+    open_source,
+    open_table,
+    parse_source,
+    source_bytes,
+)
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import DataError
 
@@ -291,11 +300,8 @@ def tokenize_source(
     out_dir: Path | None = None,
     progress: bool = False,
 ) -> tuple[TokenizedDocs, PrepareReport]:
-    """Tokenize a source: into RAM, or (with `out_dir`) into memory-mapped shards written there.
-
-    A plain JSONL file is split into byte ranges that workers read themselves; a .gz is decompressed once, here, and
-    a table's rows are read here too, and their chunks handed to the workers.
-    """
+    """Tokenize a source into RAM, or (with `out_dir`) into memory-mapped shards there. Workers read byte ranges of a
+    plain JSONL file themselves; a .gz is decompressed here, and a table's rows read here, in chunks handed to them."""
     started = time.perf_counter()
     opened = open_source(location, settings.record_format)
     settings, source = settings.for_source(opened), opened.source
@@ -390,8 +396,9 @@ def cache_key(location: str | Path | DataSource, settings: EncodeSettings, *, me
     template settings, the line limit, a non-default record format and the format version."""
     source, digest = parse_source(location), hashlib.blake2b(digest_size=8)
     limit = f"{settings.max_line_bytes}:{settings.truncate_long}"
-    files = [source.local] if source.kind == JSONL else open_table(source).files
-    content = "|".join(content_hash(f, memo_dir=memo_dir) for f in files)
+    table = None if source.kind in (JSONL, JSON) else open_table(source)
+    files = [source.local] if table is None else table.files
+    content = "|".join(content_hash(f, memo_dir=memo_dir) for f in files) or (table.fingerprint if table else "")
     for piece in (content, settings.tokenizer_json, settings.train_on, limit):
         digest.update(piece.encode())
     fmt = settings.record_format

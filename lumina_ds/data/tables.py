@@ -33,6 +33,7 @@ class RowTable(Protocol):
     columns: list[str] | None
     nbytes: int  # uncompressed size, for the strategy choice
     files: list[Path]  # what the rows are read from (their bytes key the prepared shards)
+    fingerprint: str  # what keys them when there are no files (a dataset held in memory)
 
     def __len__(self) -> int: ...
 
@@ -62,7 +63,7 @@ class JsonRows:
         self.records = records
         self.columns: list[str] | None = None
         self.nbytes = len(data)
-        self.files = [path]
+        self.files, self.fingerprint = [path], ""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -92,7 +93,7 @@ class ParquetRows:
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.nbytes = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-        self.files = [path]
+        self.files, self.fingerprint = [path], ""
         self._file: Any = None
         self._pid = 0
         self._groups: OrderedDict[int, Any] = OrderedDict()
@@ -149,6 +150,7 @@ class ArrowRows:
         self.columns: list[str] | None = names
         self._read = [c for c in columns if c in names] if columns is not None else names
         self.files = [Path(f["filename"]) for f in dataset.cache_files]
+        self.fingerprint = str(dataset._fingerprint)  # datasets' hash of its content and transforms
         self.nbytes = sum(f.stat().st_size for f in self.files) if self.files else int(dataset.data.nbytes)
 
     def __len__(self) -> int:

@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from lumina_ds.config.run import DataConfig
-from lumina_ds.data import ChatTokenizer, EncodeSettings, read_conversations, tokenize_source
+from lumina_ds.data import ChatTokenizer, EncodeSettings, prepare_source, read_conversations, tokenize_source
 from lumina_ds.data.chat_format import Message
 from lumina_ds.data.checks import LineLimit
 from lumina_ds.data.formats import RecordFormat, parse_fields
 from lumina_ds.data.sources import check_input_files, open_source, parse_source, parse_train_data
+from lumina_ds.data.tokenizer import sample_texts
 from lumina_ds.data.validate import summary_lines, validate_files
 from lumina_ds.errors import ConfigError, DataError
 
@@ -164,6 +165,28 @@ def test_forced_format_and_renamed_fields(tmp_path: Path) -> None:
     assert "ShareGPT detected from line 1" in result.skipped[0].reason
     forced = read_conversations(mixed, limit=LineLimit(record_format=RecordFormat("messages")))
     assert [(s.line_no, s.code) for s in forced.skipped] == [(1, "E112"), (3, "E112")]
+
+
+def test_the_tokenizer_sample_and_prepared_shards_follow_the_record_format(
+    tokenizer: ChatTokenizer, tmp_path: Path
+) -> None:
+    renamed = [{"question": r["instruction"], "context": r["input"], "answer": r["output"], "sys": r["system"],
+                "turns": r["history"]} for r in ALPACA]  # fmt: skip
+    path = write_parquet(tmp_path / "renamed.parquet", renamed)
+    fields = parse_fields("instruction=question,input=context,output=answer,system=sys,history=turns")
+    limit = LineLimit(record_format=RecordFormat("auto", fields))
+    texts = list(sample_texts([str(path)], max_bytes=1 << 20, limit=limit))
+    assert texts == [m.content for conversation in EXPECTED for m in conversation]
+    cache = tmp_path / "prepared"
+    settings = EncodeSettings.of(tokenizer, record_format=limit.record_format)
+    docs, first = prepare_source(path, settings, prepared_dir=cache)
+    assert (first.cached, first.conversations, Path(first.directory).parent) == (False, 3, cache)
+    assert prepare_source(path, settings, prepared_dir=cache)[1].cached
+    forced = EncodeSettings.of(tokenizer, record_format=RecordFormat("alpaca", fields))
+    again = prepare_source(path, forced, prepared_dir=cache)[1]  # another record format: another key
+    assert not again.cached and again.directory != first.directory
+    reference, _ = tokenize_source(write_jsonl(tmp_path / "m.jsonl", MESSAGES), EncodeSettings.of(tokenizer))
+    assert [docs.doc(i)[0].tolist() for i in range(3)] == [reference.doc(i)[0].tolist() for i in range(3)]
 
 
 def test_bad_records_are_reported_by_row_number_in_parquet_and_arrow(tmp_path: Path) -> None:
