@@ -357,3 +357,14 @@ def _same(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(
         torch.equal(u, v) for x, y in zip(a, b, strict=True) for u, v in zip(x, y, strict=True)
     )
+
+
+def test_evaluation_data_may_be_a_table(sources: dict[str, Path], tokenizer: ChatTokenizer) -> None:
+    from lumina_ds.data.pipeline import eval_rows
+
+    encode = EncodeSettings.of(tokenizer)
+    reference, _ = eval_rows(str(sources["messages"]), encode, seq_len=64, pad_id=0)
+    for name in ("alpaca", "arrow"):
+        rows, report = eval_rows(str(sources[name]), encode, seq_len=64, pad_id=0)
+        assert report.conversations == rows.num_conversations == 3
+        assert np.array_equal(rows.input_ids, reference.input_ids) and np.array_equal(rows.labels, reference.labels)
