@@ -157,6 +157,12 @@ def test_forced_format_and_renamed_fields(tmp_path: Path) -> None:
         read_conversations(path, limit=LineLimit(record_format=RecordFormat("prompt-completion", fields)))
     with pytest.raises(ConfigError, match="an unknown field"):
         parse_fields("question=instruction")
+    # renamed turns: their list, and the role and content keys inside them
+    dialogs = [{"dialog": [{"speaker": t["role"], "text": t["content"]} for t in r["messages"]]} for r in MESSAGES]
+    renamed_turns = write_jsonl(tmp_path / "dialogs.jsonl", dialogs)
+    fmt = RecordFormat("auto", parse_fields("messages=dialog,role=speaker,content=text"))
+    assert read_conversations(renamed_turns, limit=LineLimit(record_format=fmt)).conversations == EXPECTED
+    assert [s.code for s in read_conversations(renamed_turns).skipped] == ["E102"] * 3
     # a JSONL file's format is decided once: a record of another format is E112 with its line number
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [SHAREGPT[0], MESSAGES[1], SHAREGPT[2]])
     result = read_conversations(mixed)
