@@ -30,10 +30,6 @@ ERROR_CODES: dict[str, str] = {
     "name, UTF-16/UTF-32, zstd/xz/bzip2/zip, a `.gz` that is not gzip or is damaged (the hint says how to convert it)",
     "E111": "a data line is longer than `--max-line-bytes` (line skipped without being read into memory; "
     "`--truncate-long` cuts its message contents instead)",
-    "E120": "a model's chat template cannot be used: it does not compile, the sandbox refused it (attribute access to "
-    "Python internals, changing its inputs), or it rejects a conversation (`raise_exception`; that line is skipped)",
-    "E121": "a chat template's assistant spans cannot be computed exactly: it is not prefix-stable, changes the "
-    "assistant's text, or puts no special token after it (that line is skipped; the hint says what to do)",
     "E112": "a record's format cannot be read: a record of another format than its source's (one format per file, "
     "detected from its first recognisable record or forced by `--data-format`; record skipped), or no format fits a "
     "table's columns (the message lists them; name yours with `--data-fields`)",
@@ -42,6 +38,11 @@ ERROR_CODES: dict[str, str] = {
     "config, or a `save_to_disk` directory that is damaged",
     "E114": "a conversation holds tool-call or tool-result turns (ShareGPT `function_call`, `observation`, `tool`), "
     "which the chat template cannot represent (record skipped)",
+    "E120": "a model's chat template cannot be used: it does not compile, the sandbox refused it (attribute access to "
+    "Python internals, changing its inputs), or it rejects a conversation (`raise_exception`; that line is skipped)",
+    "E121": "a chat template's assistant spans cannot be computed exactly: the template changes the assistant's "
+    "text, renders it in more than one place, or puts no special token after it (that line is skipped; the hint says "
+    "what to do)",
     "E201": "`plan`: nothing fits in GPU memory; the hint says how many nodes or which `--seq-len` would fit",
     "E202": "`plan`: a layout fits the GPUs only with more host memory than `--cpu-mem-gb` (offloaded states, "
     "or building the model)",
@@ -56,6 +57,8 @@ ERROR_CODES: dict[str, str] = {
     "E304": "a file of the run directory cannot be written (disk full, permissions): metrics.jsonl, TensorBoard events",
     "E305": "another run is using this run directory (its lock names the host and process); a lock left by a "
     "process that is gone from this host is taken over",
+    "E306": "an export failed its verification: transformers cannot load it, or its logits differ from lumina-ds' by "
+    "more than 1e-4 on the probe batch (the export is left in place for inspection)",
 }
 
 

@@ -7,7 +7,8 @@ metrics.jsonl            one JSON object per logged step
 tensorboard/             TensorBoard event files
 checkpoints/latest       name of the newest complete tag (written by DeepSpeed)
 checkpoints/<tag>/       DeepSpeed shards + model.safetensors or model-*-of-*.safetensors with their index
-                         (consolidated weights in the module dtype, our parameter names)
+                         (consolidated weights in the module dtype, our parameter names); a tag written by
+                         `import-hf` holds the weights only (its complete.json says "weights_only": true)
 """
 
 from __future__ import annotations
@@ -123,6 +124,62 @@ def _name_shards(shards: list[tuple[Path, list[str], int]], directory: Path) -> 
     index = {"metadata": {"total_size": sum(n for _, _, n in shards)}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return [*final, directory / INDEX_FILE]
+
+
+def is_weights_only(tag_dir: Path) -> bool:
+    """A tag with weights but no training state (written by `import-hf`): for --init-from, chat and export only."""
+    try:
+        return bool(json.loads((tag_dir / COMPLETE_MARKER).read_text()).get("weights_only", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def weights_files(tag_dir: Path) -> list[Path]:
+    """The consolidated weights of a tag (or of a Hugging Face model directory): model.safetensors, or the shards its
+    index names; E303 naming what is missing."""
+    index = tag_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError("E303", f"{index} is not a weights index: {exc}", "load an earlier tag") from exc
+        files = [tag_dir / name for name in names]
+        hint = f"{index} names them; copy the missing shards or load an earlier tag"
+    else:
+        files = [tag_dir / WEIGHTS_FILE]
+        hint = "a lumina-ds tag or a Hugging Face model directory holds model.safetensors (or shards and their index)"
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise CheckpointError("E303", f"consolidated weights not found: {', '.join(absent[:4])}", hint)
+    return files
+
+
+class SafetensorsFiles:
+    """The tensors of one or more safetensors files by name, each read when asked for (nothing up front)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    self._where.update(dict.fromkeys(handle.keys(), path))
+            except Exception as exc:  # safetensors raises its own (unexported) types for a bad header
+                raise CheckpointError("E303", f"cannot read {path}: {exc}", "the file is corrupt or truncated") from exc
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._where[name]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as exc:  # a file truncated or changed after its header was read
+            raise CheckpointError("E303", f"cannot read {name} from {path}: {exc}", "the file is corrupt") from exc
 
 
 LOCK_FILE = ".run.lock"

@@ -183,6 +183,13 @@ RUN_FLAGS = [
     ),
     Flag(("--auto-resume",), "checkpoint.auto_resume", "resume from this experiment's latest checkpoint", ON),
     Flag(
+        ("--init-from",),
+        "checkpoint.init_from",
+        "start from these weights with a fresh optimizer and schedule: a lumina-ds run dir or tag, or a Hugging Face "
+        "model dir (config.json + safetensors); the architecture and tokenizer come from it",
+        default="fresh weights",
+    ),
+    Flag(
         ("--strict-resume",),
         "checkpoint.strict_resume",
         "stop with E303 when the checkpoint fails verification, instead of falling back to the previous one",
@@ -374,15 +381,46 @@ def resolve_run(args: argparse.Namespace, *, world_size: int, announce: bool = T
     from lumina_ds.distributed.ds_config import load_deepspeed_json
 
     run = run_config_from_args(args)
+    if run.checkpoint.init_from:
+        adopt_init_source(run, explicit_flags(args), announce=announce)
     if run.distributed.deepspeed_config:
         user = load_deepspeed_json(run.distributed.deepspeed_config)
         run.distributed.deepspeed = deep_merge(run.distributed.deepspeed, user)
         run.validate()  # owned keys in the user's JSON are refused before the layout adds anything
-    if not args.config_file:
+    if not args.config_file and not run.checkpoint.init_from:
         _adopt_preset_layout(run, explicit_flags(args), world_size=world_size, announce=announce)
     run.validate()
     check_input_files(run.data)
     return run
+
+
+ARCHITECTURE_FLAGS = ("num_experts", "top_k")  # the source decides these; loss weights and backends may change
+
+
+def adopt_init_source(run: RunConfig, explicit: set[str], *, announce: bool) -> None:
+    """--init-from: the model (and, unless --tokenizer is given, the tokenizer) come from the source; a flag that
+    would change the architecture is E002."""
+    from lumina_ds.hf.source import open_model_source
+
+    assert run.checkpoint.init_from is not None
+    changed = sorted(f"--{d.replace('_', '-')}" for d in explicit if d in ARCHITECTURE_FLAGS)
+    if changed:
+        raise ConfigError("E002", f"{', '.join(changed)} cannot change a model given by --init-from",
+                          "the architecture comes from the source; drop the flag")  # fmt: skip
+    source = open_model_source(run.checkpoint.init_from)
+    flags_set = {name: getattr(run.model.moe, name) for name in ("capacity_factor", "load_balancing_weight",
+                 "router_z_loss_weight") if name in explicit}  # fmt: skip
+    backend = run.model.attention_backend if "attention_backend" in explicit else None
+    run.model = source.model
+    for name, value in flags_set.items():
+        setattr(run.model.moe, name, value)
+    if backend is not None:
+        run.model.attention_backend = backend
+    run.model_source = str(source.path)
+    if not run.data.tokenizer and source.tokenizer_file is not None:
+        run.data.tokenizer = str(source.tokenizer_file)
+    if announce:
+        print(f"--init-from {source.path} ({source.kind}): the model and tokenizer come from it; no preset layout")
 
 
 def _adopt_preset_layout(run: RunConfig, explicit: set[str], *, world_size: int, announce: bool) -> None:

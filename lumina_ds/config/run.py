@@ -136,6 +136,7 @@ class CheckpointConfig:
     auto_resume: bool = False  # resume from the latest tag of this experiment if there is one
     weights_shard_mb: int = 5120  # consolidated weights are written in safetensors shards of at most this size
     strict_resume: bool = False  # a tag that fails verification stops the run instead of falling back to an older
+    init_from: str | None = None  # weights only (fresh optimizer and schedule): a run dir, tag or HF model dir
     backup_dir: str | None = None  # verified copies of tags go to <backup_dir>/<experiment_name>/<tag>
     backup_every_n_hours: float = 0.0  # hours since the last backup before the next checkpoint is copied (0 = each)
     backup_total_limit: int = 2  # newest backups kept in the backup dir (and the best evaluation's)
@@ -251,7 +252,8 @@ class DistributedConfig:
 
 @dataclass
 class RunConfig:
-    preset: str = "debug"
+    preset: str = "debug"  # the base of every setting a file or flag leaves out
+    model_source: str = ""  # where the model came from (import-hf, --init-from); "" = the preset's model
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -106,11 +106,16 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _model_of(bundle: InferenceBundle) -> str:
+    source = bundle.config.model_source
+    return f"model from {source}" if source else f"preset {bundle.config.preset}"
+
+
 def banner(session: ChatSession) -> str:
     bundle, cfg = session.bundle, session.sampling
     counts = count_parameters(bundle.config.model)
     return (
-        f"lumina-ds chat | preset {bundle.config.preset} | {_human(counts.total)} parameters "
+        f"lumina-ds chat | {_model_of(bundle)} | {_human(counts.total)} parameters "
         f"({_human(counts.active)} active) | checkpoint {bundle.checkpoint_tag} ({bundle.run_dir})\n"
         f"temperature {cfg.temperature}, top_p {cfg.top_p}, top_k {cfg.top_k}, max_tokens {cfg.max_new_tokens}\n"
         f"Type a message; /help lists commands, /quit leaves."

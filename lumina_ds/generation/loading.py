@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +17,11 @@ from lumina_ds.errors import CheckpointError
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.run_dir import (
     CONFIG_FILE,
-    INDEX_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     resolve_checkpoint,
     run_dir_of,
+    weights_files,
     write_weights,
 )
 
@@ -92,19 +91,6 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
             f"weights in {source} do not match the model built from config.yaml; " + "; ".join(problems),
             "the checkpoint and config.yaml must come from the same run; do not edit config.yaml's model section",
         )
-
-
-def weights_files(tag_dir: Path) -> list[Path]:
-    """The consolidated weights of a tag: model.safetensors, or the shards its index names (E303 when missing)."""
-    index = tag_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError("E303", f"{index} is not a weights index: {exc}", "load an earlier tag") from exc
-        return [_require(tag_dir / name, "weights shard", f"{index} names it; load an earlier tag") for name in names]
-    hint = "checkpoints saved by lumina-ds training contain model.safetensors; pick another tag or re-save this one"
-    return [_require(tag_dir / WEIGHTS_FILE, "consolidated weights", hint)]
 
 
 def _read_weights(paths: list[Path]) -> dict[str, torch.Tensor]:

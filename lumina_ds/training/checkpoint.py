@@ -17,7 +17,14 @@ from lumina_ds.distributed.collectives import any_rank, broadcast_token
 from lumina_ds.distributed.consolidate import write_consolidated
 from lumina_ds.distributed.env import DistInfo, barrier
 from lumina_ds.errors import CheckpointError
-from lumina_ds.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER, TAG_PATTERN, list_complete_tags, tag_for_step
+from lumina_ds.run_dir import (
+    CHECKPOINTS_DIR,
+    COMPLETE_MARKER,
+    TAG_PATTERN,
+    is_weights_only,
+    list_complete_tags,
+    tag_for_step,
+)
 from lumina_ds.training.backup import backup_copier
 from lumina_ds.training.checkpoint_files import build_manifest, check_files, raise_corrupt, weights_only_loads
 from lumina_ds.training.checkpoint_state import (
@@ -176,12 +183,23 @@ class CheckpointManager:
 
         if self.config.resume:
             checkpoints, tag = resolve_checkpoint(self.config.resume)
-        elif self.config.auto_resume and list_complete_tags(self.dir):
-            checkpoints, tag = resolve_checkpoint(self.dir)
+        elif self.config.auto_resume and self._resumable(self.dir):
+            checkpoints, tag = self.dir, self._resumable(self.dir)[-1]
         else:
             return []
-        tags = list_complete_tags(checkpoints)
+        tags = self._resumable(checkpoints)
+        if tag not in tags:
+            raise CheckpointError(
+                "E303",
+                f"{checkpoints / tag} holds weights only (written by import-hf): there is no training state to resume",
+                f"start from it with --init-from {checkpoints / tag}",
+            )
         return [checkpoints / t for t in reversed(tags[: tags.index(tag) + 1])]
+
+    @staticmethod
+    def _resumable(checkpoints: Path) -> list[str]:
+        """Complete tags with a training state (not import-hf's weights-only ones), oldest first."""
+        return [t for t in list_complete_tags(checkpoints) if not is_weights_only(checkpoints / t)]
 
     def load(self, engine: Engine, *, log: Any = print) -> Resumed | None:
         """The newest candidate that verifies; a failing one is named and skipped (E303 with strict_resume). An elastic
@@ -189,7 +207,7 @@ class CheckpointManager:
         if self.elastic is not None:
             return self.elastic.load(engine)
         resumed = self._load_first_verified(engine, self.candidates(), log=log, strict=self.config.strict_resume)
-        if resumed is None and (self.config.resume or (self.config.auto_resume and list_complete_tags(self.dir))):
+        if resumed is None and (self.config.resume or (self.config.auto_resume and self._resumable(self.dir))):
             raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
         if resumed is not None:
             self._set_aside_newer(resumed.tag_dir, log=log)

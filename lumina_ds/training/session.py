@@ -30,6 +30,8 @@ from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError
+from lumina_ds.hf.source import open_model_source
+from lumina_ds.models.transformer import Transformer
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
@@ -47,6 +49,7 @@ from lumina_ds.training.elastic import plan_elastic_resume
 from lumina_ds.training.engine import build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
+from lumina_ds.training.init_from import load_initial_weights
 from lumina_ds.training.resume import apply_changed_settings
 from lumina_ds.training.train_step import Engine, TrainStep
 from lumina_ds.training.trainer import Trainer
@@ -310,6 +313,19 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def init_weights_if_asked(model: Transformer, run: RunConfig, info: DistInfo) -> None:
+    """--init-from: the source's weights, at a fresh start only (a resumed run continues from its checkpoint)."""
+    path = run.checkpoint.init_from
+    if not path:
+        return
+    if CheckpointManager(run.logging.run_dir, run.checkpoint, info).candidates():
+        log(info, f"--init-from {path} not used: this run resumes from its own checkpoint")
+        return
+    source = open_model_source(path)
+    copied = load_initial_weights(model, source, rank=info.rank)
+    log(info, f"initialised from {source.path} ({source.kind}): {copied:,} weights copied on rank 0; fresh optimizer")
+
+
 def train_attempt(run: RunConfig, info: DistInfo, precision: str) -> dict[str, Any]:
     """Data, model, engine, resume, loop."""
     run_dir = run.logging.run_dir
@@ -320,6 +336,8 @@ def train_attempt(run: RunConfig, info: DistInfo, precision: str) -> dict[str, A
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
     elastic = plan_elastic_resume(run, info, log=lambda message: log(info, message))  # before the engine: see there
     model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
+    if elastic is None:
+        init_weights_if_asked(model, run, info)
     bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision,
                           load_universal=elastic is not None)  # fmt: skip
     optimizer = optimizer_name(run, precision)

@@ -1,0 +1,121 @@
+"""Where a model's weights come from: a Hugging Face model directory or a lumina-ds run, read tensor by tensor.
+
+A Hugging Face directory is read as data only: config.json, safetensors (single or sharded with their index) and the
+tokenizer files. Nothing in it is executed: no `trust_remote_code`, no pickles (`*.bin` weights are refused).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lumina_ds.config.model import ModelConfig
+from lumina_ds.errors import CheckpointError, ConfigError
+from lumina_ds.run_dir import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    SafetensorsFiles,
+    resolve_checkpoint,
+    run_dir_of,
+    weights_files,
+)
+
+HF_CONFIG_FILE = "config.json"
+TensorReader = Callable[[str], torch.Tensor]  # one of our parameter names -> its full tensor
+
+
+@dataclass
+class ModelSource:
+    """A model to start from: its architecture, our parameter names and a reader for each, and its tokenizer."""
+
+    path: Path
+    kind: str  # "hf" (a Hugging Face model directory) or "lumina" (a run dir, checkpoints dir or tag)
+    model: ModelConfig
+    names: list[str]  # our parameter names, as Transformer.named_parameters() gives them
+    read: TensorReader
+    tokenizer_file: Path | None = None  # tokenizer.json; its chat template files sit beside it
+    arch: str = ""  # the Hugging Face architecture (kind "hf")
+    token_ids: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids config.json states (kind "hf")
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    path = directory / HF_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "E005", f"cannot read {path}: {exc}", "a Hugging Face model directory has a config.json"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ConfigError("E005", f"{path} is not a JSON object", "a Hugging Face model directory has a config.json")
+    return config
+
+
+def _refuse_pickles(directory: Path) -> None:
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    if pickles and not any(directory.glob("*.safetensors")):
+        raise CheckpointError(
+            "E303",
+            f"{directory} holds {', '.join(pickles[:3])} but no safetensors: pickled weights can run code and are "
+            "not read",
+            "convert them to safetensors on a machine you trust (transformers: save_pretrained(safe_serialization="
+            "True))",
+        )
+
+
+def open_hf_dir(directory: Path) -> ModelSource:
+    """A Hugging Face model directory: the ModelConfig (E005 for what lumina-ds cannot represent exactly), and
+    our names mapped onto its tensors (E303 for missing, unexpected or wrongly shaped ones)."""
+    from lumina_ds.hf.architectures import model_config_from_hf
+    from lumina_ds.hf.weights import hf_to_ours
+
+    imported = model_config_from_hf(read_hf_config(directory))
+    _refuse_pickles(directory)
+    files = SafetensorsFiles(weights_files(directory))
+    names, read = hf_to_ours(imported.model, imported.arch, files.names(), files.get)
+    tokenizer = directory / TOKENIZER_FILE
+    return ModelSource(
+        path=directory,
+        kind="hf",
+        model=imported.model,
+        names=names,
+        read=read,
+        tokenizer_file=tokenizer if tokenizer.is_file() else None,
+        arch=imported.arch,
+        token_ids=dict(imported.token_ids),
+    )
+
+
+def open_run_source(path: Path) -> ModelSource:
+    """A lumina-ds run dir, checkpoints dir or tag: the newest complete tag's consolidated weights."""
+    from lumina_ds.config.io import load_config
+
+    checkpoints, tag = resolve_checkpoint(path)
+    run_dir = run_dir_of(checkpoints)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError("E303", f"{run_dir} has no {CONFIG_FILE}", "point at a lumina-ds run directory or tag")
+    files = SafetensorsFiles(weights_files(checkpoints / tag))
+    tokenizer = run_dir / TOKENIZER_FILE
+    return ModelSource(
+        path=checkpoints / tag,
+        kind="lumina",
+        model=load_config(run_dir / CONFIG_FILE).model,
+        names=files.names(),
+        read=files.get,
+        tokenizer_file=tokenizer if tokenizer.is_file() else None,
+    )
+
+
+def open_model_source(path: str | Path) -> ModelSource:
+    """A Hugging Face model directory (config.json + safetensors), or a lumina-ds run dir, checkpoints dir or tag."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError("E303", f"{path} does not exist", "pass a run dir, a tag or a Hugging Face model dir")
+    if (path / HF_CONFIG_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+        return open_hf_dir(path)
+    return open_run_source(path)

@@ -1,0 +1,86 @@
+"""An export is checked before it is called done: transformers loads it and its logits must equal ours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lumina_ds.data.chat_format import Message
+from lumina_ds.data.tokenizer import ChatTokenizer
+from lumina_ds.errors import CheckpointError
+from lumina_ds.hf.source import ModelSource
+from lumina_ds.models.transformer import Transformer
+
+TOLERANCE = 1e-4  # max |logit difference| in fp32
+PROBE = (
+    Message("system", "You answer briefly."),
+    Message("user", "Name three prime numbers, then explain why 1 is not one."),
+    Message("assistant", "2, 3 and 5. A prime has exactly two divisors; 1 has one."),
+    Message("user", "Und auf Deutsch? ✓"),
+)
+
+
+@dataclass(frozen=True)
+class Verification:
+    max_abs_diff: float
+    tokens: int  # probe tokens compared (batch x length)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= TOLERANCE
+
+
+def probe_batch(tokenizer: ChatTokenizer, *, vocab_size: int, max_len: int) -> torch.Tensor:
+    """[2, S]: a chat prompt as the template renders it, and ids spread over the whole vocabulary."""
+    chat = tokenizer.encode_prompt(list(PROBE))[:max_len]
+    spread = torch.linspace(0, vocab_size - 1, steps=len(chat)).round().long().flip(0)
+    return torch.stack([torch.tensor(chat, dtype=torch.long), spread])  # [2, S]
+
+
+def reference_model(source: ModelSource, *, dtype: torch.dtype) -> Transformer:
+    """Our model in fp32 with the weights rounded to the export's dtype, as transformers will read them."""
+    model = source.model.build()
+    state = {name: source.read(name).to(dtype).float() for name in source.names}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return model.eval()
+
+
+def verify_export(out_dir: Path, source: ModelSource, tokenizer: ChatTokenizer, *, dtype: torch.dtype) -> Verification:
+    """Load `out_dir` with transformers (fp32) and compare its logits with ours on a probe batch."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    except Exception as exc:  # transformers raises many types for a config or weights it cannot read
+        raise CheckpointError(
+            "E306",
+            f"transformers cannot load the export in {out_dir}: {exc}",
+            "report this with the run's config.yaml; the export is left in place",
+        ) from exc
+    ours = reference_model(source, dtype=dtype)
+    ids = probe_batch(tokenizer, vocab_size=source.model.vocab_size, max_len=min(64, source.model.max_seq_len))
+    with torch.no_grad():
+        expected = ours(ids)["logits"]  # [2, S, V]
+        got = theirs(input_ids=ids).logits  # [2, S, V]
+    return Verification(float((expected - got).abs().max()), ids.numel())
+
+
+def why_not_verified(source: ModelSource) -> str | None:
+    """Why this machine cannot verify the export (None: it can): transformers missing, or too little free host
+    memory for the two fp32 copies of the model the check compares."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "transformers is not installed (pip install lumina-ds[hf])"
+    import psutil
+
+    from lumina_ds.models.counting import count_parameters
+
+    needed = 2 * 4 * count_parameters(source.model).total
+    available = psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        return f"it needs {needed / 1e9:.1f} GB of host memory for two fp32 copies, {available / 1e9:.1f} GB is free"
+    return None
