@@ -19,6 +19,7 @@ import torch
 from lumina_ds.config.model import ModelConfig
 from lumina_ds.errors import CheckpointError
 from lumina_ds.hf.architectures import SUPPORTED, export_architecture
+from lumina_ds.hf.common import refuse
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -88,7 +89,7 @@ def _layer_entry(rest: str, prefix: str, shape: tuple[int, ...], moe_style: str,
 def mapping(model: ModelConfig, arch: str, *, fused: bool = False) -> list[Entry]:
     """Every one of our parameters with its Hugging Face sources, in our parameter order."""
     if arch not in SUPPORTED:
-        raise CheckpointError("E303", f"no weight mapping for architecture {arch!r}", f"supported: {list(SUPPORTED)}")
+        raise refuse(arch, "no weight mapping for this architecture", f"supported: {', '.join(SUPPORTED)}")
     moe_style = SUPPORTED[arch].moe
     entries = []
     top = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}

@@ -36,6 +36,13 @@ def test_unknown_architecture_lists_the_supported_ones() -> None:
     assert all(name in message for name in SUPPORTED)
 
 
+def test_weights_of_an_unknown_architecture_are_refused() -> None:
+    model, tensors = checkpoint_of("LlamaForCausalLM")
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel: no weight mapping") as caught:
+        hf_to_ours(model, "GPT2LMHeadModel", list(tensors), tensors.__getitem__)
+    assert caught.value.code == "E005" and "MixtralForCausalLM" in caught.value.hint
+
+
 def test_architectures_and_model_type_must_agree() -> None:
     message = refusal(config_dict("MistralForCausalLM", architectures=["MistralForCausalLM"], model_type="llama"))
     assert "model_type 'llama'" in message and "'mistral'" in message
