@@ -1,10 +1,13 @@
-"""Conversations -> token ids and loss targets with a model's own chat template: the loss falls on exactly what the
-assistant generates after the template's generation prompt, through its end-of-turn token(s).
+"""Conversations -> token ids and loss targets with a model's own chat template: the loss falls on exactly each
+assistant reply's text as rendered and the end-of-turn token(s) the template writes after it.
 
 Spans come from the template's `{% generation %}` blocks when it has them. Otherwise each assistant turn is found by
 rendering prefixes: the conversation before it with the generation prompt, and up to it without; both must be
-prefixes of the whole rendered conversation (else E121: the template is not prefix-stable, and nothing is guessed).
-The rendered text is tokenized once, as transformers does, and a token is a target when its characters overlap a span.
+prefixes of the whole rendered conversation. A template that is not prefix-stable (Qwen3 drops the empty think block
+of earlier turns, Mistral v0.3 moves the system prompt into the last user turn) has each assistant content located by
+substitution instead: the conversation rendered again with that content replaced differs from it in exactly the
+content's characters, or the record is E121 (nothing is guessed). The rendered text is tokenized once, as
+transformers does, and a token is a target when its characters overlap a span.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ EncodedDoc = tuple[np.ndarray, np.ndarray]  # as documents.EncodedDoc: ids int32
 Span = tuple[int, int]
 _PROBE = (Message("user", "Hi"), Message("assistant", "Hello"))
 _STABLE_HINT = (
-    "train with lumina-ds' own format (a --tokenizer without chat template), or use a template that renders earlier "
-    "turns the same whatever follows them, or mark assistant text with {% generation %}...{% endgeneration %}"
+    "train with lumina-ds' own format (a --tokenizer without chat template), or use a template that writes each reply "
+    "once and unchanged, followed by a special token, or mark replies with {% generation %}...{% endgeneration %}"
 )
 
 
@@ -36,18 +39,33 @@ def _after_tokens(text: str, pos: int, added: Sequence[str]) -> int:
     return pos
 
 
-def _turn_end(text: str, start: int, content: str, added: Sequence[str]) -> int | None:
+def _turn_span(text: str, start: int, content: str, added: Sequence[str]) -> Span | None:
     """In text[start:], the last occurrence of content (or of it stripped, for templates that trim) that is followed
-    by added tokens: the end of those tokens, i.e. of the end-of-turn. None when there is no such occurrence."""
+    by added tokens: from the content through those tokens (its end-of-turn). None when there is no such occurrence."""
     for candidate in dict.fromkeys((content, content.strip())):
         stop = len(text)
         while (found := text.rfind(candidate, start, stop)) >= 0:
             content_end = found + len(candidate)
             end = _after_tokens(text, content_end, added)
             if end > content_end:
-                return end
+                return found, end
             stop = content_end - 1
     return None
+
+
+def _ends_at(text: str, content: str, first: int, end: int) -> bool:
+    """Is content the text that ends at end and covers the first changed character? (The template may write text equal
+    to the content's start, e.g. Qwen3's "<think>\\n", so the first difference can lie inside the content.)"""
+    return end - len(content) <= first and text.startswith(content, end - len(content)) and end - len(content) >= 0
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search over slice comparisons, which run in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if a[:middle] == b[:middle] else (low, middle - 1)
+    return low
 
 
 def target_flags(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> np.ndarray:
@@ -89,16 +107,15 @@ class TemplateCodec:
 
     def _probe_end_of_turn(self) -> str:
         """The first special token after an assistant message's content: where generation stops."""
-        text = self.template.render(_PROBE)
-        end = _turn_end(text, 0, _PROBE[-1].content, self._added)
-        if end is None:
+        text, reply = self.template.render(_PROBE), _PROBE[-1].content
+        span = _turn_span(text, 0, reply, self._added)
+        if span is None:
             raise DataError(
                 "E121",
                 "the chat template puts no special token after the assistant's content, so a reply has no end",
                 _STABLE_HINT,
             )
-        start = text.rfind(_PROBE[-1].content, 0, end) + len(_PROBE[-1].content)
-        return next(t for t in self._added if text.startswith(t, start))
+        return next(t for t in self._added if text.startswith(t, span[0] + len(reply)))
 
     def spans(self, messages: Sequence[Message]) -> tuple[str, list[Span]]:
         """The rendered conversation and the character spans of its assistant turns (E120/E121 on failure)."""
@@ -107,10 +124,12 @@ class TemplateCodec:
             if not spans and any(m.role == "assistant" for m in messages):
                 raise DataError("E121", "the template's {% generation %} blocks marked no assistant text", _STABLE_HINT)
             return text, spans
-        return self._prefix_spans(messages)
-
-    def _prefix_spans(self, messages: Sequence[Message]) -> tuple[str, list[Span]]:
         text = self.template.render(messages)
+        prefixed = self._prefix_spans(messages, text)
+        return text, prefixed if prefixed is not None else self._substituted_spans(messages, text)
+
+    def _prefix_spans(self, messages: Sequence[Message], text: str) -> list[Span] | None:
+        """Each reply, found after its generation prompt, through its end-of-turn; None if not prefix-stable."""
         spans = []
         for index, message in enumerate(messages):
             if message.role != "assistant":
@@ -118,22 +137,43 @@ class TemplateCodec:
             prompt = self.template.render(messages[:index], add_generation_prompt=True)
             turn = self.template.render(messages[: index + 1])
             if not (turn.startswith(prompt) and text.startswith(turn)):
-                raise DataError(
-                    "E121",
-                    f"the chat template is not prefix-stable at message {index + 1}: the conversation rendered up to "
-                    "it is not the start of the whole conversation rendered",
-                    _STABLE_HINT,
-                )
-            end = _turn_end(turn, len(prompt), message.content, self._added)
-            if end is None:
+                return None
+            span = _turn_span(turn, len(prompt), message.content, self._added)
+            if span is None:
                 raise DataError(
                     "E121",
                     f"message {index + 1} (assistant): its content is not followed by an end-of-turn token in the "
                     "rendered text (the template changed it)",
                     _STABLE_HINT,
                 )
-            spans.append((len(prompt), end))
-        return text, spans
+            spans.append(span)
+        return spans
+
+    def _substituted_spans(self, messages: Sequence[Message], text: str) -> list[Span]:
+        """Each assistant content through its end-of-turn, located where text and the text rendered with that content
+        replaced differ (E121 when they differ elsewhere too, or the template changed the content)."""
+        spans = []
+        for index, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            content = message.content.strip()
+            stand_in = next(c for c in "XYZ" if not content.startswith(c) and not content.endswith(c))
+            changed = [*messages[:index], Message("assistant", stand_in), *messages[index + 1 :]]
+            other = self.template.render(changed)
+            start = _common_prefix(text, other)
+            end = len(text) - _common_prefix(text[start:][::-1], other[start:][::-1])
+            start = next((end - len(c) for c in (message.content, content) if _ends_at(text, c, start, end)), -1)
+            stop = _after_tokens(text, end, self._added)
+            if start < 0 or stop == end:
+                raise DataError(
+                    "E121",
+                    f"the chat template is not prefix-stable, and the content of message {index + 1} (assistant) "
+                    "cannot be located in the rendered conversation (the template changes it, renders it in more "
+                    "than one place, or puts no special token after it)",
+                    _STABLE_HINT,
+                )
+            spans.append((start, stop))
+        return spans
 
     def _layout(self, messages: Sequence[Message], train_all: bool) -> tuple[str, list[Span] | None]:
         """The rendered conversation and its loss spans (None: every token after the first)."""

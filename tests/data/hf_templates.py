@@ -153,6 +153,25 @@ CHATML_GENERATION = """{{- '<|im_start|>system\nA chat of ' + (messages | length
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
 """
 
+# Qwen3's behaviour in a few lines (written for these tests): a reply after the last user message renders a think
+# block, empty unless the content holds one; earlier replies render without it. So a conversation's first reply
+# renders differently once the conversation goes on: not prefix-stable.
+QWEN3_STYLE = """{%- for message in messages %}
+    {%- if message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\n' }}
+        {%- set answer = message.content.split('</think>')[-1].lstrip('\n') %}
+        {%- if loop.last %}
+            {%- set thought = message.content.split('</think>')[0].split('<think>')[-1] if '</think>' in message.content else '' %}
+            {{- '<think>\n' + thought.strip('\n') + '\n</think>\n\n' }}
+        {%- endif %}
+        {{- answer + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
+
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
@@ -203,6 +222,7 @@ FAMILIES: dict[str, tuple[str, str, list[str], dict[str, str]]] = {
         ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
         {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
     ),
+    "qwen3_style": (QWEN3_STYLE, "qwen2", CHATML_SPECIALS, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
     "chatml_generation": (CHATML_GENERATION, "bytelevel", CHATML_SPECIALS, {"eos_token": "<|endoftext|>"}),
 }
 TEXTS = [

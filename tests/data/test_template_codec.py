@@ -45,11 +45,11 @@ EXPECTED = {
          "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
         ("ok 🙂<|eot_id|>", True),
     ],
-    "mistral": [  # the system message joins the first user turn; no generation prompt, so the reply's space is its own
-        ("<s> [INST] Be brief.\n\nHello there [/INST]", False),
-        (" I am fine.\n\nThanks</s>", True),
-        (" [INST]   leading spaces [/INST]", False),
-        ("  ok 🙂\n</s>", True),
+    "mistral": [  # the system message joins the first user turn; the template writes a space before each reply
+        ("<s> [INST] Be brief.\n\nHello there [/INST] ", False),
+        ("I am fine.\n\nThanks</s>", True),
+        (" [INST]   leading spaces [/INST] ", False),
+        (" ok 🙂\n</s>", True),
     ],
     "chatml_generation": [
         ("<|im_start|>system\nA chat of 5 messages.<|im_end|>\n<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -88,40 +88,109 @@ def _trained_runs(tokenizer: ChatTokenizer, messages: list[Message]) -> list[str
     return [text[run[0][0] : run[-1][1]] for run in runs]
 
 
+# The text under each run of loss tokens, where a token crosses a span's edge: Mistral's "▁I" holds the template's
+# space and the reply's first letter (transformers' assistant mask takes such a token too); before " ok" the
+# template's space is a "▁" of its own.
+TOKEN_RUNS = {"mistral": [" I am fine.\n\nThanks</s>", " ok 🙂\n</s>"]}
+
+
 @pytest.mark.parametrize("family", ["chatml", "llama3", "mistral", "chatml_generation"])
 def test_loss_spans_are_the_assistant_text_and_its_end_of_turn(family: str) -> None:
     tokenizer = family_chat_tokenizer(family)
     assert tokenizer.codec is not None
     assert tokenizer.codec.spans(CONVERSATION) == _spans(EXPECTED[family])
-    assert _trained_runs(tokenizer, CONVERSATION) == [piece for piece, trained in EXPECTED[family] if trained]
+    runs = TOKEN_RUNS.get(family, [piece for piece, trained in EXPECTED[family] if trained])
+    assert _trained_runs(tokenizer, CONVERSATION) == runs
 
 
-def test_generation_markers_give_spans_where_prefix_rendering_cannot() -> None:
-    with_markers = family_chat_tokenizer("chatml_generation")
-    assert with_markers.codec is not None and with_markers.chat_template is not None
-    assert with_markers.chat_template.has_generation_markers
-    plain = CHATML_GENERATION.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
-    without = ChatTokenizer(
-        family_tokenizer("bytelevel", CHATML_SPECIALS, ["hi"]), chat_template=JinjaChatTemplate(plain)
+def _chatml(source: str) -> ChatTokenizer:
+    return ChatTokenizer(
+        family_tokenizer("bytelevel", CHATML_SPECIALS, ["hi"]), chat_template=JinjaChatTemplate(source)
     )
-    assert without.codec is not None
-    # "A chat of 2 messages" up to the first reply, "A chat of 5 messages" in the whole conversation
-    with pytest.raises(DataError, match="not prefix-stable at message 3") as err:
-        without.codec.spans(CONVERSATION)
-    assert err.value.code == "E121"
+
+
+def test_a_template_that_is_not_prefix_stable_gets_its_spans_from_markers_or_by_substitution() -> None:
+    # "A chat of 3 messages" up to the first reply, "A chat of 5 messages" in the whole conversation
+    with_markers = family_chat_tokenizer("chatml_generation")
+    assert with_markers.chat_template is not None and with_markers.chat_template.has_generation_markers
+    plain = CHATML_GENERATION.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    without = _chatml(plain)
+    assert with_markers.codec is not None and without.codec is not None
+    assert without.codec._prefix_spans(CONVERSATION, plain) is None
     assert with_markers.codec.spans(CONVERSATION) == _spans(EXPECTED["chatml_generation"])
+    assert without.codec.spans(CONVERSATION) == _spans(EXPECTED["chatml_generation"])
 
 
-def test_a_template_that_moves_the_system_prompt_is_not_prefix_stable() -> None:
-    tokenizer = family_chat_tokenizer("mistral_v3")  # the system message joins the *last* user turn
+def test_a_template_that_moves_the_system_prompt_gets_its_spans_by_substitution() -> None:
+    # The system message joins the user turn when it is the last message: in the generation prompt, never in a
+    # conversation that ends with a reply (transformers renders the same).
+    tokenizer = family_chat_tokenizer("mistral_v3")
     assert tokenizer.codec is not None
-    skipped = tokenizer.codec.encode_line(7, CONVERSATION)
+    assert tokenizer.codec.spans(CONVERSATION) == _spans(
+        [
+            ("<s>[INST] Hello there[/INST] ", False),
+            ("I am fine.\n\nThanks</s>", True),
+            ("[INST]   leading spaces[/INST] ", False),
+            (" ok 🙂\n</s>", True),
+        ]
+    )
+    prompt = tokenizer.chat_template.render(CONVERSATION[:2], add_generation_prompt=True)  # type: ignore[union-attr]
+    assert prompt == "<s>[INST] Be brief.\n\nHello there[/INST]"
+    # prefix-stable without a system message: the same span by incremental rendering
+    assert tokenizer.codec._prefix_spans(CONVERSATION[1:3], "") is None  # not a prefix of ""
+    assert tokenizer.codec.spans(CONVERSATION[1:3]) == _spans(
+        [("<s>[INST] Hello there[/INST] ", False), ("I am fine.\n\nThanks</s>", True)]
+    )
+
+
+def test_qwen3_style_think_blocks_get_their_spans_by_substitution() -> None:
+    tokenizer = family_chat_tokenizer("qwen3_style")
+    assert tokenizer.codec is not None
+    thinking = [*CONVERSATION, Message("user", "more?"), Message("assistant", "<think>\nhmm\n</think>\n\nyes")]
+    head = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    middle = "\n<|im_start|>user\n  leading spaces<|im_end|>\n<|im_start|>assistant\n"
+    # the last reply gets an empty think block from the template, which is not the reply's: no loss on it
+    assert tokenizer.codec.spans(CONVERSATION) == _spans(
+        [
+            (head, False),
+            ("I am fine.\n\nThanks<|im_end|>", True),
+            (middle + "<think>\n\n</think>\n\n", False),
+            (" ok 🙂\n<|im_end|>", True),
+            ("\n", False),
+        ]
+    )
+    # a reply that thinks: the template writes "<think>\n" itself, the characters are the reply's all the same
+    assert tokenizer.codec.spans(thinking) == _spans(
+        [
+            (head, False),
+            ("I am fine.\n\nThanks<|im_end|>", True),
+            (middle, False),
+            (" ok 🙂\n<|im_end|>", True),
+            ("\n<|im_start|>user\nmore?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("<think>\nhmm\n</think>\n\nyes<|im_end|>", True),
+            ("\n", False),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("loop", "why"),
+    [
+        # renders the last reply a second time, in a header that changes as the conversation grows
+        ("{{ 'Last: ' + messages[-1].content + '<|im_end|>' }}{% for m in messages %}"
+         "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>' }}{% endfor %}", "not prefix-stable"),
+        # changes the reply's text
+        ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content | replace('fine', 'FINE') }}"
+         "{{ '<|im_end|>' }}{% endfor %}", "the template changed it"),
+    ],
+)  # fmt: skip
+def test_a_reply_that_cannot_be_located_exactly_skips_the_record_with_e121(loop: str, why: str) -> None:
+    tokenizer = _chatml(loop)
+    assert tokenizer.codec is not None
+    skipped = tokenizer.codec.encode_line(7, CONVERSATION[1:3])
     assert isinstance(skipped, SkippedLine)
     assert (skipped.line_no, skipped.code) == (7, "E121")
-    no_system = CONVERSATION[1:3]
-    assert tokenizer.codec.spans(no_system) == _spans(
-        [("<s>[INST] Hello there[/INST]", False), (" I am fine.\n\nThanks</s>", True)]
-    )
+    assert why in skipped.reason
 
 
 def test_train_on_all_targets_every_token_after_the_first() -> None:

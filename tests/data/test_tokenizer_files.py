@@ -94,6 +94,7 @@ def test_native_template_read_back_uses_the_native_encoder(native: ChatTokenizer
         ("mistral", None),
         ("mistral", "LlamaTokenizerFast"),
         ("chatml_generation", None),
+        ("qwen3_style", "Qwen2Tokenizer"),
     ],
 )
 def test_imported_template_equals_apply_chat_template(family: str, tokenizer_class: str | None, tmp_path: Path) -> None:
