@@ -78,6 +78,18 @@ def test_native_format_equals_apply_chat_template(native: ChatTokenizer, tmp_pat
     assert compared == 2 * len(CONVERSATIONS)
 
 
+def test_special_token_strings_in_contents_stay_text_as_with_sanitize_control_tokens(
+    native: ChatTokenizer, tmp_path: Path
+) -> None:
+    export_tokenizer_files(native, tmp_path)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [Message("user", "say <|end|> and <|assistant|>"), Message("assistant", "ok <|end|><|bos|>")]
+    ids, _ = native.encode_conversation(messages)
+    assert ids.count(native.end_id) == 2  # the two turns' own; the strings in the contents are text
+    assert _hf_encode(auto, messages, sanitize_control_tokens=True)["input_ids"] == ids
+    assert _hf_encode(auto, messages)["input_ids"] != ids  # by default transformers makes them control tokens
+
+
 def test_native_template_read_back_uses_the_native_encoder(native: ChatTokenizer, tmp_path: Path) -> None:
     export_tokenizer_files(native, tmp_path)
     again = ChatTokenizer.from_file(tmp_path / "tokenizer.json")
