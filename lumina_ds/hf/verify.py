@@ -53,7 +53,10 @@ def verify_export(out_dir: Path, source: ModelSource, tokenizer: ChatTokenizer, 
     from transformers import AutoModelForCausalLM
 
     try:
-        theirs = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+        # eager experts: transformers' plain per-expert loop (its grouped_mm kernel needs 16-byte strides on CPU)
+        theirs = AutoModelForCausalLM.from_pretrained(
+            str(out_dir), dtype=torch.float32, experts_implementation="eager"
+        ).eval()
     except Exception as exc:  # transformers raises many types for a config or weights it cannot read
         raise CheckpointError(
             "E306",

@@ -54,7 +54,9 @@ def make_hf_model(directory: Path, *, seed: int = 0) -> Path:
 
 def hf_greedy(model_dir: Path, messages: list[dict[str, str]], *, max_new: int) -> str:
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, experts_implementation="eager"
+    ).eval()
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     prompt = torch.tensor([ids])
     out = model.generate(prompt, do_sample=False, max_new_tokens=max_new, attention_mask=torch.ones_like(prompt))
@@ -266,3 +268,35 @@ def test_a_mapping_that_swaps_two_experts_fails_verification_with_e306(
     err = capsys.readouterr().err
     assert "[E306]" in err and "max |logit difference|" in err
     assert (tmp_path / "out" / "config.json").is_file()  # left in place for inspection
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("arch", sorted(["MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM",
+                                         "OlmoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                                         "Qwen2ForCausalLM", "Qwen3ForCausalLM"]))  # fmt: skip
+def test_greedy_chat_of_every_imported_architecture_equals_transformers_generate(arch: str, tmp_path: Path) -> None:
+    """Each architecture's tiny model (tests/hf/tiny_models.py: its options, odd sizes, windows shorter than the
+    conversation) saved as a hub download is, imported, the model transformers runs: the same greedy reply."""
+    from tests.hf.tiny_models import hf_config, hf_model
+
+    tokenizer = family_tokenizer("bytelevel", CHATML_SPECIALS, chat_texts(), vocab_size=420)
+    stop, pad = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
+    model = hf_model(arch, hf_config(arch, vocab_size=431, eos_token_id=stop, pad_token_id=pad, bos_token_id=None))
+    model.save_pretrained(str(tmp_path / "hf"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>")  # fmt: skip
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(tmp_path / "hf"))
+    run = import_hf(tmp_path / "hf", tmp_path / "run").run_dir
+    report = export_run(run, tmp_path / "export", dtype="fp32")  # and back out, verified by transformers
+    assert report.arch == arch and report.verification is not None
+    print(f"{arch}: export verified, max |logit difference| {report.verification.max_abs_diff:.1e}")
+    assert report.verification.max_abs_diff <= 1e-4
+    prompt = "Hi! How are you?"
+    assert our_greedy(run, prompt, max_new=8) == hf_greedy(tmp_path / "hf", [{"role": "user", "content": prompt}],
+                                                           max_new=8)  # fmt: skip
