@@ -15,7 +15,7 @@ SPECIALS = {"bos_token": "<s>", "eos_token": "</s>"}
 FEATURES = (
     "{% set ns = namespace(count=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
     "{% set ns.count = ns.count + 1 %}{{ m | tojson }}{% endfor %}{{ ns.count }}{{ dict(a=1) | tojson }}"
-    "{% if add_generation_prompt %}<gen>{% endif %}"
+    "{{ strftime_now('%Y') | length }}{% if add_generation_prompt %}<gen>{% endif %}"
 )
 
 
@@ -35,7 +35,7 @@ def test_renders_as_transformers(source: str, add_generation_prompt: bool) -> No
 def test_features_render_to_the_hand_written_text() -> None:
     text = JinjaChatTemplate(FEATURES).render(MESSAGES, add_generation_prompt=True)
     assert text == (
-        '{"role": "user", "content": "  Hi <b>&</b> ü"}{"role": "assistant", "content": "Hello!\\n"}2{"a": 1}<gen>'
+        '{"role": "user", "content": "  Hi <b>&</b> ü"}{"role": "assistant", "content": "Hello!\\n"}2{"a": 1}4<gen>'
     )
 
 
@@ -48,6 +48,8 @@ def test_features_render_to_the_hand_written_text() -> None:
         "{{ cycler.__init__.__globals__ }}",
         "{{ lipsum.__globals__['os'] }}",
         "{{ self.__init__ }}",
+        "{{ messages | attr('__class__') }}",
+        "{{ (messages | first).__class__.__base__ }}",
         "{% set ns = namespace(_secret=1) %}",
     ],
 )
