@@ -278,9 +278,9 @@ def unrepresentable(config: ModelConfig, spec: ArchSpec) -> list[str]:
 
 def _moe_reasons(moe: MoEConfig, spec: ArchSpec, layers: int) -> list[str]:
     reasons = []
-    gated = moe.num_shared_experts == 1 and moe.shared_expert_gate
-    if "shared_expert_intermediate_size" in spec.defaults and not gated:
-        reasons.append("no sigmoid-gated shared expert (it always has one)")
+    # an ungated shared expert is written with a zero gate (sigmoid = 1/2) and its down_proj doubled: exact
+    if "shared_expert_intermediate_size" in spec.defaults and moe.num_shared_experts != 1:
+        reasons.append(f"{moe.num_shared_experts} shared experts (it has exactly one)")
     if moe.num_shared_experts and "shared_expert_intermediate_size" not in spec.defaults:
         reasons.append(f"{moe.num_shared_experts} shared expert(s)" + ("" if moe.shared_expert_gate else ", ungated"))
     if spec.moe == "mixtral" and not moe.norm_topk_prob:

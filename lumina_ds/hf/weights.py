@@ -222,11 +222,12 @@ def ours_to_hf(
     _check_names(
         [e.ours for e in entries], list(canonical), what="lumina-ds", ignorable=lambda n: tied and n == "lm_head.weight"
     )
-    return _hf_tensors(entries, canonical, read_ours)
+    opens_gate = not model.moe.shared_expert_gate and "shared_expert_intermediate_size" in SUPPORTED[arch].defaults
+    return _hf_tensors(entries, canonical, read_ours, open_shared_gate=opens_gate)
 
 
 def _hf_tensors(
-    entries: list[Entry], canonical: dict[str, str], read_ours: Reader
+    entries: list[Entry], canonical: dict[str, str], read_ours: Reader, *, open_shared_gate: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     for entry in entries:
         tensor = read_ours(canonical[entry.ours])
@@ -234,8 +235,22 @@ def _hf_tensors(
         if entry.stacked:  # one tensor per expert, each its own copy (a view would keep the whole stack alive)
             for e, hf_name in enumerate(entry.hf):
                 yield hf_name, tensor[e].clone()
+        elif open_shared_gate and entry.hf[0].endswith(SHARED_DOWN):
+            yield from _gated_shared_expert(entry.hf[0], tensor)
         else:
             yield entry.hf[0], tensor
+
+
+SHARED_DOWN = "mlp.shared_expert.down_proj.weight"
+
+
+def _gated_shared_expert(down_name: str, down: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our ungated shared expert in an architecture whose shared expert is always gated (Qwen2-MoE): a zero gate
+    gives sigmoid(0) = 1/2 for every token, and the doubled down_proj undoes it. Doubling is exact in any float
+    format (only the exponent changes), so the export computes exactly what we do."""
+    yield down_name, down * 2
+    gate = down_name.removesuffix(SHARED_DOWN) + "mlp.shared_expert_gate.weight"
+    yield gate, torch.zeros(1, down.shape[0], dtype=down.dtype)  # [1, H]
 
 
 def _canonical(name: str) -> str:

@@ -125,6 +125,29 @@ def test_debug_preset_exports_as_mixtral(tmp_path: Path) -> None:
     assert diff <= TOLERANCE
 
 
+def test_an_ungated_shared_expert_exports_as_qwen2_moe_exactly(tmp_path: Path) -> None:
+    """Our b7+ presets' shared expert has no gate; Qwen2-MoE's always has one: a zero gate (sigmoid 1/2) and a doubled
+    down_proj make the export compute what we do."""
+    from lumina_ds.config.model import ModelConfig, MoEConfig
+    from tests.hf.tiny_models import randomize
+
+    moe = MoEConfig(num_experts=5, top_k=2, expert_intermediate_size=20, num_shared_experts=1,
+                    shared_intermediate_size=28)  # fmt: skip
+    config = ModelConfig(vocab_size=211, hidden_size=40, num_layers=2, num_heads=5, num_kv_heads=1,
+                         intermediate_size=56, max_seq_len=64, tie_embeddings=False, moe=moe)  # fmt: skip
+    torch.manual_seed(11)
+    ours = config.build().eval()
+    randomize(ours, seed=11)
+    exported_config = hf_config_from_model(config)
+    assert exported_config["architectures"] == ["Qwen2MoeForCausalLM"]
+    params = dict(ours.named_parameters())
+    exported = dict(ours_to_hf(config, "Qwen2MoeForCausalLM", list(params), lambda n: params[n].detach()))
+    assert not exported["model.layers.1.mlp.shared_expert_gate.weight"].any()
+    down = "model.layers.1.mlp.shared_expert.down_proj.weight"
+    assert torch.equal(exported[down], 2 * params["layers.1.ffn.shared.w2.weight"])
+    assert _reloaded_diff(exported_config, exported, tmp_path / "export", our_logits(ours)) <= TOLERANCE
+
+
 @pytest.mark.parametrize("arch", ["Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"])
 def test_consolidated_checkpoint_weights_export(arch: str) -> None:
     """A checkpoint's consolidated weights (what `export` reads) carry the names the mapping expects."""

@@ -73,18 +73,19 @@ def test_refused_value_lists_the_supported_ones() -> None:
     assert "supported: [None]" in refusal(config_dict("OlmoeForCausalLM", clip_qkv=8.0))
 
 
-def test_export_of_an_ungated_shared_expert_says_why_no_architecture_fits() -> None:
-    moe = MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=16, num_shared_experts=1,
+def test_shared_experts_export_as_qwen2_moe_only_when_there_is_one() -> None:
+    moe = MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=16, num_shared_experts=2,
                     shared_intermediate_size=16)  # fmt: skip
     model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                         intermediate_size=48, max_seq_len=64, moe=moe)  # fmt: skip
     with pytest.raises(ConfigError) as caught:
         export_architecture(model)
-    assert caught.value.code == "E005" and "ungated" in caught.value.message
-    gated = dataclasses.replace(model, moe=dataclasses.replace(moe, shared_expert_gate=True))
-    assert export_architecture(gated) == "Qwen2MoeForCausalLM"
+    assert caught.value.code == "E005" and "2 shared experts (it has exactly one)" in caught.value.message
+    for gate in (False, True):  # ungated: written with a zero gate and a doubled down_proj (tests/hf)
+        one = dataclasses.replace(model, moe=dataclasses.replace(moe, num_shared_experts=1, shared_expert_gate=gate))
+        assert export_architecture(one) == "Qwen2MoeForCausalLM"
     with pytest.raises(ConfigError, match="qk_norm"):  # a named architecture that cannot carry it says why
-        hf_config_from_model(gated, arch="Qwen3MoeForCausalLM")
+        hf_config_from_model(one, arch="Qwen3MoeForCausalLM")
 
 
 def checkpoint_of(arch: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -155,14 +156,12 @@ def test_export_reads_autoep_module_names() -> None:
     assert all(torch.equal(exported[name], tensors[name]) for name in tensors)
 
 
-def test_presets_export_as_mixtral_up_to_b6_and_not_with_an_ungated_shared_expert() -> None:
+def test_every_preset_exports() -> None:
+    """Up to b6 as Mixtral; from b7 (one ungated shared expert) as Qwen2-MoE."""
     from lumina_ds.config.presets import PRESETS, get_preset
 
     for name in PRESETS:
         model = get_preset(name).model
-        if model.moe.num_shared_experts:
-            with pytest.raises(ConfigError, match="ungated"):
-                export_architecture(model)
-        else:
-            assert export_architecture(model) == "MixtralForCausalLM", name
+        expected = "Qwen2MoeForCausalLM" if model.moe.num_shared_experts else "MixtralForCausalLM"
+        assert export_architecture(model) == expected, name
     assert get_preset("b6_quality").model.moe.num_shared_experts == 0 and get_preset("b7").model.moe.num_shared_experts

@@ -287,7 +287,8 @@ def test_greedy_chat_of_every_imported_architecture_equals_transformers_generate
     tokenizer = family_tokenizer("bytelevel", CHATML_SPECIALS, chat_texts(), vocab_size=420)
     stop, pad = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
     model = hf_model(arch, hf_config(arch, vocab_size=431, eos_token_id=stop, pad_token_id=pad, bos_token_id=None))
-    model.save_pretrained(str(tmp_path / "hf"))
+    model.save_pretrained(str(tmp_path / "hf"), max_shard_size="40KB")  # sharded, with its index
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1 and (tmp_path / "hf" / INDEX_FILE).is_file()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                                 pad_token="<|endoftext|>")  # fmt: skip
     fast.chat_template = CHATML
