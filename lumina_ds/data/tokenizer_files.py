@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 TOKENIZER_JSON = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# what ChatTokenizer.save writes beside tokenizer.json for a model's template (copies of a run dir need them)
+TEMPLATE_FILES = (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

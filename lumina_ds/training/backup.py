@@ -4,7 +4,8 @@ Rank 0 copies a newly installed tag to `<backup dir>/<experiment>/<tag>` in a ba
 on: under a staging name, every file fsynced and checked against the tag's manifest (sizes and xxh3), then renamed
 into place, like a save. The tag being copied is kept out of rotation until then. A failed backup (full or unwritable
 disk, a copy that does not match) warns in one line and never stops training; its partial copy is removed. The
-run's config.yaml and tokenizer.json are copied beside the tags, so the backup dir resumes and chats as a run dir.
+run's config.yaml and tokenizer.json (with a model's chat template files) are copied beside the tags, so the backup
+dir resumes and chats as a run dir.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from lumina_ds.config.run import CheckpointConfig
+from lumina_ds.data.tokenizer_files import TEMPLATE_FILES
 from lumina_ds.run_dir import COMPLETE_MARKER, CONFIG_FILE, TOKENIZER_FILE, list_complete_tags, tag_for_step
 from lumina_ds.training.checkpoint_files import file_digest, file_problems
 
 STAGING = ".backup-"  # `.<name>.backup-<token>` in the backup dir: a copy in progress (or killed)
-SIDE_FILES = (CONFIG_FILE, TOKENIZER_FILE)
+SIDE_FILES = (CONFIG_FILE, TOKENIZER_FILE, *TEMPLATE_FILES)  # the template files where the run has them
 
 
 class BackupError(Exception):

@@ -38,6 +38,7 @@ def save(manager: CheckpointManager, step: int, *, best: int | None = None) -> P
 def test_a_backup_is_verified_and_resumes_after_the_run_checkpoints_are_gone(tmp_path: Path) -> None:
     manager = manager_with_backups(tmp_path)
     (tmp_path / "demo" / "tokenizer.json").write_text('{"vocab": 1}')
+    (tmp_path / "demo" / "chat_template.jinja").write_text("{{ messages }}")  # an imported model's template
     tag = save(manager, 4)
     manager.wait_for_backup()
     copy = tmp_path / "backup" / "demo" / tag.name
@@ -45,6 +46,8 @@ def test_a_backup_is_verified_and_resumes_after_the_run_checkpoints_are_gone(tmp
     assert set(meta["files"]) == {"model.safetensors", "lumina_state/rank00000.json", "lumina_state/trainer.json"}
     assert check_files(copy, meta["files"], rank=0, world_size=1) is None
     assert (copy.parent / "tokenizer.json").read_text() == '{"vocab": 1}'  # beside the tags, as in a run dir
+    assert (copy.parent / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert not (copy.parent / "tokenizer_config.json").exists()  # the run has none
     assert [p.name for p in copy.parent.iterdir() if p.name.startswith(".")] == []  # no staging left
     for path in manager.dir.rglob("*"):  # the run's own checkpoints are lost
         if path.is_file():
