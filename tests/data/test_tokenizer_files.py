@@ -78,6 +78,19 @@ def test_native_format_equals_apply_chat_template(native: ChatTokenizer, tmp_pat
     assert compared == 2 * len(CONVERSATIONS)
 
 
+def test_a_token_shared_by_the_header_newline_and_the_reply_is_the_replys(tmp_path: Path) -> None:
+    # "\n\n " before a word makes byte-level BPE learn a "\n\n" token; a reply "\n but..." then starts with it
+    tokenizer = train_bpe_tokenizer([*TEXTS, *["a\n\n b"] * 20], vocab_size=420, min_frequency=1)
+    messages = [Message("user", "Hi"), Message("assistant", "\n but words")]
+    ids, labels = tokenizer.encode_conversation(messages)
+    at = ids.index(tokenizer.token_id("<|assistant|>"))
+    assert tokenizer.decode([ids[at + 1]], skip_special=False) == "\n\n"
+    assert labels[at] == ids[at + 1]  # the header's newline rides in the reply's first token, which is a target
+    export_tokenizer_files(tokenizer, tmp_path)
+    out = _hf_encode(transformers.AutoTokenizer.from_pretrained(tmp_path), messages, return_assistant_tokens_mask=True)
+    assert out["input_ids"] == ids and out["assistant_masks"] == _loss_mask(labels)
+
+
 def test_special_token_strings_in_contents_stay_text_as_with_sanitize_control_tokens(
     native: ChatTokenizer, tmp_path: Path
 ) -> None:
