@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lumina_ds.errors import ConfigError
+
+
+def staging_dir(output: Path, suffix: str) -> Path:
+    """`<output><suffix>`, empty, for a directory built in full before it is renamed to `output` (E002 when `output`
+    already holds something: an import or export never writes over files)."""
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError("E002", f"{output} already exists and is not empty", "pass a new --output directory")
+    staging = output.with_name(output.name + suffix)
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted run left
+    staging.mkdir(parents=True)
+    return staging
 
 
 def refuse(arch: str, what: str, hint: str = "") -> ConfigError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.data.tokenizer_files import export_tokenizer_files
 from lumina_ds.errors import CheckpointError, ConfigError
+from lumina_ds.hf.common import staging_dir
 from lumina_ds.hf.source import HF_CONFIG_FILE, ModelSource, open_run_source
 from lumina_ds.hf.verify import Verification, verify_export, why_not_verified
 from lumina_ds.run_dir import write_shards
@@ -83,15 +83,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _staging(output: Path) -> Path:
-    if output.exists() and any(output.iterdir()):
-        raise ConfigError("E002", f"{output} already exists and is not empty", "pass a new --output directory")
-    staging = output.with_name(output.name + ".exporting")
-    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted export left
-    staging.mkdir(parents=True)
-    return staging
-
-
 def export_run(
     path: str | Path,
     output: str | Path,
@@ -116,7 +107,7 @@ def export_run(
     hf_config = hf_config_from_model(source.model, arch=name, torch_dtype=TORCH_DTYPE_NAMES[dtype], token_ids=token_ids)
     output = Path(output).expanduser()
     started = time.perf_counter()
-    staging = _staging(output)
+    staging = staging_dir(output, ".exporting")
     files = write_shards(_hf_tensors(source, name, EXPORT_DTYPES[dtype]), staging, max_shard_bytes=max_shard_bytes)
     _write_json(staging / HF_CONFIG_FILE, hf_config)
     _write_json(staging / GENERATION_CONFIG_FILE, _generation_config(tokenizer, token_ids))

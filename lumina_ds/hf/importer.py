@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from lumina_ds.config.io import save_config
 from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import ConfigError
+from lumina_ds.hf.common import staging_dir
 from lumina_ds.hf.source import ModelSource, open_hf_dir
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
@@ -35,15 +35,6 @@ class ImportReport:
     parameters: int
     bytes_written: int
     seconds: float
-
-
-def _fresh_output(output: Path) -> Path:
-    if output.exists() and any(output.iterdir()):
-        raise ConfigError("E002", f"{output} already exists and is not empty", "pass a new --output directory")
-    staging = output.with_name(output.name + ".importing")
-    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted import left
-    staging.mkdir(parents=True)
-    return staging
 
 
 def _save_tokenizer(source: ModelSource, run_dir: Path) -> None:
@@ -85,7 +76,7 @@ def import_hf(directory: str | Path, output: str | Path, *, max_shard_mb: int = 
     started = time.perf_counter()
     source = open_hf_dir(Path(directory).expanduser())
     output = Path(output).expanduser()
-    staging = _fresh_output(output)
+    staging = staging_dir(output, ".importing")
     _save_tokenizer(source, staging)
     run = _run_config(source, output)
     run.validate()
