@@ -301,3 +301,24 @@ def test_greedy_chat_of_every_imported_architecture_equals_transformers_generate
     prompt = "Hi! How are you?"
     assert our_greedy(run, prompt, max_new=8) == hf_greedy(tmp_path / "hf", [{"role": "user", "content": prompt}],
                                                            max_new=8)  # fmt: skip
+
+
+def test_import_runs_no_code_from_the_model_directory(hf_dir: Path, tmp_path: Path) -> None:
+    """auto_map and a modeling file (what trust_remote_code would run) are ignored; pickled weights are refused."""
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for path in hf_dir.iterdir():
+        (shipped / path.name).write_bytes(path.read_bytes())
+    marker = tmp_path / "code-ran"
+    (shipped / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((shipped / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (shipped / "config.json").write_text(json.dumps(config))
+    run = import_hf(shipped, tmp_path / "run").run_dir
+    assert our_greedy(run, PROMPTS[0], max_new=3) is not None and not marker.exists()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((hf_dir / "config.json").read_text())
+    torch.save({"x": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"E303.*pytorch_model\.bin.*no safetensors"):
+        import_hf(pickled, tmp_path / "out")
