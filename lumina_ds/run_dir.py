@@ -171,6 +171,17 @@ class SafetensorsFiles:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no tensor is read)."""
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in dict.fromkeys(self._where.values()):
+            with safe_open(str(path), framework="pt") as handle:
+                names = handle.keys()
+                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in names})
+        return shapes
+
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from lumina_ds.cli.luminaai import config_file_given_as_preset
 from lumina_ds.config.io import deep_merge, load_config
-from lumina_ds.config.model import ATTENTION_BACKENDS
+from lumina_ds.config.model import ATTENTION_BACKENDS, INIT_SCHEMES
 from lumina_ds.config.presets import PRESETS, get_preset
 from lumina_ds.config.run import DATA_FORMATS, DATA_STRATEGIES, OFFLOAD_MODES, PRECISIONS, SCHEDULERS, RunConfig
 from lumina_ds.errors import ConfigError
@@ -216,6 +216,47 @@ RUN_FLAGS = [
     ),
     Flag(("--tensorboard",), "logging.tensorboard", "write TensorBoard scalars to <run dir>/tensorboard", BOOL),
     Flag(("--progress-bar",), "logging.progress_bar", "a progress bar when the console is a terminal", BOOL),
+    Flag(
+        ("--peak-tflops",),
+        "logging.peak_tflops",
+        "dense peak TFLOP/s of one device, the denominator of the logged MFU",
+        {"type": float, "metavar": "X"},
+        "the GPU's bf16 peak from lumina_ds/planning/hardware.py; none on a CPU (MFU null)",
+    ),
+    Flag(
+        ("--wandb",),
+        "logging.wandb",
+        "log the TensorBoard scalars and the run config to Weights & Biases (rank 0; WANDB_MODE=offline needs no "
+        "network; pip install lumina-ds[wandb])",
+        ON,
+        "off",
+    ),
+    Flag(("--wandb-project",), "logging.wandb_project", "W&B project"),
+    Flag(("--wandb-entity",), "logging.wandb_entity", "W&B entity (user or team)", {}, "your W&B default"),
+    Flag(("--wandb-run-name",), "logging.wandb_run_name", "W&B run name", {}, "the experiment name"),
+    Flag(
+        ("--profile-training",),
+        "logging.profile_training",
+        "torch.profiler over STEPS steps (5 when no number is given) after 1 wait and 1 warm-up step: a Chrome trace "
+        "and the top-20 operators by self time in <run dir>/profile (rank 0)",
+        {"type": int, "nargs": "?", "const": 5, "metavar": "STEPS"},
+        "off",
+    ),
+    Flag(
+        ("--profile-memory",),
+        "logging.profile_memory",
+        "peak memory of forward, backward and optimizer step in <run dir>/profile/memory.json (CPU: peak RSS; GPU: "
+        "peak allocated, plus a CUDA memory snapshot) (rank 0)",
+        ON,
+        "off",
+    ),
+    Flag(
+        ("--test-generation",),
+        "logging.test_generation",
+        "after training, answer the default prompts greedily into <run dir>/generations.jsonl (rank 0)",
+        ON,
+        "off",
+    ),
 ]
 PARALLEL_FLAGS = [
     Flag(
@@ -280,6 +321,12 @@ PARALLEL_FLAGS = [
         "model.attention_backend",
         "attention over packed rows",
         {"choices": ATTENTION_BACKENDS},
+    ),
+    Flag(
+        ("--init-scheme",),
+        "model.init_scheme",
+        "std of the residual-branch outputs (o_proj, w2) at initialisation; the rest is normal(init_std)",
+        {"choices": INIT_SCHEMES},
     ),
 ]
 FLAG_GROUPS = {
@@ -394,13 +441,13 @@ def resolve_run(args: argparse.Namespace, *, world_size: int, announce: bool = T
     return run
 
 
-ARCHITECTURE_FLAGS = ("num_experts", "top_k")  # the source decides these; loss weights and backends may change
+ARCHITECTURE_FLAGS = ("num_experts", "top_k", "init_scheme")  # from the source; loss weights and backends may change
 
 
 def adopt_init_source(run: RunConfig, explicit: set[str], *, announce: bool) -> None:
     """--init-from: the model (and, unless --tokenizer is given, the tokenizer) come from the source; a flag that
     would change the architecture is E002."""
-    from lumina_ds.hf.source import open_model_source
+    from lumina_ds.hf.source import check_tokenizer_fits, open_model_source
 
     assert run.checkpoint.init_from is not None
     changed = sorted(f"--{d.replace('_', '-')}" for d in explicit if d in ARCHITECTURE_FLAGS)
@@ -419,6 +466,8 @@ def adopt_init_source(run: RunConfig, explicit: set[str], *, announce: bool) -> 
     run.model_source = str(source.path)
     if not run.data.tokenizer and source.tokenizer_file is not None:
         run.data.tokenizer = str(source.tokenizer_file)
+    if run.data.tokenizer:
+        check_tokenizer_fits(run.data.tokenizer, run.model)
     if announce:
         print(f"--init-from {source.path} ({source.kind}): the model and tokenizer come from it; no preset layout")
 
@@ -452,7 +501,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(line, flush=True)
     if launch.rank == 0:
         warn_if_checkpoints_outgrow_disk(run)
-    return int(train(run).get("exit_code", 0))
+    resolve_peak_tflops(run, local_rank=launch.local_rank)
+    code = int(train(run).get("exit_code", 0))
+    if run.logging.test_generation and launch.rank == 0 and code == 0:  # a signal-stopped run leaves at once
+        from lumina_ds.cli.generate import generation_check
+
+        generation_check(str(run.logging.run_dir))
+    return code
+
+
+def resolve_peak_tflops(run: RunConfig, *, local_rank: int) -> None:
+    """MFU's denominator: --peak-tflops, else this GPU's dense bf16 peak from the one table of GPUs (the resolved
+    value is saved in config.yaml); none on a CPU or an unknown GPU, where MFU is logged as null."""
+    import torch
+
+    from lumina_ds.planning.hardware import dense_peak_tflops
+
+    if run.logging.peak_tflops is None and torch.cuda.is_available():
+        device = local_rank % torch.cuda.device_count()
+        run.logging.peak_tflops = dense_peak_tflops(torch.cuda.get_device_name(device))
 
 
 def size_micro_batch(run: RunConfig, *, world_size: int, ranks_per_node: int, local_rank: int) -> str:

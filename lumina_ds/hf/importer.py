@@ -17,7 +17,7 @@ from lumina_ds.config.io import save_config
 from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.hf.common import staging_dir
-from lumina_ds.hf.source import ModelSource, open_hf_dir
+from lumina_ds.hf.source import ModelSource, check_tokenizer_fits, open_hf_dir
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
@@ -46,6 +46,7 @@ def _save_tokenizer(source: ModelSource, run_dir: Path) -> None:
             f"{source.path} has no {TOKENIZER_FILE}",
             "lumina-ds reads fast tokenizers (tokenizer.json); save one with transformers first",
         )
+    check_tokenizer_fits(source.tokenizer_file, source.model)
     ChatTokenizer.from_file(source.tokenizer_file).save(run_dir / TOKENIZER_FILE)
 
 

@@ -77,7 +77,7 @@ def open_hf_dir(directory: Path) -> ModelSource:
     imported = model_config_from_hf(read_hf_config(directory))
     _refuse_pickles(directory)
     files = SafetensorsFiles(weights_files(directory))
-    names, read = hf_to_ours(imported.model, imported.arch, files.names(), files.get)
+    names, read = hf_to_ours(imported.model, imported.arch, files.names(), files.get, hf_shapes=files.shapes())
     tokenizer = directory / TOKENIZER_FILE
     return ModelSource(
         path=directory,
@@ -119,3 +119,24 @@ def open_model_source(path: str | Path) -> ModelSource:
     if (path / HF_CONFIG_FILE).is_file() and not (path / CONFIG_FILE).is_file():
         return open_hf_dir(path)
     return open_run_source(path)
+
+
+def check_tokenizer_fits(tokenizer_file: str | Path, model: ModelConfig) -> None:
+    """E005 when the tokenizer (with lumina-ds' chat tokens added to a model that has no chat template) has ids past
+    the model's embedding: its weights cannot grow to fit."""
+    from lumina_ds.data.tokenizer import ChatTokenizer
+
+    tokenizer = ChatTokenizer.from_file(Path(tokenizer_file).expanduser())
+    if tokenizer.vocab_size <= model.vocab_size:
+        return
+    added = (
+        ""
+        if tokenizer.chat_template is not None
+        else " (it has no chat template, so lumina-ds' 6 chat tokens were added)"
+    )
+    raise ConfigError(
+        "E005",
+        f"{tokenizer_file} has {tokenizer.vocab_size:,} ids{added}, past the model's {model.vocab_size:,} embeddings",
+        "put the model's chat template beside tokenizer.json as chat_template.jinja (e.g. an instruct sibling's), "
+        "or pass a --tokenizer whose ids fit",
+    )

@@ -33,18 +33,30 @@ def chat_texts() -> list[str]:
     return [m["content"] for record in lines for m in record.get("messages", [])]
 
 
-def make_hf_model(directory: Path, *, seed: int = 0) -> Path:
+def make_hf_model(directory: Path, *, seed: int = 0, template: str | None = QWEN25, vocab: int = 431) -> Path:
     """A tiny Qwen3-MoE as transformers saves it: config.json, model.safetensors, tokenizer files, ChatML template."""
     tokenizer = family_tokenizer("bytelevel", CHATML_SPECIALS, chat_texts(), vocab_size=420)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                                 pad_token="<|endoftext|>")  # fmt: skip
-    fast.chat_template = QWEN25
+    fast.chat_template = template
     config = transformers.Qwen3MoeConfig(
-        vocab_size=431, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=72, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.2,
-        eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=tokenizer.token_to_id("<|endoftext|>"),
-    )  # fmt: skip
+        vocab_size=vocab or tokenizer.get_vocab_size(),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=72,
+        moe_intermediate_size=24,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        eos_token_id=tokenizer.token_to_id("<|im_end|>"),
+        pad_token_id=tokenizer.token_to_id("<|endoftext|>"),
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(directory))
@@ -322,3 +334,14 @@ def test_import_runs_no_code_from_the_model_directory(hf_dir: Path, tmp_path: Pa
     torch.save({"x": torch.zeros(1)}, pickled / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"E303.*pytorch_model\.bin.*no safetensors"):
         import_hf(pickled, tmp_path / "out")
+
+
+def test_a_base_model_whose_vocabulary_has_no_room_for_chat_tokens_is_e005(tmp_path: Path) -> None:
+    """No chat template: lumina-ds' format adds 6 tokens; an embedding without spare rows cannot take them."""
+    base = make_hf_model(tmp_path / "base", template=None, vocab=0)  # embedding rows = tokenizer ids
+    with pytest.raises(ConfigError, match=r"E005.*no chat template.*embeddings"):
+        import_hf(base, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    roomy = make_hf_model(tmp_path / "roomy", template=None, vocab=448)  # spare rows, as most models have
+    run = import_hf(roomy, tmp_path / "run2").run_dir
+    assert our_greedy(run, PROMPTS[0], max_new=3) is not None  # lumina-ds' own format, within the embedding
