@@ -155,6 +155,9 @@ class LoggingConfig:
     log_every_n_batches: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    profile_training: int = 0  # steps torch.profiler records (0 = off)
+    profile_memory: bool = False
+    test_generation: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -166,6 +169,8 @@ class LoggingConfig:
             raise ConfigError("E002", "log_every_n_batches must be >= 1")
         if not self.experiment_name or "/" in self.experiment_name:
             raise ConfigError("E002", f"experiment_name {self.experiment_name!r} must be a non-empty plain name")
+        if self.profile_training < 0:
+            raise ConfigError("E002", f"profile_training={self.profile_training} must be >= 0", "0 turns it off")
 
 
 # DeepSpeed keys that are decisions of the run config (the loop and DeepSpeed must agree on them), with the flag
