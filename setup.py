@@ -21,12 +21,18 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        "matplotlib>=3.7",  # the run report every run writes (report.png)
         "safetensors",
         "psutil",
         "xxhash",
         "pyarrow>=15",  # Parquet sources (data/tables.py)
         "datasets>=2.19",  # save_to_disk directories and hf:// sources, imported only for those
     ],
-    extras_require={"flash": ["flash-attn>=2.5"], "hf": ["transformers>=4.46"], "mpi": ["mpi4py>=4.0"]},
+    extras_require={
+        "flash": ["flash-attn>=2.5"],
+        "hf": ["transformers>=4.46"],
+        "mpi": ["mpi4py>=4.0"],
+        "wandb": ["wandb>=0.17"],  # --wandb
+    },
     entry_points={"console_scripts": ["lumina-ds=lumina_ds.cli:entry"]},
 )

@@ -11,7 +11,8 @@ ERROR_CODES: dict[str, str] = {
     "lumina-ds spells differently (the message says what to write)",
     "E003": "this machine cannot run the configuration: fp16 on CPU, bf16 on a GPU without it, a preset whose model "
     "states exceed GPU + host memory (`check-environment --preset`), `--attention-backend flash` without "
-    "flash-attn / CUDA / bf16, `flex` for training on CPU, `mpirun` without mpi4py or `-x MASTER_ADDR/MASTER_PORT`",
+    "flash-attn / CUDA / bf16, `flex` for training on CPU, `mpirun` without mpi4py or `-x MASTER_ADDR/MASTER_PORT`, `--wandb` without "
+    "the wandb package (`pip install lumina-ds[wandb]`)",
     "E005": "a Hugging Face architecture or option lumina-ds cannot represent exactly, on import or export (the "
     "message names it and lists what is supported)",
     "E101": "a data line is not valid JSON, not a conversation, has an unknown role or roles out of order "
@@ -59,6 +60,8 @@ ERROR_CODES: dict[str, str] = {
     "process that is gone from this host is taken over",
     "E306": "an export failed its verification: transformers cannot load it, or its logits differ from lumina-ds' by "
     "more than 1e-4 on the probe batch (the export is left in place for inspection)",
+    "E307": "`report`: a run has no metrics to draw: no metrics.jsonl at the path given, or not one complete training "
+    "record in it (the run stopped before its first log line)",
 }
 
 

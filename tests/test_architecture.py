@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
         "generation",
         "models",
         "hf",
+        "monitor",  # the run report
     },
     "__init__": set(),
     "__main__": {"cli"},

@@ -33,6 +33,7 @@ from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.hf.source import open_model_source
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
+from lumina_ds.monitor.report import RunReport
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -50,7 +51,6 @@ from lumina_ds.training.engine import build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
 from lumina_ds.training.init_from import load_initial_weights
-from lumina_ds.training.profiling import profiling_callbacks
 from lumina_ds.training.resume import apply_changed_settings
 from lumina_ds.training.train_step import Engine, TrainStep
 from lumina_ds.training.trainer import Trainer
@@ -133,6 +133,7 @@ def build_callbacks(run: RunConfig) -> list[Callback]:
     ]
     if run.logging.tensorboard:
         callbacks.append(TensorBoardLogger(run_dir / TENSORBOARD_DIR))
+    callbacks.append(RunReport(run_dir / METRICS_FILE))  # report.png at the end, signal stops too; never fails the run
     return callbacks
 
 
@@ -226,10 +227,8 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
 
 def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: Engine) -> Trainer:
     guard = DivergenceGuard(run.train.guard, vocab_size=run.model.vocab_size) if run.train.guard.enabled else None
-    step = TrainStep(engine, guard=guard, faults=FaultPlan.from_env(rank=info.rank))
-    profilers = profiling_callbacks(run.logging, step=step) if info.is_main else []  # rank 0 measures
     return Trainer(
-        step=step,
+        step=TrainStep(engine, guard=guard, faults=FaultPlan.from_env(rank=info.rank)),
         batches=data.batches,
         eval_data=data.eval_data,
         info=info,
@@ -237,7 +236,7 @@ def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: En
         train=run.train,
         logging=run.logging,
         checkpoints=CheckpointManager(run.logging.run_dir, run.checkpoint, info),
-        callbacks=build_callbacks(run) + profilers if info.is_main else [],
+        callbacks=build_callbacks(run) if info.is_main else [],
         config_record=config_to_dict(run),
     )
 

@@ -109,6 +109,7 @@ def test_a_signal_to_one_of_two_ranks_stops_both_with_a_checkpoint_and_exit_128_
     assert f"stop_reason=signal {sig.name}" in stdout
     last = read_metrics(workdir / "runs" / "sig")[0][-1]["step"]
     assert (workdir / "runs" / "sig" / "checkpoints" / f"step_{last:08d}" / "complete.json").exists()
+    assert (workdir / "runs" / "sig" / "report.png").stat().st_size > 0  # rank 0 draws it at a signal stop
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def test_train_auto_resume_and_chat(workdir: Path) -> None:
     )
     assert first.returncode == 0
     run_dir = workdir / "runs" / "e2e"
-    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "tensorboard"):
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "tensorboard", "report.png"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))

@@ -29,6 +29,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(workdir: Path) -> No
     logs, _ = read_metrics(workdir / "runs" / "sig")
     last = logs[-1]["step"]
     assert (workdir / "runs" / "sig" / "checkpoints" / f"step_{last:08d}" / "complete.json").exists()
+    assert (workdir / "runs" / "sig" / "report.png").stat().st_size > 0  # a signal stop draws the run report too
 
 
 def test_incomplete_tag_is_skipped_and_a_corrupt_one_falls_back(workdir: Path) -> None:
