@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from lumina_ds import __version__
-from lumina_ds.cli import chat, data, env, hf, plan, report, train
+from lumina_ds.cli import chat, data, env, generate, hf, plan, report, train
 from lumina_ds.cli.luminaai import luminaai_mappings
 from lumina_ds.errors import ConfigError, LuminaError
 
-COMMAND_GROUPS = (train, chat, data, plan, env, hf, report)
+COMMAND_GROUPS = (train, chat, generate, data, plan, env, hf, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,7 @@ from lumina_ds.training.engine import build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
 from lumina_ds.training.init_from import load_initial_weights
+from lumina_ds.training.profiling import profiling_callbacks
 from lumina_ds.training.resume import apply_changed_settings
 from lumina_ds.training.train_step import Engine, TrainStep
 from lumina_ds.training.trainer import Trainer
@@ -227,8 +228,10 @@ def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
 
 def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: Engine) -> Trainer:
     guard = DivergenceGuard(run.train.guard, vocab_size=run.model.vocab_size) if run.train.guard.enabled else None
+    step = TrainStep(engine, guard=guard, faults=FaultPlan.from_env(rank=info.rank))
+    profilers = profiling_callbacks(run.logging, step=step) if info.is_main else []  # rank 0 measures
     return Trainer(
-        step=TrainStep(engine, guard=guard, faults=FaultPlan.from_env(rank=info.rank)),
+        step=step,
         batches=data.batches,
         eval_data=data.eval_data,
         info=info,
@@ -236,7 +239,7 @@ def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: En
         train=run.train,
         logging=run.logging,
         checkpoints=CheckpointManager(run.logging.run_dir, run.checkpoint, info),
-        callbacks=build_callbacks(run) if info.is_main else [],
+        callbacks=build_callbacks(run) + profilers if info.is_main else [],
         config_record=config_to_dict(run),
     )
 
