@@ -139,8 +139,9 @@ def _label(run: RunMetrics, name: str, runs: int) -> str:
 
 
 def _not_logged(ax: Axes, names: Sequence[str]) -> None:
+    box = {"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"}  # readable over the lines behind it
     ax.text(0.5, 0.04, f"{', '.join(names)}: not logged", transform=ax.transAxes, ha="center", va="bottom",
-            color="0.4")  # fmt: skip
+            color="0.3", bbox=box, zorder=5)  # fmt: skip
 
 
 def _draw_lines(ax: Axes, runs: Sequence[RunMetrics], keys: Sequence[tuple[str, str]], *, reduce_layers: bool = False,
@@ -184,10 +185,17 @@ def draw_loss(ax: Axes, runs: Sequence[RunMetrics]) -> None:
 
 def draw_throughput(ax: Axes, runs: Sequence[RunMetrics]) -> None:
     """Tokens/s per device where logged (else all ranks' tokens/s) on the left, MFU in percent on the right."""
-    per_device = any(_series(run, "tokens_per_s_per_device")[1] for run in runs)
-    key, name = ("tokens_per_s_per_device", "tokens/s per device") if per_device else ("tokens_per_s", "tokens/s")
-    missing = _draw_lines(ax, runs, [(key, name)])
-    ax.set_ylabel(name)
+    names = set()
+    for index, run in enumerate(runs):  # per run: an older run logged all ranks' tokens/s only
+        key, name = "tokens_per_s_per_device", "tokens/s per device"
+        if not _series(run, key)[1]:
+            key, name = "tokens_per_s", "tokens/s"
+        steps, values = _series(run, key)
+        if values:
+            ax.plot(steps, values, label=_label(run, name, len(runs)), **_style(index, 0, len(runs)))
+            names.add(name)
+    ax.set_ylabel(" or ".join(sorted(names)))
+    missing = [] if names else ["tokens_per_s"]
     mfu = [(index, run, *_series(run, "mfu")) for index, run in enumerate(runs)]
     if not any(values for *_, values in mfu):
         null = any("mfu" in record for run in runs for record in run.train)  # no known peak: a CPU, say

@@ -92,6 +92,8 @@ def test_fields_an_old_run_lacks_say_not_logged_and_mfu_is_drawn_when_present(ru
     assert len(mfu) == 1 and list(mfu[0].get_ydata()) == [25.0] * STEPS
     speed = [line for ax in figure.axes for line in ax.get_lines() if line.get_label() == "tokens/s per device"]
     assert len(speed) == 1 and list(speed[0].get_ydata()) == [100.0] * STEPS
+    mixed = draw_report([old, load_run(tmp_path / "mfu")]).axes[3]  # an older run beside a newer one
+    assert [line.get_label() for line in mixed.get_lines()] == ["old: tokens/s", "mfu: tokens/s per device"]
 
 
 def test_compare_overlays_each_run_in_its_own_colour(run_dir: Path, tmp_path: Path, capsys: Any) -> None:
