@@ -16,6 +16,9 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # query/key RMSNorm before RoPE: none, per head over head_dim (Qwen3), or over the whole projection (OLMoE)
 QK_NORMS = ("none", "head", "projection")
+# the std of the residual-branch outputs (o_proj, w2): normal = init_std (transformers), scaled = init_std/sqrt(2L),
+# depth = init_std/sqrt(2(i+1)) for layer i (torchtitan); everything else is normal(init_std) in each
+INIT_SCHEMES = ("scaled", "normal", "depth")
 
 
 @dataclass
@@ -111,6 +114,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    init_scheme: str = "scaled"  # one of INIT_SCHEMES
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     attention_head_dim: int = 0  # 0: hidden_size // num_heads (HF's explicit head_dim, e.g. Qwen3)
     attention_bias: bool = False  # bias on the q/k/v projections (Qwen2); o_proj never has one
@@ -153,6 +157,10 @@ class ModelConfig:
             )
         if min(self.vocab_size, self.num_layers, self.max_seq_len, self.intermediate_size) <= 0:
             raise ConfigError("E002", "vocab_size, num_layers, max_seq_len and intermediate_size must be positive")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ConfigError(
+                "E002", f"unknown init_scheme {self.init_scheme!r}", f"use one of {', '.join(INIT_SCHEMES)}"
+            )
         if self.qk_norm not in QK_NORMS:
             raise ConfigError("E002", f"unknown qk_norm {self.qk_norm!r}", f"use one of {', '.join(QK_NORMS)}")
         if self.attention_head_dim < 0 or self.sliding_window < 0:

@@ -26,6 +26,28 @@ if TYPE_CHECKING:
     from lumina_ds.config.model import ModelConfig
 
 
+RESIDUAL_OUTPUTS = ("o_proj", "w2")  # the projections that write into the residual stream
+
+
+def residual_output_std(config: ModelConfig, name: str) -> float:
+    """The std of the residual-branch output projections in module `name` (layers.<i>...) under config.init_scheme.
+
+    normal: init_std, as transformers' Llama/Mixtral. scaled: init_std / sqrt(2 * num_layers) (GPT-2, Megatron), so
+    the residual stream's variance stays bounded with depth. depth: init_std / sqrt(2 * (i + 1)) for layer i
+    (torchtitan's depth_init), so early layers start larger than under scaled.
+    """
+    std, scheme = config.init_std, config.init_scheme
+    if scheme == "normal":
+        return std
+    if scheme == "scaled":
+        return std / math.sqrt(2 * config.num_layers)
+    assert scheme == "depth", scheme
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != "layers":
+        return std  # outside the blocks nothing writes into the residual stream
+    return std / math.sqrt(2 * (int(parts[1]) + 1))
+
+
 class ModelOutput(TypedDict, total=False):
     """A dict (not a dataclass) so DeepSpeed's ZeRO-3 hooks can walk the tensors in it.
 
@@ -110,16 +132,15 @@ class Transformer(nn.Module):
     def init_module(self, name: str, module: nn.Module) -> None:
         """Initialise one submodule's own parameters (`name` as in named_modules()), drawing from torch's RNG."""
         std = self.config.init_std
-        # residual-branch outputs shrink with depth (GPT-2) so the residual stream's variance stays bounded
-        out_std = std / math.sqrt(2 * self.config.num_layers)
+        out_std = residual_output_std(self.config, name)  # residual-branch outputs (o_proj, w2): by init_scheme
         if isinstance(module, (nn.Linear, nn.Embedding)):
             last = name.rsplit(".", 1)[-1]
-            nn.init.normal_(module.weight, std=out_std if last in ("o_proj", "w2") else std)
+            nn.init.normal_(module.weight, std=out_std if last in RESIDUAL_OUTPUTS else std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, GroupedExperts):
             for pname, p in module.named_parameters():
-                nn.init.normal_(p, std=out_std if pname == "w2" else std)
+                nn.init.normal_(p, std=out_std if pname in RESIDUAL_OUTPUTS else std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
