@@ -28,6 +28,11 @@ setup(
         "pyarrow>=15",  # Parquet sources (data/tables.py)
         "datasets>=2.19",  # save_to_disk directories and hf:// sources, imported only for those
     ],
-    extras_require={"flash": ["flash-attn>=2.5"], "hf": ["transformers>=4.46"], "mpi": ["mpi4py>=4.0"]},
+    extras_require={
+        "flash": ["flash-attn>=2.5"],
+        "hf": ["transformers>=4.46"],
+        "mpi": ["mpi4py>=4.0"],
+        "wandb": ["wandb>=0.17"],  # --wandb
+    },
     entry_points={"console_scripts": ["lumina-ds=lumina_ds.cli:entry"]},
 )

@@ -11,7 +11,8 @@ ERROR_CODES: dict[str, str] = {
     "lumina-ds spells differently (the message says what to write)",
     "E003": "this machine cannot run the configuration: fp16 on CPU, bf16 on a GPU without it, a preset whose model "
     "states exceed GPU + host memory (`check-environment --preset`), `--attention-backend flash` without "
-    "flash-attn / CUDA / bf16, `flex` for training on CPU, `mpirun` without mpi4py or `-x MASTER_ADDR/MASTER_PORT`",
+    "flash-attn / CUDA / bf16, `flex` for training on CPU, `mpirun` without mpi4py or `-x MASTER_ADDR/MASTER_PORT`, "
+    "`--wandb` without the wandb package (`pip install lumina-ds[wandb]`)",
     "E005": "a Hugging Face architecture or option lumina-ds cannot represent exactly, on import or export (the "
     "message names it and lists what is supported)",
     "E101": "a data line is not valid JSON, not a conversation, has an unknown role or roles out of order "

@@ -18,6 +18,7 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--dev-mode": "lumina-ds check-environment reports everything it checks; there is no separate mode",
     # training flags spelled differently
     "--use-tensorboard": "TensorBoard is on by default (--no-tensorboard turns it off)",
+    "--use-wandb": "--wandb (with --wandb-project, --wandb-entity, --wandb-run-name; pip install lumina-ds[wandb])",
     "--tensorboard-dir": "TensorBoard writes to <output-dir>/<experiment-name>/tensorboard",
     "--enable-flash-attention": "--attention-backend flash (auto already picks flash-attn on a GPU when installed)",
     "--sequence-length": "--seq-len N",
@@ -31,10 +32,6 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--pin-memory": "not offered: batches are assembled in the training process and copied once per step",
     "--persistent-workers": "always on: streaming loader workers live for the whole run",
     # features still to come
-    "--use-wandb": f"Weights & Biases logging is {_SOON}: use TensorBoard (on by default) or metrics.jsonl",
-    "--wandb-project": f"Weights & Biases logging is {_SOON}",
-    "--wandb-entity": f"Weights & Biases logging is {_SOON}",
-    "--wandb-run-name": f"Weights & Biases logging is {_SOON}",
     "--compile": f"torch.compile of the training step is {_SOON}",
     "--profile-training": "lumina-ds train --profile-training [STEPS] (a Chrome trace and the top operators)",
     "--profile-memory": "lumina-ds train --profile-memory (peak memory per phase; a CUDA snapshot on a GPU)",

@@ -155,6 +155,11 @@ class LoggingConfig:
     log_every_n_batches: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    peak_tflops: float | None = None  # MFU's denominator per device; None: the GPU's dense bf16 peak from the table
+    wandb: bool = False
+    wandb_project: str = "lumina-ds"
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None  # None: the experiment name
     profile_training: int = 0  # steps torch.profiler records (0 = off)
     profile_memory: bool = False
     test_generation: bool = False
@@ -169,6 +174,8 @@ class LoggingConfig:
             raise ConfigError("E002", "log_every_n_batches must be >= 1")
         if not self.experiment_name or "/" in self.experiment_name:
             raise ConfigError("E002", f"experiment_name {self.experiment_name!r} must be a non-empty plain name")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError("E002", f"peak_tflops={self.peak_tflops} must be > 0", "the device's dense TFLOP/s")
         if self.profile_training < 0:
             raise ConfigError("E002", f"profile_training={self.profile_training} must be >= 0", "0 turns it off")
 

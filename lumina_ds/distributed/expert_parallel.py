@@ -15,7 +15,7 @@ from torch import nn
 from lumina_ds.config.model import MoEConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.models.layers import SwiGLU
-from lumina_ds.models.moe import MoEBlock
+from lumina_ds.models.moe import MoEBlock, RouterLogitsCollector
 from lumina_ds.models.transformer import Transformer
 
 
@@ -77,6 +77,21 @@ class NativeMoEBlock(nn.Module):
     def gate(self) -> nn.Linear:
         return self.moe.deepspeed_moe.gate.wg
 
+    def report_drops(self, collector: RouterLogitsCollector) -> None:
+        """Hand each forward's count of routes the capacity limit dropped to the collector.
+
+        DeepSpeed computes the count and throws it away: its TopKGate returns (l_aux, capacity, E, indices [k, T],
+        locations, gates, exp_counts) to MOELayer, with every route evicted by the capacity limit flagged by a
+        negative expert index (sharded_moe.top1gating/top2gating/topkgating with sparse_routes); exp_counts is taken
+        before the limit.
+        """
+
+        def record(_module: nn.Module, _inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
+            assert len(output) == 7, "DeepSpeed's TopKGate output changed: see NativeMoEBlock.report_drops"
+            collector.record_dropped((output[3] < 0).sum())
+
+        self.moe.deepspeed_moe.gate.register_forward_hook(record)
+
     @torch.no_grad()
     def _copy_from(self, source: MoEBlock, *, ep_rank: int) -> None:
         self.gate.weight.copy_(source.gate.weight)
@@ -113,6 +128,7 @@ def apply_native_moe(model: Transformer, *, ep_size: int, ep_rank: int, determin
         block.ffn = NativeMoEBlock(
             block.ffn, moe=model.config.moe, ep_size=ep_size, ep_rank=ep_rank, deterministic=deterministic
         )
+        block.ffn.report_drops(model.router_logits)
     attach_router_hooks(model)
 
 

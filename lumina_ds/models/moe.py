@@ -39,14 +39,25 @@ def tokens_per_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def router_statistics(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(load-balancing loss, z-loss, tokens per expert [E]) of one layer's router logits [T, E], one top-k."""
+def router_statistics(
+    logits: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss, tokens per expert [E], routing entropy) of one layer's router logits [T, E],
+    one top-k."""
     num_experts = logits.shape[-1]
     probs = logits.softmax(dim=-1)  # [T, E]
     indices = probs.topk(top_k, dim=-1).indices  # [T, k]
     counts = tokens_per_expert(indices, num_experts)  # [E]
     fraction = counts.to(probs.dtype) / indices.numel()  # [E]
-    return num_experts * (fraction * probs.mean(dim=0)).sum(), router_z_loss(logits), counts
+    aux = num_experts * (fraction * probs.mean(dim=0)).sum()
+    return aux, router_z_loss(logits), counts, router_entropy(logits.detach())
+
+
+def router_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy (nats) of the routing distribution softmax(logits [T, E]): ln E when routing
+    is uniform, 0 when every token is sure of one expert."""
+    log_probs = logits.log_softmax(dim=-1)  # [T, E]
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
 
 
 def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -174,10 +185,12 @@ class RouterLogitsCollector:
 
     A hook rather than a return value so that the same losses are computed when DeepSpeed replaces the
     MoE block (AutoEP) or wraps it (native MoE): the expert-parallel code re-attaches it to their gates.
+    A block with a capacity limit also records, per layer, the routes (token, expert) it dropped (`record_dropped`).
     """
 
     def __init__(self) -> None:
         self.logits: list[torch.Tensor] = []
+        self.dropped: list[torch.Tensor] = []  # 0-d int64 per MoE layer, for blocks that drop routes
         self._handles: list[Any] = []
 
     def attach(self, gates: list[nn.Module]) -> None:
@@ -187,11 +200,21 @@ class RouterLogitsCollector:
 
     def clear(self) -> None:
         self.logits.clear()
+        self.dropped.clear()
+
+    def record_dropped(self, routes: torch.Tensor) -> None:
+        """The number of routes one layer's capacity limit dropped in this forward (a 0-d tensor, not read back)."""
+        if not _recomputing():
+            self.dropped.append(routes.detach().long().reshape(()))
 
     def _record(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if torch._C._current_graph_task_id() != -1:
-            # activation checkpointing re-runs the gate inside backward: the losses already have this forward's
-            # logits, and keeping the recomputed ones would hold the recomputation's activations past the step
+        if _recomputing():
             return
         logits = output[0] if isinstance(output, tuple) else output
         self.logits.append(logits.float().reshape(-1, logits.shape[-1]))
+
+
+def _recomputing() -> bool:
+    """Inside backward: activation checkpointing re-runs the gate there; the losses already have this forward's
+    values, and keeping the recomputed ones would hold the recomputation's activations past the step."""
+    return torch._C._current_graph_task_id() != -1

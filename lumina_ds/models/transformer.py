@@ -51,9 +51,11 @@ def residual_output_std(config: ModelConfig, name: str) -> float:
 class ModelOutput(TypedDict, total=False):
     """A dict (not a dataclass) so DeepSpeed's ZeRO-3 hooks can walk the tensors in it.
 
-    `metrics` is what the trainer logs without knowing what it is: 0-d tensors are averaged over micro-batches and
-    ranks, others (counters) are summed. This model reports `aux_loss` and `z_loss` (unweighted means over MoE
-    layers) and `expert_counts` [num_moe_layers, E] (tokens per expert in this forward).
+    `metrics` is what the trainer logs without knowing what it is: floating-point tensors are averaged over
+    micro-batches and ranks (element-wise), integer tensors (counters) are summed. This model reports `aux_loss` and
+    `z_loss` (unweighted means over MoE layers), `router_entropy` [num_moe_layers] (mean routing entropy, nats),
+    `expert_counts` [num_moe_layers, E] (tokens per expert in this forward) and, where a capacity limit drops routes
+    (the native DeepSpeed layer), `tokens_dropped` [num_moe_layers].
     """
 
     logits: torch.Tensor  # [B, S, V]
@@ -222,6 +224,9 @@ class Transformer(nn.Module):
         metrics = {"aux_loss": aux, "z_loss": z}  # with their graphs: a caller may backward through one
         if stats:
             metrics["expert_counts"] = torch.stack([s[2] for s in stats])
+            metrics["router_entropy"] = torch.stack([s[3] for s in stats])
+        if self.router_logits.dropped:
+            metrics["tokens_dropped"] = torch.stack(self.router_logits.dropped)
         return ModelOutput(loss=loss, lm_loss=lm_loss, num_targets=num_targets, metrics=metrics)
 
     def new_kv_cache(self) -> list[LayerKVCache]:

@@ -42,10 +42,13 @@ class Callback:
 
 
 class MoESummary(Callback):
-    """Adds `moe_balance`, `experts_used` and `num_experts` to records that carry `expert_counts` [layers, E].
+    """Adds `moe_balance`, `experts_used`, `num_experts` and per layer `idle_expert_frac` to records that carry
+    `expert_counts` [layers, E], and `drop_rate` per layer to those that carry `tokens_dropped` [layers].
 
     Balance = mean over layers of the coefficient of variation of tokens per expert (0 = perfectly even); experts
-    used = the fewest experts that received tokens in any layer. Give it before the loggers: it edits the record.
+    used = the fewest experts that received tokens in any layer; idle share = experts of a layer that received no
+    token in the logging window; drop rate = routes dropped by the capacity limit over routes (tokens x top-k).
+    Give it before the loggers: it edits the record.
     """
 
     def on_log(self, metrics: dict[str, Any]) -> None:
@@ -62,7 +65,12 @@ class MoESummary(Callback):
             moe_balance=sum(cvs) / len(cvs),
             experts_used=min(sum(c > 0 for c in layer) for layer in per_layer),
             num_experts=len(per_layer[0]),
+            idle_expert_frac=[sum(c == 0 for c in layer) / len(layer) for layer in per_layer],
         )
+        dropped = metrics.get("tokens_dropped")
+        if dropped is not None:
+            routes = [sum(layer) for layer in per_layer]
+            metrics["drop_rate"] = [d / max(r, 1.0) for d, r in zip(dropped, routes, strict=True)]
 
 
 def _fmt_int(x: float) -> str:
@@ -76,14 +84,31 @@ def format_log_line(m: dict[str, Any]) -> str:
         f" | ETA {m['eta_s'] / 60:.1f} min",
         f"Loss: {m['loss']:.6g} | LM Loss: {m['lm_loss']:.6g} | PPL: {m['ppl']:.2f} | LR: {m['lr']:.2e} | "
         f"β: {m['beta2']}",
-        f"GradNorm: {m['grad_norm']:.4f} | Tokens/s: {_fmt_int(m['tokens_per_s'])} | Mem: {m['memory']}",
+        f"GradNorm: {m['grad_norm']:.4f} | Tokens/s: {_fmt_int(m['tokens_per_s'])}{_speed(m)} | Mem: {m['memory']}",
     ]
     if m.get("num_experts"):
         lines.append(
             f"MoE: Balance={m['moe_balance']:.3f} | Experts Used: {m['experts_used']}/{m['num_experts']}"
-            f" | Routing Loss: {m['aux_loss']:.4f} | Z-Loss: {m['z_loss']:.4f}"
+            f" | Routing Loss: {m['aux_loss']:.4f} | Z-Loss: {m['z_loss']:.4f}{_router_health(m)}"
         )
     return "\n".join(lines)
+
+
+def _speed(m: dict[str, Any]) -> str:
+    if "tflops" not in m:
+        return ""
+    mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a (no known peak)"
+    return f" ({_fmt_int(m['tokens_per_s_per_device'])}/device) | TFLOP/s: {m['tflops']:.3g} | MFU: {mfu}"
+
+
+def _router_health(m: dict[str, Any]) -> str:
+    """Per-layer figures as their mean over layers on the console (metrics.jsonl keeps the lists)."""
+    text = ""
+    if m.get("router_entropy"):
+        text += f" | Entropy: {sum(m['router_entropy']) / len(m['router_entropy']):.3f} nats"
+    if m.get("drop_rate"):
+        text += f" | Dropped: {100 * sum(m['drop_rate']) / len(m['drop_rate']):.1f}%"
+    return text
 
 
 class ConsoleLogger(Callback):
@@ -148,8 +173,27 @@ class JsonlLogger(Callback):
         self.file.close()
 
 
+SCALARS = ("loss", "lm_loss", "ppl", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops", "mfu",
+           "aux_loss", "z_loss", "moe_balance")  # fmt: skip
+PER_LAYER = ("router_entropy", "idle_expert_frac", "tokens_dropped", "drop_rate")  # lists, one value per MoE layer
+
+
+def train_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """What TensorBoard and W&B plot of a log record: `train/<name>`, and `router/<name>/moe_layer_<i>`."""
+    out = {f"train/{key}": float(metrics[key]) for key in SCALARS if metrics.get(key) is not None}
+    for name in PER_LAYER:
+        for i, value in enumerate(metrics.get(name) or ()):
+            out[f"router/{name}/moe_layer_{i}"] = float(value)
+    return out
+
+
+def eval_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {"eval/loss": float(metrics["eval_loss"]), "eval/ppl": float(metrics["eval_ppl"])}
+
+
 class TensorBoardLogger(Callback):
-    SCALARS = ("loss", "lm_loss", "ppl", "lr", "grad_norm", "tokens_per_s", "aux_loss", "z_loss", "moe_balance")
+    """The scalars of `train_scalars`/`eval_scalars`, and per MoE layer a histogram of expert load: bucket e (edges
+    e - 0.5 .. e + 0.5) holds the tokens routed to expert e in the logging window."""
 
     def __init__(self, log_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -159,16 +203,32 @@ class TensorBoardLogger(Callback):
             self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def on_log(self, metrics: dict[str, Any]) -> None:
+        step = metrics["step"]
         with writing(self.log_dir):
-            for key in self.SCALARS:
-                if key in metrics and metrics[key] is not None:
-                    self.writer.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+            for tag, value in train_scalars(metrics).items():
+                self.writer.add_scalar(tag, value, step)
+            for i, layer in enumerate(metrics.get("expert_counts") or ()):
+                self._expert_load(f"expert_load/moe_layer_{i}", [float(c) for c in layer], step)
             self.writer.flush()
+
+    def _expert_load(self, tag: str, counts: list[float], step: int) -> None:
+        experts = range(len(counts))
+        self.writer.add_histogram_raw(
+            tag,
+            min=0,
+            max=len(counts) - 1,
+            num=sum(counts),
+            sum=sum(e * c for e, c in zip(experts, counts, strict=True)),
+            sum_squares=sum(e * e * c for e, c in zip(experts, counts, strict=True)),
+            bucket_limits=[e + 0.5 for e in experts],
+            bucket_counts=counts,
+            global_step=step,
+        )
 
     def on_eval(self, metrics: dict[str, Any]) -> None:
         with writing(self.log_dir):
-            self.writer.add_scalar("eval/loss", metrics["eval_loss"], metrics["step"])
-            self.writer.add_scalar("eval/ppl", metrics["eval_ppl"], metrics["step"])
+            for tag, value in eval_scalars(metrics).items():
+                self.writer.add_scalar(tag, value, metrics["step"])
             self.writer.flush()
 
     def on_train_end(self, summary: dict[str, Any]) -> None:

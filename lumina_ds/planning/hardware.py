@@ -53,6 +53,14 @@ def gpu_spec_of_device(device_name: str) -> GpuSpec | None:
     return next((spec for spec in GPUS if re.search(spec.pattern, device_name)), None)
 
 
+def dense_peak_tflops(device_name: str) -> float | None:
+    """MFU's denominator: the dense bf16 peak (fp16 without bf16) of a CUDA device name in TFLOP/s; None if unknown."""
+    spec = gpu_spec_of_device(device_name)
+    if spec is None:
+        return None
+    return (spec.bf16 if spec.bf16 is not None else spec.fp16) / 1e12
+
+
 def matmul_dtype(precision: str) -> str:
     if precision == "fp32":
         return "fp32"

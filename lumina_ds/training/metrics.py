@@ -1,7 +1,8 @@
 """Step metrics summed over a logging window on the device, then reduced across data-parallel ranks.
 
-The window knows nothing of what the model reports: 0-d tensors of the model's `metrics` dict are averaged over
-micro-batches and ranks, others (counters such as tokens per expert) are summed.
+The window knows nothing of what the model reports: floating-point tensors of the model's `metrics` dict (losses,
+per-layer means) are averaged element-wise over micro-batches and ranks, integer ones (counters such as tokens per
+expert) are summed.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class WindowMetrics:
         self.micro_batches = 0
         self.tokens = 0
         self.seconds = 0.0  # wall time of the training steps in the window
-        self.means: dict[str, torch.Tensor] = {}  # loss, lm_loss and the model's 0-d metrics, summed
-        self.counters: dict[str, torch.Tensor] = {}  # the model's other metrics, summed
+        self.means: dict[str, torch.Tensor] = {}  # loss, lm_loss and the model's floating-point metrics, summed
+        self.counters: dict[str, torch.Tensor] = {}  # the model's integer metrics, summed
 
     def add(self, out: ModelOutput, tokens: int) -> None:
         self.micro_batches += 1
@@ -56,21 +57,28 @@ class WindowMetrics:
         values = {"loss": out["loss"], "lm_loss": out["lm_loss"], **out.get("metrics", {})}
         for name, value in values.items():
             value = value.detach()
-            sums = self.means if value.ndim == 0 else self.counters
-            value = value.float() if value.ndim == 0 else value.long()
+            mean = value.is_floating_point()
+            sums = self.means if mean else self.counters
+            value = value.float() if mean else value.long()
             sums[name] = value if name not in sums else sums[name] + value
 
     def all_finite(self) -> bool:
         """Whether every loss in the window was finite (NaN and inf survive summation)."""
-        return all(bool(torch.isfinite(v)) for v in self.means.values())
+        return all(bool(torch.isfinite(v).all()) for v in self.means.values())
 
     def summary(self) -> dict[str, Any]:
-        """Means over micro-batches and ranks; counters summed over both (collective: every rank calls it)."""
-        names = sorted(self.means)  # every rank's model reports the same names
-        local = torch.tensor([float(self.means[n]) for n in names] + [self.micro_batches, self.tokens],
-                             dtype=torch.float64)  # fmt: skip
+        """Means over micro-batches and ranks; counters summed over both (collective: every rank calls it).
+
+        0-d means come back as floats, per-layer ones as lists."""
+        names = sorted(self.means)  # every rank's model reports the same names and shapes
+        flat = [self.means[n].double().cpu().reshape(-1) for n in names]
+        local = torch.cat([*flat, torch.tensor([self.micro_batches, self.tokens], dtype=torch.float64)])
         *sums, micro_batches, tokens = all_reduce_sum(local).tolist()
-        out: dict[str, Any] = {name: total / max(micro_batches, 1) for name, total in zip(names, sums, strict=True)}
+        out: dict[str, Any] = {}
+        for name, part in zip(names, flat, strict=True):
+            values = [total / max(micro_batches, 1) for total in sums[: part.numel()]]
+            sums = sums[part.numel() :]
+            out[name] = values if self.means[name].ndim else values[0]
         out["ppl"] = perplexity(out.get("lm_loss", 0.0))
         out["tokens"] = int(tokens)
         for name in sorted(self.counters):

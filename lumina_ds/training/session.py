@@ -31,9 +31,12 @@ from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.hf.source import open_model_source
+from lumina_ds.models.counting import count_parameters
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
 from lumina_ds.monitor.report import RunReport
+from lumina_ds.monitor.speed import Throughput
+from lumina_ds.monitor.wandb_logger import WandbLogger, import_wandb
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -125,15 +128,20 @@ def total_steps_for(run: RunConfig, sources: SourceSet, batches: PackedBatches, 
     return steps, f"{run.train.epochs} epoch(s) = {steps} steps"
 
 
-def build_callbacks(run: RunConfig) -> list[Callback]:
-    run_dir = run.logging.run_dir
+def build_callbacks(run: RunConfig, *, world_size: int) -> list[Callback]:
+    run_dir, logging = run.logging.run_dir, run.logging
+    flops_per_token = count_parameters(run.model, seq_len=run.seq_len).flops_per_token  # as benchmarks/throughput.py
     callbacks: list[Callback] = [
-        MoESummary(),  # first: it adds the balance figures the loggers show
-        ConsoleLogger(progress_bar=run.logging.progress_bar),
+        MoESummary(),  # first: they add the figures the loggers show
+        Throughput(flops_per_token=flops_per_token, world_size=world_size, peak_tflops=logging.peak_tflops),
+        ConsoleLogger(progress_bar=logging.progress_bar),
         JsonlLogger(run_dir / METRICS_FILE),
     ]
-    if run.logging.tensorboard:
+    if logging.tensorboard:
         callbacks.append(TensorBoardLogger(run_dir / TENSORBOARD_DIR))
+    if logging.wandb:
+        callbacks.append(WandbLogger(config=config_to_dict(run), run_dir=run_dir, project=logging.wandb_project,
+                                     entity=logging.wandb_entity, name=logging.wandb_run_name))  # fmt: skip
     callbacks.append(RunReport(run_dir / METRICS_FILE))  # report.png at the end, signal stops too; never fails the run
     return callbacks
 
@@ -239,7 +247,7 @@ def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: En
         train=run.train,
         logging=run.logging,
         checkpoints=CheckpointManager(run.logging.run_dir, run.checkpoint, info),
-        callbacks=build_callbacks(run) + profilers if info.is_main else [],
+        callbacks=build_callbacks(run, world_size=info.world_size) + profilers if info.is_main else [],
         config_record=config_to_dict(run),
     )
 
@@ -264,6 +272,8 @@ def train(run: RunConfig) -> dict[str, Any]:
     run.validate()
     check_input_files(run.data)  # E104 before any tokenizer is trained or data tokenized
     precision = select_precision(run.train.precision)  # E003 before any process group or data work
+    if run.logging.wandb:
+        import_wandb()  # E003 with the install hint before any work
     info = init_distributed(timeout_minutes=run.distributed.timeout_minutes)
     preflight(run, info.world_size)  # E203 before any data or model work
     run_dir = run.logging.run_dir
