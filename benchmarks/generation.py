@@ -6,8 +6,9 @@ tensors itself). For each batch size and prompt length: prefill tokens/s (one fo
 filled), and decode tokens/s (greedy, exactly --new-tokens per row, no stop token) over the time after the prefill.
 Both run greedy, so their tokens must agree: the check is printed.
 
-lumina_ds.generation.generate decodes one sequence at a time (the chat REPL's case): a batch of B rows is B calls,
-one after another. transformers decodes the B rows together.
+At batch 1 lumina runs lumina_ds.generation.generate (the chat REPL's path); at batch > 1,
+lumina_ds.generation.batched.generate_batch, which decodes the B rows together in one forward per step, as
+transformers does.
 
     python benchmarks/generation.py                          # reference MoE h256 L4 E8 top-2 vocab 8192
     python benchmarks/generation.py --batch-sizes 1 8 --sequence-lengths 64 256 --new-tokens 64
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lumina_ds.config.model import ModelConfig, MoEConfig
+from lumina_ds.generation.batched import generate_batch
 from lumina_ds.generation.sampling import SamplingConfig, generate
 from lumina_ds.hf.architectures import export_architecture, hf_config_from_model
 from lumina_ds.hf.weights import ours_to_hf
@@ -100,10 +102,13 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 @torch.no_grad()
 def lumina_run(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, list[list[int]]]:
-    """(prefill seconds, generate seconds, tokens per row): generate() on each row in turn."""
-    prefill, _ = _timed(lambda: [model(row[None], kv_cache=model.new_kv_cache()) for row in prompts])
+    """(prefill seconds, generate seconds, tokens per row): generate() at batch 1, generate_batch() above."""
+    prefill, _ = _timed(lambda: model(prompts, kv_cache=model.new_kv_cache()))
     greedy = SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens)
-    total, rows = _timed(lambda: [generate(model, row.tolist(), greedy, stop_ids=()) for row in prompts])
+    if len(prompts) == 1:
+        total, rows = _timed(lambda: [generate(model, prompts[0].tolist(), greedy, stop_ids=())])
+    else:
+        total, rows = _timed(lambda: generate_batch(model, prompts.tolist(), greedy, stop_ids=()))
     return prefill, total, rows
 
 
@@ -177,7 +182,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     ours = config.build().eval()
     theirs, arch = transformers_twin(config, ours, args.peer_experts_impl)
     print(f"model: h{args.hidden} L{args.layers} E{args.experts} top-{args.top_k} vocab {args.vocab} ({arch} in "
-          f"transformers), fp32, {torch.get_num_threads()} threads; lumina decodes one row at a time")  # fmt: skip
+          f"transformers), fp32, {torch.get_num_threads()} threads; batches > 1 decode together")  # fmt: skip
     records, ratios = [], []
     for prompts in settings(args):
         mine = measure("lumina", lumina_run, ours, prompts, args)

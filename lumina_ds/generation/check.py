@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from lumina_ds.errors import DataError
+from lumina_ds.generation.batched import generate_batch
 from lumina_ds.generation.chat import ChatSession
 from lumina_ds.generation.loading import InferenceBundle, load_for_inference
-from lumina_ds.generation.sampling import SamplingConfig, generate
+from lumina_ds.generation.sampling import SamplingConfig
 
 GENERATIONS_FILE = "generations.jsonl"
 DEFAULT_PROMPTS = (
@@ -30,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Generation:
-    """One greedy answer. tokens_per_s counts the reply's tokens over the whole call (prefill included)."""
+    """One greedy answer. tokens_per_s: every reply's tokens over the batched call (prefill included)."""
 
     prompt: str
     reply: str
@@ -81,16 +82,17 @@ def precisions_for(device: torch.device) -> list[str]:
 
 
 def answer(bundle: InferenceBundle, prompts: list[str], *, max_new_tokens: int, precision: str) -> list[Generation]:
-    """Each prompt answered greedily on its own (no history), timed."""
+    """The prompts answered greedily together (each without history; batched decoding equals each alone), timed."""
     session = ChatSession(bundle, SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens))
-    results = []
-    for prompt in prompts:
-        start = time.perf_counter()
-        ids = generate(bundle.model, session.prompt_ids(prompt), session.sampling, stop_ids=bundle.tokenizer.stop_ids)
-        seconds = time.perf_counter() - start
-        reply = bundle.tokenizer.decode(ids)
-        results.append(Generation(prompt, reply, ids, len(ids), len(ids) / max(seconds, 1e-9), precision))
-    return results
+    start = time.perf_counter()
+    replies = generate_batch(
+        bundle.model, [session.prompt_ids(p) for p in prompts], session.sampling, stop_ids=bundle.tokenizer.stop_ids
+    )
+    tokens_per_s = sum(len(ids) for ids in replies) / max(time.perf_counter() - start, 1e-9)
+    return [
+        Generation(prompt, bundle.tokenizer.decode(ids), ids, len(ids), tokens_per_s, precision)
+        for prompt, ids in zip(prompts, replies, strict=True)
+    ]
 
 
 def agreement(reference: list[int], other: list[int]) -> float:
