@@ -7,7 +7,8 @@ A row that samples a stop id leaves the batch: its cache rows are dropped and th
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,6 +76,17 @@ class _Rows:
             layer.k, layer.v = layer.k[select, :, start:], layer.v[select, :, start:]
 
 
+@contextlib.contextmanager
+def last_position_logits(model: Transformer) -> Iterator[None]:
+    """Within: the final norm (hence the LM head) sees the last position only. A prefill needs one logit row per
+    prompt, not [B, T, V]: at 8 x 512 prompts and a 8192 vocabulary the full head is 17 GFLOP and 134 MB of fp32."""
+    handle = model.norm.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generate_batch(
     model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, stop_ids: Collection[int]
@@ -94,7 +106,8 @@ def generate_batch(
     rows = _Rows([p for p, _ in fitted], device)
     cache = model.new_kv_cache()
     positions, mask = rows.prefill_inputs()
-    logits = model(rows.history, position_ids=positions, attn_mask=mask, kv_cache=cache)["logits"][:, -1]  # [B, V]
+    with last_position_logits(model):
+        logits = model(rows.history, position_ids=positions, attn_mask=mask, kv_cache=cache)["logits"][:, -1]  # [B, V]
     replies: list[list[int]] = [[] for _ in prompts]
     for step in range(budget):
         prev = rows.history if cfg.repetition_penalty != 1.0 else None

@@ -71,13 +71,17 @@ def test_a_stopped_row_leaves_the_batch() -> None:
     alone = [generate(model, p, GREEDY, stop_ids=stop_ids) for p in prompts]
     assert min(len(ids) for ids in alone) <= 2 and max(len(ids) for ids in alone) > 5  # rows do end at different steps
     batch_sizes: list[tuple[int, int]] = []
-    hook = model.embed.register_forward_hook(lambda _m, args, _o: batch_sizes.append(tuple(args[0].shape)))
+    head_rows: list[int] = []
+    hooks = [model.embed.register_forward_hook(lambda _m, args, _o: batch_sizes.append(tuple(args[0].shape))),
+             model.lm_head.register_forward_hook(lambda _m, _a, out: head_rows.append(out.shape[1]))]  # fmt: skip
     try:
         batched = generate_batch(model, prompts, GREEDY, stop_ids=stop_ids)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert batched == alone
     assert batch_sizes[0] == (4, 17)  # one prefill of the left-padded prompts
+    assert set(head_rows) == {1}  # the prefill's LM head ran on the last position only, not on all 17
     # after sampling token t, the model runs on the rows that returned it (a row that stopped is no longer computed),
     # up to the last token of the budget, which needs no forward
     live = [sum(len(ids) > step for ids in alone) for step in range(GREEDY.max_new_tokens - 1)]
