@@ -17,8 +17,9 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # query/key RMSNorm before RoPE: none, per head over head_dim (Qwen3), or over the whole projection (OLMoE)
 QK_NORMS = ("none", "head", "projection")
 # the std of the residual-branch outputs (o_proj, w2): normal = init_std (transformers), scaled = init_std/sqrt(2L),
-# depth = init_std/sqrt(2(i+1)) for layer i (torchtitan); everything else is normal(init_std) in each
-INIT_SCHEMES = ("scaled", "normal", "depth")
+# depth = init_std/sqrt(2(i+1)) for layer i (torchtitan); everything else is normal(init_std) in each. normal is the
+# default: it learned fastest per token in benchmarks/learning.py (benchmarks/NOTES.md)
+INIT_SCHEMES = ("normal", "scaled", "depth")
 
 
 @dataclass
@@ -114,7 +115,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    init_scheme: str = "scaled"  # one of INIT_SCHEMES
+    init_scheme: str = "normal"  # one of INIT_SCHEMES
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     attention_head_dim: int = 0  # 0: hidden_size // num_heads (HF's explicit head_dim, e.g. Qwen3)
     attention_bias: bool = False  # bias on the q/k/v projections (Qwen2); o_proj never has one

@@ -96,8 +96,8 @@ def pre_scheme_init(model: Transformer) -> None:
 
 
 def test_scaled_reproduces_the_debug_presets_weights_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = get_preset("debug").model
-    assert config.init_scheme == "scaled"  # the presets' default
+    """The presets' weights before `normal` became the default stay one flag away (--init-scheme scaled)."""
+    config = dataclasses.replace(get_preset("debug").model, init_scheme="scaled")
     torch.manual_seed(1234)
     model = config.build()
     monkeypatch.setattr(Transformer, "reset_parameters", pre_scheme_init)  # the constructor's draws stay the same
@@ -124,7 +124,7 @@ def test_train_flag_sets_the_scheme_and_is_refused_with_init_from() -> None:
         args = build_parser().parse_args(["train", "--train-data", str(TRAIN), *argv])
         return resolve_run(args, world_size=1, announce=False).model.init_scheme
 
-    assert resolve() == "scaled" and resolve("--init-scheme", "depth") == "depth"
+    assert resolve() == "normal" and resolve("--init-scheme", "scaled") == "scaled"
     with pytest.raises(LuminaError) as err:  # the weights come from the source: the scheme would be ignored
         resolve("--init-scheme", "normal", "--init-from", "no/such/dir")
     assert err.value.code == "E002" and "--init-scheme" in err.value.message
