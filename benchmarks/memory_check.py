@@ -70,7 +70,7 @@ def run_config(case: Case) -> RunConfig:
     run = get_preset("debug")
     run.model = model_config(case.model)
     run.train.micro_batch_size, run.train.grad_accum = case.micro, case.accum
-    run.train.gradient_checkpointing, run.train.precision = case.ckpt, case.precision
+    run.train.activation_checkpointing, run.train.precision = ("full" if case.ckpt else "none"), case.precision
     run.distributed.zero_stage, run.distributed.expert_parallel_size = case.zero, case.ep
     run.distributed.deepspeed = planned_extras(layout_of(case))  # the bucket sizes a planned layout carries
     run.data.seq_len = case.seq
@@ -80,7 +80,7 @@ def run_config(case: Case) -> RunConfig:
 
 def layout_of(case: Case) -> Layout:
     layout = Layout(zero_stage=case.zero, gpus=case.ranks, gpus_per_node=case.ranks, expert_parallel_size=case.ep,
-                    micro_batch_size=case.micro, seq_len=case.seq, gradient_checkpointing=case.ckpt,
+                    micro_batch_size=case.micro, seq_len=case.seq, recompute="full" if case.ckpt else "none",
                     precision=case.precision, gpu_runtime_overhead=0.0)  # fmt: skip
     return with_bucket_rules(layout, model_config(case.model).hidden_size)
 

@@ -32,7 +32,6 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--pin-memory": "not offered: batches are assembled in the training process and copied once per step",
     "--persistent-workers": "always on: streaming loader workers live for the whole run",
     # features still to come
-    "--compile": f"torch.compile of the training step is {_SOON}",
     "--profile-training": "lumina-ds train --profile-training [STEPS] (a Chrome trace and the top operators)",
     "--profile-memory": "lumina-ds train --profile-memory (peak memory per phase; a CUDA snapshot on a GPU)",
     "--track-allocations": f"memory profiling is {_SOON}",

@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import PRECISIONS
+from lumina_ds.config.run import ACTIVATION_CHECKPOINTING, PRECISIONS
 from lumina_ds.errors import ConfigError
 from lumina_ds.planning.hardware import GPU_KEYS
 
@@ -84,10 +84,13 @@ def cmd_analyze_memory(args: argparse.Namespace) -> int:
     run.distributed.moe_backend, run.train.precision = args.moe_backend, args.precision
     run.validate()
     preflight(run, args.gpus)
-    ckpt = run.train.gradient_checkpointing if args.gradient_checkpointing is None else args.gradient_checkpointing
+    if args.activation_checkpointing is not None:
+        run.train.activation_checkpointing = args.activation_checkpointing
+    elif args.gradient_checkpointing is not None:
+        run.train.gradient_checkpointing = args.gradient_checkpointing
     layout = Layout(zero_stage=args.zero_stage, gpus=args.gpus, gpus_per_node=min(args.gpus, args.gpus_per_node),
                     expert_parallel_size=args.expert_parallel_size, micro_batch_size=args.batch_size,
-                    seq_len=args.sequence_length or run.seq_len, gradient_checkpointing=ckpt,
+                    seq_len=args.sequence_length or run.seq_len, recompute=run.train.recompute,
                     precision=args.precision, offload_optimizer=args.offload_optimizer,
                     offload_param=args.offload_param)  # fmt: skip
     layout = with_bucket_rules(layout, run.model.hidden_size)
@@ -99,7 +102,7 @@ def cmd_analyze_memory(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.preset}: ZeRO-{layout.zero_stage}, {layout.gpus} GPUs, EP {layout.expert_parallel_size}, "
           f"micro-batch {layout.micro_batch_size} x seq {layout.seq_len}, {layout.precision}, "
-          f"recompute {'on' if ckpt else 'off'}")  # fmt: skip
+          f"recompute {layout.recompute}")  # fmt: skip
     print(format_breakdown(estimate))
     return 0
 
@@ -125,7 +128,9 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--moe-backend", choices=("autoep", "native"), default="autoep",
                    help="MoE implementation (default: autoep)")  # fmt: skip
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="activation recompute (default: the preset's)")  # fmt: skip
+                   help="= --activation-checkpointing full/none (default: the preset's)")  # fmt: skip
+    p.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default=None,
+                   help="what backward recomputes: full, selective (= attention), moe, none (default: the preset's)")
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the host (default: off)")
     p.add_argument("--offload-param", action="store_true", help="ZeRO-3 parameters on the host (default: off)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -13,7 +13,15 @@ from lumina_ds.cli.luminaai import config_file_given_as_preset
 from lumina_ds.config.io import deep_merge, load_config
 from lumina_ds.config.model import ATTENTION_BACKENDS, INIT_SCHEMES
 from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import DATA_FORMATS, DATA_STRATEGIES, OFFLOAD_MODES, PRECISIONS, SCHEDULERS, RunConfig
+from lumina_ds.config.run import (
+    ACTIVATION_CHECKPOINTING,
+    DATA_FORMATS,
+    DATA_STRATEGIES,
+    OFFLOAD_MODES,
+    PRECISIONS,
+    SCHEDULERS,
+    RunConfig,
+)
 from lumina_ds.errors import ConfigError
 
 
@@ -108,7 +116,15 @@ OPTIM_FLAGS = [
         "auto = mixed_bf16 on bf16 GPUs, mixed_fp16 on older GPUs, fp32 on CPU",
         {"choices": PRECISIONS},
     ),
-    Flag(("--gradient-checkpointing",), "train.gradient_checkpointing", "recompute each block in backward", BOOL),
+    Flag(
+        ("--activation-checkpointing",),
+        "train.activation_checkpointing",
+        "what backward recomputes: full (every block), selective (= attention: each block's attention sub-block), "
+        "moe (each block's MoE/FFN sub-block) or none",
+        {"choices": ACTIVATION_CHECKPOINTING},
+    ),
+    Flag(("--gradient-checkpointing",), "train.gradient_checkpointing", "= --activation-checkpointing full/none", BOOL),
+    Flag(("--compile",), "train.compile", "torch.compile each block's attention and norms (MoE stays eager)", BOOL),
     Flag(
         ("--early-stopping-patience",),
         "train.early_stopping_patience",
@@ -411,6 +427,9 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
             f"LuminaAI's --config FILE.yaml is --config-file {args.preset}",
         )
     run = load_config(args.config_file) if args.config_file else get_preset(args.preset or "debug")
+    if {"activation_checkpointing", "gradient_checkpointing"} <= explicit_flags(args):
+        raise ConfigError("E002", "--gradient-checkpointing and --activation-checkpointing both given",
+                          "--gradient-checkpointing is --activation-checkpointing full; give one")  # fmt: skip
     for dest in explicit_flags(args):
         section, name = FLAG_FIELDS[dest]
         _set(run, section, name, getattr(args, dest))

@@ -77,7 +77,7 @@ def _build(
         micro_batch_size=micro_batch,
         grad_accum=grad_accum,
         warmup_ratio=warmup_ratio,
-        gradient_checkpointing=checkpointing,
+        activation_checkpointing="full" if checkpointing else "none",
     )
     return RunConfig(model=model, train=train)
 

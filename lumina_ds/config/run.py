@@ -11,6 +11,9 @@ from lumina_ds.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
 SCHEDULERS = ("cosine", "linear", "onecycle", "none")
+# what backward recomputes: every block (full), only each block's attention sub-block or only its MoE/FFN sub-block
+# (selective; `selective` itself means `attention`), or nothing (models/transformer.py Block)
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective", "attention", "moe")
 
 DATA_STRATEGIES = ("auto", "memory", "sharded", "streaming")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt-completion")  # record formats (data/formats.py)
@@ -97,14 +100,32 @@ class TrainConfig:
     eps: float = 1e-8
     seed: int = 42
     precision: str = "auto"
-    gradient_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # see ACTIVATION_CHECKPOINTING
+    compile: bool = False  # torch.compile each block's attention and norms (and dense FFNs); MoE dispatch stays eager
     eval_every_n_batches: int = 100
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     guard: GuardConfig = field(default_factory=GuardConfig)
     auto_batch_size: bool = False  # pick the largest micro-batch the memory model fits in target_memory_usage
     target_memory_usage: float = 0.9  # share of the GPU's memory --auto-batch-size may plan for
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The boolean of older configs and flags: any recompute at all; setting it means full or none."""
+        return self.activation_checkpointing != "none"
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.activation_checkpointing = "full" if on else "none"
+
+    @property
+    def recompute(self) -> str:
+        """The mode the model applies: none, full, attention or moe (`selective` is attention)."""
+        return "attention" if self.activation_checkpointing == "selective" else self.activation_checkpointing
+
     def validate(self) -> None:
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError("E002", f"unknown activation_checkpointing {self.activation_checkpointing!r}",
+                              f"choose one of {', '.join(ACTIVATION_CHECKPOINTING)}")  # fmt: skip
         if self.precision not in PRECISIONS:
             raise ConfigError("E002", f"unknown precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
         if self.lr_scheduler not in SCHEDULERS:

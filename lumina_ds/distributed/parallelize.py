@@ -9,9 +9,16 @@ from lumina_ds.distributed.expert_parallel import apply_native_moe, autoep_secti
 from lumina_ds.models.transformer import Transformer
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block in backward (non-reentrant torch checkpoint: works under ZeRO-3)."""
-    model.checkpoint_layers = True
+def apply_activation_checkpointing(model: Transformer, *, mode: str) -> None:
+    """Recompute each block (full) or one sub-block of each (attention, moe) in backward; non-reentrant torch
+    checkpoint, which works under ZeRO-3 (the recompute gathers the parameters it uses again)."""
+    model.set_recompute(mode)
+
+
+def apply_compile(model: Transformer) -> None:
+    """Regional torch.compile (torchtitan's apply_compile): each block's attention and norms, and dense FFNs; the MoE
+    dispatch stays eager (its per-expert counts depend on the routing)."""
+    model.compile_blocks()
 
 
 def uses_autoep(run: RunConfig) -> bool:
@@ -22,7 +29,7 @@ def uses_autoep(run: RunConfig) -> bool:
 
 
 def parallelize(model: Transformer, run: RunConfig, *, rank: int) -> dict[str, Any]:
-    """Apply expert placement and activation checkpointing; returns DeepSpeed config sections to add."""
+    """Apply expert placement, activation checkpointing and compile; returns DeepSpeed config sections to add."""
     dist = run.distributed
     sections: dict[str, Any] = {}
     if run.model.moe.enabled and dist.moe_backend == "native":
@@ -34,6 +41,7 @@ def parallelize(model: Transformer, run: RunConfig, *, rank: int) -> dict[str, A
         )
     elif uses_autoep(run):
         sections["expert_parallel"] = autoep_section(model, ep_size=dist.expert_parallel_size)
-    if run.train.gradient_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, mode=run.train.recompute)
+    if run.train.compile:  # after expert placement: the native layer is in place; AutoEP only swaps MoE FFNs
+        apply_compile(model)
     return sections

@@ -96,6 +96,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.hidden_size, config.intermediate_size)
 
+        self.recompute = "none"  # attention or moe: that sub-block is recomputed in backward (set_recompute)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -103,8 +105,40 @@ class Block(nn.Module):
         mask: DocumentMask | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask=mask, kv_cache=kv_cache)  # [B, S, H]
-        return x + self.ffn(self.ffn_norm(x))  # [B, S, H]
+        recompute = self.recompute if self.training and kv_cache is None else "none"
+        if recompute == "attention":  # non-reentrant: ZeRO-3 gathers the parameters again in the recompute
+            x = x + checkpoint(self.attention, x, rope, mask, use_reentrant=False)
+        else:
+            x = x + self.attention(x, rope, mask, kv_cache)  # [B, S, H]
+        if recompute == "moe":  # self.ffn is looked up per call: whatever AutoEP or the native layer put there
+            return x + checkpoint(self.feed_forward, x, use_reentrant=False)
+        return x + self.feed_forward(x)  # [B, S, H]
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: DocumentMask | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        """The attention sub-block's residual branch: norm, then attention."""
+        return self.attn(self.attn_norm(x), rope, mask=mask, kv_cache=kv_cache)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN (MoE or dense) sub-block's residual branch: norm, then the FFN."""
+        return self.ffn(self.ffn_norm(x))
+
+    def compile_regions(self) -> None:
+        """torch.compile what has static shapes: norm + attention, and norm + FFN where the FFN is dense.
+
+        An MoE layer's FFN sub-block stays eager: expert dispatch sizes depend on the routing (graph breaks, and
+        torch._grouped_mm has no fp32 fake-tensor kernel on CPU) and DeepSpeed may replace the block. Instance
+        attributes shadow the methods, so parameter names (and checkpoints) are unchanged; dynamo shares one graph
+        per region across the blocks.
+        """
+        self.attention = torch.compile(self.attention)  # type: ignore[method-assign]
+        if isinstance(self.ffn, SwiGLU):
+            self.feed_forward = torch.compile(self.feed_forward)  # type: ignore[method-assign]
 
 
 class Transformer(nn.Module):
@@ -118,10 +152,25 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.checkpoint_layers = False  # set by distributed.apply_activation_checkpointing
+        self.recompute = "none"  # none, full, attention or moe: what backward recomputes (set_recompute)
         self.router_logits = RouterLogitsCollector()
         self.router_logits.attach([m.gate for m in self.modules() if isinstance(m, MoEBlock)])
         self.reset_parameters()
+
+    def set_recompute(self, mode: str) -> None:
+        """full: each block is recomputed in backward; attention / moe: only that sub-block of each block; none."""
+        assert mode in ("none", "full", "attention", "moe"), mode
+        self.recompute = mode
+        for layer in self.blocks():
+            layer.recompute = mode if mode in ("attention", "moe") else "none"
+
+    def compile_blocks(self) -> None:
+        """Regional torch.compile: each block's static-shape sub-blocks (Block.compile_regions), not the model."""
+        for layer in self.blocks():
+            layer.compile_regions()
+
+    def blocks(self) -> list[Block]:
+        return [layer for layer in self.layers if isinstance(layer, Block)]
 
     @property
     def num_moe_layers(self) -> int:
@@ -172,7 +221,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             cache = kv_cache[i] if kv_cache else None
             mask = masks[self.config.layer_window(i)]
-            if self.checkpoint_layers and self.training and cache is None:
+            if self.recompute == "full" and self.training and cache is None:
                 x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, cache)

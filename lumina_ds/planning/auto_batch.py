@@ -28,7 +28,7 @@ def layout_of(run: RunConfig, *, micro_batch_size: int, world_size: int, ranks_p
     dist = run.distributed
     layout = Layout(zero_stage=dist.zero_stage, gpus=world_size, gpus_per_node=max(1, min(ranks_per_node, world_size)),
                     expert_parallel_size=dist.expert_parallel_size, micro_batch_size=micro_batch_size,
-                    seq_len=run.seq_len, gradient_checkpointing=run.train.gradient_checkpointing,
+                    seq_len=run.seq_len, recompute=run.train.recompute,
                     precision=precision, offload_optimizer=dist.offload != "none",
                     offload_param=dist.offload == "optimizer+params")  # fmt: skip
     return with_bucket_rules(layout, run.model.hidden_size)

@@ -60,7 +60,7 @@ def meta_model_summary(run: RunConfig) -> str:
         parts.append(
             f"AutoEP replaces them at initialize: {run.model.moe.num_experts // ep} experts per rank (EP {ep})"
         )
-    parts.append("activation recompute on" if model.checkpoint_layers else "activation recompute off")
+    parts.append(f"activation recompute {model.recompute}")
     return ", ".join(parts)
 
 

@@ -36,7 +36,7 @@ REFERENCE_CLUSTERS: dict[str, Cluster] = {
 }
 LAYOUTS_DIR = Path(__file__).resolve().with_name("layouts")
 METADATA_KEY = "lumina_ds"  # our section: the plan's run-config values and where the file came from
-PLANNED_TRAIN_FIELDS = ("micro_batch_size", "grad_accum", "gradient_checkpointing")
+PLANNED_TRAIN_FIELDS = ("micro_batch_size", "grad_accum", "activation_checkpointing")
 
 
 def planned_run(run: RunConfig, plan: Plan) -> RunConfig:
@@ -53,7 +53,7 @@ def planned_run(run: RunConfig, plan: Plan) -> RunConfig:
         run.train,
         micro_batch_size=best.layout.micro_batch_size,
         grad_accum=best.grad_accum,
-        gradient_checkpointing=best.layout.gradient_checkpointing,
+        activation_checkpointing=best.layout.recompute,
     )
     planned.data = replace(run.data, seq_len=plan.seq_len)
     return planned
@@ -90,7 +90,7 @@ def layout_for_plan(run: RunConfig, plan: Plan) -> dict[str, Any]:
         "distributed": {"zero_stage": best.layout.zero_stage, "expert_parallel_size": best.layout.expert_parallel_size,
                         "offload": best.offload},
         "train": {"micro_batch_size": best.layout.micro_batch_size, "grad_accum": best.grad_accum,
-                  "gradient_checkpointing": best.layout.gradient_checkpointing},
+                  "activation_checkpointing": best.layout.recompute},
     }  # fmt: skip
     meta = {
         "preset": plan.preset,
@@ -165,9 +165,14 @@ def adopt_layout(run: RunConfig, layout: dict[str, Any], *, world_size: int, exp
                 f"expert-parallel size {wanted} does not divide {world_size} GPUs: "
                 f"using {run.distributed.expert_parallel_size}"
             )
+    train = dict(planned["train"])
+    if "gradient_checkpointing" in train:  # a layout file written before activation_checkpointing
+        train["activation_checkpointing"] = "full" if train.pop("gradient_checkpointing") else "none"
+    if "gradient_checkpointing" in explicit:  # its alias flag
+        explicit = explicit | {"activation_checkpointing"}
     for name in PLANNED_TRAIN_FIELDS:
         if name not in explicit:
-            setattr(run.train, name, planned["train"][name])
+            setattr(run.train, name, train[name])
     if meta.get("gpus") not in (None, world_size):
         notes.append(f"planned for {meta['gpus']} GPUs, running on {world_size}: train_batch_size recomputed")
     run.distributed.deepspeed = deep_merge(copy.deepcopy(extras), run.distributed.deepspeed)

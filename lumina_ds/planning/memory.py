@@ -120,7 +120,7 @@ class Layout:
     expert_parallel_size: int = 1
     micro_batch_size: int = 1
     seq_len: int = 4096
-    gradient_checkpointing: bool = False
+    recompute: str = "none"  # activation checkpointing: none, full, attention or moe (TrainConfig.recompute)
     precision: str = "mixed_bf16"
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -133,6 +133,10 @@ class Layout:
     zero_init: bool = True  # ZeRO-3 builds the model partitioned (deepspeed.zero.Init)
     gpu_runtime_overhead: float = GPU_RUNTIME_OVERHEAD
     grad_accum_fp32: bool = False  # mixed_bf16 with accumulation at ZeRO 1-3: gradients summed in fp32
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.recompute != "none"
 
     @property
     def nodes(self) -> int:
@@ -263,17 +267,66 @@ def ffn_elements_per_token(config: ModelConfig, *, moe_layer: bool, capacity_fac
     return h + 2 * moe.num_experts * 2 + routed + shared  # router logits + probs in fp32 = 2 x 16-bit each
 
 
-def layer_activation_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
-    """One layer without recompute: Korthikanti's attention + norm terms, our SwiGLU/MoE feed-forward."""
+def attention_subblock_bytes(config: ModelConfig, layout: Layout) -> float:
+    """The attention sub-block's saved tensors: Korthikanti's 11sbh (+5as^2b eager scores) and its input norm's 2sbh."""
     b = precision_bytes(layout.precision, layout.zero_stage)
     sb = layout.seq_len * layout.micro_batch_size
     scale = b.act / 2  # Korthikanti's constants are bytes at 16 bits
-    attention = 15 * sb * config.hidden_size * scale
+    attention = 13 * sb * config.hidden_size * scale
     if layout.attention_scores_stored:
         attention += 5 * config.num_heads * layout.seq_len * sb * scale
+    return attention
+
+
+def ffn_subblock_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
+    """The FFN (MoE or dense) sub-block's saved tensors: its input norm's 2sbh and our SwiGLU/MoE terms."""
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    sb = layout.seq_len * layout.micro_batch_size
     capacity = max(1.0, config.moe.capacity_factor)
     ffn = ffn_elements_per_token(config, moe_layer=moe_layer, capacity_factor=capacity) * sb * b.act
+    return 2 * sb * config.hidden_size * b.act / 2 + ffn
+
+
+def layer_activation_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
+    """One layer without recompute: Korthikanti's attention + norm terms, our SwiGLU/MoE feed-forward."""
+    return attention_subblock_bytes(config, layout) + ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
+
+
+def stored_layer_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
+    """What one layer holds from its forward to its backward under `layout.recompute`.
+
+    A checkpointed (sub-)block keeps only its input, the [B, S, H] residual stream; the other sub-block keeps all.
+    """
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    checkpoint_input = layout.seq_len * layout.micro_batch_size * config.hidden_size * b.act
+    attention = attention_subblock_bytes(config, layout)
+    ffn = ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
+    mode = layout.recompute
+    assert mode in ("none", "full", "attention", "moe"), mode
+    if mode == "full":
+        return checkpoint_input
+    if mode == "attention":
+        return checkpoint_input + ffn
+    if mode == "moe":
+        return attention + checkpoint_input
     return attention + ffn
+
+
+def recompute_peak_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
+    """What one recompute adds in backward over what the forward left stored, one (sub-)block at a time.
+
+    Backward reaches a block's FFN before its attention: under attention recompute the FFN's stored tensors are
+    freed before the attention sub-block is materialised again (measured on CPU, tests/planning).
+    """
+    mode = layout.recompute
+    if mode == "full":
+        return layer_activation_bytes(config, layout, moe_layer=moe_layer)
+    if mode == "attention":
+        freed = ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
+        return max(0.0, attention_subblock_bytes(config, layout) - freed)
+    if mode == "moe":
+        return ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
+    return 0.0
 
 
 def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
@@ -281,16 +334,13 @@ def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
     b = precision_bytes(layout.precision, layout.zero_stage)
     s, mb, h = layout.seq_len, layout.micro_batch_size, config.hidden_size
     moe_layers = [config.moe.is_moe_layer(i) for i in range(config.num_layers)]
-    per_layer = [layer_activation_bytes(config, layout, moe_layer=m) for m in moe_layers]
-    if layout.gradient_checkpointing:
-        stored = config.num_layers * s * mb * h * b.act + max(per_layer)  # inputs + one layer being recomputed
-    else:
-        stored = sum(per_layer)
+    stored = sum(stored_layer_bytes(config, layout, moe_layer=m) for m in moe_layers)
+    stored += max(recompute_peak_bytes(config, layout, moe_layer=m) for m in moe_layers)
     if config.attention_backend == "sdpa":
         # the dense document mask, bool [B, 1, S, S], and the bias SDPA turns it into in every layer on a GPU, saved
-        # for backward (with recompute only the layer being recomputed holds one); auto runs flash-attn or flex there,
-        # whose masks are cu_seqlens or a BlockMask of (S/128)^2 blocks
-        layers_holding_bias = 1 if layout.gradient_checkpointing else config.num_layers
+        # for backward (when attention is recomputed only the layer being recomputed holds one); auto runs flash-attn
+        # or flex there, whose masks are cu_seqlens or a BlockMask of (S/128)^2 blocks
+        layers_holding_bias = 1 if layout.recompute in ("full", "attention") else config.num_layers
         stored += mb * s * s * (1 + layers_holding_bias * b.act)
     # logits (kept in the output), their fp32 log-softmax, and the two gradients in backward
     logits = mb * s * config.vocab_size * (2 * b.act + 8)

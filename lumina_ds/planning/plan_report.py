@@ -77,7 +77,7 @@ def candidate_as_dict(c: Candidate) -> dict[str, Any]:
         "offload": c.offload,
         "micro_batch_size": lay.micro_batch_size,
         "grad_accum": c.grad_accum,
-        "gradient_checkpointing": lay.gradient_checkpointing,
+        "activation_checkpointing": lay.recompute,
         "step_seconds": round(c.step_seconds, 3),
         "memory": c.estimate.as_dict(),
         "rejection": c.rejection,

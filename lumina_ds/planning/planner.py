@@ -35,6 +35,7 @@ CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeedCPUAdam updates per rank (AVX-512, a few
 DEFAULT_MFU = 0.4
 MICRO_STEP_OVERHEAD = 0.01  # seconds of launch latency and framework work per micro-step (favours fuller batches)
 RECOMPUTE_FACTOR = 8 / 6  # full activation recompute adds one forward pass to forward + backward
+RECOMPUTE_MODES = ("none", "attention", "moe", "full")  # TrainConfig.recompute
 OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
 
 
@@ -66,7 +67,7 @@ class Candidate:
 
     def describe(self) -> str:
         lay = self.layout
-        ckpt = "recompute" if lay.gradient_checkpointing else "no recompute"
+        ckpt = f"recompute {lay.recompute}"
         return (f"ZeRO-{lay.zero_stage} EP {lay.expert_parallel_size} offload {self.offload} "
                 f"micro-batch {lay.micro_batch_size} x accum {self.grad_accum} {ckpt}")  # fmt: skip
 
@@ -114,10 +115,10 @@ def layout_space(run: RunConfig, cluster: Cluster, *, seq_len: int, precision: s
         for ep in expert_parallel_sizes(run.model, cluster.gpus):
             for offload in offloads:
                 for micro in divisors(rows_per_gpu):
-                    for ckpt in (False, True):
+                    for ckpt in RECOMPUTE_MODES:
                         accum = rows_per_gpu // micro
                         layout = replace(base, zero_stage=stage, expert_parallel_size=ep, micro_batch_size=micro,
-                                         gradient_checkpointing=ckpt, offload_optimizer=offload != "none",
+                                         recompute=ckpt, offload_optimizer=offload != "none",
                                          offload_param=offload == "optimizer+params",
                                          grad_accum_fp32=fp32_grad_accumulation(precision, stage, accum))  # fmt: skip
                         space.append((layout, offload, accum))
@@ -152,10 +153,29 @@ def all_to_all_bytes(model: ModelConfig, layout: Layout, grad_accum: int) -> flo
         return 0.0
     moe = model.moe
     moe_layers = sum(moe.is_moe_layer(i) for i in range(model.num_layers))
-    passes = 6 if layout.gradient_checkpointing else 4
+    passes = 6 if layout.recompute in ("full", "moe") else 4  # recomputing the MoE block dispatches again
     act = precision_bytes(layout.precision, layout.zero_stage).act
     tokens = layout.micro_batch_size * layout.seq_len * moe.top_k
     return grad_accum * passes * moe_layers * tokens * model.hidden_size * act * (ep - 1) / ep
+
+
+def recompute_factor(model: ModelConfig, layout: Layout) -> float:
+    """Compute relative to no recompute: backward re-runs the forward of what is checkpointed.
+
+    Forward FLOPs per token and layer: 2 x the attention projections plus 2 x seq x q-width for the causal scores and
+    values, against 2 x the active FFN weights (top-k routed + shared experts, or the dense SwiGLU); the LM head
+    is left out of the share.
+    """
+    if layout.recompute in ("none", "full"):
+        return RECOMPUTE_FACTOR if layout.recompute == "full" else 1.0
+    h, q, kv = model.hidden_size, model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    attention = 2 * (2 * h * q + 2 * h * kv) + 2 * layout.seq_len * q
+    moe = model.moe
+    routed = 3 * h * (moe.top_k * moe.expert_intermediate_size + moe.num_shared_experts * moe.shared_intermediate_size)
+    ffn = [2 * (routed if moe.is_moe_layer(i) else 3 * h * model.intermediate_size) for i in range(model.num_layers)]
+    mean_ffn = sum(ffn) / len(ffn)
+    share = (attention if layout.recompute == "attention" else mean_ffn) / (attention + mean_ffn)
+    return 1.0 + (RECOMPUTE_FACTOR - 1.0) * share
 
 
 def offload_seconds(inv: ParamInventory, layout: Layout, grad_accum: int) -> float:
@@ -184,7 +204,7 @@ def step_seconds(
     """Compute at `mfu` of the GPU's peak, a fixed cost per micro-step, ZeRO and all-to-all traffic and offload,
     without overlap."""
     tokens = layout.micro_batch_size * grad_accum * layout.seq_len
-    compute = flops * tokens * (RECOMPUTE_FACTOR if layout.gradient_checkpointing else 1.0)
+    compute = flops * tokens * recompute_factor(model, layout)
     seconds = compute / (peak_flops(cluster.gpu, layout.precision) * mfu) + grad_accum * MICRO_STEP_OVERHEAD
     seconds += zero_comm_bytes(inv, layout, grad_accum) / collective_bw(layout.gpus, cluster)
     a2a = all_to_all_bytes(model, layout, grad_accum)
@@ -249,7 +269,7 @@ def smallest_footprint(
 ) -> Candidate:
     """The least GPU memory any layout needs (micro-batch 1, recompute), regardless of speed."""
     space = [s for s in layout_space(run, cluster, seq_len=seq_len, precision=precision)
-             if s[0].micro_batch_size == 1 and s[0].gradient_checkpointing]  # fmt: skip
+             if s[0].micro_batch_size == 1 and s[0].recompute == "full"]  # fmt: skip
     options = [Candidate(lay, acc, off, estimate_memory(run.model, lay, inv), 0.0) for lay, off, acc in space]
     return min(options, key=lambda c: c.estimate.gpu_total)
 

@@ -88,7 +88,7 @@ def test_parallelize_only_adds_autoep_when_experts_are_split() -> None:
     run.train.gradient_checkpointing = True
     model = run.model.build()
     parallelize(model, run, rank=0)
-    assert model.checkpoint_layers
+    assert model.recompute == "full"
 
 
 def test_shipped_override_files_merge_into_the_generated_config() -> None:

@@ -122,7 +122,7 @@ def test_gradients_from_one_conversations_loss_do_not_depend_on_packing() -> Non
 def test_checkpointed_layers_see_the_same_document_mask() -> None:
     plain = tiny_model("sdpa").train()
     checked = copy.deepcopy(plain)
-    checked.checkpoint_layers = True
+    checked.set_recompute("full")
     ids, labels, positions = pack(LAYOUTS["middle"][0])
     out_plain, out_checked = plain(ids, labels, positions), checked(ids, labels, positions)
     out_plain["loss"].backward()
@@ -269,7 +269,7 @@ def test_flash_varlen_model_path_builds_cu_seqlens_once(
 ) -> None:
     reference = tiny_model("sdpa").train()
     model = copy.deepcopy(reference)
-    model.checkpoint_layers = checkpointing
+    model.set_recompute("full" if checkpointing else "none")
     ids, labels, positions = pack(LAYOUTS["middle"][0])
     expected = reference(ids, labels, positions)
     expected["loss"].backward()

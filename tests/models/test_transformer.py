@@ -159,7 +159,7 @@ def test_moe_every_two_puts_moe_on_every_second_layer() -> None:
 def test_gradient_checkpointing_gives_identical_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     plain = build(init_std=0.1).train()
     checked = copy.deepcopy(plain)
-    checked.checkpoint_layers = True
+    checked.set_recompute("full")
     calls = []
     real_checkpoint = transformer_module.checkpoint
 

@@ -124,7 +124,7 @@ def test_attention_term_is_korthikanti_and_recompute_keeps_layer_inputs() -> Non
     model.moe.num_experts = 0  # a dense layer: attention + norms + SwiGLU
     expected = s * b * h * 15 + 5 * a * s * s * b + dense_ffn  # Korthikanti 11sbh + 4sbh + 5as^2b, 16-bit
     assert layer_activation_bytes(model, plain, moe_layer=False) == pytest.approx(expected)
-    ckpt = Layout(zero_stage=3, gpus=8, micro_batch_size=b, seq_len=s, gradient_checkpointing=True)
+    ckpt = Layout(zero_stage=3, gpus=8, micro_batch_size=b, seq_len=s, recompute="full")
     one_layer = layer_activation_bytes(model, ckpt, moe_layer=False)
     stored = activation_bytes(model, ckpt)["activations"]
     # auto runs flash-attn or flex on a GPU: no [B, 1, S, S] mask
@@ -152,7 +152,7 @@ def test_logits_and_fp32_activations() -> None:
 def test_b300_fits_on_256_h100_with_expert_parallel_and_zero3() -> None:
     run = get_preset("b300")
     layout = Layout(zero_stage=3, gpus=256, expert_parallel_size=8, micro_batch_size=1, seq_len=4096,
-                    gradient_checkpointing=True)  # fmt: skip
+                    recompute="full")  # fmt: skip
     estimate = estimate_memory(run.model, layout)
     # 295B params x 16 bytes / 256 ranks = 18.5 GB of sharded states before activations
     assert 17e9 < estimate.model_states < 25e9

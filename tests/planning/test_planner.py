@@ -70,7 +70,7 @@ def test_cost_model_recompute_and_zero3_traffic() -> None:
     cluster = Cluster(nodes=1, gpus_per_node=8, gpu_mem_gib=80)
     base = Layout(zero_stage=2, gpus=8, seq_len=4096, micro_batch_size=2)
     fast = step_seconds(run.model, inv, base, grad_accum=4, cluster=cluster, flops=1e9, mfu=0.4)
-    slow = step_seconds(run.model, inv, replace(base, gradient_checkpointing=True), grad_accum=4, cluster=cluster,
+    slow = step_seconds(run.model, inv, replace(base, recompute="full"), grad_accum=4, cluster=cluster,
                         flops=1e9, mfu=0.4)  # fmt: skip
     compute = 1e9 * 2 * 4 * 4096 / (989e12 * 0.4)
     assert slow - fast == pytest.approx(compute * (RECOMPUTE_FACTOR - 1))
