@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops of one profiled step")
+    p.add_argument("--interleave", action="store_true",
+                   help="after the runs, time ours and the peer again step by step in turn (a shared, noisy CPU "
+                        "slows both alike); the ratio line then uses these times")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -279,6 +282,39 @@ def time_steps(step: StepFn, batches: list[Batch], warmup: int, device: torch.de
     return times, float(loss)
 
 
+def interleaved_times(
+    steps: dict[str, StepFn], batches: list[Batch], warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per post-warm-up step of each implementation, run in turn on each batch (order alternating)."""
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    order = list(steps)
+    for i, batch in enumerate(batches):
+        for impl in order if i % 2 == 0 else order[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            steps[impl](batch)
+            sync(device)
+            if i >= warmup:
+                times[impl].append(time.perf_counter() - start)
+    return times
+
+
+def add_interleaved(
+    results: list[dict[str, Any]], mc: ModelConfig, args: argparse.Namespace, batches: list[Batch]
+) -> None:
+    """Rebuild the eager implementations and record their interleaved median step time (`interleaved_ms_median`)."""
+    device = batches[0][0].device
+    steps = {}
+    for r in results:
+        if r["impl"] in ("lumina", "mixtral"):
+            model = build_model(r["impl"], mc, args, device)
+            steps[r["impl"]] = eager_step_fn(r["impl"], model, args.precision, device, args.lr)
+    times = interleaved_times(steps, batches, args.warmup, device)
+    for r in results:
+        if r["impl"] in times:
+            r["interleaved_ms_median"] = 1e3 * statistics.median(times[r["impl"]])
+
+
 def cpu_model_name() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
@@ -413,6 +449,16 @@ def ratio_lines(results: list[dict[str, Any]]) -> Iterator[str]:
         if impl in by_impl:
             ratio = by_impl[impl]["tokens_per_s"] / by_impl["mixtral"]["tokens_per_s"]
             yield f"ratio {impl} / mixtral tokens/s: {ratio:.2f}x"
+    mem = (
+        by_impl["lumina"]["peak_mem_bytes"] / max(by_impl["mixtral"]["peak_mem_bytes"], 1) if "lumina" in by_impl else 0
+    )
+    if mem:
+        yield f"ratio lumina / mixtral peak memory: {mem:.2f}x"
+    if "interleaved_ms_median" in by_impl.get("lumina", {}) and "interleaved_ms_median" in by_impl["mixtral"]:
+        ratio = by_impl["mixtral"]["interleaved_ms_median"] / by_impl["lumina"]["interleaved_ms_median"]
+        yield (f"interleaved: lumina {by_impl['lumina']['interleaved_ms_median']:.1f} ms, mixtral "
+               f"{by_impl['mixtral']['interleaved_ms_median']:.1f} ms per step -> ratio lumina / mixtral tokens/s: "
+               f"{ratio:.2f}x")  # fmt: skip
 
 
 def report(results: list[dict[str, Any]], env: dict[str, Any], output: str | None) -> None:
@@ -449,6 +495,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         result = run_impl(impl, mc, args, batches)
         add_rates(result, args.batch_size * args.seq_len, flops_per_token, env["peak_tflops"])
         results.append(result)
+    if args.interleave:
+        add_interleaved(results, mc, args, batches)
     env["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report(results, env, args.output)
     return [{**env, **r} for r in results]

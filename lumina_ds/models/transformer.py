@@ -20,6 +20,7 @@ from lumina_ds.models.attention import (
     window_band,
 )
 from lumina_ds.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from lumina_ds.models.loss import LMHead
 from lumina_ds.models.moe import GroupedExperts, MoEBlock, RouterLogitsCollector, router_statistics
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class ModelOutput(TypedDict, total=False):
     (the native DeepSpeed layer), `tokens_dropped` [num_moe_layers].
     """
 
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor  # [B, S, V]; absent when training with labels (the loss is chunked, see models/loss.py)
     loss: torch.Tensor  # lm_loss + weighted extra losses: what backward runs on
     lm_loss: torch.Tensor  # mean cross-entropy over target tokens
     num_targets: torch.Tensor  # number of target tokens in the batch
@@ -149,7 +150,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, theta=config.rope_theta, scaling=config.rope_scaling)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.recompute = "none"  # none, full, attention or moe: what backward recomputes (set_recompute)
@@ -225,10 +226,17 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
                 x = layer(x, rope, mask, cache)
-        logits = self.lm_head(self.norm(x))  # [B, S, V]
-        out = ModelOutput(logits=logits)
-        if labels is not None:
-            out.update(self._losses(logits, labels))
+        hidden = self.norm(x)  # [B, S, H]
+        if labels is not None and self.training and torch.is_grad_enabled():
+            # the chunked loss: no [B, S, V] logits (nor an fp32 copy) live until backward, so none are returned
+            out = self._losses(self.lm_head(hidden, labels, ignore_index=IGNORE_INDEX), labels)
+        else:
+            out = ModelOutput(logits=self.lm_head(hidden))  # [B, S, V]
+            if labels is not None:
+                summed = F.cross_entropy(
+                    out["logits"].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+                out.update(self._losses(summed, labels))
         self.router_logits.clear()  # the losses hold what they need; nothing outlives the forward
         return out
 
@@ -257,12 +265,9 @@ class Transformer(nn.Module):
             return dict.fromkeys(windows, build_document_mask(position_ids, backend))
         return {w: build_document_mask(position_ids, backend, window=w) for w in windows}
 
-    def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
-        """Nothing here reads a value back to the host: on a GPU that would stall the queue every forward."""
+    def _losses(self, summed: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        """From the summed cross-entropy; nothing here reads a value back to the host (a GPU would stall on it)."""
         moe = self.config.moe
-        summed = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
         num_targets = (labels != IGNORE_INDEX).sum()
         lm_loss = summed / num_targets.clamp_min(1)  # all targets masked: a zero that still has a graph
         zero = lm_loss.new_zeros(())

@@ -62,8 +62,9 @@ def test_lm_loss_is_cross_entropy_over_non_ignored_positions() -> None:
     labels = labels.clone()
     labels[0, :4] = IGNORE_INDEX
     labels[1, 7:] = IGNORE_INDEX
-    out = model(ids, labels=labels)
-    logits = out["logits"].detach()
+    out = model(ids, labels=labels)  # training with labels: the chunked loss, no logits returned
+    assert "logits" not in out
+    logits = model(ids)["logits"].detach()
     total, n = 0.0, 0
     for b in range(2):
         for t in range(10):
@@ -92,7 +93,7 @@ def test_ignored_positions_have_no_effect_on_loss_or_gradients() -> None:
     # causal: the last input position only influences its own logits, whose target is ignored
     torch.testing.assert_close(a["lm_loss"], b["lm_loss"], rtol=0, atol=1e-6)
 
-    out = model(ids, labels=labels)
+    out = model.eval()(ids, labels=labels)  # eval keeps the logits (the chunked loss's gradients: test_chunked_loss)
     logits = out["logits"]
     logits.retain_grad()
     out["lm_loss"].backward()
@@ -138,7 +139,7 @@ def test_dense_model_has_no_router() -> None:
     assert model.num_moe_layers == 0
     ids, labels = batch(batch_size=2, seq_len=8)
     out = model(ids, labels=labels)
-    assert out["logits"].shape == (2, 8, 64)
+    assert model(ids)["logits"].shape == (2, 8, 64)
     assert out["metrics"]["aux_loss"].item() == 0.0 and out["metrics"]["z_loss"].item() == 0.0
     assert out["loss"].item() == out["lm_loss"].item()
     out["loss"].backward()
