@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N ops of one profiled step")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time a square matmul in the run's precision (best of 5): the ceiling")  # fmt: skip
     p.add_argument("--interleave", action="store_true",
                    help="after the runs, time ours and the peer again step by step in turn (a shared, noisy CPU "
                         "slows both alike); the ratio line then uses these times")  # fmt: skip
@@ -315,6 +317,21 @@ def add_interleaved(
             r["interleaved_ms_median"] = 1e3 * statistics.median(times[r["impl"]])
 
 
+def matmul_ceiling_tflops(precision: str, device: torch.device, *, size: int = 2048, reps: int = 5) -> float:
+    """TFLOP/s of the fastest of `reps` square [size, size] matmuls in the run's dtype: the ceiling of this machine."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up: kernel selection, oneDNN primitive creation
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
 def cpu_model_name() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
@@ -454,6 +471,13 @@ def ratio_lines(results: list[dict[str, Any]]) -> Iterator[str]:
     )
     if mem:
         yield f"ratio lumina / mixtral peak memory: {mem:.2f}x"
+    for impl, r in by_impl.items():
+        if r.get("ceiling_tflops"):
+            share = 100 * r["tflops"] / r["ceiling_tflops"]
+            yield (
+                f"{impl}: {r['tflops'] * 1e3:.0f} GFLOP/s = {share:.0f}% of the matmul ceiling measured in this run "
+                f"({r['ceiling_tflops'] * 1e3:.0f} GFLOP/s)"
+            )
     if "interleaved_ms_median" in by_impl.get("lumina", {}) and "interleaved_ms_median" in by_impl["mixtral"]:
         ratio = by_impl["mixtral"]["interleaved_ms_median"] / by_impl["lumina"]["interleaved_ms_median"]
         yield (f"interleaved: lumina {by_impl['lumina']['interleaved_ms_median']:.1f} ms, mixtral "
@@ -497,6 +521,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         results.append(result)
     if args.interleave:
         add_interleaved(results, mc, args, batches)
+    if args.ceiling:
+        ceiling = matmul_ceiling_tflops(args.precision, device)
+        for r in results:
+            r["ceiling_tflops"] = ceiling
     env["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report(results, env, args.output)
     return [{**env, **r} for r in results]

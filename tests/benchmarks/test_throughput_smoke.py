@@ -44,6 +44,14 @@ def test_both_peers_write_records(throughput: ModuleType, tmp_path: Path, precis
     assert lumina["params_active"] == mixtral["params_active"]
 
 
+def test_interleave_and_ceiling(throughput: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    records = throughput.main([*TINY, "--threads", "2", "--interleave", "--ceiling"])
+    for r in records:
+        assert r["interleaved_ms_median"] > 0 and r["ceiling_tflops"] > 0
+    out = capsys.readouterr().out
+    assert "interleaved: lumina" in out and "% of the matmul ceiling" in out and "peak memory:" in out
+
+
 def test_flops_per_token_is_ours(throughput: ModuleType) -> None:
     from lumina_ds.models.counting import count_parameters
 
