@@ -335,6 +335,9 @@ class RunConfig:
                 "pure bf16 (bf16 master weights and optimizer states) needs ZeRO stage 1, 2 or 3",
                 "use --zero-stage 1 or higher, or --precision mixed_bf16",
             )
+        if self.train.compile and self.distributed.zero_stage == 3:  # untested: ZeRO-3 gathers in module hooks
+            raise ConfigError("E002", "--compile is not supported at ZeRO stage 3",
+                              "use --zero-stage 1 or 2 with --compile, or drop --compile")  # fmt: skip
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 "E002",

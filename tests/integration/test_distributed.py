@@ -77,9 +77,10 @@ def test_resume_reproduces_uninterrupted_run(workdir: Path) -> None:
 
 
 def test_zero3_autoep_bf16_with_activation_checkpointing(workdir: Path) -> None:
+    # moe recompute: backward re-runs AutoEP's replacement block, gathering its ZeRO-3 expert partitions again
     run_dir = train_two_ranks(workdir, "bf16", ["--zero-stage", "3", "--expert-parallel-size", "2", "--precision",
                                                 "bf16", "--max-steps", "4", "--eval-every-n-batches", "4",
-                                                "--gradient-checkpointing"])  # fmt: skip
+                                                "--activation-checkpointing", "moe"])  # fmt: skip
     logs, evals = read_metrics(run_dir)
     assert len(logs) == 4 and all(math.isfinite(r["loss"]) for r in logs)
     # bf16 weights: the consolidated model (loaded in fp32) agrees with the engine to bf16 precision
@@ -90,7 +91,9 @@ def test_autoep_ep2_trains_exactly_like_our_block_at_ep1(workdir: Path) -> None:
     """AutoEP replaces our MoE block with its own router, grouped experts and all-to-all: same math, same losses."""
     common = ["--zero-stage", "1", "--max-steps", "6", "--eval-every-n-batches", "6"]
     own = train_two_ranks(workdir, "ep1", [*common, "--expert-parallel-size", "1"])
-    autoep = train_two_ranks(workdir, "ep2", [*common, "--expert-parallel-size", "2"])
+    # with the MoE sub-block recomputed: the checkpoint wraps AutoEP's module, found in the block at call time
+    autoep = train_two_ranks(workdir, "ep2", [*common, "--expert-parallel-size", "2", "--activation-checkpointing",
+                                              "moe"])  # fmt: skip
     (own_logs, own_evals), (ep_logs, ep_evals) = read_metrics(own), read_metrics(autoep)
     for a, b in zip(own_logs, ep_logs, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])

@@ -10,6 +10,7 @@ import torch._inductor.config
 
 from lumina_ds.config.presets import get_preset
 from lumina_ds.distributed.parallelize import parallelize
+from lumina_ds.errors import ConfigError
 from tests.models.test_transformer import batch, build
 
 
@@ -45,3 +46,10 @@ def test_the_compiled_regions_have_no_graph_breaks() -> None:
     for region, args in ((block.attention, (x, rope, None)), (block.feed_forward, (x,))):
         explained = torch._dynamo.explain(region)(*args)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compile_at_zero3_is_refused() -> None:
+    run = get_preset("debug")
+    run.train.compile, run.distributed.zero_stage = True, 3
+    with pytest.raises(ConfigError, match="not supported at ZeRO stage 3"):
+        run.validate()
