@@ -40,13 +40,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()  # [c, V]: the same rounding as the plain path's logits.float()
             valid = y != ignore_index
             target = y.masked_fill(~valid, 0)[:, None]  # [c, 1]
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
-            total += ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
+            target_logit = logits.gather(1, target).squeeze(1)  # [c]
+            row_max = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+            exp = logits.sub_(row_max).exp_()  # in place of the logits: one exp serves the loss and the softmax
+            sums = exp.sum(dim=-1)  # [c]
+            total += ((sums.log() + row_max.squeeze(1) - target_logit) * valid).sum()  # logsumexp - target
             if not (need_h or need_w):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs = exp.mul_((valid / sums)[:, None])  # softmax; ignored rows: zero
             probs.scatter_add_(1, target, -valid[:, None].to(probs.dtype))  # minus the one-hot target
-            dlogits = probs.mul_(valid[:, None]).to(hidden.dtype)  # ignored rows: no gradient
+            dlogits = probs.to(hidden.dtype)
             if grad_h is not None:
                 torch.mm(dlogits, weight, out=grad_h[start : start + chunk])
             if grad_w is not None:
