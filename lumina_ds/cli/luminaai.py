@@ -31,11 +31,9 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--debug": "set LUMINA_DS_VERBOSE=1 to see DeepSpeed's own INFO logging",
     "--pin-memory": "not offered: batches are assembled in the training process and copied once per step",
     "--persistent-workers": "always on: streaming loader workers live for the whole run",
-    # features still to come
-    "--profile-training": "lumina-ds train --profile-training [STEPS] (a Chrome trace and the top operators)",
-    "--profile-memory": "lumina-ds train --profile-memory (peak memory per phase; a CUDA snapshot on a GPU)",
-    "--track-allocations": f"memory profiling is {_SOON}",
-    "--test-generation": "lumina-ds generate-check --checkpoint RUN (or train --test-generation)",
+    # generation checks and features still to come (--profile-training, --profile-memory, --test-generation are
+    # train flags under their LuminaAI names)
+    "--track-allocations": "--profile-memory (peak memory per phase; on a GPU a CUDA snapshot of the allocations)",
     "--test-prompts": "lumina-ds generate-check --checkpoint RUN --prompts FILE",
     "--compare-precisions": "lumina-ds generate-check --checkpoint RUN --compare-precisions",
     "--output-comparisons": "lumina-ds generate-check writes <run dir>/generations.jsonl",

@@ -129,8 +129,12 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
                    help="MoE implementation (default: autoep)")  # fmt: skip
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="= --activation-checkpointing full/none (default: the preset's)")  # fmt: skip
-    p.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default=None,
-                   help="what backward recomputes: full, selective (= attention), moe, none (default: the preset's)")
+    p.add_argument(
+        "--activation-checkpointing",
+        choices=ACTIVATION_CHECKPOINTING,
+        default=None,
+        help="what backward recomputes: full, selective (= attention), moe, none (default: the preset's)",
+    )
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer states on the host (default: off)")
     p.add_argument("--offload-param", action="store_true", help="ZeRO-3 parameters on the host (default: off)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
