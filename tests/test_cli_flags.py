@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from lumina_ds.cli.train import FLAG_FIELDS, add_train_arguments, run_config_from_args
+from lumina_ds.cli.train import run_config_from_args
+from lumina_ds.cli.train_flags import FLAG_FIELDS, add_train_arguments
 from lumina_ds.config.run import RunConfig
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from lumina_ds.cli import build_parser, main
 from lumina_ds.cli.luminaai import LUMINAAI_FLAGS
-from lumina_ds.cli.train import FLAG_GROUPS, default_text
+from lumina_ds.cli.train_flags import FLAG_GROUPS, default_text
 from lumina_ds.config.presets import PRESETS
 from lumina_ds.monitor.callbacks import format_log_line
 

@@ -83,8 +83,9 @@ def file_problems(
 
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Within the block every torch.load (DeepSpeed asks for weights_only=False) loads tensors and plain containers
-    plus DEEPSPEED_GLOBALS only: a pickle that would run code is refused instead."""
+    """Within the block every torch.load runs with weights_only=True, whatever its caller passes (DeepSpeed passes
+    False): tensors, plain containers and the DEEPSPEED_GLOBALS allowlist only; a pickle that would run code is
+    refused instead."""
     import importlib
 
     allowed = []
