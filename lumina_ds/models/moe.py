@@ -105,6 +105,36 @@ def use_grouped_mm(x: torch.Tensor, *, widths: tuple[int, ...] = ()) -> bool:
     return cuda_bf16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
+GROUP_ROW_MULTIPLE = 32  # rows per expert group are rounded up to this on CPU in bf16/fp16 (see below)
+
+
+def group_row_multiple(x: torch.Tensor) -> int:
+    """The multiple each expert's row count is padded to. On CPU, oneDNN builds and caches one bf16/fp16 matmul
+    primitive per shape: with the exact per-expert token counts every step brings new shapes, which costs ~40% of
+    the expert matmuls' speed and grows memory without bound (benchmarks/NOTES.md). fp32 and GPUs gain nothing."""
+    low_precision = compute_dtype(x) in (torch.bfloat16, torch.float16)
+    return GROUP_ROW_MULTIPLE if x.device.type == "cpu" and low_precision else 1
+
+
+def pad_groups(
+    sorted_experts: torch.Tensor,
+    token_of: torch.Tensor,
+    route_weights: torch.Tensor,
+    counts: torch.Tensor,
+    multiple: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spread the expert-sorted assignments [T*k] over groups padded to `multiple` rows -> (source token [R],
+    route weight [R, 1], rows per group [E]). A padding row repeats token 0 with weight 0: its output adds
+    nothing and its gradients are exactly zero. Reads the counts on the host (CPU only)."""
+    padded = (counts + multiple - 1) // multiple * multiple  # [E]
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # [E] padded start - start
+    rows = torch.arange(sorted_experts.numel(), device=counts.device) + shift[sorted_experts]  # [T*k]
+    total = int(padded.sum())
+    padded_tokens = token_of.new_zeros(total).index_copy_(0, rows, token_of)  # [R]
+    padded_weights = route_weights.new_zeros(total, 1).index_copy(0, rows, route_weights)  # [R, 1]
+    return padded_tokens, padded_weights, padded
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored stacked: w1/w3 [E, F, H], w2 [E, H, F]."""
 
@@ -121,10 +151,14 @@ class GroupedExperts(nn.Module):
         order = flat.argsort(stable=True)  # [T*k]
         token_of = order // top_k  # [T*k] source token of each sorted assignment
         counts = tokens_per_expert(flat, num_experts)  # [E]
-        xs = x[token_of]  # [T*k, H] grouped by expert
-        grouped = use_grouped_mm(xs, widths=tuple(self.w2.shape[1:]))  # (H, F)
-        y = self._grouped(xs, counts) if grouped else self._looped(xs, counts)  # [T*k, H]
-        y = y * weights.flatten()[order, None].to(y.dtype)  # [T*k, H]
+        route_weights = weights.flatten()[order, None]  # [T*k, 1]
+        grouped = use_grouped_mm(x, widths=tuple(self.w2.shape[1:]))  # (H, F)
+        multiple = group_row_multiple(x) if grouped else 1
+        if multiple > 1:
+            token_of, route_weights, counts = pad_groups(flat[order], token_of, route_weights, counts, multiple)
+        xs = x[token_of]  # [R, H] grouped by expert (R = T*k, or more with padding rows)
+        y = self._grouped(xs, counts) if grouped else self._looped(xs, counts)  # [R, H]
+        y = y * route_weights.to(y.dtype)  # [R, H]; padding rows weigh 0
         return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

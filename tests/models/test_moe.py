@@ -277,3 +277,56 @@ def test_expert_widths_grouped_mm_cannot_take_run_per_expert() -> None:
     weights, indices = route_top_k(torch.randn(9, 4), 2)
     with torch.no_grad():
         torch.testing.assert_close(experts(x, weights, indices), naive_experts(experts, x, weights, indices))
+
+
+def test_cpu_bf16_groups_are_padded_to_row_multiples_with_zero_weight_rows() -> None:
+    """Each expert's rows are rounded up to GROUP_ROW_MULTIPLE (oneDNN then reuses a few matmul shapes); every real
+    assignment keeps its token and weight, and the padding rows weigh 0."""
+    from lumina_ds.models.moe import pad_groups
+
+    counts = torch.tensor([3, 0, 32, 33, 1])  # an idle expert, an exact multiple, one past it
+    sorted_experts = torch.repeat_interleave(torch.arange(5), counts)  # [69]
+    token_of = torch.randperm(69) + 1  # token 0 never appears: padding rows are told apart by their weight
+    route_weights = torch.rand(69, 1) + 0.5
+    tokens, weights, padded = pad_groups(sorted_experts, token_of, route_weights, counts, 32)
+    assert padded.tolist() == [32, 0, 32, 64, 32]
+    assert tokens.shape == (160,) and weights.shape == (160, 1)
+    real = weights[:, 0] > 0
+    assert int(real.sum()) == 69 and torch.equal(tokens[real], token_of)
+    assert torch.equal(weights[real], route_weights) and bool((tokens[~real] == 0).all())
+    starts = [0, 32, 32, 64, 128]  # each expert's assignments start its padded group, in their sorted order
+    for expert, start in enumerate(starts):
+        n = int(counts[expert])
+        assert bool(real[start : start + n].all()) and not bool(real[start + n : start + int(padded[expert])].any())
+
+
+def test_padded_bf16_experts_equal_unpadded_bitwise_in_values_and_gradients(monkeypatch) -> None:
+    from lumina_ds.models import moe
+
+    torch.manual_seed(5)
+    experts = GroupedExperts(num_experts=7, hidden_size=24, intermediate_size=40)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(157, 24)
+    logits = torch.randn(157, 7)
+    group_ends: list[list[int]] = []
+    grouped_mm = torch._grouped_mm
+
+    def recording_grouped_mm(a: torch.Tensor, b: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
+        group_ends.append(offs.tolist())
+        return grouped_mm(a, b, offs=offs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", recording_grouped_mm)
+    results = []
+    for multiple in (1, 32):
+        monkeypatch.setattr(moe, "GROUP_ROW_MULTIPLE", multiple)
+        experts.zero_grad()
+        xg, lg = x.clone().requires_grad_(), logits.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = experts(xg, *route_top_k(lg, 3))
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), xg.grad, lg.grad] + [p.grad for p in experts.parameters()])
+    for unpadded, padded in zip(*results, strict=True):
+        assert torch.equal(unpadded, padded)
+    assert group_ends[0][-1] == 157 * 3 and any(end % 32 for end in group_ends[0])  # exact counts at multiple 1
+    assert all(end % 32 == 0 for end in group_ends[-1]) and group_ends[-1][-1] > 157 * 3
