@@ -24,6 +24,34 @@ def chunk_tokens_for(vocab_size: int) -> int:
     return max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_size)
 
 
+class ChunkBuffers:
+    """The chunks' logits and gradients, allocated once per loss and reused by every chunk: a fresh tensor of this
+    size is an mmap from the allocator, page-faulted anew for each chunk (the logits matmul ran at ~115 GFLOP/s
+    into fresh memory and ~150 into a reused buffer, fp32 on the 2-core CPU)."""
+
+    def __init__(self, rows: int, weight: torch.Tensor) -> None:
+        vocab, dtype = weight.shape[0], weight.dtype
+        self.raw = torch.empty(rows, vocab, dtype=dtype, device=weight.device)  # [c, V] in the weight's dtype
+        self.fp32 = self.raw if dtype == torch.float32 else torch.empty_like(self.raw, dtype=torch.float32)
+        self.weight_grad = None if dtype == torch.float32 else torch.empty_like(weight)  # [V, H]
+
+    def logits(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """h [c, H] -> fp32 logits [c, V] (computed in the weight's dtype, then widened)."""
+        raw = torch.mm(h, weight.T, out=self.raw[: h.shape[0]])
+        return raw if self.fp32 is self.raw else self.fp32[: h.shape[0]].copy_(raw)
+
+    def in_weight_dtype(self, probs: torch.Tensor) -> torch.Tensor:
+        """The logits' gradient [c, V] in the weight's dtype, for the two gradient matmuls."""
+        return probs if self.fp32 is self.raw else self.raw[: probs.shape[0]].copy_(probs)
+
+    def accumulate_weight_grad(self, grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+        """grad_w [V, H] fp32 += dlogits.T @ h, summed over chunks in fp32."""
+        if self.weight_grad is None:
+            grad_w.addmm_(dlogits.T, h)
+        else:
+            grad_w += torch.mm(dlogits.T, h, out=self.weight_grad)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over targets of cross-entropy(hidden @ weight.T, labels); gradients computed chunk by chunk in forward."""
 
@@ -35,9 +63,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        buffers = ChunkBuffers(min(chunk, hidden.shape[0]), weight)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
-            logits = (h @ weight.T).float()  # [c, V]: the same rounding as the plain path's logits.float()
+            logits = buffers.logits(h, weight)  # [c, V] fp32, rounded as the plain path's logits.float()
             valid = y != ignore_index
             target = y.masked_fill(~valid, 0)[:, None]  # [c, 1]
             target_logit = logits.gather(1, target).squeeze(1)  # [c]
@@ -49,11 +78,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             probs = exp.mul_((valid / sums)[:, None])  # softmax; ignored rows: zero
             probs.scatter_add_(1, target, -valid[:, None].to(probs.dtype))  # minus the one-hot target
-            dlogits = probs.to(hidden.dtype)
+            dlogits = buffers.in_weight_dtype(probs)
             if grad_h is not None:
                 torch.mm(dlogits, weight, out=grad_h[start : start + chunk])
             if grad_w is not None:
-                grad_w += (dlogits.T @ h).float()  # summed over chunks in fp32
+                buffers.accumulate_weight_grad(grad_w, dlogits, h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
