@@ -85,7 +85,7 @@ def time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: to
 def run(path: str, args: argparse.Namespace, device: torch.device) -> str:
     moe.EXPERTS_PATH = path
     model = build(args, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), device=device)
     train_step(model, optimizer, ids)  # warm-up: kernels chosen, allocator warm
     syncs = count_syncs(model, optimizer, ids)

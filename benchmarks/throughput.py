@@ -140,8 +140,11 @@ def autocast_ctx(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 
 def eager_step_fn(impl: str, model: nn.Module, precision: str, device: torch.device, lr: float) -> StepFn:
-    """forward (under autocast for bf16) -> backward -> AdamW step -> zero_grad; returns the detached loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    """forward (under autocast for bf16) -> backward -> AdamW step -> zero_grad; returns the detached loss.
+
+    Both take torch's fused AdamW, each toolkit's default: lumina-ds trains with it, and so does the Hugging Face
+    Trainer (`adamw_torch_fused` from torch 2.8)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
 
     def step(batch: Batch) -> torch.Tensor:
         input_ids, shifted, unshifted = batch
@@ -174,8 +177,7 @@ def deepspeed_step_fn(model: nn.Module, args: argparse.Namespace) -> tuple[StepF
     }
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}  # DeepSpeed's mixed bf16: bf16 weights, fp32 master copy
-    cuda = torch.cuda.is_available()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=cuda)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # as lumina-ds trains
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
 
     def step(batch: Batch) -> torch.Tensor:
