@@ -82,7 +82,7 @@ def layout_of(case: Case) -> Layout:
     layout = Layout(zero_stage=case.zero, gpus=case.ranks, gpus_per_node=case.ranks, expert_parallel_size=case.ep,
                     micro_batch_size=case.micro, seq_len=case.seq, recompute="full" if case.ckpt else "none",
                     precision=case.precision, gpu_runtime_overhead=0.0)  # fmt: skip
-    return with_bucket_rules(layout, model_config(case.model).hidden_size)
+    return with_bucket_rules(layout, model_config(case.model))
 
 
 def rss_bytes() -> int:

@@ -93,7 +93,7 @@ def cmd_analyze_memory(args: argparse.Namespace) -> int:
                     seq_len=args.sequence_length or run.seq_len, recompute=run.train.recompute,
                     precision=args.precision, offload_optimizer=args.offload_optimizer,
                     offload_param=args.offload_param)  # fmt: skip
-    layout = with_bucket_rules(layout, run.model.hidden_size)
+    layout = with_bucket_rules(layout, run.model)
     if args.precision == "auto":
         layout = replace(layout, precision="mixed_bf16")
     estimate = estimate_memory(run.model, layout)

@@ -31,7 +31,7 @@ def layout_of(run: RunConfig, *, micro_batch_size: int, world_size: int, ranks_p
                     seq_len=run.seq_len, recompute=run.train.recompute,
                     precision=precision, offload_optimizer=dist.offload != "none",
                     offload_param=dist.offload == "optimizer+params")  # fmt: skip
-    return with_bucket_rules(layout, run.model.hidden_size)
+    return with_bucket_rules(layout, run.model)
 
 
 def pick_micro_batch(run: RunConfig, *, device_bytes: float, target: float, world_size: int, ranks_per_node: int,

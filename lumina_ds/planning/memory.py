@@ -31,7 +31,8 @@ import torch
 
 from lumina_ds.config.model import ModelConfig
 from lumina_ds.errors import ConfigError
-from lumina_ds.models.counting import component_of
+from lumina_ds.models.counting import component_of, count_parameters
+from lumina_ds.models.loss import chunk_tokens_for
 
 GIB = 1024**3
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory (pinned buffers)
@@ -147,13 +148,21 @@ class Layout:
         return self.zero_stage == 3 if self.overlap_comm is None else self.overlap_comm
 
 
-def with_bucket_rules(layout: Layout, hidden_size: int) -> Layout:
-    """The bucket rules of Hugging Face's DeepSpeed integration ("auto"): scale with h², not fixed at 5e8."""
+REDUCE_BUCKET_FLOOR = 1 << 22  # elements (16 MiB in fp32): a small model's gradients in one or a few collectives
+
+
+def with_bucket_rules(layout: Layout, model: ModelConfig) -> Layout:
+    """The bucket rules of Hugging Face's DeepSpeed integration ("auto"): scale with h², not fixed at 5e8; the
+    gradient bucket is at least REDUCE_BUCKET_FLOOR elements, or the whole model where it is smaller. h² alone is
+    16K elements at h128: the `debug` model's gradients took 32 collectives per step, and two ranks ran at 0.74x
+    one process (0.92x in one bucket; benchmarks/scaling.py)."""
+    h = model.hidden_size
+    floor = min(REDUCE_BUCKET_FLOOR, count_parameters(model).total)
     return replace(
         layout,
-        reduce_bucket_size=hidden_size * hidden_size,
-        prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
-        persistence_threshold=10 * hidden_size,
+        reduce_bucket_size=max(floor, h * h),
+        prefetch_bucket_size=int(0.9 * h * h),
+        persistence_threshold=10 * h,
     )
 
 
@@ -329,6 +338,14 @@ def recompute_peak_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool
     return 0.0
 
 
+def chunked_loss_bytes(config: ModelConfig, *, tokens: int, act: int) -> float:
+    """The LM head's loss in training (models/loss.py): one chunk's logits, their fp32 copy and gradient, and the
+    gradients it keeps for backward (hidden states at `act` bytes, the head's weight in fp32)."""
+    chunk = min(tokens, chunk_tokens_for(config.vocab_size))
+    chunk_logits = chunk * config.vocab_size * (2 * act + 4)  # bf16 logits, fp32 copy, bf16 gradient
+    return chunk_logits + tokens * config.hidden_size * act + config.vocab_size * config.hidden_size * 4
+
+
 def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
     """Stored activations of one micro-batch, logits and cross-entropy, MoE all-to-all buffers."""
     b = precision_bytes(layout.precision, layout.zero_stage)
@@ -342,8 +359,7 @@ def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
         # or flex there, whose masks are cu_seqlens or a BlockMask of (S/128)^2 blocks
         layers_holding_bias = 1 if layout.recompute in ("full", "attention") else config.num_layers
         stored += mb * s * s * (1 + layers_holding_bias * b.act)
-    # logits (kept in the output), their fp32 log-softmax, and the two gradients in backward
-    logits = mb * s * config.vocab_size * (2 * b.act + 8)
+    logits = chunked_loss_bytes(config, tokens=mb * s, act=b.act)
     dispatch = 0.0
     if any(moe_layers) and layout.expert_parallel_size > 1:  # AutoEP all-to-all send + receive, one layer at a time
         dispatch = 2 * config.moe.top_k * max(1.0, config.moe.capacity_factor) * s * mb * h * b.act

@@ -108,7 +108,7 @@ def layout_space(run: RunConfig, cluster: Cluster, *, seq_len: int, precision: s
         stages = [s for s in stages if s > 0]
     base = Layout(zero_stage=0, gpus=cluster.gpus, gpus_per_node=cluster.gpus_per_node, seq_len=seq_len,
                   precision=precision)  # fmt: skip
-    base = with_bucket_rules(base, run.model.hidden_size)
+    base = with_bucket_rules(base, run.model)
     space = []
     for stage in stages:
         offloads = {0: ["none"], 1: ["none"], 2: ["none", "optimizer"], 3: list(OFFLOAD_MODES)}[stage]

@@ -87,12 +87,12 @@ def test_b300_file_adopted_on_fewer_gpus(monkeypatch: pytest.MonkeyPatch) -> Non
     override = run.distributed.deepspeed
     assert run.distributed.zero_stage == 3
     assert run.distributed.expert_parallel_size == 8  # divides 144 experts and 48 GPUs
-    assert (run.train.micro_batch_size, run.train.grad_accum) == (4, 16)
+    assert (run.train.micro_batch_size, run.train.grad_accum) == (8, 8)  # the file's split, 64 rows per GPU
     assert run.train.gradient_checkpointing
     assert not {"train_batch_size", "bf16", METADATA_KEY, "seed"} & override.keys()
     assert "recomputed" in notes[-1]
     generated = build_ds_config(run, world_size=48, precision="mixed_bf16")
-    assert generated["train_batch_size"] == 4 * 16 * 48
+    assert generated["train_batch_size"] == 8 * 8 * 48
     assert generated["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert deepspeed_accepts(generated, 48, monkeypatch).train_batch_size == 3072
 

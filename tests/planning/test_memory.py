@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import pytest
@@ -145,8 +147,19 @@ def test_logits_and_fp32_activations() -> None:
     model = get_preset("debug").model
     layout = Layout(zero_stage=0, gpus=1, micro_batch_size=8, seq_len=256, precision="fp32")
     acts = activation_bytes(model, layout)
-    assert acts["logits"] == 8 * 256 * 2048 * 16  # logits, log-softmax and both gradients, 4 bytes each
+    # the chunked loss: 2^22 logits per chunk = all 2048 tokens at vocab 2048; logits, their (same-dtype) copy and
+    # gradient; the hidden-state gradient [2048, 128] and the head's fp32 weight gradient [2048, 128] kept for backward
+    assert acts["logits"] == 2048 * 2048 * 12 + 2048 * 128 * 4 + 2048 * 128 * 4
     assert acts["moe_dispatch"] == 0.0  # ep 1: our own block, no all-to-all buffers
+
+
+def test_chunked_loss_holds_one_chunk_of_logits_at_a_large_vocabulary() -> None:
+    model = replace(get_preset("debug").model, vocab_size=65_536)
+    layout = Layout(zero_stage=0, gpus=1, micro_batch_size=4, seq_len=1024, precision="mixed_bf16")
+    # 2^22 / 65536 = 64 tokens, raised to the 128-token minimum; bf16 logits + fp32 copy + bf16 gradient = 8 bytes
+    expected = 128 * 65_536 * 8 + 4096 * 128 * 2 + 65_536 * 128 * 4
+    assert activation_bytes(model, layout)["logits"] == expected
+    assert expected < 4096 * 65_536 * 2  # less than the bf16 logits of the whole micro-batch alone
 
 
 def test_b300_fits_on_256_h100_with_expert_parallel_and_zero3() -> None:
