@@ -41,6 +41,9 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [B, S], shi
 StepFn = Callable[[Batch], torch.Tensor]
 
 
+EAGER_IMPLS = ("lumina", "lumina+compile", "mixtral")  # lumina+compile: our model with --compile's regions
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="debug", help="base architecture; the flags below override its fields")
@@ -56,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--peers", default="lumina,mixtral", help="comma list of: lumina, mixtral")
+    p.add_argument("--peers", default="lumina,mixtral", help="comma list of: lumina, lumina+compile, mixtral")
     p.add_argument("--peer-experts-impl", default=None, help="Mixtral experts_implementation (default: HF's)")
     p.add_argument("--deepspeed", action="store_true", help="also run our model through deepspeed.initialize")
     p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
@@ -198,6 +201,8 @@ def build_model(impl: str, mc: ModelConfig, args: argparse.Namespace, device: to
         model = MixtralForCausalLM(mixtral_config(mc, args.peer_experts_impl))
     else:
         model = mc.build()
+        if impl == "lumina+compile":
+            model.compile_blocks()  # as --compile: regional, compiled on the first (warm-up) step
     return model.to(device).train()
 
 
@@ -310,7 +315,7 @@ def add_interleaved(
     device = batches[0][0].device
     steps = {}
     for r in results:
-        if r["impl"] in ("lumina", "mixtral"):
+        if r["impl"] in EAGER_IMPLS:
             model = build_model(r["impl"], mc, args, device)
             steps[r["impl"]] = eager_step_fn(r["impl"], model, args.precision, device, args.lr)
     times = interleaved_times(steps, batches, args.warmup, device)
@@ -464,7 +469,7 @@ def ratio_lines(results: list[dict[str, Any]]) -> Iterator[str]:
     by_impl = {r["impl"]: r for r in results}
     if "mixtral" not in by_impl:
         return
-    for impl in ("lumina", "lumina+deepspeed"):
+    for impl in ("lumina", "lumina+compile", "lumina+deepspeed"):
         if impl in by_impl:
             ratio = by_impl[impl]["tokens_per_s"] / by_impl["mixtral"]["tokens_per_s"]
             yield f"ratio {impl} / mixtral tokens/s: {ratio:.2f}x"
@@ -480,11 +485,17 @@ def ratio_lines(results: list[dict[str, Any]]) -> Iterator[str]:
                 f"{impl}: {r['tflops'] * 1e3:.0f} GFLOP/s = {share:.0f}% of the matmul ceiling measured in this run "
                 f"({r['ceiling_tflops'] * 1e3:.0f} GFLOP/s)"
             )
-    if "interleaved_ms_median" in by_impl.get("lumina", {}) and "interleaved_ms_median" in by_impl["mixtral"]:
-        ratio = by_impl["mixtral"]["interleaved_ms_median"] / by_impl["lumina"]["interleaved_ms_median"]
-        yield (f"interleaved: lumina {by_impl['lumina']['interleaved_ms_median']:.1f} ms, mixtral "
-               f"{by_impl['mixtral']['interleaved_ms_median']:.1f} ms per step -> ratio lumina / mixtral tokens/s: "
-               f"{ratio:.2f}x")  # fmt: skip
+    yield from interleaved_lines(by_impl)
+
+
+def interleaved_lines(by_impl: dict[str, dict[str, Any]]) -> Iterator[str]:
+    """Each implementation against the peer (and compiled against eager) from the interleaved medians."""
+    ms = {impl: r["interleaved_ms_median"] for impl, r in by_impl.items() if "interleaved_ms_median" in r}
+    pairs = [(impl, "mixtral") for impl in ("lumina", "lumina+compile")] + [("lumina+compile", "lumina")]
+    for ours, base in pairs:
+        if ours in ms and base in ms:
+            yield (f"interleaved: {ours} {ms[ours]:.1f} ms, {base} {ms[base]:.1f} ms per step -> ratio {ours} / {base} "
+                   f"tokens/s: {ms[base] / ms[ours]:.2f}x")  # fmt: skip
 
 
 def report(results: list[dict[str, Any]], env: dict[str, Any], output: str | None) -> None:
@@ -508,9 +519,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mc = model_config_from_args(args)
     impls = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = set(impls) - {"lumina", "mixtral"}
+    unknown = set(impls) - set(EAGER_IMPLS)
     if unknown:
-        raise SystemExit(f"unknown peers {sorted(unknown)}: choose from lumina, mixtral")
+        raise SystemExit(f"unknown peers {sorted(unknown)}: choose from {', '.join(EAGER_IMPLS)}")
     if args.deepspeed:
         impls.append("lumina+deepspeed")
     batches = make_batches(mc.vocab_size, args.batch_size, args.seq_len, args.warmup + args.steps, args.seed, device)
