@@ -7,14 +7,19 @@ A row that samples a stop id leaves the batch: its cache rows are dropped and th
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from lumina_ds.errors import ConfigError
-from lumina_ds.generation.sampling import SamplingConfig, _make_generator, fit_prompt, sample_next
+from lumina_ds.generation.sampling import (
+    SamplingConfig,
+    _make_generator,
+    fit_prompt,
+    last_position_logits,
+    sample_next,
+)
 from lumina_ds.models.attention import LayerKVCache
 
 if TYPE_CHECKING:
@@ -74,17 +79,6 @@ class _Rows:
         for layer in cache:
             assert layer.k is not None and layer.v is not None
             layer.k, layer.v = layer.k[select, :, start:], layer.v[select, :, start:]
-
-
-@contextlib.contextmanager
-def last_position_logits(model: Transformer) -> Iterator[None]:
-    """Within: the final norm (hence the LM head) sees the last position only. A prefill needs one logit row per
-    prompt, not [B, T, V]: at 8 x 512 prompts and a 8192 vocabulary the full head is 17 GFLOP and 134 MB of fp32."""
-    handle = model.norm.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()

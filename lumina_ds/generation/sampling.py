@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import contextlib
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,6 +131,17 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator |
     return generator
 
 
+@contextlib.contextmanager
+def last_position_logits(model: Transformer) -> Iterator[None]:
+    """Within: the final norm (hence the LM head) sees the last position only. A prefill needs one logit row per
+    prompt, not [B, T, V]: at 8 x 512 prompts and a 8192 vocabulary the full head is 17 GFLOP and 134 MB of fp32."""
+    handle = model.norm.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -152,7 +164,8 @@ def generate(
     generator = _make_generator(cfg.seed, device)
     history = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, P], for the repetition penalty
     cache = model.new_kv_cache()
-    logits = model(history, kv_cache=cache)["logits"][:, -1]  # [1, V]
+    with last_position_logits(model):
+        logits = model(history, kv_cache=cache)["logits"][:, -1]  # [1, V]
     out: list[int] = []
     for _ in range(budget):
         prev = history if cfg.repetition_penalty != 1.0 else None

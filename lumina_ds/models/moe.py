@@ -108,12 +108,14 @@ def use_grouped_mm(x: torch.Tensor, *, widths: tuple[int, ...] = ()) -> bool:
 GROUP_ROW_MULTIPLE = 32  # rows per expert group are rounded up to this on CPU in bf16/fp16 (see below)
 
 
-def group_row_multiple(x: torch.Tensor) -> int:
+def group_row_multiple(x: torch.Tensor, *, assignments: int, num_experts: int) -> int:
     """The multiple each expert's row count is padded to. On CPU, oneDNN builds and caches one bf16/fp16 matmul
     primitive per shape: with the exact per-expert token counts every step brings new shapes, which costs ~40% of
-    the expert matmuls' speed and grows memory without bound (benchmarks/NOTES.md). fp32 and GPUs gain nothing."""
+    the expert matmuls' speed and grows memory without bound (benchmarks/NOTES.md). fp32 and GPUs gain nothing, nor
+    do small batches (decoding: a few rows per expert, few shapes), where padding would multiply the work."""
     low_precision = compute_dtype(x) in (torch.bfloat16, torch.float16)
-    return GROUP_ROW_MULTIPLE if x.device.type == "cpu" and low_precision else 1
+    small = assignments < 4 * GROUP_ROW_MULTIPLE * num_experts  # under 4 multiples per expert: > ~25% padding
+    return GROUP_ROW_MULTIPLE if x.device.type == "cpu" and low_precision and not small else 1
 
 
 def pad_groups(
@@ -153,7 +155,7 @@ class GroupedExperts(nn.Module):
         counts = tokens_per_expert(flat, num_experts)  # [E]
         route_weights = weights.flatten()[order, None]  # [T*k, 1]
         grouped = use_grouped_mm(x, widths=tuple(self.w2.shape[1:]))  # (H, F)
-        multiple = group_row_multiple(x) if grouped else 1
+        multiple = group_row_multiple(x, assignments=flat.numel(), num_experts=num_experts) if grouped else 1
         if multiple > 1:
             token_of, route_weights, counts = pad_groups(flat[order], token_of, route_weights, counts, multiple)
         xs = x[token_of]  # [R, H] grouped by expert (R = T*k, or more with padding rows)

@@ -63,6 +63,7 @@ class ScriptedModel(nn.Module):
         self.config = config
         self.script = script
         self.dummy = nn.Parameter(torch.zeros(1))
+        self.norm = nn.Identity()  # generate() hooks the final norm to keep the last position only
         self.fed_tokens = 0
         self.steps = 0
 

@@ -307,8 +307,8 @@ def test_padded_bf16_experts_equal_unpadded_bitwise_in_values_and_gradients(monk
     experts = GroupedExperts(num_experts=7, hidden_size=24, intermediate_size=40)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(157, 24)
-    logits = torch.randn(157, 7)
+    x = torch.randn(401, 24)  # 1203 assignments: over the 4 x 32 x 7 below which nothing is padded
+    logits = torch.randn(401, 7)
     group_ends: list[list[int]] = []
     grouped_mm = torch._grouped_mm
 
@@ -328,5 +328,17 @@ def test_padded_bf16_experts_equal_unpadded_bitwise_in_values_and_gradients(monk
         results.append([out.detach(), xg.grad, lg.grad] + [p.grad for p in experts.parameters()])
     for unpadded, padded in zip(*results, strict=True):
         assert torch.equal(unpadded, padded)
-    assert group_ends[0][-1] == 157 * 3 and any(end % 32 for end in group_ends[0])  # exact counts at multiple 1
-    assert all(end % 32 == 0 for end in group_ends[-1]) and group_ends[-1][-1] > 157 * 3
+    assert group_ends[0][-1] == 401 * 3 and any(end % 32 for end in group_ends[0])  # exact counts at multiple 1
+    assert all(end % 32 == 0 for end in group_ends[-1]) and group_ends[-1][-1] > 401 * 3
+
+
+def test_small_batches_are_not_padded() -> None:
+    """Decoding routes a few tokens: padding each expert to 32 rows would multiply its work for no shape reuse."""
+    from lumina_ds.models.moe import group_row_multiple
+
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert group_row_multiple(x, assignments=16, num_experts=8) == 1  # decoding 8 rows, top-2
+        assert group_row_multiple(x, assignments=1024, num_experts=8) == 32  # 4 x 32 per expert: padded
+        assert group_row_multiple(x, assignments=1023, num_experts=8) == 1
+    assert group_row_multiple(x, assignments=4096, num_experts=8) == 1  # fp32: MKL has no per-shape primitives
