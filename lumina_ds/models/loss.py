@@ -57,9 +57,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk: int
+        ctx: Any, hidden: torch.Tensor, param: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk: int
     ) -> torch.Tensor:
+        """param: the head's weight as stored; the matmuls take it in hidden's dtype, and its gradient is summed
+        in fp32 and returned in the parameter's own dtype (no round trip through a lower precision)."""
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        weight = param.to(hidden.dtype)  # [V, H]: autocast's cast of the weight, once per loss
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -84,7 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_w is not None:
                 buffers.accumulate_weight_grad(grad_w, dlogits, h)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype = param.dtype
         return total
 
     @staticmethod
@@ -101,12 +104,12 @@ def linear_cross_entropy(
     """Summed cross-entropy of `hidden [..., H] @ weight.T` against `labels [...]` (fp32 scalar), chunked.
 
     Under autocast the inputs are cast once to the autocast dtype, as `F.linear` would cast them; the logits are
-    rounded to that dtype before the fp32 softmax, exactly as in the plain path. chunk_tokens 0: chunk_tokens_for(V).
+    rounded to that dtype before the fp32 softmax, exactly as in the plain path. The weight's gradient stays fp32 for
+    an fp32 parameter (the plain path rounds it to the autocast dtype and back). chunk_tokens 0: chunk_tokens_for(V).
     """
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden = hidden.to(torch.get_autocast_dtype(device))
     chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
     with torch.autocast(device, enabled=False):  # the matmuls run in the dtype chosen above
         loss: torch.Tensor = _LinearCrossEntropy.apply(

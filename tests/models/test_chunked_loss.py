@@ -59,6 +59,8 @@ def test_bf16_autocast_matches_the_plain_path_within_bf16_rounding() -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)  # same bf16 logits, fp32 softmax
     for grad, ref in ((gh, ref_gh), (gw, ref_gw)):
         assert (grad - ref).abs().max() < 1e-2 * ref.abs().max()  # bf16 keeps 8 bits: ~0.4% per rounding
+    # the head's gradient is summed in fp32 and handed to the fp32 weight as it is; the plain path rounds it to bf16
+    assert not torch.equal(gw, gw.bfloat16().float()) and torch.equal(ref_gw, ref_gw.bfloat16().float())
 
 
 def test_lm_head_without_labels_is_the_plain_linear() -> None:
