@@ -86,6 +86,7 @@ SCRIPT = textwrap.dedent(
         model = build_model(run, world_size=1, precision="fp32")
         engine = build_engine(model, run, info=info, total_steps=10, precision="fp32").engine
         assert engine.gradient_accumulation_steps() == accum and engine.train_micro_batch_size_per_gpu() == micro
+        assert all(group["fused"] for group in engine.basic_optimizer.param_groups)  # torch's fused AdamW, on CPU too
         before = flat_params(engine.module)
         input_ids, labels, position_ids = data
         if stage == 0:
