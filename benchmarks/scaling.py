@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from lumina_ds.distributed.env import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +44,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--deepspeed-config", help="extra DeepSpeed keys for both runs (e.g. bucket sizes)")
     p.add_argument("--output", help="append the result as a JSON line to this file")
     return p.parse_args(argv)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def train_flags(args: argparse.Namespace, *, name: str, out: Path, micro_batch: int, ep: int) -> list[str]:
