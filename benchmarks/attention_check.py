@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def packed_positions(batch: int, seq: int, docs: int, gen: torch.Generator) -> tuple[torch.Tensor, list[int]]:
     """-> ([B, S] position_ids, tokens in documents per row): `docs` documents of random length, then up to S/16
-    padding tokens with position 0 (as lumina_ds.data.packing pads)."""
+    padding tokens with position 0 (as lumina_ds.data.loading.packing pads)."""
     rows, used_per_row = [], []
     for _ in range(batch):
         used = seq - int(torch.randint(0, seq // 16 + 1, (1,), generator=gen))

@@ -25,12 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lumina_ds.config.presets import get_preset  # noqa: E402
-from lumina_ds.data import DocEncoder, EncodeSettings, JsonlDocs, Mixture  # noqa: E402
-from lumina_ds.data.lengths import count_tokens  # noqa: E402
-from lumina_ds.data.prepare import prepare_source, tokenize_source  # noqa: E402
-from lumina_ds.data.profile import measure_batches  # noqa: E402
-from lumina_ds.data.stream import PackedBatches, RankView  # noqa: E402
-from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer  # noqa: E402
+from lumina_ds.data import sample_texts  # noqa: E402
+from lumina_ds.data.loading.mixture import Mixture  # noqa: E402
+from lumina_ds.data.loading.profile import measure_batches  # noqa: E402
+from lumina_ds.data.loading.stream import PackedBatches, RankView  # noqa: E402
+from lumina_ds.data.prepare.documents import DocEncoder, JsonlDocs  # noqa: E402
+from lumina_ds.data.prepare.lengths import count_tokens  # noqa: E402
+from lumina_ds.data.prepare.tokenize import (  # noqa: E402
+    EncodeSettings,
+    prepare_source,
+    tokenize_source,
+)
+from lumina_ds.models.transformer import Transformer  # noqa: E402
+from lumina_ds.tokenizer import ChatTokenizer, train_bpe_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +121,7 @@ def debug_train_rate(args: argparse.Namespace) -> float:
     """tokens/s of plain-torch `debug` training steps at this batch shape (the model side of the comparison)."""
     torch.manual_seed(0)
     config = get_preset("debug").model
-    model = config.build()
+    model = Transformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     shape = (args.batch_size, args.seq_len)
     batches = [torch.randint(6, config.vocab_size, shape) for _ in range(args.train_steps + 2)]

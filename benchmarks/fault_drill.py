@@ -98,9 +98,9 @@ def train_command(flags: list[str]) -> list[str]:
 
 def common_flags(args: argparse.Namespace, workdir: Path) -> list[str]:
     train = str(ROOT / "examples" / "conversations.jsonl")
-    flags = ["--preset", "debug", "--seq-len", "128", "--micro-batch-size", "4", "--log-every-n-batches", "1",
+    flags = ["--preset", "debug", "--seq-len", "128", "--micro-batch-size", "4", "--log-every-n-steps", "1",
              "--train-data", train, "--precision", "fp32", "--zero-stage", str(args.zero_stage), "--max-steps",
-             str(args.steps), "--save-every-n-batches", str(args.save_every), "--save-total-limit",
+             str(args.steps), "--save-every-n-steps", str(args.save_every), "--save-total-limit",
              str(args.steps // args.save_every + 2),
              "--no-progress-bar", "--no-tensorboard", "--output-dir", str(workdir / "runs")]  # fmt: skip
     return flags
@@ -400,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kills", type=int, default=10, help="random kills (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="chooses the kinds, ranks and moments of the kills")
     p.add_argument("--steps", type=int, help="optimizer steps of both runs (default: 2 x save-every x (kills + 2))")
-    p.add_argument("--save-every", type=int, default=2, help="--save-every-n-batches of both runs (default: 2)")
+    p.add_argument("--save-every", type=int, default=2, help="--save-every-n-steps of both runs (default: 2)")
     p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3), help="(default: 2, debug's)")
     p.add_argument(
         "--extra-flags",

@@ -32,11 +32,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.generation.batched import generate_batch
 from lumina_ds.generation.sampling import SamplingConfig, generate
 from lumina_ds.hf.architectures import export_architecture, hf_config_from_model
 from lumina_ds.hf.weights import ours_to_hf
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.transformer import Transformer
 
 RATIO_LINE = "ratio lumina / transformers tokens/s: {:.2f}x"
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(args.seed)
     config = model_config(args)
-    ours = config.build().eval()
+    ours = Transformer(config).eval()
     theirs, arch = transformers_twin(config, ours, args.peer_experts_impl)
     print(f"model: h{args.hidden} L{args.layers} E{args.experts} top-{args.top_k} vocab {args.vocab} ({arch} in "
           f"transformers), fp32, {torch.get_num_threads()} threads; batches > 1 decode together")  # fmt: skip

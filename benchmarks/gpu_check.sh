@@ -28,7 +28,7 @@ if [ $DRY = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
 fi
 RUNS=$(mktemp -d)
 DATA=(--train-data examples/conversations.jsonl --eval-data examples/conversations_eval.jsonl)
-COMMON=(--output-dir "$RUNS" --no-progress-bar --log-every-n-batches 10 --save-every-n-batches 1000)
+COMMON=(--output-dir "$RUNS" --no-progress-bar --log-every-n-steps 10 --save-every-n-steps 1000)
 TOOLS=benchmarks/gpu_check_steps.py
 
 if [ $DRY = 1 ]; then  # the same command lines at sizes a CPU runs in seconds
@@ -105,15 +105,15 @@ else
     done
 fi
 cuda_step fp16-loss-scale 45 $PY -m lumina_ds train --preset debug "${DATA[@]}" "${COMMON[@]}" --max-steps 50 \
-    --experiment-name fp16 --precision fp16 --eval-every-n-batches 50
+    --experiment-name fp16 --precision fp16 --eval-every-n-steps 50
 keep fp16
 cuda_step train-debug 40 $PY -m lumina_ds train --preset debug "${DATA[@]}" "${COMMON[@]}" --max-steps 40 \
-    --experiment-name debug_auto --eval-every-n-batches 40
+    --experiment-name debug_auto --eval-every-n-steps 40
 keep debug_auto
 cuda_step chat 20 $PY -m lumina_ds chat --checkpoint "$RUNS/debug_auto" --prompt "Explain RoPE briefly." \
     --max-tokens 48 --temperature 0.2 --seed 0
 cuda_step zero3-offload-accum 40 $PY -m lumina_ds train --preset debug "${DATA[@]}" "${COMMON[@]}" --max-steps 12 \
-    --experiment-name z3_offload --zero-stage 3 --offload optimizer --grad-accum 4 --eval-every-n-batches 12
+    --experiment-name z3_offload --zero-stage 3 --offload optimizer --grad-accum 4 --eval-every-n-steps 12
 keep z3_offload
 if [ $DRY = 1 ]; then
     step validate-gpu-commands 0 $PY $TOOLS validate -- "${CUDA_ONLY[@]}"

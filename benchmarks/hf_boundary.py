@@ -27,8 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lumina_ds.config.model import ModelConfig, MoEConfig  # noqa: E402
+from lumina_ds.models.config import ModelConfig, MoEConfig  # noqa: E402
 from lumina_ds.models.counting import count_parameters  # noqa: E402
+from lumina_ds.models.transformer import Transformer  # noqa: E402
 
 GB = 10**9
 
@@ -42,13 +43,13 @@ def model_config(layers: int) -> ModelConfig:
 
 
 def write_hf_dir(config: ModelConfig, directory: Path) -> None:
-    from lumina_ds.data.tokenizer import train_bpe_tokenizer
     from lumina_ds.hf.architectures import hf_config_from_model
     from lumina_ds.hf.weights import ours_to_hf
     from lumina_ds.run_dir import write_shards
+    from lumina_ds.tokenizer.chat_tokenizer import train_bpe_tokenizer
 
     with torch.device("meta"):
-        shapes = {name: tuple(p.shape) for name, p in config.build().named_parameters()}
+        shapes = {name: tuple(p.shape) for name, p in Transformer(config).named_parameters()}
     arch = "Qwen3MoeForCausalLM"
 
     def read(name: str) -> torch.Tensor:

@@ -36,14 +36,16 @@ import torch
 from torch import nn
 
 from lumina_ds.batch import IGNORE_INDEX, Batch
-from lumina_ds.config.model import INIT_SCHEMES, ModelConfig
 from lumina_ds.config.presets import get_preset
 from lumina_ds.config.run import DataConfig, RunConfig
-from lumina_ds.data.packing import PackedDataset
-from lumina_ds.data.pipeline import build_batches, eval_rows, open_sources
-from lumina_ds.data.prepare import EncodeSettings
-from lumina_ds.data.sources import parse_train_data
-from lumina_ds.data.tokenizer import sample_texts, train_bpe_tokenizer
+from lumina_ds.data import sample_texts
+from lumina_ds.data.loading.packing import PackedDataset
+from lumina_ds.data.loading.pipeline import build_batches, eval_rows, open_sources
+from lumina_ds.data.prepare.tokenize import EncodeSettings
+from lumina_ds.data.records.sources import parse_train_data
+from lumina_ds.models.config import INIT_SCHEMES, ModelConfig
+from lumina_ds.models.transformer import Transformer
+from lumina_ds.tokenizer import train_bpe_tokenizer
 from lumina_ds.training.schedule import schedule_for
 
 # fmt: off
@@ -249,7 +251,7 @@ def run_seed(data: Data, seed: int, schemes: list[str], args: argparse.Namespace
     curves = {}
     for scheme in schemes:
         torch.manual_seed(seed)
-        model = dataclasses.replace(data.run.model, init_scheme=scheme).build()
+        model = Transformer(dataclasses.replace(data.run.model, init_scheme=scheme))
         curves[f"lumina[{scheme}]"] = train(model, lumina_loss, data, batches, args.eval_every)
     if not args.no_peer:
         torch.manual_seed(seed)
@@ -267,7 +269,7 @@ def check_same_function(data: Data, directory: Path) -> float:
     from lumina_ds.run_dir import write_shards
 
     torch.manual_seed(0)
-    ours = data.run.model.build().eval()
+    ours = Transformer(data.run.model).eval()
     state = ours.state_dict()
     model_dir = directory / "hf"
     model_dir.mkdir()

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.multiprocessing as mp
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.presets import get_preset
 from lumina_ds.config.run import RunConfig
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.planning.layouts import planned_extras
 from lumina_ds.planning.memory import Layout, estimate_memory, precision_bytes, with_bucket_rules
 

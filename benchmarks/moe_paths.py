@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.models import moe
+from lumina_ds.models.config import ModelConfig, MoEConfig
+from lumina_ds.models.transformer import Transformer
 
 
 def parse() -> argparse.Namespace:
@@ -44,7 +45,7 @@ def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     experts = MoEConfig(num_experts=args.experts, top_k=2, expert_intermediate_size=args.expert_ffn)
     config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=16,
                          num_kv_heads=4, max_seq_len=args.seq_len, tie_embeddings=False, moe=experts)  # fmt: skip
-    return config.build().to(device)
+    return Transformer(config).to(device)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from lumina_ds.models.transformer import Transformer
+
 MIB = 2**20
 
 
@@ -37,7 +39,7 @@ def one_row(args: argparse.Namespace, mode: str, compiled: bool) -> dict[str, fl
 
     torch.manual_seed(0)
     config = get_preset(args.preset).model
-    model = config.build().train()
+    model = Transformer(config).train()
     model.set_recompute(mode)
     if compiled:
         model.compile_blocks()
@@ -69,7 +71,7 @@ def interleaved_seconds(args: argparse.Namespace) -> dict[tuple[str, bool], floa
 
     torch.manual_seed(0)
     config = get_preset(args.preset).model
-    eager = config.build().train()
+    eager = Transformer(config).train()
     models = {False: eager}
     if args.compile:
         models[True] = copy.deepcopy(eager)

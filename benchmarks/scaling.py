@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def train_flags(args: argparse.Namespace, *, name: str, out: Path, micro_batch: int, ep: int) -> list[str]:
     flags = ["--preset", args.preset, "--train-data", args.train_data, "--seq-len", str(args.seq_len),
-             "--max-steps", str(args.steps), "--log-every-n-batches", str(args.log_every),
+             "--max-steps", str(args.steps), "--log-every-n-steps", str(args.log_every),
              "--zero-stage", str(args.zero_stage), "--expert-parallel-size", str(ep), "--precision", args.precision,
              "--micro-batch-size", str(micro_batch), "--grad-accum", "1", "--experiment-name", name,
              "--output-dir", str(out)]  # fmt: skip

@@ -31,9 +31,10 @@ import psutil
 import torch
 from torch import nn
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.config.presets import get_preset
+from lumina_ds.models.config import ModelConfig
 from lumina_ds.models.counting import count_parameters
+from lumina_ds.models.transformer import Transformer
 from lumina_ds.planning.hardware import gpu_spec_of_device
 
 FLOPS_NOTE = "flops_per_token from lumina_ds count_parameters (6*N_active_compute + 12*L*d*s), same for every impl"
@@ -200,7 +201,7 @@ def build_model(impl: str, mc: ModelConfig, args: argparse.Namespace, device: to
 
         model = MixtralForCausalLM(mixtral_config(mc, args.peer_experts_impl))
     else:
-        model = mc.build()
+        model = Transformer(mc)
         if impl == "lumina+compile":
             model.compile_blocks()  # as --compile: regional, compiled on the first (warm-up) step
     return model.to(device).train()

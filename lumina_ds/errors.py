@@ -1,8 +1,8 @@
-"""Project errors and the one registry of their codes (the README's "Error codes" table is checked against it)."""
+"""Project errors and the one registry of their codes (docs/errors.md's table is checked against it)."""
 
 from __future__ import annotations
 
-# code -> what it means, as the README's table says it; every LuminaError carries one of these codes
+# code -> what it means, as docs/errors.md says it; every LuminaError carries one of these codes
 ERROR_CODES: dict[str, str] = {
     "E001": "unknown preset (the message lists the presets)",
     "E002": "invalid or incompatible options, found from the config alone: heads vs KV heads, experts vs "

@@ -66,8 +66,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     checkpoints = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     tags = list_complete_tags(checkpoints)
     if not tags:
-        raise CheckpointError("E303", f"no complete checkpoint under {path}", "train with --save-every-n-batches first")
+        raise CheckpointError("E303", f"no complete checkpoint under {path}", "train with --save-every-n-steps first")
     return checkpoints, tags[-1]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a directory's entries (a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def run_dir_of(checkpoints_dir: Path) -> Path:

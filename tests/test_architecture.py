@@ -1,4 +1,6 @@
-"""The package's shape: no import cycles, and each layer imports only the layers below it (README "Architecture")."""
+"""The package's shape (docs/architecture.md): no import cycle, counting every import anywhere in a module (function
+bodies and `TYPE_CHECKING` blocks included); each layer imports only the layers below it; the data and tokenizer
+packages are entered through their public modules only."""
 
 from __future__ import annotations
 
@@ -9,38 +11,43 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lumina_ds"
+LEAVES = {"errors", "batch", "frozen"}  # leaf modules any layer may import
 
-# who may import whom, by top-level part of lumina_ds (leaf modules batch, errors, run_dir count as their own part)
+# who may import whom, by top-level part of lumina_ds (besides the leaves)
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "batch": set(),
-    "config": {"errors", "models"},  # models: ModelConfig.build() and type hints
-    "run_dir": {"errors"},
-    "models": {"errors", "batch", "config"},
-    "data": {"errors", "batch", "config"},
-    "monitor": {"errors"},
-    "distributed": {"errors", "batch", "config", "models", "run_dir"},
-    "generation": {"errors", "batch", "config", "models", "data", "run_dir"},
-    "planning": {"errors", "config", "models", "distributed", "data"},
-    "hf": {"errors", "batch", "config", "models", "data", "run_dir"},
-    "training": {"errors", "batch", "config", "models", "data", "distributed", "monitor", "run_dir", "hf"},
+    "frozen": set(),
+    "run_dir": set(),
+    "models": set(),
+    "config": {"models"},  # the model's config lives next to the model
+    "tokenizer": set(),
+    "data": {"config", "tokenizer"},
+    "monitor": set(),
+    "distributed": {"config", "models", "run_dir"},
+    "generation": {"config", "models", "tokenizer", "run_dir"},
+    "planning": {"config", "models", "distributed", "tokenizer"},
+    "hf": {"config", "models", "tokenizer", "run_dir"},
+    "training": {"config", "models", "tokenizer", "data", "distributed", "monitor", "run_dir", "hf"},
     "cli": {
         "__init__",
-        "errors",
         "config",
         "data",
+        "tokenizer",
         "distributed",
         "planning",
         "training",
         "generation",
         "models",
         "hf",
-        "monitor",  # the run report
+        "monitor",
     },
     "__init__": set(),
     "__main__": {"cli"},
 }
 NEVER_IN_MODELS = ("deepspeed", "torch.distributed")
+# the one door into a package for the rest of lumina_ds
+PUBLIC = {"data": {"lumina_ds.data", "lumina_ds.data.train_data"}, "tokenizer": {"lumina_ds.tokenizer"}}
 
 
 def module_name(path: Path) -> str:
@@ -48,29 +55,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
-def imported_names(tree: ast.Module, *, module_level_only: bool) -> Iterator[str]:
-    """Dotted names a module imports at run time (not under `if TYPE_CHECKING:`), each `from a import b` as a.b."""
-    stack: list[ast.AST] = list(tree.body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            stack.extend(node.orelse)
-            continue
+def imported_names(tree: ast.Module) -> Iterator[str]:
+    """Every dotted name a module imports, wherever the import statement is; `from a import b` as a.b."""
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             yield from (f"{node.module}.{alias.name}" for alias in node.names)
-        elif module_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        else:
-            stack.extend(ast.iter_child_nodes(node))
 
 
 def modules() -> dict[str, ast.Module]:
@@ -84,12 +75,11 @@ def resolve(name: str, known: set[str]) -> str | None:
     return name or None
 
 
-def import_graph() -> dict[str, set[str]]:
-    trees = modules()
+def import_graph(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
     known = set(trees)
     graph: dict[str, set[str]] = {}
     for name, tree in trees.items():
-        targets = {resolve(n, known) for n in imported_names(tree, module_level_only=True) if n.startswith("lumina_ds")}
+        targets = {resolve(n, known) for n in imported_names(tree) if n.startswith("lumina_ds")}
         graph[name] = {t for t in targets if t and t != name}
     return graph
 
@@ -123,7 +113,7 @@ def part_of(module: str) -> str:
 
 
 def test_no_import_cycles() -> None:
-    cycle = find_cycle(import_graph())
+    cycle = find_cycle(import_graph(modules()))
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
@@ -132,23 +122,63 @@ def test_cycle_finder_finds_a_planted_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "def _late():\n    from lumina_ds.training.trainer import Trainer\n",  # a lazy import in a function body
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lumina_ds.training.trainer import Trainer\n",
+    ],
+    ids=["function body", "TYPE_CHECKING"],
+)
+def test_a_planted_import_that_closes_a_circle_is_found(planted: str) -> None:
+    """training.trainer imports training.checkpoint; an import of the trainer back from checkpoint closes a circle."""
+    trees = modules()
+    source = (PACKAGE / "training" / "checkpoint.py").read_text() + "\n" + planted
+    trees["lumina_ds.training.checkpoint"] = ast.parse(source)
+    cycle = find_cycle(import_graph(trees))
+    assert cycle is not None and "lumina_ds.training.checkpoint" in cycle and "lumina_ds.training.trainer" in cycle
+
+
 def test_each_layer_imports_only_the_layers_below_it() -> None:
     trees = modules()
     known = set(trees)
     wrong = []
     for name, tree in trees.items():
         part = part_of(name)
-        for imported in imported_names(tree, module_level_only=False):
+        for imported in imported_names(tree):
             target = resolve(imported, known) if imported.startswith("lumina_ds") else None
-            if target is None or part_of(target) == part:
+            if target is None or part_of(target) in {part, *LEAVES}:
                 continue
             if part_of(target) not in ALLOWED[part]:
                 wrong.append(f"{name} imports {target}")
     assert wrong == []
 
 
+def test_the_data_and_tokenizer_packages_are_entered_through_their_public_modules() -> None:
+    """Outside `data/` only `lumina_ds.data` (the data commands) and `lumina_ds.data.train_data` (training) are
+    imported, and each other package uses one of them; outside `tokenizer/`, only `lumina_ds.tokenizer`. Inside, no
+    module imports its own package's door (which would import the whole package back)."""
+    trees = modules()
+    known = set(trees)
+    wrong, doors = [], {}
+    for name, tree in trees.items():
+        for imported in imported_names(tree):
+            target = resolve(imported, known) if imported.startswith("lumina_ds") else None
+            inner = part_of(target) if target else None
+            if inner not in PUBLIC:
+                continue
+            inside = part_of(name) == inner
+            if (not inside and target not in PUBLIC[inner]) or (inside and target == f"lumina_ds.{inner}"):
+                wrong.append(f"{name} imports {target}")
+            if inner == "data" and not inside:
+                doors.setdefault(part_of(name), set()).add(target)
+    assert wrong == []
+    assert all(len(used) == 1 for used in doors.values()), doors
+    assert not doors.keys() & {"hf", "generation"}, doors  # they need the tokenizer, not the data
+
+
 @pytest.mark.parametrize("path", sorted((PACKAGE / "models").glob("*.py")), ids=lambda p: p.name)
 def test_models_import_neither_deepspeed_nor_torch_distributed(path: Path) -> None:
     """A model is a plain nn.Module that runs in one process; parallelism is applied from lumina_ds.distributed."""
-    names = list(imported_names(ast.parse(path.read_text()), module_level_only=False))
+    names = list(imported_names(ast.parse(path.read_text())))
     assert not [n for n in names if n.startswith(NEVER_IN_MODELS)]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from lumina_ds import __version__
 from lumina_ds.cli import chat, data, env, generate, hf, plan, report, train
-from lumina_ds.cli.luminaai import luminaai_mappings
+from lumina_ds.cli.luminaai import alias_notes, luminaai_mappings
 from lumina_ds.errors import ConfigError, LuminaError
 
 COMMAND_GROUPS = (train, chat, generate, data, plan, env, hf, report)
@@ -34,6 +34,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if mappings:
         raise ConfigError("E002", "LuminaAI flag(s) lumina-ds spells differently:\n  " + "\n  ".join(mappings),
                           "see `lumina-ds <command> --help` and the README's 'Coming from LuminaAI'")  # fmt: skip
+    for note in alias_notes(argv):
+        print(note, file=sys.stderr, flush=True)
     return parser.parse_args(argv)
 
 
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry(argv: Sequence[str] | None = None) -> None:
     """Console-script entry: like main(), but leaves through os._exit after a distributed run.
 
-    torch's gloo teardown can abort after a clean finish (README, "DeepSpeed notes"), turning success into SIGABRT.
+    torch's gloo teardown can abort after a clean finish (docs/deepspeed.md), turning success into SIGABRT.
     """
     code = main(argv)
     if "torch" not in sys.modules:  # a light command (validate-data, plan, ...): nothing distributed ran

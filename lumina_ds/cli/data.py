@@ -11,7 +11,7 @@ from lumina_ds.config.run import DATA_FORMATS, MAX_LINE_BYTES
 from lumina_ds.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lumina_ds.data.checks import LineLimit
+    from lumina_ds.data import LineLimit
 
 SOURCES_HELP = (
     ".jsonl, .jsonl.gz, .json, .parquet files, datasets save_to_disk dirs (DIR[@SPLIT]), hf://NAME[:CONFIG][@SPLIT]"
@@ -46,8 +46,7 @@ def _add_line_limit_flags(p: argparse.ArgumentParser) -> None:
 
 def _limit(args: argparse.Namespace) -> LineLimit:
     """How the sources are read: line limit and record format, from the flags above."""
-    from lumina_ds.data.checks import LineLimit
-    from lumina_ds.data.formats import RecordFormat, parse_fields
+    from lumina_ds.data import LineLimit, RecordFormat, parse_fields
 
     fmt = RecordFormat(args.data_format, parse_fields(args.data_fields))
     return LineLimit(args.max_line_bytes, args.truncate_long, fmt)
@@ -67,12 +66,12 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def cmd_validate_data(args: argparse.Namespace) -> int:
     # Imported here so that `lumina-ds --help` and other subcommands stay light.
-    from lumina_ds.data.validate import quiet_line, summary_lines, validate_files
+    from lumina_ds.data import quiet_line, summary_lines, validate_files
 
     _check_flags(args)
     tokenizer = None
     if args.tokenizer:
-        from lumina_ds.data.tokenizer import ChatTokenizer
+        from lumina_ds.tokenizer import ChatTokenizer
 
         tokenizer = ChatTokenizer.from_file(args.tokenizer)
     rejects = args.rejects
@@ -142,15 +141,14 @@ def _validate_parser(sub: argparse._SubParsersAction) -> None:
 
 def report_stem(location: str) -> str:
     """The default report's name: the first source's stem (a hub name's too)."""
-    from lumina_ds.data.sources import parse_source
+    from lumina_ds.data import parse_source
 
     return parse_source(location).stem
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from lumina_ds.data.prepare import EncodeSettings, prepare_source
-    from lumina_ds.data.sources import parse_train_data
-    from lumina_ds.data.tokenizer import ChatTokenizer
+    from lumina_ds.data import EncodeSettings, parse_train_data, prepare_source
+    from lumina_ds.tokenizer import ChatTokenizer
 
     if not args.tokenizer:
         raise ConfigError(
@@ -193,8 +191,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from lumina_ds.data.sources import parse_train_data
-    from lumina_ds.data.tokenizer import sample_texts, train_bpe_tokenizer
+    from lumina_ds.data import parse_train_data, sample_texts
+    from lumina_ds.tokenizer import train_bpe_tokenizer
 
     locations = [spec.source.location for spec in parse_train_data(",".join(args.files))]
     texts = sample_texts(locations, max_bytes=args.max_mb * 10**6)

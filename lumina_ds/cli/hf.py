@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from lumina_ds.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from lumina_ds.hf.export import ExportReport
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -34,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
     )
     print(
-        f"exported {report.arch} to {report.out_dir}: {report.bytes_written / 1e6:,.1f} MB in "
+        f"exported {report.arch} ({report.dtype}) to {report.out_dir}: {report.bytes_written / 1e6:,.1f} MB in "
         f"{report.seconds:.1f} s ({report.mb_per_s:,.1f} MB/s)"
     )
     check = report.verification
@@ -48,8 +52,20 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"export of {args.checkpoint} does not match: {figure}, above {TOLERANCE:g}",
             f"the export is left in {report.out_dir} for inspection; report it with config.yaml",
         )
-    print(f"verified with transformers: {figure} <= {TOLERANCE:g}")
+    print(f"verified with transformers: {figure} <= {TOLERANCE:g}, against the same {report.dtype} weights")
+    print(rounding_line(report))
     return 0
+
+
+def rounding_line(report: ExportReport) -> str:
+    """What the export's dtype cost, measured against the checkpoint as stored: a silent bf16 rounding of an fp32
+    model is the loss a user would otherwise not see."""
+    assert report.verification is not None
+    loss, stored = report.verification.rounding_loss, report.stored_dtype
+    if loss == 0.0:
+        return f"{report.dtype} rounding changes logits by at most 0 (the checkpoint stores {stored}: nothing lost)"
+    exact = " (--dtype fp32 keeps them exactly)" if report.dtype == "bf16" and stored != "fp64" else ""
+    return f"{report.dtype} rounding changes logits by at most {loss:.2e} from the stored {stored} weights{exact}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", *SUPPORTED],
         help="architecture to write (default: auto, the first that represents the model exactly)",
     )
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights dtype (default: bf16)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bf16", "fp32"],
+        help="weights dtype (default: the checkpoint's stored dtype: bf16 for a bf16 run, fp32 for an fp32-trained or "
+        "fp32-imported model, which bf16 would round)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     p.add_argument(
         "--no-verify",

@@ -26,7 +26,7 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--init-std": "a YAML run config: `model: {init_std: 0.015}` with --config-file",
     "--use-stable-embedding": "no equivalent: embeddings are a plain nn.Embedding initialised with model.init_std",
     "--log-expert-usage": "tokens per expert are in every log record (metrics.jsonl `expert_counts`)",
-    "--expert-usage-frequency": "--log-every-n-batches N (expert usage is logged with every record)",
+    "--expert-usage-frequency": "--log-every-n-steps N (expert usage is logged with every record)",
     "--verbose": "set LUMINA_DS_VERBOSE=1 to see DeepSpeed's own INFO logging",
     "--debug": "set LUMINA_DS_VERBOSE=1 to see DeepSpeed's own INFO logging",
     "--pin-memory": "not offered: batches are assembled in the training process and copied once per step",
@@ -45,6 +45,11 @@ LUMINAAI_FLAGS: dict[str, str] = {
     "--best-metric": "the best evaluation loss is tracked; other metrics are not",
     "--modify-config": f"changing the optimizer settings of a resumed run is {_SOON}",
     "--analyze-checkpoints": f"checkpoint analysis is {_SOON}",
+}
+# LuminaAI spellings lumina-ds accepts as they are, with one line saying what they mean here
+LUMINAAI_ALIASES: dict[str, str] = {
+    f"--{what}-every-n-batches": f"--{what}-every-n-steps (it counts optimizer steps, not micro-batches)"
+    for what in ("log", "eval", "save")
 }
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -68,6 +73,12 @@ def luminaai_mappings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> l
         if name.startswith("--") and name not in known and name in LUMINAAI_FLAGS:
             lines.append(f"{name} (LuminaAI) -> {LUMINAAI_FLAGS[name]}")
     return lines
+
+
+def alias_notes(argv: Sequence[str]) -> list[str]:
+    """One line per accepted LuminaAI spelling in argv, naming the lumina-ds one."""
+    used = {token.split("=", 1)[0] for token in argv}
+    return [f"note: {name} (LuminaAI) = {LUMINAAI_ALIASES[name]}" for name in LUMINAAI_ALIASES if name in used]
 
 
 def config_file_given_as_preset(preset: str | None) -> bool:

@@ -52,7 +52,7 @@ def resolve_run(args: argparse.Namespace, *, world_size: int, announce: bool = T
     Flags over the preset or YAML; the --deepspeed-config keys; the preset's planned layout for the fields no flag
     set; then every rule on the config alone (E002) and every input path (E104), before anything is built.
     """
-    from lumina_ds.data.documents import check_input_files
+    from lumina_ds.data import check_input_files
     from lumina_ds.distributed.ds_config import load_deepspeed_json
 
     run = run_config_from_args(args)

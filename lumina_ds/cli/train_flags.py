@@ -7,7 +7,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from lumina_ds.config.model import ATTENTION_BACKENDS, INIT_SCHEMES
 from lumina_ds.config.presets import PRESETS, get_preset
 from lumina_ds.config.run import (
     ACTIVATION_CHECKPOINTING,
@@ -17,6 +16,7 @@ from lumina_ds.config.run import (
     PRECISIONS,
     SCHEDULERS,
 )
+from lumina_ds.models.config import ATTENTION_BACKENDS, INIT_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -175,12 +175,20 @@ RUN_FLAGS = [
     Flag(("--experiment-name",), "logging.experiment_name", "the run directory's name under --output-dir"),
     Flag(("--output-dir",), "logging.output_dir", "parent of the run directory"),
     Flag(
-        ("--eval-every-n-batches",), "train.eval_every_n_batches", "optimizer steps between evaluations", {"type": int}
+        ("--eval-every-n-steps", "--eval-every-n-batches"),
+        "train.eval_every_n_steps",
+        "optimizer steps between evaluations",
+        {"type": int},
     ),
-    Flag(("--log-every-n-batches",), "logging.log_every_n_batches", "optimizer steps between log lines", {"type": int}),
     Flag(
-        ("--save-every-n-batches",),
-        "checkpoint.save_every_n_batches",
+        ("--log-every-n-steps", "--log-every-n-batches"),
+        "logging.log_every_n_steps",
+        "optimizer steps between log lines",
+        {"type": int},
+    ),
+    Flag(
+        ("--save-every-n-steps", "--save-every-n-batches"),
+        "checkpoint.save_every_n_steps",
         "optimizer steps between checkpoints",
         {"type": int},
     ),

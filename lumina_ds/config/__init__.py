@@ -1,7 +1,7 @@
-"""Typed configs per component, the presets registry and YAML load/save."""
+"""The run config composed of the components' configs (the model's lives in lumina_ds.models.config), the presets
+registry and YAML load/save."""
 
 from lumina_ds.config.io import config_from_dict, config_to_dict, load_config, save_config
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.presets import PRESETS, get_preset
 from lumina_ds.config.run import (
     CheckpointConfig,
@@ -18,8 +18,6 @@ __all__ = [
     "DataConfig",
     "DistributedConfig",
     "LoggingConfig",
-    "MoEConfig",
-    "ModelConfig",
     "RunConfig",
     "TrainConfig",
     "config_from_dict",

@@ -71,25 +71,13 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _upgrade_legacy(data: Any) -> Any:
-    """Configs written before `train.activation_checkpointing` carry `gradient_checkpointing: true/false`."""
-    train = data.get("train") if isinstance(data, dict) else None
-    if not isinstance(train, dict) or "gradient_checkpointing" not in train:
-        return data
-    train = dict(train)
-    old = train.pop("gradient_checkpointing")
-    if not isinstance(old, bool):
-        _bad("train.gradient_checkpointing", False, old)
-    new = train.setdefault("activation_checkpointing", "full" if old else "none")
-    if (new != "none") != old:
-        raise ConfigError("E002", f"train.gradient_checkpointing: {old} contradicts activation_checkpointing: {new}",
-                          "keep activation_checkpointing (none, full, selective, attention, moe) only")  # fmt: skip
-    return {**data, "train": train}
+def config_from_fields(data: dict[str, Any]) -> RunConfig:
+    """Every field given (as config_to_dict writes them); nothing is filled in from a preset."""
+    return _from_dict(RunConfig, data, "")
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """A `preset:` key makes that preset the base the other keys override; without one, the dataclass defaults."""
-    data = _upgrade_legacy(data)
     if isinstance(data, dict) and "preset" in data:
         from lumina_ds.config.presets import get_preset
 

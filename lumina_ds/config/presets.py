@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.run import RunConfig, TrainConfig
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.config import ModelConfig, MoEConfig
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {}
 
@@ -113,8 +113,8 @@ def _large(
 @register
 def debug() -> RunConfig:
     config = _small(_Shape(2048, 128, 2, 2, 1, 256, 4, 48), lr=3e-3, micro_batch=8, lb_weight=0.005, capacity=1.1)
-    config.train.eval_every_n_batches = 50
-    config.checkpoint.save_every_n_batches = 100
+    config.train.eval_every_n_steps = 50
+    config.checkpoint.save_every_n_steps = 100
     return config
 
 

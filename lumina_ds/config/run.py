@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.errors import ConfigError
+from lumina_ds.frozen import Freezable
+from lumina_ds.models.config import ModelConfig
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
 SCHEDULERS = ("cosine", "linear", "onecycle", "none")
@@ -22,7 +23,7 @@ MIN_LINE_BYTES = 1024
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Freezable):
     train_data: str | None = None
     eval_data: str | None = None
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE on the training data
@@ -58,7 +59,7 @@ class DataConfig:
 
 
 @dataclass
-class GuardConfig:
+class GuardConfig(Freezable):
     """The divergence guard: skip an optimizer step whose loss or gradient norm spikes, rewind after repeated skips."""
 
     enabled: bool = True
@@ -82,7 +83,7 @@ class GuardConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Freezable):
     epochs: int = 3
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 8
@@ -102,7 +103,7 @@ class TrainConfig:
     precision: str = "auto"
     activation_checkpointing: str = "none"  # see ACTIVATION_CHECKPOINTING
     compile: bool = False  # torch.compile each block's attention and norms (and dense FFNs); MoE dispatch stays eager
-    eval_every_n_batches: int = 100
+    eval_every_n_steps: int = 100
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     guard: GuardConfig = field(default_factory=GuardConfig)
     auto_batch_size: bool = False  # pick the largest micro-batch the memory model fits in target_memory_usage
@@ -150,8 +151,8 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    save_every_n_batches: int = 500  # optimizer steps between checkpoints
+class CheckpointConfig(Freezable):
+    save_every_n_steps: int = 500  # optimizer steps between checkpoints
     save_total_limit: int = 5  # newest checkpoints kept; older ones deleted
     resume: str | None = None  # a checkpoint tag dir, a checkpoints dir or a run dir
     auto_resume: bool = False  # resume from the latest tag of this experiment if there is one
@@ -163,17 +164,17 @@ class CheckpointConfig:
     backup_total_limit: int = 2  # newest backups kept in the backup dir (and the best evaluation's)
 
     def validate(self) -> None:
-        if self.save_every_n_batches < 1 or self.save_total_limit < 1 or self.weights_shard_mb < 1:
-            raise ConfigError("E002", "save_every_n_batches, save_total_limit and weights_shard_mb must be >= 1")
+        if self.save_every_n_steps < 1 or self.save_total_limit < 1 or self.weights_shard_mb < 1:
+            raise ConfigError("E002", "save_every_n_steps, save_total_limit and weights_shard_mb must be >= 1")
         if self.backup_every_n_hours < 0 or self.backup_total_limit < 1:
             raise ConfigError("E002", "backup_every_n_hours must be >= 0 and backup_total_limit >= 1")
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Freezable):
     output_dir: str = "runs"
     experiment_name: str = "run"
-    log_every_n_batches: int = 10
+    log_every_n_steps: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops: float | None = None  # MFU's denominator per device; None: the GPU's dense bf16 peak from the table
@@ -191,8 +192,8 @@ class LoggingConfig:
         return Path(self.output_dir).expanduser() / self.experiment_name
 
     def validate(self) -> None:
-        if self.log_every_n_batches < 1:
-            raise ConfigError("E002", "log_every_n_batches must be >= 1")
+        if self.log_every_n_steps < 1:
+            raise ConfigError("E002", "log_every_n_steps must be >= 1")
         if not self.experiment_name or "/" in self.experiment_name:
             raise ConfigError("E002", f"experiment_name {self.experiment_name!r} must be a non-empty plain name")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
@@ -237,7 +238,7 @@ def owned_keys_in(extras: dict[str, Any]) -> list[str]:
 
 
 @dataclass
-class DistributedConfig:
+class DistributedConfig(Freezable):
     zero_stage: int = 1
     expert_parallel_size: int = 1
     moe_backend: str = "autoep"  # autoep | native
@@ -284,7 +285,7 @@ class DistributedConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Freezable):
     preset: str = "debug"  # the base of every setting a file or flag leaves out
     model_source: str = ""  # where the model came from (import-hf, --init-from); "" = the preset's model
     model: ModelConfig = field(default_factory=ModelConfig)

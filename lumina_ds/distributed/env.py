@@ -139,7 +139,7 @@ def barrier() -> None:
 def exit_process(code: int) -> None:
     """End a process that may have run distributed: sync (after success only), flush, and leave through os._exit.
 
-    torch's gloo teardown can abort with SIGABRT after a clean finish (README, "DeepSpeed notes"); skipping interpreter
+    torch's gloo teardown can abort with SIGABRT after a clean finish (docs/deepspeed.md); skipping interpreter
     teardown avoids it. Callers close their files and writers first (os._exit runs no cleanup).
     """
     import torch.distributed as dist

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lumina_ds.config.model import MoEConfig
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.config import MoEConfig
 from lumina_ds.models.layers import SwiGLU
 from lumina_ds.models.moe import MoEBlock, RouterLogitsCollector
 from lumina_ds.models.transformer import Transformer

@@ -2,7 +2,7 @@
 
 from lumina_ds.generation.batched import generate_batch
 from lumina_ds.generation.chat import ChatSession, handle_command, one_shot, run_repl
-from lumina_ds.generation.loading import InferenceBundle, check_state_dict, load_for_inference, save_consolidated
+from lumina_ds.generation.loading import InferenceBundle, check_state_dict, load_for_inference
 from lumina_ds.generation.sampling import SamplingConfig, filter_logits, generate, sample_next
 
 __all__ = [
@@ -18,5 +18,4 @@ __all__ = [
     "one_shot",
     "run_repl",
     "sample_next",
-    "save_consolidated",
 ]

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from lumina_ds.data.chat_format import Message
 from lumina_ds.errors import LuminaError
 from lumina_ds.generation.loading import InferenceBundle
 from lumina_ds.generation.sampling import SamplingConfig, generate
 from lumina_ds.models.counting import count_parameters
+from lumina_ds.tokenizer import Message
 
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
 

@@ -12,20 +12,18 @@ from torch import nn
 
 from lumina_ds.config.io import load_config
 from lumina_ds.config.run import RunConfig
-from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import CheckpointError
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.run_dir import (
     CONFIG_FILE,
     TOKENIZER_FILE,
-    WEIGHTS_FILE,
     resolve_checkpoint,
     run_dir_of,
     weights_files,
-    write_weights,
 )
+from lumina_ds.tokenizer import ChatTokenizer
 
-TIED_KEY = "lm_head.weight"
+TIED_KEY = "lm_head.weight"  # not in the weights of a tied model (safetensors rejects shared storage)
 MAX_KEYS_IN_MESSAGE = 8
 
 
@@ -43,21 +41,6 @@ class InferenceBundle:
 def _is_tied(model: nn.Module) -> bool:
     lm_head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
     return lm_head is not None and embed is not None and lm_head.weight is embed.weight
-
-
-def save_consolidated(model: nn.Module, path: str | Path) -> Path:
-    """Write the plain state dict of a single-process Transformer to `<path>/model.safetensors` (or to `path` if it
-    ends in .safetensors). The tied lm_head.weight is skipped (safetensors rejects shared storage). Under ZeRO-3 the
-    caller must gather the parameters first. Written to a temp file then renamed, so readers never see half a file."""
-    path = Path(path)
-    target = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
-    tied = _is_tied(model)
-    state = {
-        name.removeprefix("_orig_mod."): tensor  # torch.compile wrapper prefix
-        for name, tensor in model.state_dict().items()
-        if not (tied and name.removeprefix("_orig_mod.") == TIED_KEY)
-    }
-    return write_weights(state, target)
 
 
 def _require(path: Path, what: str, hint: str) -> Path:
@@ -130,7 +113,7 @@ def load_for_inference(
     config = load_config(_require(run_dir / CONFIG_FILE, "run config", f"{run_dir} must hold the run's config.yaml"))
     weights = weights_files(checkpoints_dir / tag)
     tokenizer = _load_tokenizer(run_dir, config.model.vocab_size)
-    model = config.model.build()
+    model = Transformer(config.model)
     state = _read_weights(weights)
     check_state_dict(model, state, weights[0].parent)
     model.load_state_dict(state, strict=False)  # strictness checked above (tied lm_head may be absent)

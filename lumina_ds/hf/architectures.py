@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.hf.common import HFConfigReader, refuse
 from lumina_ds.hf.rope import rope_from_hf, rope_to_hf
 from lumina_ds.hf.windows import window_from_hf, window_reason, window_to_hf
+from lumina_ds.models.config import ModelConfig, MoEConfig
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 

@@ -38,7 +38,7 @@ class ImportReport:
 
 
 def _save_tokenizer(source: ModelSource, run_dir: Path) -> None:
-    from lumina_ds.data.tokenizer import ChatTokenizer
+    from lumina_ds.tokenizer import ChatTokenizer
 
     if source.tokenizer_file is None:
         raise ConfigError(

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lumina_ds.config.model import ROPE_TYPES, RopeScalingConfig
 from lumina_ds.hf.common import refuse
+from lumina_ds.models.config import ROPE_TYPES, RopeScalingConfig
 
 # keys each scheme reads (transformers' _validate_*_rope_parameters); any other key would be ignored here, so it is
 # refused rather than dropped

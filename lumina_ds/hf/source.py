@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.errors import CheckpointError, ConfigError
+from lumina_ds.models.config import ModelConfig
 from lumina_ds.run_dir import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -41,6 +41,7 @@ class ModelSource:
     tokenizer_file: Path | None = None  # tokenizer.json; its chat template files sit beside it
     arch: str = ""  # the Hugging Face architecture (kind "hf")
     token_ids: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids config.json states (kind "hf")
+    stored_dtype: torch.dtype | None = None  # holds every stored floating tensor exactly (kind "lumina")
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -54,6 +55,27 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError("E005", f"{path} is not a JSON object", "a Hugging Face model directory has a config.json")
     return config
+
+
+# safetensors' header names of the floating dtypes a checkpoint can hold
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype | None:
+    """The dtype that holds every floating tensor of `files` exactly, read from their headers (no tensor is read):
+    theirs when they agree, else the widest (fp32 for fp16 beside bf16, which hold different values)."""
+    from safetensors import safe_open
+
+    found: set[torch.dtype] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            names = handle.keys()
+            dtypes = {handle.get_slice(name).get_dtype() for name in names}
+            found.update(_SAFETENSORS_FLOATS[d] for d in dtypes if d in _SAFETENSORS_FLOATS)
+    if len(found) <= 1:
+        return next(iter(found), None)
+    widest = max(found, key=lambda dtype: dtype.itemsize)
+    return widest if widest.itemsize > 2 else torch.float32
 
 
 def _refuse_pickles(directory: Path) -> None:
@@ -99,7 +121,8 @@ def open_run_source(path: Path) -> ModelSource:
     run_dir = run_dir_of(checkpoints)
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError("E303", f"{run_dir} has no {CONFIG_FILE}", "point at a lumina-ds run directory or tag")
-    files = SafetensorsFiles(weights_files(checkpoints / tag))
+    paths = weights_files(checkpoints / tag)
+    files = SafetensorsFiles(paths)  # E303 for an unreadable header, before stored_dtype reads them
     tokenizer = run_dir / TOKENIZER_FILE
     return ModelSource(
         path=checkpoints / tag,
@@ -108,6 +131,7 @@ def open_run_source(path: Path) -> ModelSource:
         names=files.names(),
         read=files.get,
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
+        stored_dtype=stored_dtype(paths),
     )
 
 
@@ -124,7 +148,7 @@ def open_model_source(path: str | Path) -> ModelSource:
 def check_tokenizer_fits(tokenizer_file: str | Path, model: ModelConfig) -> None:
     """E005 when the tokenizer (with lumina-ds' chat tokens added to a model that has no chat template) has ids past
     the model's embedding: its weights cannot grow to fit."""
-    from lumina_ds.data.tokenizer import ChatTokenizer
+    from lumina_ds.tokenizer import ChatTokenizer
 
     tokenizer = ChatTokenizer.from_file(Path(tokenizer_file).expanduser())
     if tokenizer.vocab_size <= model.vocab_size:

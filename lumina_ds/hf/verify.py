@@ -1,4 +1,5 @@
-"""An export is checked before it is called done: transformers loads it and its logits must equal ours."""
+"""An export is checked before it is called done: transformers loads it and its logits must equal ours, and what
+rounding to the export's dtype cost is measured against the checkpoint as stored, never against a rounded copy."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from lumina_ds.data.chat_format import Message
-from lumina_ds.data.tokenizer import ChatTokenizer
 from lumina_ds.errors import CheckpointError
 from lumina_ds.hf.source import ModelSource
 from lumina_ds.models.transformer import Transformer
+from lumina_ds.tokenizer import ChatTokenizer, Message
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32
 PROBE = (
@@ -24,8 +24,12 @@ PROBE = (
 
 @dataclass(frozen=True)
 class Verification:
-    max_abs_diff: float
+    """Two figures on the probe batch, both max |logit difference| in fp32. They are kept apart because only the
+    conversion can be wrong: the rounding is the price of the dtype chosen, and a user must see it."""
+
+    max_abs_diff: float  # the conversion error: transformers on the export vs our model with the same rounded weights
     tokens: int  # probe tokens compared (batch x length)
+    rounding_loss: float = 0.0  # our model with the weights rounded to the export dtype vs as the checkpoint stores
 
     @property
     def passed(self) -> bool:
@@ -39,22 +43,33 @@ def probe_batch(tokenizer: ChatTokenizer, *, vocab_size: int, max_len: int) -> t
     return torch.stack([torch.tensor(chat, dtype=torch.long), spread])  # [2, S]
 
 
-def reference_model(source: ModelSource, *, dtype: torch.dtype) -> Transformer:
-    """Our model in fp32 with the weights rounded to the export's dtype, as transformers will read them."""
-    model = source.model.build()
-    state = {name: source.read(name).to(dtype).float() for name in source.names}
+def stored_model(source: ModelSource) -> Transformer:
+    """Our model in fp32 with the weights exactly as the checkpoint stores them (fp32 holds bf16 and fp16 exactly)."""
+    model = Transformer(source.model)
+    state = {name: source.read(name).float() for name in source.names}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return model.eval()
 
 
-def verify_export(out_dir: Path, source: ModelSource, tokenizer: ChatTokenizer, *, dtype: torch.dtype) -> Verification:
-    """Load `out_dir` with transformers (fp32) and compare its logits with ours on a probe batch."""
+def round_weights(model: Transformer, dtype: torch.dtype) -> bool:
+    """Round every weight to `dtype` in place, kept in fp32 as transformers' fp32 load reads the export; whether any
+    weight changed (none does when `dtype` holds what is stored)."""
+    changed = False
+    with torch.no_grad():
+        for param in model.parameters():
+            rounded = param.to(dtype).float()
+            changed = changed or not torch.equal(rounded, param)
+            param.copy_(rounded)
+    return changed
+
+
+def _load_export(out_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
         # eager experts: transformers' plain per-expert loop (its grouped_mm kernel needs 16-byte strides on CPU)
-        theirs = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             str(out_dir), dtype=torch.float32, experts_implementation="eager"
         ).eval()
     except Exception as exc:  # transformers raises many types for a config or weights it cannot read
@@ -63,17 +78,28 @@ def verify_export(out_dir: Path, source: ModelSource, tokenizer: ChatTokenizer, 
             f"transformers cannot load the export in {out_dir}: {exc}",
             "report this with the run's config.yaml; the export is left in place",
         ) from exc
-    ours = reference_model(source, dtype=dtype)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def verify_export(out_dir: Path, source: ModelSource, tokenizer: ChatTokenizer, *, dtype: torch.dtype) -> Verification:
+    """Load `out_dir` with transformers (fp32) and compare its logits on a probe batch with our model's: with the
+    weights as stored (the rounding loss of `dtype`) and rounded to `dtype` (the conversion error)."""
+    theirs = _load_export(out_dir)
+    ours = stored_model(source)
     ids = probe_batch(tokenizer, vocab_size=source.model.vocab_size, max_len=min(64, source.model.max_seq_len))
     with torch.no_grad():
-        expected = ours(ids)["logits"]  # [2, S, V]
+        stored = ours(ids)["logits"]  # [2, S, V]
+        rounded = ours(ids)["logits"] if round_weights(ours, dtype) else stored
         got = theirs(input_ids=ids).logits  # [2, S, V]
-    return Verification(float((expected - got).abs().max()), ids.numel())
+    return Verification(_max_diff(rounded, got), ids.numel(), rounding_loss=_max_diff(rounded, stored))
 
 
 def why_not_verified(source: ModelSource) -> str | None:
     """Why this machine cannot verify the export (None: it can): transformers missing, or too little free host
-    memory for the two fp32 copies of the model the check compares."""
+    memory for the two fp32 copies of the model the check compares (ours is rounded in place, not copied)."""
     try:
         import transformers  # noqa: F401
     except ImportError:

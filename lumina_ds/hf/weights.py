@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.errors import CheckpointError
 from lumina_ds.hf.architectures import SUPPORTED, export_architecture
 from lumina_ds.hf.common import refuse
+from lumina_ds.models.config import ModelConfig
 
 Reader = Callable[[str], torch.Tensor]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.hf.common import HFConfigReader, refuse
+from lumina_ds.models.config import ModelConfig
 
 
 def _default_layer_types(style: str, *, used: bool, first: int, num_layers: int) -> list[str]:

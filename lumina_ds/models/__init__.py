@@ -1,5 +1,2 @@
-"""Plain torch modules: no DeepSpeed, no torch.distributed (parallelism is applied from lumina_ds.distributed)."""
-
-from lumina_ds.models.transformer import ModelOutput, Transformer
-
-__all__ = ["ModelOutput", "Transformer"]
+"""Plain torch modules and the model's own config: no DeepSpeed, no torch.distributed (parallelism is applied from
+lumina_ds.distributed). `models.config` imports no torch, so a light command can read a config without it."""

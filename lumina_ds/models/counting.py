@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lumina_ds.models.transformer import Transformer
+
 if TYPE_CHECKING:
-    from lumina_ds.config.model import ModelConfig
+    from lumina_ds.models.config import ModelConfig
 
 COMPONENT_ORDER = ("embedding", "lm_head", "attention", "norms", "router", "experts", "shared_experts", "dense_mlp")
 
@@ -51,7 +53,7 @@ class ParameterCount:
 def count_parameters(config: ModelConfig, *, seq_len: int | None = None) -> ParameterCount:
     """Counts of a meta-device build: the same module tree training uses, so the numbers cannot drift."""
     with torch.device("meta"):
-        model = config.build()
+        model = Transformer(config)
     by_component: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():  # tied weights are yielded once
         by_component[component_of(name)] += p.numel()

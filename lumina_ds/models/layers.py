@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lumina_ds.config.model import RopeScalingConfig
+from lumina_ds.models.config import RopeScalingConfig
 from lumina_ds.models.rope import dynamic_inv_freq, scaled_inv_freq, yarn_attention_factor
 
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from lumina_ds.config.model import RopeScalingConfig
+from lumina_ds.models.config import RopeScalingConfig
 
 
 def default_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:

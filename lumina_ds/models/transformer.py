@@ -24,7 +24,7 @@ from lumina_ds.models.loss import LMHead
 from lumina_ds.models.moe import GroupedExperts, MoEBlock, RouterLogitsCollector, router_statistics
 
 if TYPE_CHECKING:
-    from lumina_ds.config.model import ModelConfig
+    from lumina_ds.models.config import ModelConfig
 
 
 RESIDUAL_OUTPUTS = ("o_proj", "w2")  # the projections that write into the residual stream
@@ -144,6 +144,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
+        config.validate()  # E002 for an inconsistent config, before any parameter is allocated
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)

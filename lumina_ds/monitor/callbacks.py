@@ -40,6 +40,9 @@ class Callback:
 
     def on_train_end(self, summary: dict[str, Any]) -> None: ...
 
+    def close(self) -> None:
+        """Release files and threads; called once the loop ends, however it ends (after on_train_end)."""
+
 
 class MoESummary(Callback):
     """Adds `moe_balance`, `experts_used`, `num_experts` and per layer `idle_expert_frac` to records that carry
@@ -169,7 +172,7 @@ class JsonlLogger(Callback):
     def on_eval(self, metrics: dict[str, Any]) -> None:
         self._write(metrics)
 
-    def on_train_end(self, summary: dict[str, Any]) -> None:
+    def close(self) -> None:
         self.file.close()
 
 
@@ -231,5 +234,5 @@ class TensorBoardLogger(Callback):
                 self.writer.add_scalar(tag, value, metrics["step"])
             self.writer.flush()
 
-    def on_train_end(self, summary: dict[str, Any]) -> None:
+    def close(self) -> None:
         self.writer.close()

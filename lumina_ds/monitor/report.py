@@ -106,7 +106,7 @@ def load_run(run: str | Path, *, label: str | None = None) -> RunMetrics:
         raise LuminaError(
             "E307",
             f"no metrics to draw: {path} holds no complete training record",
-            "the run stopped before its first log line; train longer or lower --log-every-n-batches",
+            "the run stopped before its first log line; train longer or lower --log-every-n-steps",
         )
     return metrics
 

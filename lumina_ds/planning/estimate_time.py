@@ -27,7 +27,7 @@ def count_tokens(path: str, *, tokenizer: str | None = None) -> TokenCount:
     size = os.path.getsize(file)
     if tokenizer is None:
         return TokenCount(size / BYTES_PER_TOKEN, f"{size:,} bytes / {BYTES_PER_TOKEN:g} bytes per token")
-    from lumina_ds.data.tokenizer import ChatTokenizer
+    from lumina_ds.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.from_file(tokenizer)
     sampled_bytes, sampled_tokens = 0, 0

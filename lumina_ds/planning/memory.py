@@ -29,10 +29,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.config import ModelConfig
 from lumina_ds.models.counting import component_of, count_parameters
 from lumina_ds.models.loss import chunk_tokens_for
+from lumina_ds.models.transformer import Transformer
 
 GIB = 1024**3
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory (pinned buffers)
@@ -96,7 +97,7 @@ class ParamInventory:
     def of(cls, config: ModelConfig) -> ParamInventory:
         """From a meta-device build: the module tree training uses."""
         with torch.device("meta"):
-            model = config.build()
+            model = Transformer(config)
         dense: list[int] = []
         experts: list[int] = []
         for name, p in model.named_parameters():

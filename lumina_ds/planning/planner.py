@@ -1,7 +1,7 @@
 """Pick the fastest layout that fits: ZeRO stage, expert-parallel size, offload, micro-batch, recompute.
 
-Step time is a simple, documented model (README "How the planner decides"): compute at an assumed MFU, plus the
-bytes each GPU sends for ZeRO collectives and MoE all-to-all over NVLink or the inter-node fabric, plus the
+Step time is a simple, documented model (docs/planning.md, "Memory model and planner"): compute at an assumed MFU,
+plus the bytes each GPU sends for ZeRO collectives and MoE all-to-all over NVLink or the inter-node fabric, plus the
 host<->GPU traffic and CPU Adam time of offload. Communication is not assumed to overlap (conservative).
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from lumina_ds.config.model import ModelConfig
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.ds_config import fp32_grad_accumulation
 from lumina_ds.errors import MemoryPlanError
+from lumina_ds.models.config import ModelConfig
 from lumina_ds.models.counting import count_parameters
 from lumina_ds.planning.hardware import peak_flops
 from lumina_ds.planning.memory import (

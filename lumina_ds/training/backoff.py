@@ -11,14 +11,17 @@ up. The recorded shape applies only to the same preset, sequence length, layout 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lumina_ds.config.changes import revise
 from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import MemoryPlanError
 
 BACKOFF_FILE = "oom_backoff.json"
+Log = Callable[[str], None]
 
 
 class StepOutOfMemoryError(MemoryPlanError):
@@ -76,22 +79,28 @@ def recorded_backoff(run_dir: Path, *, key: dict[str, Any]) -> tuple[BatchShape,
     return BatchShape(**saved["shape"]), str(saved.get("reason", ""))
 
 
-def apply_recorded_backoff(run: RunConfig, *, world_size: int) -> str | None:
-    """Shrink `run`'s micro-batch to a recorded backoff when it is smaller than asked; a line saying so, or None."""
+def apply_recorded_backoff(run: RunConfig, *, world_size: int, log: Log) -> RunConfig:
+    """`run` with the micro-batch a recorded backoff left for this layout, when it is smaller than asked (and the
+    global batch is the one asked for); else `run` as it is."""
     found = recorded_backoff(run.logging.run_dir, key=layout_key(run, world_size))
     if found is None or found[0].micro_batch_size >= run.train.micro_batch_size:
-        return None
+        return run
     shape, reason = found
     before = shape_of(run)
     if before.micro_batch_size * before.grad_accum != shape.micro_batch_size * shape.grad_accum:
-        return None  # another global batch was asked for: the user changed the run, the record does not apply
-    run.train.micro_batch_size, run.train.grad_accum = shape.micro_batch_size, shape.grad_accum
-    return f"out-of-memory backoff recorded in {BACKOFF_FILE} ({reason}): {before} -> {shape}"
+        return run  # another global batch was asked for: the user changed the run, the record does not apply
+    log(f"out-of-memory backoff recorded in {BACKOFF_FILE} ({reason}): {before} -> {shape}")
+    return with_shape(run, shape, reason=f"the backoff recorded in {BACKOFF_FILE}", log=log)
 
 
-def back_off(run: RunConfig, *, world_size: int, error: str) -> str:
-    """After a step ran out of memory: shrink `run` in place and record it; E204 at the floor or with several ranks
-    (after recording, so the next launch starts smaller). A line saying what changed."""
+def with_shape(run: RunConfig, shape: BatchShape, *, reason: str, log: Log) -> RunConfig:
+    changes = {"train.micro_batch_size": shape.micro_batch_size, "train.grad_accum": shape.grad_accum}
+    return revise(run, changes, reason=reason, log=log)
+
+
+def back_off(run: RunConfig, *, world_size: int, error: str, log: Log) -> RunConfig:
+    """After a step ran out of memory: `run` with the next smaller micro-batch, recorded in the run directory; E204
+    at the floor or with several ranks (after recording, so the next launch starts smaller)."""
     before = shape_of(run)
     smaller = smaller_shape(before)
     if smaller is None:
@@ -104,5 +113,5 @@ def back_off(run: RunConfig, *, world_size: int, error: str) -> str:
         raise MemoryPlanError("E204", f"{error}; recorded a backoff to {smaller} in {BACKOFF_FILE}",
                               "relaunch the same run (e.g. with --auto-resume): it starts at the smaller micro-batch "
                               "from the last checkpoint")  # fmt: skip
-    run.train.micro_batch_size, run.train.grad_accum = smaller.micro_batch_size, smaller.grad_accum
-    return f"out of memory ({error[:160]}): backing off from {before} to {smaller}, restarting from the last checkpoint"
+    log(f"out of memory ({error[:160]}): backing off from {before} to {smaller}, restarting from the last checkpoint")
+    return with_shape(run, smaller, reason="out of memory", log=log)

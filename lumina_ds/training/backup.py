@@ -21,8 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from lumina_ds.config.run import CheckpointConfig
-from lumina_ds.data.tokenizer_files import TEMPLATE_FILES
-from lumina_ds.run_dir import COMPLETE_MARKER, CONFIG_FILE, TOKENIZER_FILE, list_complete_tags, tag_for_step
+from lumina_ds.run_dir import (
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    fsync_path,
+    list_complete_tags,
+    tag_for_step,
+)
+from lumina_ds.tokenizer import TEMPLATE_FILES
 from lumina_ds.training.checkpoint_files import file_digest, file_problems
 
 STAGING = ".backup-"  # `.<name>.backup-<token>` in the backup dir: a copy in progress (or killed)
@@ -36,15 +43,7 @@ class BackupError(Exception):
 def copy_file(src: Path, dst: Path) -> None:
     """Copy the bytes and fsync them: a backup is only trusted once it is on disk and verified."""
     shutil.copyfile(src, dst)
-    _fsync(dst)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(dst)
 
 
 def _describe(exc: BaseException) -> str:
@@ -80,7 +79,7 @@ def copy_tag(tag_dir: Path, root: Path) -> int:
         copy_file(tag_dir / COMPLETE_MARKER, staging / COMPLETE_MARKER)  # last: the copy is complete once it exists
         if (staging / COMPLETE_MARKER).read_text() != meta_text:
             raise BackupError(f"the copy of {COMPLETE_MARKER} differs from the checkpoint's")
-        _fsync(staging)
+        fsync_path(staging)
         _swap_into_place(staging, root / tag_dir.name)
     except OSError as exc:
         raise BackupError(f"{current}: {_describe(exc)}") from exc
@@ -96,7 +95,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         aside = target.with_name(_staging_name(target.name))
         os.replace(target, aside)
     os.replace(staging, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 

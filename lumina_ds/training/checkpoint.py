@@ -1,6 +1,10 @@
 """Checkpoints as a contract: written under a staging name and renamed into place once `complete.json` lists every
 file with its size and checksum; verified before loading, falling back to the previous verified tag; loaded without
-unpickling anything but tensors; rotated without losing the newest or the best."""
+unpickling anything but tensors; rotated without losing the newest or the best.
+
+A run has one CheckpointManager. The tag it resumes from is chosen and verified before the engine is built
+(`choose_resume_tag`), and the manager is built with the loader that tag needs: DeepSpeed's own (PlainLoader), or a
+universal checkpoint when the world or expert-parallel size changed (training/elastic.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lumina_ds.config.run import CheckpointConfig
 from lumina_ds.distributed.collectives import any_rank, broadcast_token
@@ -21,38 +25,55 @@ from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
     TAG_PATTERN,
+    fsync_path,
     is_weights_only,
     list_complete_tags,
+    resolve_checkpoint,
     tag_for_step,
 )
 from lumina_ds.training.backup import backup_copier
-from lumina_ds.training.checkpoint_files import build_manifest, check_files, raise_corrupt, weights_only_loads
-from lumina_ds.training.checkpoint_state import (
-    STATE_DIR,
-    load_rank_state,
-    load_trainer_state,
-    save_rank_state,
-    save_trainer_state,
-    set_rng_state,
-)
-from lumina_ds.training.train_step import Engine
-
-if TYPE_CHECKING:
-    from lumina_ds.training.elastic import ElasticResume
+from lumina_ds.training.checkpoint_files import build_manifest, check_files, corrupt_checkpoint, weights_only_loads
+from lumina_ds.training.checkpoint_state import Resumed, read_json, read_resumed, save_rank_state, save_trainer_state
+from lumina_ds.training.engine import Engine
 
 STAGING = ".saving-"  # `.<tag>.saving-<token>`: a save in progress (or killed)
 REPLACED = ".replaced-"  # `.<tag>.replaced-<token>`: a complete tag being replaced by a newer save of the same step
 ABANDONED = "abandoned"  # checkpoints/abandoned/<time>/<tag>: newer tags of a continuation a resume abandoned
+Log = Callable[[str], None]
 
 
-@dataclass
-class Resumed:
-    """What a checkpoint gives back to the run: the trainer's state, this rank's data position, the saved config."""
+class TagLoader(Protocol):
+    """Loads a verified tag into an engine and returns our state of it."""
 
-    tag_dir: Path
-    trainer: dict[str, Any]
-    data: dict[str, Any]
-    config: dict[str, Any]
+    universal: bool  # the engine must be built to load a universal checkpoint (DeepSpeed reads it at initialize)
+
+    def load(self, engine: Engine, tag_dir: Path) -> Resumed: ...
+
+
+class PlainLoader:
+    """DeepSpeed's own checkpoint, saved by as many processes as this run has."""
+
+    universal = False
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+
+    def load(self, engine: Engine, tag_dir: Path) -> Resumed:
+        saved_world = read_json(tag_dir / COMPLETE_MARKER).get("world_size")
+        if saved_world != self.info.world_size:
+            raise CheckpointError(
+                "E303",
+                f"checkpoint {tag_dir.name} was saved by {saved_world} processes, this run has {self.info.world_size}",
+                "resume with the same number of GPUs/processes as the run that saved it",
+            )
+        try:
+            with weights_only_loads():
+                path, _ = engine.load_checkpoint(str(tag_dir.parent), tag_dir.name)
+        except Exception as exc:  # torch.load raises anything from UnpicklingError to EOFError on bad files
+            raise corrupt_checkpoint(tag_dir, exc) from exc
+        if path is None:
+            raise CheckpointError("E303", f"DeepSpeed could not load checkpoint {tag_dir}")
+        return read_resumed(tag_dir, rank=self.info.rank)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -61,27 +82,120 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or "no space" in text or "file write failed" in text or "enforce fail" in text
 
 
+# ---- choosing the tag to resume from ----------------------------------------------------------------------------
+def resumable_tags(checkpoints: Path) -> list[str]:
+    """Complete tags with a training state (not import-hf's weights-only ones), oldest first."""
+    return [t for t in list_complete_tags(checkpoints) if not is_weights_only(checkpoints / t)]
+
+
+def resume_candidates(run_dir: Path, config: CheckpointConfig) -> list[Path]:
+    """Tags to resume from, newest first: --resume's (and the older ones beside it), or with --auto-resume this
+    run's own; empty for a fresh start."""
+    own = run_dir / CHECKPOINTS_DIR
+    if config.resume:
+        checkpoints, tag = resolve_checkpoint(config.resume)
+    elif config.auto_resume and resumable_tags(own):
+        checkpoints, tag = own, resumable_tags(own)[-1]
+    else:
+        return []
+    tags = resumable_tags(checkpoints)
+    if tag not in tags:
+        raise CheckpointError(
+            "E303",
+            f"{checkpoints / tag} holds weights only (written by import-hf): there is no training state to resume",
+            f"start from it with --init-from {checkpoints / tag}",
+        )
+    return [checkpoints / t for t in reversed(tags[: tags.index(tag) + 1])]
+
+
+def first_verified(tags: list[Path], info: DistInfo, *, strict: bool, log: Log) -> Path | None:
+    """The first tag whose files match its manifest (collective: every rank checks a share and gets the same answer);
+    a failing one is named and skipped, or E303 with `strict`."""
+    for tag_dir in tags:
+        problem = _verify(tag_dir, info)
+        if problem is None:
+            return tag_dir
+        if strict:
+            hint = "resume from an earlier tag, or drop --strict-resume to fall back to it"
+            raise CheckpointError("E303", f"checkpoint {tag_dir} fails verification: {problem}", hint)
+        log(f"warning: checkpoint {tag_dir.name} fails verification ({problem}): trying the previous one")
+    return None
+
+
+def _verify(tag_dir: Path, info: DistInfo) -> str | None:
+    try:
+        manifest = read_json(tag_dir / COMPLETE_MARKER)["files"]
+    except (CheckpointError, KeyError) as exc:
+        return f"{COMPLETE_MARKER} is unreadable ({exc})"
+    return check_files(tag_dir, manifest, rank=info.rank, world_size=info.world_size)
+
+
+def choose_resume_tag(run_dir: Path, config: CheckpointConfig, info: DistInfo, *, log: Log) -> Path | None:
+    """The newest candidate that verifies, after rank 0 has finished or undone a save a kill interrupted; None for a
+    fresh start; E303 when there are candidates and none verifies. Every rank calls it, before the engine exists."""
+    if info.is_main:
+        recover_interrupted_saves(run_dir / CHECKPOINTS_DIR)
+    barrier()
+    candidates = resume_candidates(run_dir, config)
+    if not candidates:
+        return None
+    chosen = first_verified(candidates, info, strict=config.strict_resume, log=log)
+    if chosen is None:
+        raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
+    return chosen
+
+
+def recover_interrupted_saves(checkpoints: Path) -> None:
+    """After a kill: finish a half-done swap (the replaced tag comes back if its successor is missing) and remove
+    staging dirs. Rank 0, before anything reads the tags; one run per run directory (the run lock)."""
+    if not checkpoints.is_dir():
+        return
+    for path in sorted(checkpoints.iterdir()):
+        if REPLACED in path.name:
+            target = checkpoints / path.name[1:].split(REPLACED)[0]
+            if target.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, target)
+        elif STAGING in path.name:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the manager -------------------------------------------------------------------------------------------------
 class CheckpointManager:
-    def __init__(self, run_dir: Path, config: CheckpointConfig, info: DistInfo) -> None:
+    """Saves, rotates, backs up and loads the tags of one run; `resume_from` is the verified tag the run resumes
+    from (None for a fresh start), and `loader` the loader it needs."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: CheckpointConfig,
+        info: DistInfo,
+        *,
+        loader: TagLoader,
+        resume_from: Path | None = None,
+    ) -> None:
         self.dir = run_dir / CHECKPOINTS_DIR
         self.config = config
         self.info = info
+        self.loader = loader
+        self.resume_from = resume_from
         self.backups = backup_copier(config, run_dir) if info.is_main else None  # copies to --backup-dir, if given
-        self.elastic: ElasticResume | None = None  # set when this run resumes a tag saved on other sizes
 
     def due(self, step: int) -> bool:
         """Whether the cadence asks for a checkpoint after optimizer step `step`."""
-        return step % self.config.save_every_n_batches == 0
+        return step % self.config.save_every_n_steps == 0
 
-    # ---- saving ------------------------------------------------------------------------------------
-    def save(self, engine: Engine, step: int, *, trainer: dict[str, Any], data: dict[str, Any],
-             config: dict[str, Any], keep_step: int | None = None) -> Path:  # fmt: skip
-        """Every rank calls this. The tag appears under its name only once complete (never half-written)."""
+    # ---- saving --------------------------------------------------------------------------------------------
+    def save(self, engine: Engine, step: int, *, state: dict[str, Any], data: dict[str, Any],
+             keep_step: int | None = None) -> Path:  # fmt: skip
+        """Every rank calls this; `state` is rank 0's JSON state (trainer, module, config). The tag appears under its
+        name only once complete (never half-written)."""
         tag = tag_for_step(step)
         self._check_free_space()
         staging = self.dir / f".{tag}{STAGING}{broadcast_token(self.info.rank)}"
         try:
-            self._write(engine, staging, trainer=trainer, data=data, config=config, step=step)
+            self._write(engine, staging, state=state, data=data, step=step)
         except (OSError, RuntimeError) as exc:
             if not is_disk_full(exc):
                 raise
@@ -100,12 +214,12 @@ class CheckpointManager:
         barrier()
         return self.dir / tag
 
-    def _write(self, engine: Engine, staging: Path, *, trainer: dict[str, Any], data: dict[str, Any],
-               config: dict[str, Any], step: int) -> None:  # fmt: skip
+    def _write(self, engine: Engine, staging: Path, *, state: dict[str, Any], data: dict[str, Any],
+               step: int) -> None:  # fmt: skip
         engine.save_checkpoint(str(self.dir), staging.name, client_state={}, save_latest=False)
         save_rank_state(staging, rank=self.info.rank, world_size=self.info.world_size, data=data)
         if self.info.is_main:
-            save_trainer_state(staging, trainer=trainer, config=config)
+            save_trainer_state(staging, **state)
         write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
         barrier()  # every rank's files are written before they are listed
         files = build_manifest(staging, rank=self.info.rank, world_size=self.info.world_size)
@@ -118,13 +232,13 @@ class CheckpointManager:
 
     def _install(self, staging: Path, target: Path) -> None:
         """Rename the complete staging dir into place; a complete tag of the same step moves aside first, so a kill
-        at any moment leaves one complete tag under the name (recover() undoes a half-finished swap)."""
+        at any moment leaves one complete tag under the name (recovery undoes a half-finished swap)."""
         replaced = None
         if target.exists():
             replaced = target.with_name(f".{target.name}{REPLACED}{staging.name.rsplit('-', 1)[-1]}")
             os.replace(target, replaced)
         os.replace(staging, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
 
@@ -150,25 +264,10 @@ class CheckpointManager:
             keep.add(tag_for_step(keep_step))
         if self.backups is not None:
             keep |= self.backups.protected()  # its copy is not verified yet
-        newest = int(TAG_PATTERN.match(complete[-1]).group(1)) if complete else -1  # type: ignore[union-attr]
+        newest = _step_of(complete[-1]) if complete else -1
         for path in self.dir.iterdir():
             match = TAG_PATTERN.match(path.name)
             if match and path.name not in keep and int(match.group(1)) < newest:
-                shutil.rmtree(path, ignore_errors=True)
-
-    def recover(self) -> None:
-        """After a kill: finish a half-done swap (the replaced tag comes back if its successor is missing) and
-        remove staging dirs. Rank 0, before anything reads the tags; one run per run directory (the run lock)."""
-        if not self.dir.is_dir():
-            return
-        for path in sorted(self.dir.iterdir()):
-            if REPLACED in path.name:
-                target = self.dir / path.name[1:].split(REPLACED)[0]
-                if target.exists():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.replace(path, target)
-            elif STAGING in path.name:
                 shutil.rmtree(path, ignore_errors=True)
 
     def wait_for_backup(self) -> None:
@@ -176,44 +275,17 @@ class CheckpointManager:
         if self.backups is not None:
             self.backups.wait()
 
-    # ---- loading -----------------------------------------------------------------------------------
-    def candidates(self) -> list[Path]:
-        """Tags to resume from, newest first: --resume's (and the older ones beside it), or this run's own."""
-        from lumina_ds.run_dir import resolve_checkpoint
-
-        if self.config.resume:
-            checkpoints, tag = resolve_checkpoint(self.config.resume)
-        elif self.config.auto_resume and self._resumable(self.dir):
-            checkpoints, tag = self.dir, self._resumable(self.dir)[-1]
-        else:
-            return []
-        tags = self._resumable(checkpoints)
-        if tag not in tags:
-            raise CheckpointError(
-                "E303",
-                f"{checkpoints / tag} holds weights only (written by import-hf): there is no training state to resume",
-                f"start from it with --init-from {checkpoints / tag}",
-            )
-        return [checkpoints / t for t in reversed(tags[: tags.index(tag) + 1])]
-
-    @staticmethod
-    def _resumable(checkpoints: Path) -> list[str]:
-        """Complete tags with a training state (not import-hf's weights-only ones), oldest first."""
-        return [t for t in list_complete_tags(checkpoints) if not is_weights_only(checkpoints / t)]
-
-    def load(self, engine: Engine, *, log: Any = print) -> Resumed | None:
-        """The newest candidate that verifies; a failing one is named and skipped (E303 with strict_resume). An elastic
-        resume's tag was chosen and verified before the engine was built (training/elastic.py)."""
-        if self.elastic is not None:
-            return self.elastic.load(engine)
-        resumed = self._load_first_verified(engine, self.candidates(), log=log, strict=self.config.strict_resume)
-        if resumed is None and (self.config.resume or (self.config.auto_resume and self._resumable(self.dir))):
-            raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
-        if resumed is not None:
-            self._set_aside_newer(resumed.tag_dir, log=log)
+    # ---- loading -------------------------------------------------------------------------------------------
+    def resume(self, engine: Engine, *, log: Log) -> Resumed | None:
+        """Load the tag chosen before the engine was built (None for a fresh start); newer tags of this run then
+        belong to an abandoned continuation and are set aside."""
+        if self.resume_from is None:
+            return None
+        resumed = self.loader.load(engine, self.resume_from)
+        self._set_aside_newer(resumed.tag_dir, log=log)
         return resumed
 
-    def _set_aside_newer(self, tag_dir: Path, *, log: Any) -> None:
+    def _set_aside_newer(self, tag_dir: Path, *, log: Log) -> None:
         """Resuming a tag of this run older than its newest abandons the continuation the newer tags belong to: they
         move to checkpoints/abandoned/, so rotation and --auto-resume follow the new continuation (rotation by step
         number deleted the new tags, and --auto-resume went back to the abandoned ones)."""
@@ -231,52 +303,12 @@ class CheckpointManager:
         log(f"resumed from {tag_dir.name}, older than {', '.join(newer)}: those belong to an abandoned continuation "
             f"and were moved to {aside} (delete them when no longer needed)")  # fmt: skip
 
-    def load_newest(self, engine: Engine, *, log: Any = print) -> Resumed | None:
+    def load_newest(self, engine: Engine, *, log: Log) -> Resumed | None:
         """For a rewind: the newest of this run's tags that verifies, else the one it resumed from; None if none."""
         own = [self.dir / tag for tag in reversed(list_complete_tags(self.dir))]
-        return self._load_first_verified(engine, own or self.candidates(), log=log, strict=False)
-
-    def _load_first_verified(self, engine: Engine, tags: list[Path], *, log: Any, strict: bool) -> Resumed | None:
-        for tag_dir in tags:
-            if self.elastic is not None and tag_dir == self.elastic.tag_dir:  # a rewind before this run's first save
-                return self.elastic.load(engine)
-            problem = self._verify(tag_dir)
-            if problem is None:
-                return self._load(engine, tag_dir)
-            if strict:
-                hint = "resume from an earlier tag, or drop --strict-resume to fall back to it"
-                raise CheckpointError("E303", f"checkpoint {tag_dir} fails verification: {problem}", hint)
-            log(f"warning: checkpoint {tag_dir.name} fails verification ({problem}): trying the previous one")
-        return None
-
-    def _verify(self, tag_dir: Path) -> str | None:
-        meta = json.loads((tag_dir / COMPLETE_MARKER).read_text())
-        if meta.get("world_size") != self.info.world_size:
-            raise CheckpointError(
-                "E303",
-                f"checkpoint {tag_dir.name} was saved by {meta.get('world_size')} processes, this run has "
-                f"{self.info.world_size}",
-                "resume with the same number of GPUs/processes as the run that saved it",
-            )
-        if "files" not in meta:  # written before checkpoints carried a manifest
-            return None
-        return check_files(tag_dir, meta["files"], rank=self.info.rank, world_size=self.info.world_size)
-
-    def _load(self, engine: Engine, tag_dir: Path) -> Resumed:
-        try:
-            with weights_only_loads():
-                path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag_dir.name)
-        except Exception as exc:  # torch.load raises anything from UnpicklingError to EOFError on bad files
-            raise raise_corrupt(tag_dir, exc) from exc
-        if path is None:
-            raise CheckpointError("E303", f"DeepSpeed could not load checkpoint {tag_dir}")
-        if not (tag_dir / STATE_DIR).is_dir():  # an older tag: its state is in DeepSpeed's client_state
-            state = client_state or {}
-            return Resumed(tag_dir, state.get("trainer", {}), state.get("data", {}), state.get("config", {}))
-        own = load_rank_state(tag_dir, rank=self.info.rank)
-        set_rng_state(own["rng"])
-        saved = load_trainer_state(tag_dir)
-        return Resumed(tag_dir, saved["trainer"], own["data"], saved["config"])
+        tags = own or ([self.resume_from] if self.resume_from is not None else [])
+        chosen = first_verified(tags, self.info, strict=False, log=log)
+        return self.loader.load(engine, chosen) if chosen is not None else None
 
 
 def _step_of(tag: str) -> int:
@@ -291,11 +323,3 @@ def _tag_bytes(tag_dir: Path) -> int:
     except (OSError, ValueError):
         return 0
     return int(sum(f["size"] for f in files.values()))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -115,7 +115,8 @@ def describe_load_error(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def raise_corrupt(tag_dir: Path, exc: BaseException) -> CheckpointError:
+def corrupt_checkpoint(tag_dir: Path, exc: BaseException) -> CheckpointError:
+    """The E303 for a tag whose files verify but do not load (raise it from the load's exception)."""
     return CheckpointError(
         "E303",
         f"checkpoint {tag_dir} cannot be loaded: {describe_load_error(exc)}",

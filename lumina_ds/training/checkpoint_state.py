@@ -1,5 +1,5 @@
 """Our part of a checkpoint, as JSON (never a pickle): each rank's data position and RNG streams, and rank 0's
-trainer state and run config. DeepSpeed's files hold only what DeepSpeed owns."""
+trainer state, train module state and run config. DeepSpeed's files hold only what DeepSpeed owns."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,18 @@ from lumina_ds.errors import CheckpointError
 
 STATE_DIR = "lumina_state"
 TRAINER_FILE = "trainer.json"
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives back to the run: the trainer's and the train module's state, this rank's data position,
+    the saved run config."""
+
+    tag_dir: Path
+    trainer: dict[str, Any]
+    module: dict[str, Any]
+    data: dict[str, Any]
+    config: dict[str, Any]
 
 
 def rank_file(rank: int) -> str:
@@ -80,8 +93,10 @@ def save_rank_state(tag_dir: Path, *, rank: int, world_size: int, data: dict[str
                                                        "rng": rng_state()})  # fmt: skip
 
 
-def save_trainer_state(tag_dir: Path, *, trainer: dict[str, Any], config: dict[str, Any]) -> None:
-    write_json(tag_dir / STATE_DIR / TRAINER_FILE, {"trainer": trainer, "config": config})
+def save_trainer_state(
+    tag_dir: Path, *, trainer: dict[str, Any], module: dict[str, Any], config: dict[str, Any]
+) -> None:
+    write_json(tag_dir / STATE_DIR / TRAINER_FILE, {"trainer": trainer, "module": module, "config": config})
 
 
 def load_rank_state(tag_dir: Path, *, rank: int) -> dict[str, Any]:
@@ -93,3 +108,11 @@ def load_rank_state(tag_dir: Path, *, rank: int) -> dict[str, Any]:
 
 def load_trainer_state(tag_dir: Path) -> dict[str, Any]:
     return read_json(tag_dir / STATE_DIR / TRAINER_FILE)
+
+
+def read_resumed(tag_dir: Path, *, rank: int) -> Resumed:
+    """Our state of a tag, for this rank (whose RNG streams are set from it)."""
+    own = load_rank_state(tag_dir, rank=rank)
+    set_rng_state(own["rng"])
+    saved = load_trainer_state(tag_dir)
+    return Resumed(tag_dir, saved["trainer"], saved["module"], own["data"], saved["config"])

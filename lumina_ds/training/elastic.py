@@ -1,8 +1,8 @@
 """Elastic resume: a checkpoint saved by W processes with expert-parallel size e continues on W' processes with e'.
 
-The data side is exact by construction: the saved position is one global row (data/global_order.py), and with the same
-global batch and micro-batch (`--grad-accum` making up for fewer processes) every step trains on the same rows. The
-model side goes through DeepSpeed's universal checkpoint (training/universal.py): rank 0 converts the tag once into
+The data side is exact by construction: the saved position is one global row (data/loading/global_order.py), and with
+the same global batch and micro-batch (`--grad-accum` making up for fewer processes) every step trains on the same rows.
+The model side goes through DeepSpeed's universal checkpoint (training/universal.py): rank 0 converts the tag once into
 `<run dir>/checkpoints/.universal/<tag>`, and every rank loads it into an engine built with `load_universal`, which is
 why the decision is taken here, before the engine exists.
 
@@ -15,29 +15,21 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lumina_ds.config.io import config_to_dict
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.collectives import any_rank
-from lumina_ds.distributed.env import DistInfo, barrier
+from lumina_ds.distributed.env import DistInfo
 from lumina_ds.distributed.parallelize import uses_autoep
 from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER
-from lumina_ds.training.checkpoint import CheckpointManager, Resumed
-from lumina_ds.training.checkpoint_files import check_files, raise_corrupt
-from lumina_ds.training.checkpoint_state import (
-    STATE_DIR,
-    TRAINER_FILE,
-    load_rank_state,
-    load_trainer_state,
-    read_json,
-    set_rng_state,
-)
-from lumina_ds.training.train_step import Engine
+from lumina_ds.training.checkpoint import Log, PlainLoader, TagLoader
+from lumina_ds.training.checkpoint_files import corrupt_checkpoint
+from lumina_ds.training.checkpoint_state import Resumed, load_trainer_state, read_json, read_resumed
+from lumina_ds.training.engine import Engine
 from lumina_ds.training.universal import adapted_load, convert, remove_others, reusable
 
 UNIVERSAL_DIR = ".universal"
@@ -82,16 +74,10 @@ class Layout:
         )
 
 
-def saved_layout(tag_dir: Path) -> tuple[Layout, dict[str, Any]] | None:
-    """The layout and config a tag was saved with; None for tags written before our state was JSON, or whose state
-    cannot be read (the verified load that follows names the damaged file and falls back to an older tag)."""
-    if not (tag_dir / STATE_DIR / TRAINER_FILE).is_file():
-        return None
-    try:
-        config = load_trainer_state(tag_dir)["config"]
-        return Layout.of(config, int(read_json(tag_dir / COMPLETE_MARKER)["world_size"])), config
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return None
+def saved_layout(tag_dir: Path) -> tuple[Layout, dict[str, Any]]:
+    """The layout and run config a verified tag was saved with."""
+    config = load_trainer_state(tag_dir)["config"]
+    return Layout.of(config, int(read_json(tag_dir / COMPLETE_MARKER)["world_size"])), config
 
 
 def continuation_note(saved: Layout, now: Layout) -> str | None:
@@ -143,52 +129,35 @@ def refuse_unloadable(saved: Layout, now: Layout, tag_dir: Path) -> None:
         )
 
 
-@dataclass
-class ElasticResume:
-    """A chosen tag and its verified universal conversion, loaded by every rank into an engine built for it."""
+class UniversalLoader:
+    """Loads the one tag saved on other sizes through its verified universal conversion; the run's own later tags
+    (a rewind) are plain checkpoints of this run's size."""
 
-    tag_dir: Path
-    universal: Path
-    saved: Layout
-    autoep_target: bool
-    num_experts: int
-    rank: int
+    universal = True
 
-    def load(self, engine: Engine) -> Resumed:
+    def __init__(self, tag_dir: Path, universal: Path, saved: Layout, run: RunConfig, info: DistInfo) -> None:
+        self.tag_dir, self.converted, self.saved, self.info = tag_dir, universal, saved, info
+        self.autoep_target, self.num_experts = uses_autoep(run), run.model.moe.num_experts
+        self.plain = PlainLoader(info)
+
+    def load(self, engine: Engine, tag_dir: Path) -> Resumed:
+        if tag_dir != self.tag_dir:
+            return self.plain.load(engine, tag_dir)
         try:
-            with adapted_load(engine, self.universal, autoep_target=self.autoep_target, num_experts=self.num_experts):
-                path, _ = engine.load_checkpoint(str(self.universal.parent), self.universal.name)
+            with adapted_load(engine, self.converted, autoep_target=self.autoep_target, num_experts=self.num_experts):
+                path, _ = engine.load_checkpoint(str(self.converted.parent), self.converted.name)
         except CheckpointError:
             raise
         except Exception as exc:  # DeepSpeed's loader asserts and raises anything on a file it cannot use
-            raise raise_corrupt(self.universal, exc) from exc
+            raise corrupt_checkpoint(self.converted, exc) from exc
         if path is None:
-            raise CheckpointError("E303", f"DeepSpeed could not load the universal checkpoint {self.universal}")
+            raise CheckpointError("E303", f"DeepSpeed could not load the universal checkpoint {self.converted}")
         # the data position is global (the same in every rank's file); the RNG streams of a rank that did not exist
         # are those of rank `rank % saved ranks` (nothing random is drawn in a training step of our models)
-        own = load_rank_state(self.tag_dir, rank=self.rank % self.saved.world_size)
-        set_rng_state(own["rng"])
-        saved = load_trainer_state(self.tag_dir)
-        return Resumed(self.tag_dir, saved["trainer"], own["data"], saved["config"])
+        return read_resumed(self.tag_dir, rank=self.info.rank % self.saved.world_size)
 
 
-def _first_verified(tags: list[Path], info: DistInfo, *, strict: bool, log: Callable[[str], None]) -> Path:
-    """The newest tag whose files match its manifest (collective), as CheckpointManager.load chooses."""
-    for tag_dir in tags:
-        meta = read_json(tag_dir / COMPLETE_MARKER)
-        problem = (
-            check_files(tag_dir, meta["files"], rank=info.rank, world_size=info.world_size) if "files" in meta else None
-        )
-        if problem is None:
-            return tag_dir
-        if strict:
-            hint = "resume from an earlier tag, or drop --strict-resume to fall back to it"
-            raise CheckpointError("E303", f"checkpoint {tag_dir} fails verification: {problem}", hint)
-        log(f"warning: checkpoint {tag_dir.name} fails verification ({problem}): trying the previous one")
-    raise CheckpointError("E303", "no checkpoint to resume from passes verification", "start afresh")
-
-
-def _universal(tag_dir: Path, run_dir: Path, info: DistInfo, log: Callable[[str], None]) -> Path:
+def _universal(tag_dir: Path, run_dir: Path, info: DistInfo, log: Log) -> Path:
     """Rank 0 converts (or reuses a verified conversion); every rank gets the path or the same E303."""
     target = run_dir / CHECKPOINTS_DIR / UNIVERSAL_DIR / tag_dir.name
     problem: CheckpointError | None = None
@@ -232,38 +201,32 @@ def _check_space(tag_dir: Path, folder: Path) -> None:
         )
 
 
-def plan_elastic_resume(run: RunConfig, info: DistInfo, *, log: Callable[[str], None]) -> ElasticResume | None:
-    """Before the engine is built: whether the resume changes the world or expert-parallel size (then the tag is
-    chosen, verified and converted here), after one line if the continuation cannot be exact. E303 for what cannot
-    be resumed at all. Every rank calls it."""
-    manager = CheckpointManager(run.logging.run_dir, replace(run.checkpoint, backup_dir=None), info)
-    if info.is_main:
-        manager.recover()  # finish or undo a save a kill interrupted, before the tags are read
-    barrier()
-    candidates = manager.candidates()
-    found = saved_layout(candidates[0]) if candidates else None
-    if found is None:
-        return None  # nothing to resume, or a tag from before our JSON state: the plain path handles it
-    saved, config = found
+def check_architecture(saved_config: dict[str, Any], run: RunConfig, tag_dir: Path) -> None:
+    """E303 when the tag's model differs from this run's, before anything is built or changed."""
+    if saved_config.get("model") != config_to_dict(run.model):
+        raise CheckpointError(
+            "E303",
+            f"checkpoint {tag_dir.name} was trained with a different model architecture than this run's config",
+            "resume with the same --preset/--config-file (see config.yaml in the run directory)",
+        )
+
+
+def tag_loader_for(tag_dir: Path, run: RunConfig, info: DistInfo, *, log: Log) -> TagLoader:
+    """The loader for a verified tag: DeepSpeed's own when the world and expert-parallel size are the tag's, else a
+    universal checkpoint converted here (before the engine: see the module docstring). E303 for what cannot be
+    resumed at all, after one line if the continuation cannot be exact. Every rank calls it."""
+    saved, config = saved_layout(tag_dir)
+    check_architecture(config, run, tag_dir)
     now = Layout.of(config_to_dict(run), info.world_size)
-    refuse_unloadable(saved, now, candidates[0])
+    refuse_unloadable(saved, now, tag_dir)
     note = continuation_note(saved, now)
     if note:
         log(note)
     if (saved.world_size, saved.expert_parallel_size) == (now.world_size, now.expert_parallel_size):
-        return None
-    if config.get("model") != config_to_dict(run.model):
-        raise CheckpointError(
-            "E303",
-            "the checkpoint was trained with a different model architecture than this run's config",
-            "resume with the same --preset/--config-file (see config.yaml in the run directory)",
-        )
-    tag_dir = _first_verified(candidates, info, strict=run.checkpoint.strict_resume, log=log)
+        return PlainLoader(info)
     universal = _universal(tag_dir, run.logging.run_dir, info, log)
     log(
         f"elastic resume: {tag_dir.name} was saved by {saved.describe()}; this run has {now.describe()} (DeepSpeed's "
         "universal checkpoint)"
     )
-    return ElasticResume(
-        tag_dir, universal, saved, autoep_target=uses_autoep(run), num_experts=run.model.moe.num_experts, rank=info.rank
-    )
+    return UniversalLoader(tag_dir, universal, saved, run, info)

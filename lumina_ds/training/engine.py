@@ -1,10 +1,11 @@
-"""The only place that calls deepspeed.initialize: model + RunConfig -> a DeepSpeed engine."""
+"""The only place that calls deepspeed.initialize: model + RunConfig -> a DeepSpeed engine, and the slice of that
+engine the rest of training uses (`Engine`)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -15,9 +16,42 @@ from lumina_ds.distributed.env import DistInfo
 from lumina_ds.distributed.expert_parallel import attach_router_hooks
 from lumina_ds.distributed.parallelize import parallelize
 from lumina_ds.errors import ConfigError
-from lumina_ds.models.transformer import Transformer
+from lumina_ds.models.transformer import ModelOutput, Transformer
 from lumina_ds.training.schedule import schedule_for
-from lumina_ds.training.train_step import Engine
+
+
+class Engine(Protocol):
+    """What the train module, the trainer and the checkpoints use of `deepspeed.DeepSpeedEngine`."""
+
+    device: torch.device
+    module: nn.Module
+    optimizer: Any
+
+    def __call__(
+        self, input_ids: torch.Tensor, *, labels: torch.Tensor, position_ids: torch.Tensor
+    ) -> ModelOutput: ...  # fmt: skip
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> None: ...
+
+    def gradient_accumulation_steps(self) -> int: ...
+
+    def train_micro_batch_size_per_gpu(self) -> int: ...
+
+    def get_global_grad_norm(self) -> float | None: ...
+
+    def get_lr(self) -> list[float]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool) -> Any: ...
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str | None, dict[str, Any] | None]: ...
+
+    def was_step_applied(self) -> bool: ...
 
 
 @dataclass
@@ -94,12 +128,12 @@ def build_model(run: RunConfig, *, world_size: int, precision: str) -> Transform
     rank ever holds all parameters; otherwise a plain full build (every rank holds the model in fp32 until
     DeepSpeed casts and shards it)."""
     if run.distributed.zero_stage != 3:
-        return run.model.build()
+        return Transformer(run.model)
     import deepspeed
 
     ds_config = build_ds_config(run, world_size=world_size, precision=precision)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = run.model.build()
+        model = Transformer(run.model)
     initialize_partitioned(model)
     return model
 

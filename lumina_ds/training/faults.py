@@ -21,7 +21,6 @@ import torch
 ENV_VAR = "LUMINA_FAULTS"
 KINDS = ("nan_loss", "spike_loss", "oom", "crash")
 SPIKE = 1000.0
-_PROCESS_PLANS: dict[int, FaultPlan] = {}
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?P<repeat>\+?)(?::(?P<rank>\d+))?$")
 
 
@@ -57,10 +56,8 @@ class FaultPlan:
 
     @classmethod
     def from_env(cls, *, rank: int) -> FaultPlan:
-        """This process's plan: one per process, so a one-shot fault stays spent when the engine is rebuilt."""
-        if rank not in _PROCESS_PLANS:
-            _PROCESS_PLANS[rank] = cls(parse_faults(os.environ.get(ENV_VAR, "")), rank=rank)
-        return _PROCESS_PLANS[rank]
+        """The plan LUMINA_FAULTS names, for one run (kept across its engine rebuilds: a one-shot fault stays spent)."""
+        return cls(parse_faults(os.environ.get(ENV_VAR, "")), rank=rank)
 
     def _take(self, kind: str, step: int) -> bool:
         for fault in self.faults:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lumina_ds.config.run import GuardConfig
 
 if TYPE_CHECKING:
-    from lumina_ds.training.train_step import Engine
+    from lumina_ds.training.engine import Engine
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 
 from lumina_ds.config.run import LoggingConfig
 from lumina_ds.monitor.callbacks import Callback, writing
+from lumina_ds.training.train_module import TrainModule
 
 PROFILE_DIR = "profile"
 TRACE_FILE = "trace.json"
@@ -122,7 +123,7 @@ class PhaseMemory(Callback):
 
     On a CPU the peak RSS of the process (its high-water mark reset before each phase); on a GPU the peak allocated
     bytes (torch.cuda peak stats reset before each phase), plus a CUDA memory snapshot of the first SNAPSHOT_STEPS
-    steps. Install with `wrap(step)` before training.
+    steps. Install with `wrap(module)` before training.
     """
 
     def __init__(self, out_dir: Path, *, cuda: bool) -> None:
@@ -132,17 +133,13 @@ class PhaseMemory(Callback):
         self.before: dict[str, int] = {}
         self.recording = False
 
-    def wrap(self, step: Any) -> None:
-        """Measure around TrainStep.forward (training only, not evaluation), engine.backward and engine.step."""
-        step.forward = self._measured("forward", step.forward, only_with_grad=True)
-        step.engine.backward = self._measured("backward", step.engine.backward)
-        step.engine.step = self._measured("optimizer_step", step.engine.step)
+    def wrap(self, module: TrainModule) -> None:
+        """Measure around the train module's forward, backward and optimizer step (training only, not evaluation)."""
+        module.wrap_phases(self._measured)
 
-    def _measured(self, phase: str, fn: Callable[..., Any], *, only_with_grad: bool = False) -> Callable[..., Any]:
+    def _measured(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def measured(*args: Any, **kwargs: Any) -> Any:
-            if only_with_grad and not torch.is_grad_enabled():
-                return fn(*args, **kwargs)
             before = self._reset()
             result = fn(*args, **kwargs)
             peak = self._peak()
@@ -208,15 +205,15 @@ def format_memory(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def profiling_callbacks(logging: LoggingConfig, *, step: Any) -> list[Callback]:
-    """The profilers a run asked for, measuring `step` (a TrainStep) in this process."""
+def profiling_callbacks(logging: LoggingConfig, *, module: TrainModule) -> list[Callback]:
+    """The profilers a run asked for, measuring `module` in this process."""
     out_dir = logging.run_dir / PROFILE_DIR
-    cuda = step.engine.device.type == "cuda"
+    cuda = module.engine.device.type == "cuda"
     callbacks: list[Callback] = []
     if logging.profile_training:
         callbacks.append(TrainingProfiler(out_dir, active_steps=logging.profile_training, cuda=cuda))
     if logging.profile_memory:
         memory = PhaseMemory(out_dir, cuda=cuda)
-        memory.wrap(step)
+        memory.wrap(module)
         callbacks.append(memory)
     return callbacks

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from lumina_ds.config.run import RunConfig
+from lumina_ds.training.engine import Engine
 from lumina_ds.training.schedule import schedule_for
-from lumina_ds.training.train_step import Engine
 
 FOLLOWED = ("learning_rate", "min_lr", "warmup_ratio", "warmup_steps", "lr_scheduler", "beta1", "beta2", "eps",
             "weight_decay", "max_grad_norm", "max_steps", "epochs")  # fmt: skip

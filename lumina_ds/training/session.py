@@ -1,30 +1,29 @@
-"""One training run end to end: run dir, tokenizer, data, model, engine, resume, loop."""
+"""One training run end to end: run dir and lock, tokenizer, data, the tag to resume from, model, engine, loop."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 import json
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
+from lumina_ds.config.changes import revise
 from lumina_ds.config.io import config_to_dict, save_config
 from lumina_ds.config.run import RunConfig
-from lumina_ds.data.checks import LineLimit
-from lumina_ds.data.documents import check_input_files, parse_train_data
-from lumina_ds.data.packing import PackedDataset
-from lumina_ds.data.pipeline import SourceSet, build_batches, eval_rows, micro_batches_for_epochs, open_sources
-from lumina_ds.data.prepare import EncodeSettings, PrepareReport
-from lumina_ds.data.profile import LoaderRate, measure_batches
-from lumina_ds.data.sources import record_format_of
-from lumina_ds.data.stream import PackedBatches
-from lumina_ds.data.tokenizer import ChatTokenizer, sample_texts, train_bpe_tokenizer
+from lumina_ds.data.train_data import (
+    Batching,
+    DataWorld,
+    LoaderRate,
+    TrainData,
+    build_train_data,
+    check_input_files,
+    measure_batches,
+    training_texts,
+)
 from lumina_ds.distributed.collectives import any_rank, min_over_ranks, shared_by_all_ranks
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
@@ -47,16 +46,17 @@ from lumina_ds.run_dir import (
     RunLock,
     list_complete_tags,
 )
+from lumina_ds.tokenizer import ChatTokenizer, train_bpe_tokenizer
 from lumina_ds.training.backoff import StepOutOfMemoryError, apply_recorded_backoff, back_off
-from lumina_ds.training.checkpoint import CheckpointManager
-from lumina_ds.training.elastic import plan_elastic_resume
+from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, TagLoader, choose_resume_tag
+from lumina_ds.training.elastic import tag_loader_for
 from lumina_ds.training.engine import build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
 from lumina_ds.training.init_from import load_initial_weights
 from lumina_ds.training.profiling import profiling_callbacks
 from lumina_ds.training.resume import apply_changed_settings
-from lumina_ds.training.train_step import Engine, TrainStep
+from lumina_ds.training.train_module import TrainModule
 from lumina_ds.training.trainer import Trainer
 
 TOKENIZER_SAMPLE_BYTES = 200 * 10**6  # text the BPE trainer sees at most
@@ -65,6 +65,17 @@ TOKENIZER_SAMPLE_BYTES = 200 * 10**6  # text the BPE trainer sees at most
 def log(info: DistInfo, message: str) -> None:
     if info.is_main:
         print(message, flush=True)
+
+
+def resolved(run: RunConfig) -> RunConfig:
+    """A config as `lumina-ds train` resolves it: validated once, its input files checked, frozen. A frozen config
+    was resolved already."""
+    if run.frozen:
+        return run
+    run.validate()
+    check_input_files(run.data)  # E104 before any tokenizer is trained or data tokenized
+    run.freeze()
+    return run
 
 
 def prepare_tokenizer(run: RunConfig, info: DistInfo) -> ChatTokenizer:
@@ -78,10 +89,7 @@ def prepare_tokenizer(run: RunConfig, info: DistInfo) -> ChatTokenizer:
         tokenizer = ChatTokenizer.from_file(own)
     else:
         if info.is_main:
-            assert run.data.train_data is not None
-            locations = [spec.source.location for spec in parse_train_data(run.data.train_data)]
-            limit = LineLimit(record_format=record_format_of(run.data))
-            texts = sample_texts(locations, max_bytes=TOKENIZER_SAMPLE_BYTES, limit=limit)
+            texts = training_texts(run.data, max_bytes=TOKENIZER_SAMPLE_BYTES)
             train_bpe_tokenizer(texts, vocab_size=run.model.vocab_size).save(own)
             log(info, f"trained a byte-level BPE tokenizer (vocab {run.model.vocab_size}) -> {own}")
         barrier()
@@ -91,41 +99,35 @@ def prepare_tokenizer(run: RunConfig, info: DistInfo) -> ChatTokenizer:
     return tokenizer
 
 
-def fit_vocab(run: RunConfig, tokenizer: ChatTokenizer, info: DistInfo) -> None:
+def fit_vocab(run: RunConfig, tokenizer: ChatTokenizer, info: DistInfo) -> RunConfig:
     """The embedding must cover the tokenizer; it is padded up to a multiple of 64 for fast matmuls."""
-    if tokenizer.vocab_size > run.model.vocab_size:
-        padded = -(-tokenizer.vocab_size // 64) * 64
-        log(info, f"tokenizer has {tokenizer.vocab_size} tokens: model vocab {run.model.vocab_size} -> {padded}")
-        run.model.vocab_size = padded
+    if tokenizer.vocab_size <= run.model.vocab_size:
+        return run
+    padded = -(-tokenizer.vocab_size // 64) * 64
+    log(info, f"tokenizer has {tokenizer.vocab_size} tokens: model vocab {run.model.vocab_size} -> {padded}")
+    return revise(run, {"model.vocab_size": padded}, reason="the tokenizer's vocabulary")
 
 
-def report_skipped(report: PrepareReport, info: DistInfo) -> None:
-    if report.skipped and info.is_main:
-        shown = ", ".join(f"line {s.line_no} ({s.code}: {s.reason})" for s in report.skipped_examples[:5])
-        more = f" and {report.skipped - 5} more" if report.skipped > 5 else ""
-        print(
-            f"{report.source}: skipped {report.skipped} malformed line(s): {shown}{more}", file=sys.stderr, flush=True
-        )
+def data_world(info: DistInfo) -> DataWorld:
+    return DataWorld(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
+                     local_world_size=info.local_world_size, barrier=barrier, least_free_ram=min_over_ranks,
+                     shared=lambda path: shared_by_all_ranks(path, rank=info.rank),
+                     log=lambda message: log(info, message))  # fmt: skip
 
 
-def total_steps_for(run: RunConfig, sources: SourceSet, batches: PackedBatches, info: DistInfo) -> tuple[int, str]:
-    """Optimizer steps: --max-steps, or the epochs' global rows over the global batch."""
-    if run.train.max_steps is not None:
-        return run.train.max_steps, f"{run.train.max_steps} steps"
-    micro = micro_batches_for_epochs(
-        sources,
-        batches.view.mixture,
-        epochs=run.train.epochs,
-        world_size=info.world_size,
-        seq_len=run.seq_len,
-        micro_batch_size=run.train.micro_batch_size,
-    )
-    steps = micro // run.train.grad_accum
-    if steps < 1:
-        raise ConfigError(
-            "E002", "the training data does not fill one optimizer step", "lower --grad-accum or --batch-size"
-        )
-    return steps, f"{run.train.epochs} epoch(s) = {steps} steps"
+def batching_of(run: RunConfig) -> Batching:
+    train = run.train
+    return Batching(seq_len=run.seq_len, micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum,
+                    seed=train.seed, epochs=train.epochs, max_steps=train.max_steps)  # fmt: skip
+
+
+def prepare_data(run: RunConfig, info: DistInfo) -> tuple[RunConfig, TrainData]:
+    """The tokenizer (which may grow the model's vocabulary), then this rank's batches and the evaluation rows."""
+    tokenizer = prepare_tokenizer(run, info)
+    run = fit_vocab(run, tokenizer, info)
+    data = build_train_data(run.data, tokenizer, batching_of(run), prepared_dir=run.prepared_dir,
+                            world=data_world(info))  # fmt: skip
+    return run, data
 
 
 def build_callbacks(run: RunConfig, *, world_size: int) -> list[Callback]:
@@ -146,34 +148,6 @@ def build_callbacks(run: RunConfig, *, world_size: int) -> list[Callback]:
     return callbacks
 
 
-def check_resumable(saved: dict[str, Any] | None, run: RunConfig) -> None:
-    if saved is not None and saved.get("model") != config_to_dict(run.model):
-        raise CheckpointError(
-            "E303",
-            "the checkpoint was trained with a different model architecture than this run's config",
-            "resume with the same --preset/--config-file (see config.yaml in the run directory)",
-        )
-
-
-@dataclass
-class PreparedData:
-    batches: PackedBatches
-    eval_data: PackedDataset | None
-    total_steps: int
-    description: str
-
-
-def shard_builder(prepared_dir: Path, info: DistInfo) -> bool:
-    """Whether this rank builds missing prepared shards: global rank 0 when every rank sees the same directory (one
-    build for the job), else local rank 0 of each node (node-local disks each need their copy). Collective."""
-    if info.local_rank == 0:
-        prepared_dir.mkdir(parents=True, exist_ok=True)
-    if shared_by_all_ranks(prepared_dir, rank=info.rank):
-        return info.rank == 0
-    log(info, f"{prepared_dir} is not shared by every node: local rank 0 of each node prepares its own shards")
-    return info.local_rank == 0
-
-
 def check_run_dir_shared(run_dir: Path, info: DistInfo) -> None:
     """Rank 0 writes the tokenizer and checkpoint markers every rank reads: all ranks must see one run directory."""
     if not shared_by_all_ranks(run_dir, rank=info.rank):
@@ -185,92 +159,9 @@ def check_run_dir_shared(run_dir: Path, info: DistInfo) -> None:
         )
 
 
-def prepare_data(run: RunConfig, info: DistInfo) -> PreparedData:
-    """Tokenizer, training sources by strategy, this rank's resumable batches, eval rows, optimizer steps."""
-    assert run.data.train_data is not None
-    tokenizer = prepare_tokenizer(run, info)
-    fit_vocab(run, tokenizer, info)
-    encode = EncodeSettings.of(
-        tokenizer,
-        train_on=run.data.train_on,
-        strict=run.data.strict,
-        max_line_bytes=run.data.max_line_bytes,
-        truncate_long=run.data.truncate_long,
-        record_format=record_format_of(run.data),
-    )
-    sources = open_sources(
-        parse_train_data(run.data.train_data),
-        encode,
-        run.data,
-        prepared_dir=run.prepared_dir,
-        local_world_size=info.local_world_size,
-        is_local_main=info.local_rank == 0,
-        available_ram=min_over_ranks(psutil.virtual_memory().available),
-        shard_builder=lambda: shard_builder(run.prepared_dir, info),
-        barrier=barrier,
-    )
-    log(info, f"data strategy: {sources.strategy} ({sources.reason})")
-    for report in sources.reports:
-        log(info, report.summary())
-        report_skipped(report, info)
-    batches = build_batches(
-        sources,
-        seed=run.train.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        seq_len=run.seq_len,
-        pad_id=tokenizer.pad_id,
-        micro_batch_size=run.train.micro_batch_size,
-        data=run.data,
-    )
-    eval_data = None
-    if run.data.eval_data:
-        rows, report = eval_rows(run.data.eval_data, encode, seq_len=run.seq_len, pad_id=tokenizer.pad_id)
-        report_skipped(report, info)
-        eval_data = PackedDataset(rows)
-    total_steps, steps_text = total_steps_for(run, sources, batches, info)
-    files = ", ".join(f"{spec.source.stem} x{spec.weight:g}" for spec in sources.specs)
-    description = f"{files} | {batches.view.mixture.docs_per_epoch:,} lines/epoch | {steps_text}"
-    return PreparedData(batches=batches, eval_data=eval_data, total_steps=total_steps, description=description)
-
-
-def build_trainer(run: RunConfig, info: DistInfo, data: PreparedData, engine: Engine) -> Trainer:
-    guard = DivergenceGuard(run.train.guard, vocab_size=run.model.vocab_size) if run.train.guard.enabled else None
-    step = TrainStep(engine, guard=guard, faults=FaultPlan.from_env(rank=info.rank))
-    profilers = profiling_callbacks(run.logging, step=step) if info.is_main else []  # rank 0 measures
-    return Trainer(
-        step=step,
-        batches=data.batches,
-        eval_data=data.eval_data,
-        info=info,
-        total_steps=data.total_steps,
-        train=run.train,
-        logging=run.logging,
-        checkpoints=CheckpointManager(run.logging.run_dir, run.checkpoint, info),
-        callbacks=build_callbacks(run, world_size=info.world_size) + profilers if info.is_main else [],
-        config_record=config_to_dict(run),
-    )
-
-
-def resume_if_asked(trainer: Trainer, run: RunConfig, info: DistInfo) -> None:
-    """Resume from the newest checkpoint that verifies (--resume / --auto-resume), applying changed settings."""
-    if info.is_main:
-        trainer.checkpoints.recover()  # finish or undo a save a kill interrupted
-    barrier()
-    resumed = trainer.checkpoints.load(trainer.engine, log=lambda message: log(info, message))
-    if resumed is None:
-        return
-    check_resumable(resumed.config, run)
-    for change in apply_changed_settings(trainer.engine, run, resumed.config, trainer.total_steps):
-        log(info, f"resume: {change}")
-    trainer.restore(resumed)
-    log(info, f"resumed from {resumed.tag_dir} at step {trainer.state.step}")
-
-
 def train(run: RunConfig) -> dict[str, Any]:
     """Run training as configured; every rank calls this. Returns the summary (steps, final eval loss, ...)."""
-    run.validate()
-    check_input_files(run.data)  # E104 before any tokenizer is trained or data tokenized
+    run = resolved(run)
     precision = select_precision(run.train.precision)  # E003 before any process group or data work
     if run.logging.wandb:
         import_wandb()  # E003 with the install hint before any work
@@ -307,19 +198,21 @@ def run_lock(run_dir: Path, info: DistInfo) -> Iterator[None]:
 
 def train_in(run: RunConfig, info: DistInfo, precision: str) -> dict[str, Any]:
     """The run inside its locked run directory. A step that runs out of memory shrinks the micro-batch (same global
-    batch) and, in a single process, restarts from the last checkpoint with a new engine (see training/backoff.py)."""
-    change = apply_recorded_backoff(run, world_size=info.world_size)
-    if change:
-        log(info, change)
+    batch) and, in a single process, restarts from the last checkpoint with a new engine (see training/backoff.py).
+    The fault plan is one per run, so that a one-shot fault stays spent when the engine is rebuilt."""
+    faults = FaultPlan.from_env(rank=info.rank)
+    say = lambda message: log(info, message)  # noqa: E731
+    run = apply_recorded_backoff(run, world_size=info.world_size, log=say)
     while True:
         try:
-            return train_attempt(run, info, precision)
+            return train_attempt(run, info, precision, faults)
         except StepOutOfMemoryError as exc:  # leaving this block drops the traceback, and with it the engine
             error = exc.message
-        log(info, back_off(run, world_size=info.world_size, error=error))  # E204 with several ranks, or at the floor
+        run = back_off(run, world_size=info.world_size, error=error, log=say)  # E204 with several ranks, or floor
         release_memory()
         if list_complete_tags(run.logging.run_dir / CHECKPOINTS_DIR):
-            run.checkpoint.resume, run.checkpoint.auto_resume = None, True  # the newest verified tag of this run
+            run = revise(run, {"checkpoint.resume": None, "checkpoint.auto_resume": True},
+                         reason="the backoff restarts from this run's newest verified tag", log=say)  # fmt: skip
 
 
 def release_memory() -> None:
@@ -328,59 +221,96 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def init_weights_if_asked(model: Transformer, run: RunConfig, info: DistInfo) -> None:
+def init_weights(model: Transformer, run: RunConfig, info: DistInfo) -> None:
     """--init-from: the source's weights, at a fresh start only (a resumed run continues from its checkpoint)."""
-    path = run.checkpoint.init_from
-    if not path:
+    if not run.checkpoint.init_from:
         return
-    if CheckpointManager(run.logging.run_dir, run.checkpoint, info).candidates():
-        log(info, f"--init-from {path} not used: this run resumes from its own checkpoint")
-        return
-    source = open_model_source(path)
+    source = open_model_source(run.checkpoint.init_from)
     copied = load_initial_weights(model, source, rank=info.rank)
     log(info, f"initialised from {source.path} ({source.kind}): {copied:,} weights copied on rank 0; fresh optimizer")
 
 
-def train_attempt(run: RunConfig, info: DistInfo, precision: str) -> dict[str, Any]:
-    """Data, model, engine, resume, loop."""
+def plan_resume(run: RunConfig, info: DistInfo) -> tuple[Path | None, TagLoader]:
+    """The verified tag to resume from (None: a fresh start) and the loader it needs, with every check a resume
+    makes (architecture, sizes, ZeRO stage) done before the model, the engine or config.yaml exist."""
+    say = lambda message: log(info, message)  # noqa: E731
+    tag = choose_resume_tag(run.logging.run_dir, run.checkpoint, info, log=say)
+    if tag is None:
+        return None, PlainLoader(info)
+    return tag, tag_loader_for(tag, run, info, log=say)
+
+
+def train_attempt(run: RunConfig, info: DistInfo, precision: str, faults: FaultPlan) -> dict[str, Any]:
+    """Data, the tag to resume from, model, engine, resume, loop."""
     run_dir = run.logging.run_dir
-    data = prepare_data(run, info)
+    run, data = prepare_data(run, info)
+    resume_tag, loader = plan_resume(run, info)
     if info.is_main:
         save_config(run, run_dir / CONFIG_FILE)
     log(info, f"run dir {run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
-    elastic = plan_elastic_resume(run, info, log=lambda message: log(info, message))  # before the engine: see there
     model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
-    if elastic is None:
-        init_weights_if_asked(model, run, info)
+    if resume_tag is None:
+        init_weights(model, run, info)
+    elif run.checkpoint.init_from:
+        log(info, f"--init-from {run.checkpoint.init_from} not used: this run resumes from its own checkpoint")
     bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision,
-                          load_universal=elastic is not None)  # fmt: skip
+                          load_universal=loader.universal)  # fmt: skip
     optimizer = optimizer_name(run, precision)
     if info.is_main:  # the JSON DeepSpeed got, and (under our own key, which DeepSpeed never sees) what steps it
         record = {**bundle.ds_config, "lumina_ds": {"optimizer": optimizer, "precision": precision}}
         (run_dir / DS_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     dist_cfg = run.distributed
-    log(
-        info,
-        f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
-        f"offload {dist_cfg.offload} | optimizer {optimizer} | {data.total_steps} steps",
-    )
-    trainer = build_trainer(run, info, data, bundle.engine)
-    trainer.checkpoints.elastic = elastic
-    resume_if_asked(trainer, run, info)
+    log(info, f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
+              f"offload {dist_cfg.offload} | optimizer {optimizer} | {data.total_steps} steps")  # fmt: skip
+    checkpoints = CheckpointManager(run_dir, run.checkpoint, info, loader=loader, resume_from=resume_tag)
+    trainer = build_trainer(run, info, data, TrainModule(bundle.engine, guard=guard_of(run), faults=faults),
+                            checkpoints)  # fmt: skip
+    resume(trainer, checkpoints, run, info)
     try:
         return trainer.fit()
     finally:
-        trainer.checkpoints.wait_for_backup()  # rank 0's copy in progress is verified before the process exits
+        checkpoints.wait_for_backup()  # rank 0's copy in progress is verified before the process exits
+
+
+def guard_of(run: RunConfig) -> DivergenceGuard | None:
+    return DivergenceGuard(run.train.guard, vocab_size=run.model.vocab_size) if run.train.guard.enabled else None
+
+
+def build_trainer(run: RunConfig, info: DistInfo, data: TrainData, module: TrainModule,
+                  checkpoints: CheckpointManager) -> Trainer:  # fmt: skip
+    profilers = profiling_callbacks(run.logging, module=module) if info.is_main else []  # rank 0 measures
+    return Trainer(
+        module=module,
+        batches=data.batches,
+        eval_data=data.eval_data,
+        info=info,
+        total_steps=data.total_steps,
+        train=run.train,
+        logging=run.logging,
+        checkpoints=checkpoints,
+        callbacks=build_callbacks(run, world_size=info.world_size) + profilers if info.is_main else [],
+        config_record=config_to_dict(run),
+    )
+
+
+def resume(trainer: Trainer, checkpoints: CheckpointManager, run: RunConfig, info: DistInfo) -> None:
+    """Load the chosen tag into the engine and the trainer, and apply the optimisation settings the flags changed."""
+    resumed = checkpoints.resume(trainer.module.engine, log=lambda message: log(info, message))
+    if resumed is None:
+        return
+    for change in apply_changed_settings(trainer.module.engine, run, resumed.config, trainer.total_steps):
+        log(info, f"resume: {change}")
+    trainer.restore(resumed)
+    log(info, f"resumed from {resumed.tag_dir} at step {trainer.state.step}")
 
 
 def profile_data_loading(run: RunConfig, *, batches: int = 200) -> LoaderRate:
     """Build this run's data pipeline and time its batches, without a model (`--profile-data-loading`)."""
-    run.validate()
-    check_input_files(run.data)
+    run = resolved(run)
     info = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
     run.logging.run_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(run, info)
+    _, data = prepare_data(run, info)
     log(info, data.description)
     rate = measure_batches(data.batches, count=batches)
     log(info, f"data loading: {rate.summary()}")

@@ -1,5 +1,6 @@
-"""The trainer keeps the cadence: step, log, evaluate, save, stop. Forward and backward are the TrainStep's, the
-model's extra metrics pass through as a dict, and what a log record means is the callbacks' business."""
+"""The trainer keeps the cadence: step, log, evaluate, save, stop, rewind. What a step is belongs to the train module
+(read through its public methods only), the model's extra metrics pass through as a dict, and what a log record means
+is the callbacks' business."""
 
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ import torch.distributed as dist
 
 from lumina_ds.batch import Batch
 from lumina_ds.config.run import LoggingConfig, TrainConfig
-from lumina_ds.data.packing import PackedDataset
-from lumina_ds.data.stream import PackedBatches
+from lumina_ds.data.train_data import PackedBatches, PackedDataset
 from lumina_ds.distributed.collectives import all_ranks_arrive, all_reduce, all_reduce_sum, any_rank
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError, TrainingError
 from lumina_ds.monitor.callbacks import Callback
-from lumina_ds.training.checkpoint import CheckpointManager, Resumed
+from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.checkpoint_state import Resumed
 from lumina_ds.training.metrics import memory_summary, perplexity
-from lumina_ds.training.train_step import Engine, TrainStep
+from lumina_ds.training.train_module import Rewind, TrainModule
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EMERGENCY_WAIT_S = 60.0  # how long a rank with an error waits for the others before saving without them
@@ -50,7 +51,7 @@ class Trainer:
     def __init__(
         self,
         *,
-        step: TrainStep,
+        module: TrainModule,
         batches: PackedBatches,
         eval_data: PackedDataset | None,
         info: DistInfo,
@@ -61,7 +62,7 @@ class Trainer:
         callbacks: list[Callback],
         config_record: dict[str, Any],
     ) -> None:
-        self.step = step
+        self.module = module
         self.batches = batches
         self.eval_data = eval_data
         self.info = info
@@ -74,28 +75,19 @@ class Trainer:
         self._stop_signal: int | None = None
         self._start_step = 0
         self._last_saved = -1
-
-    @property
-    def engine(self) -> Engine:
-        return self.step.engine
+        self._previous_handlers: dict[int, Any] = {}
 
     # ---- checkpoint state -------------------------------------------------------------------------
     def restore(self, resumed: Resumed) -> None:
-        saved = dict(resumed.trainer)
-        guard_state = saved.pop("guard", None)
-        self.state = TrainState(**saved)
+        self.state = TrainState(**resumed.trainer)
+        self.module.load_state_dict(resumed.module)
         self.batches.load_state_dict(resumed.data)
-        if self.step.guard is not None and guard_state is not None:
-            self.step.guard.load_state_dict(guard_state)
 
     def save(self) -> None:
         self._check_finite()  # never checkpoint diverged weights
         best = self.state.best_step if self.state.history else None  # kept out of rotation
-        trainer = self.state.as_dict()
-        if self.step.guard is not None:
-            trainer["guard"] = self.step.guard.state_dict()
-        self.checkpoints.save(self.engine, self.state.step, trainer=trainer,
-                              data=self.batches.state_dict(), config=self.config_record,
+        state = {"trainer": self.state.as_dict(), "module": self.module.state_dict(), "config": self.config_record}
+        self.checkpoints.save(self.module.engine, self.state.step, state=state, data=self.batches.state_dict(),
                               keep_step=best)  # fmt: skip
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -107,11 +99,16 @@ class Trainer:
         self._last_saved = self.state.step if self.state.step else -1  # a resumed run's tag is this step's
         self._start_step = self.state.step
         try:
-            stop_reason = self._loop(start)
-        except Exception as exc:
-            self._emergency_checkpoint(exc)
-            raise
-        return self._finish(stop_reason, time.time() - start)
+            try:
+                stop_reason = self._loop(start)
+            except Exception as exc:
+                self._emergency_checkpoint(exc)
+                raise
+            return self._finish(stop_reason, time.time() - start)
+        finally:
+            self._restore_signal_handlers()
+            for cb in self.callbacks:
+                cb.close()
 
     def _loop(self, start: float) -> str:
         """Steps until the end; the reason training stopped."""
@@ -119,20 +116,22 @@ class Trainer:
         while self.state.step < self.total_steps:
             if self.state.data_steps + 1 in self.state.left_out:  # batches a rewind left out
                 self.state.data_steps += 1
-                if not self.step.discard(iterator):
+                if not self.module.skip_step(iterator):
                     return "data exhausted"
                 continue
-            step_start = time.perf_counter()
-            applied = self.step.run(iterator, step=self.state.step + 1)
-            self.step.window.seconds += time.perf_counter() - step_start  # eval and checkpoint time excluded
-            if applied is None:
+            result = self.module.train_step(iterator, step=self.state.step + 1, data_step=self.state.data_steps + 1)
+            if result is None:
                 return "data exhausted"
             self.state.data_steps += 1
             self.state.step += 1
-            if self.step.guard is not None and self._judge(applied):
+            if result.skip_reason is not None:
+                self.state.skipped_steps += 1
+                self._say(f"warning: step {self.state.step} not applied: {result.skip_reason}")
+            if result.rewind is not None:
+                self._rewind(result.rewind)
                 iterator = iter(self.batches)  # rewound: the data continues from the checkpoint's position
                 continue
-            self.step.faults.after_step(step=self.state.step)
+            self.module.end_of_step(step=self.state.step)
             stop_reason = self._after_step(start)
             if stop_reason:
                 return stop_reason
@@ -142,9 +141,9 @@ class Trainer:
         """Log, evaluate, save and check signals after step `state.step`; a reason to stop, if any."""
         for cb in self.callbacks:
             cb.on_step(self.state.step)
-        if self.state.step % self.logging.log_every_n_batches == 0 or self.state.step == self.total_steps:
+        if self.state.step % self.logging.log_every_n_steps == 0 or self.state.step == self.total_steps:
             self._log(time.time() - start)
-        evaluate_now = self.eval_data is not None and self.state.step % self.train_config.eval_every_n_batches == 0
+        evaluate_now = self.eval_data is not None and self.state.step % self.train_config.eval_every_n_steps == 0
         if evaluate_now and self._evaluate_and_check_patience():
             return "early stopping"
         if self.checkpoints.due(self.state.step):
@@ -154,43 +153,25 @@ class Trainer:
             return f"signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
         return None
 
-    # ---- divergence: skip, rewind, stop ------------------------------------------------------------
-    def _judge(self, applied: bool) -> bool:
-        """Record the step with the guard; count and report a skip; rewind when skips pile up (True then)."""
-        guard = self.step.guard
-        assert guard is not None
-        skip = guard.record(step=self.state.step, data_step=self.state.data_steps, applied=applied)
-        if skip is None:
-            return False
-        self.state.skipped_steps += 1
-        budget = f"{len(guard.skips)} of {guard.config.max_skips} skips allowed in {guard.config.window} steps"
-        self._say(f"warning: step {skip.step} not applied: {skip.reason} ({budget})")
-        if not guard.rewind_due:
-            return False
-        self._rewind()
-        return True
-
-    def _rewind(self) -> None:
+    # ---- divergence: rewind or stop ----------------------------------------------------------------
+    def _rewind(self, rewind: Rewind) -> None:
         """Back to the newest verified checkpoint; the skipped steps' batches are left out when the data replays."""
-        guard = self.step.guard
-        assert guard is not None
-        what = f"{len(guard.skips)} skipped steps within {guard.config.window} (steps {[s.step for s in guard.skips]})"
         hint = ("lower --learning-rate, raise --warmup-ratio, lower --max-grad-norm, or use --precision bf16/fp32; "
                 "every checkpoint saved was taken before the divergence")  # fmt: skip
-        if self.state.rewinds >= guard.config.max_rewinds:
-            raise TrainingError("E301", f"training diverged: {what} after {self.state.rewinds} rewind(s)", hint)
-        resumed = self.checkpoints.load_newest(self.engine, log=self._say)
+        if self.state.rewinds >= rewind.max_rewinds:
+            raise TrainingError("E301", f"training diverged: {rewind.what} after {self.state.rewinds} rewind(s)", hint)
+        resumed = self.checkpoints.load_newest(self.module.engine, log=self._say)
         if resumed is None:
-            raise TrainingError("E301", f"training diverged: {what} and no verified checkpoint to rewind to", hint)
-        left_out = guard.rewound()
+            raise TrainingError("E301", f"training diverged: {rewind.what} and no verified checkpoint to rewind to",
+                                hint)  # fmt: skip
         kept = {"rewinds": self.state.rewinds + 1, "skipped_steps": self.state.skipped_steps,
-                "left_out": sorted(set(self.state.left_out) | set(left_out))}  # fmt: skip
+                "left_out": sorted(set(self.state.left_out) | set(rewind.left_out))}  # fmt: skip
+        self.module.rewound()  # before restore: the checkpoint's guard history is loaded next
         self.restore(resumed)
         self.state.__dict__.update(kept)
-        self.step.window.reset()
         self._last_saved = self.state.step
-        self._say(f"rewound to step {self.state.step} ({resumed.tag_dir.name}) after {what}; the batches of those "
-                  f"steps are left out (rewind {self.state.rewinds} of {guard.config.max_rewinds})")  # fmt: skip
+        self._say(f"rewound to step {self.state.step} ({resumed.tag_dir.name}) after {rewind.what}; the batches of "
+                  f"those steps are left out (rewind {self.state.rewinds} of {rewind.max_rewinds})")  # fmt: skip
 
     # ---- an exception in the loop ------------------------------------------------------------------
     def _emergency_checkpoint(self, exc: Exception) -> None:
@@ -199,7 +180,7 @@ class Trainer:
         reason = self._inconsistent_after(exc)
         if reason is None and not all_ranks_arrive(timeout_s=EMERGENCY_WAIT_S):
             reason = f"not every rank reached it within {EMERGENCY_WAIT_S:.0f} s (the error was not on every rank)"
-        if reason is None and any_rank(not self.step.window.all_finite()):
+        if reason is None and any_rank(not self.module.losses_finite()):
             reason = "a loss since the last log line was not finite"
         if reason is not None:
             self._say(f"no emergency checkpoint after {type(exc).__name__}: {reason}")
@@ -216,7 +197,7 @@ class Trainer:
             return "the run diverged"
         if isinstance(exc, CheckpointError):
             return "checkpoints cannot be written or read"
-        if self.step.updating:
+        if self.module.in_update:
             return f"it came inside optimizer step {self.state.step + 1}, with gradients partly accumulated"
         if self._last_saved == self.state.step:
             return f"the checkpoint of step {self.state.step} is current"
@@ -251,10 +232,10 @@ class Trainer:
 
         Collective, so that every rank raises together rather than some waiting in the next all-reduce.
         """
-        if any_rank(not self.step.window.all_finite()):
+        if any_rank(not self.module.losses_finite()):
             raise TrainingError(
                 "E301",
-                f"non-finite loss within the {self.logging.log_every_n_batches} steps up to step {self.state.step}: "
+                f"non-finite loss within the {self.logging.log_every_n_steps} steps up to step {self.state.step}: "
                 "training diverged",
                 "lower --learning-rate, raise --warmup-ratio, lower --max-grad-norm, or use --precision bf16/fp32; "
                 "resume from the last checkpoint (it was saved before the divergence)",
@@ -262,18 +243,13 @@ class Trainer:
 
     def _log(self, elapsed: float) -> None:
         self._check_finite()
-        window = self.step.window
-        if window.micro_batches == 0:  # every step since the last line was skipped (on every rank alike)
+        metrics = self.module.log_metrics()  # collective: every rank calls it
+        if metrics is None:  # every step since the last line was skipped (on every rank alike)
             return
-        metrics = window.summary()  # collective: every rank calls it
-        seconds = max(window.seconds, 1e-9)
-        window.reset()
         metrics.update(
-            self.step.optimizer_state(),
             step=self.state.step,
             epoch=self.batches.epoch,
             total_steps=self.total_steps,
-            tokens_per_s=metrics["tokens"] / seconds,  # all ranks' tokens over the training steps' wall time
             elapsed_s=elapsed,
             eta_s=self._eta(elapsed),
             memory=memory_summary(),
@@ -291,7 +267,7 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         """Token-weighted mean loss over the whole eval set, rows sharded over ranks (padded so all ranks step)."""
-        loss_sum, targets = all_reduce_sum(self.step.loss_sums(self._eval_batches())).tolist()
+        loss_sum, targets = all_reduce_sum(self.module.eval_loss_sums(self._eval_batches())).tolist()
         loss = loss_sum / max(targets, 1.0)
         return {"step": self.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": int(targets)}
 
@@ -302,7 +278,7 @@ class Trainer:
         depends on the batch's token count) would otherwise deadlock or crash. Padding rows carry no targets.
         """
         assert self.eval_data is not None
-        n, world, size = len(self.eval_data), self.info.world_size, self.engine.train_micro_batch_size_per_gpu()
+        n, world, size = len(self.eval_data), self.info.world_size, self.module.micro_batch_size
         mine = list(range(self.info.rank, n, world))
         per_rank = -(-n // world)
         for begin in range(0, per_rank, size):
@@ -342,4 +318,10 @@ class Trainer:
 
         for sig in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread (e.g. under a test runner thread)
-                signal.signal(sig, handler)
+                self._previous_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        """The process's own handlers come back once the loop ends (a caller in the same process keeps its Ctrl-C)."""
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers.clear()

@@ -34,7 +34,7 @@ import torch
 from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import COMPLETE_MARKER
 from lumina_ds.training.checkpoint_files import file_digest, tag_files, weights_only_loads
-from lumina_ds.training.train_step import Engine
+from lumina_ds.training.engine import Engine
 
 MARKER = "lumina_universal.json"
 EXPERT_WEIGHT = re.compile(r"layers\.\d+\.ffn\.experts\.w[123]")

@@ -36,7 +36,7 @@ def test_aux_coefficient_matches_ours_at_uniform_routing() -> None:
     import torch
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from lumina_ds.config.model import ModelConfig, MoEConfig
+    from lumina_ds.models.config import ModelConfig, MoEConfig
     from lumina_ds.models.moe import router_statistics
 
     learning = load_benchmark("learning")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lumina_ds.config import PRESETS, ModelConfig, MoEConfig, get_preset
+from lumina_ds.config import PRESETS, get_preset
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.counting import count_parameters
+from lumina_ds.models.transformer import Transformer
 
 NAMED_SIZE = {
     "debug": 500e3, "m70": 70e6, "m120": 120e6, "b1": 1e9, "b3": 3e9, "b6": 6e9, "b7": 7e9, "b14": 14e9,
@@ -30,7 +32,7 @@ def test_preset_builds_on_meta_and_validates(name: str) -> None:
     assert config.preset == name
     config.validate()
     with torch.device("meta"):
-        model = config.model.build()
+        model = Transformer(config.model)
     params = list(model.parameters())
     assert params and all(p.device.type == "meta" for p in params)
 
@@ -50,7 +52,7 @@ def test_preset_total_parameters_match_its_name(name: str) -> None:
 def test_count_equals_numel_of_meta_build(name: str) -> None:
     config = get_preset(name).model
     with torch.device("meta"):
-        model = config.build()
+        model = Transformer(config)
     assert count_parameters(config).total == sum(p.numel() for _, p in model.named_parameters())
 
 

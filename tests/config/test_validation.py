@@ -11,8 +11,6 @@ import yaml
 from lumina_ds.config import (
     PRESETS,
     DistributedConfig,
-    ModelConfig,
-    MoEConfig,
     RunConfig,
     TrainConfig,
     config_to_dict,
@@ -21,6 +19,8 @@ from lumina_ds.config import (
     save_config,
 )
 from lumina_ds.errors import ConfigError, LuminaError
+from lumina_ds.models.config import ModelConfig, MoEConfig
+from lumina_ds.models.transformer import Transformer
 
 
 def raises_config_error(fn: Callable[[], object], code: str, *fragments: str) -> ConfigError:
@@ -45,7 +45,7 @@ def test_unknown_preset_is_e001_and_lists_the_presets() -> None:
 def test_hidden_not_divisible_by_heads() -> None:
     config = ModelConfig(hidden_size=100, num_heads=3, num_kv_heads=1)
     raises_config_error(config.validate, "E002", "hidden_size=100", "num_heads=3")
-    raises_config_error(config.build, "E002", "hidden_size=100")  # build validates first
+    raises_config_error(lambda: Transformer(config), "E002", "hidden_size=100")  # the model validates first
 
 
 def test_heads_not_divisible_by_kv_heads() -> None:
@@ -149,7 +149,7 @@ def test_yaml_with_a_preset_overrides_only_what_it_names(tmp_path: Path) -> None
     [
         ("train:\n  epochs: three\n", "train.epochs must be an integer"),
         ("train:\n  learning_rate: fast\n", "train.learning_rate must be a number"),
-        ("train:\n  gradient_checkpointing: 1\n", "must be true or false"),
+        ("train:\n  compile: 1\n", "must be true or false"),
         ("preset: b9\n", "unknown preset"),
     ],
 )

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lumina_ds.data import ChatTokenizer, conversation_texts, read_conversations, train_bpe_tokenizer
+from lumina_ds.tokenizer import ChatTokenizer, train_bpe_tokenizer
+from tests.helpers import conversation_texts, read_conversations
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

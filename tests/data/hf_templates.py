@@ -9,8 +9,8 @@ from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from lumina_ds.data.chat_template import JinjaChatTemplate
-from lumina_ds.data.tokenizer import ChatTokenizer
+from lumina_ds.tokenizer.chat_tokenizer import ChatTokenizer
+from lumina_ds.tokenizer.jinja import JinjaChatTemplate
 
 # Qwen2.5-Instruct (ChatML, with its tool-use branches and default system prompt)
 QWEN25 = """{%- if tools %}

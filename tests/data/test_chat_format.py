@@ -2,17 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from lumina_ds.data import (
-    ASSISTANT,
-    END,
-    IGNORE_INDEX,
-    ChatTemplate,
-    ChatTokenizer,
-    Message,
-    normalize_role,
-    parse_conversation,
-)
+from lumina_ds.batch import IGNORE_INDEX
 from lumina_ds.errors import ConfigError, DataError
+from lumina_ds.tokenizer import ASSISTANT, END, ChatTemplate, ChatTokenizer, Message, normalize_role
+from tests.helpers import format_text, parse_conversation
 
 THREE_TURNS = [
     Message("system", "You are a concise assistant."),
@@ -101,7 +94,7 @@ def test_encoded_text_matches_template_text(tokenizer: ChatTokenizer) -> None:
     template = ChatTemplate()
     ids, _ = template.encode_conversation(THREE_TURNS, tokenizer)
     assert ids[0] == tokenizer.bos_id
-    assert tokenizer.decode(ids, skip_special=False) == template.format_text(THREE_TURNS)
+    assert tokenizer.decode(ids, skip_special=False) == format_text(THREE_TURNS)
 
 
 def test_train_on_all_targets_every_token_after_bos(tokenizer: ChatTokenizer) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lumina_ds.data.chat_format import Message
-from lumina_ds.data.chat_template import JinjaChatTemplate, SandboxError
 from lumina_ds.errors import DataError
+from lumina_ds.tokenizer.chat_format import Message
+from lumina_ds.tokenizer.jinja import JinjaChatTemplate, SandboxError
 from tests.data.hf_templates import GEMMA2, LLAMA3, MISTRAL, QWEN25
 
 MESSAGES = [Message("system", "Be brief."), Message("user", "  Hi <b>&</b> ü"), Message("assistant", "Hello!\n")]

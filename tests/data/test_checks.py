@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from lumina_ds.data import Message, SkippedLine, parse_line
-from lumina_ds.data.checks import check_line, fix_object
-from lumina_ds.data.dedup import DigestSet, conversation_digest
-from lumina_ds.data.stats import EXACT_BELOW, Histogram
+from lumina_ds.data.records.checks import check_line, fix_object
+from lumina_ds.data.records.reader import parse_line
+from lumina_ds.data.records.types import SkippedLine
+from lumina_ds.data.validate.dedup import DigestSet, conversation_digest
+from lumina_ds.data.validate.stats import EXACT_BELOW, Histogram
+from lumina_ds.tokenizer import Message
 
 
 def _line(*turns: tuple[str, str]) -> bytes:

@@ -12,9 +12,9 @@ import pytest
 
 from lumina_ds.cli import build_parser, main
 from lumina_ds.config.run import RunConfig
-from lumina_ds.data import read_conversations
-from lumina_ds.data.files import HEAD_BYTES, LongLine, check_data_file, data_bytes, read_line
+from lumina_ds.data.records.files import HEAD_BYTES, LongLine, check_data_file, data_bytes, read_line
 from lumina_ds.errors import LuminaError
+from tests.helpers import read_conversations
 
 LINE = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}\n'
 TEXT = (LINE * 3).decode()

@@ -16,11 +16,13 @@ import torch
 from lumina_ds.batch import Batch
 from lumina_ds.cli import main
 from lumina_ds.config.run import DataConfig
-from lumina_ds.data import ChatTokenizer, EncodeSettings, parse_train_data, prepare_source, read_conversations
-from lumina_ds.data import prepare as prepare_module
-from lumina_ds.data.pipeline import build_batches, eval_rows, open_sources
-from lumina_ds.data.prepare import tokenize_source
-from lumina_ds.data.tokenizer import sample_texts
+from lumina_ds.data import sample_texts
+from lumina_ds.data.loading.pipeline import build_batches, eval_rows, open_sources
+from lumina_ds.data.prepare import tokenize as prepare_module
+from lumina_ds.data.prepare.tokenize import EncodeSettings, prepare_source, tokenize_source
+from lumina_ds.data.records.sources import parse_train_data
+from lumina_ds.tokenizer import ChatTokenizer
+from tests.helpers import read_conversations
 
 
 def _gzip(source: Path, target: Path) -> Path:

@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumina_ds.data import ChatTokenizer, DocEncoder, EncodeSettings, JsonlDocs, parse_train_data, tokenize_source
-from lumina_ds.data.lengths import count_tokens, counted_sources
+from lumina_ds.data.prepare.documents import DocEncoder, JsonlDocs
+from lumina_ds.data.prepare.lengths import count_tokens, counted_sources
+from lumina_ds.data.prepare.tokenize import EncodeSettings, tokenize_source
+from lumina_ds.data.records.sources import parse_train_data
 from lumina_ds.errors import DataError
+from lumina_ds.tokenizer import ChatTokenizer
 
 
 def test_counts_equal_the_tokenized_lengths_with_workers(tokenizer: ChatTokenizer, examples_dir: Path) -> None:

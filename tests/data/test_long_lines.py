@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 
 from lumina_ds.cli import main
-from lumina_ds.data import ChatTokenizer, DocEncoder, EncodeSettings, JsonlDocs, SkippedLine, read_conversations
-from lumina_ds.data.checks import LineLimit, check_line
-from lumina_ds.data.prepare import tokenize_source
-from lumina_ds.data.validate import validate_files
+from lumina_ds.data.prepare.documents import DocEncoder, JsonlDocs
+from lumina_ds.data.prepare.tokenize import EncodeSettings, tokenize_source
+from lumina_ds.data.records.checks import LineLimit, check_line
+from lumina_ds.data.records.types import SkippedLine
+from lumina_ds.data.validate.validator import validate_files
+from lumina_ds.tokenizer import ChatTokenizer
+from tests.helpers import read_conversations
 
 LIMIT = 4096
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
@@ -128,8 +131,8 @@ if mode == "validate":
     flags = ["--tokenizer", tokenizer, "--max-line-bytes", limit, "--quiet"] + ["--truncate-long"] * (truncate == "1")
     main(["validate-data", path, *flags])
 else:
-    from lumina_ds.data.prepare import EncodeSettings, tokenize_source
-    from lumina_ds.data.tokenizer import ChatTokenizer
+    from lumina_ds.data.prepare.tokenize import EncodeSettings, tokenize_source
+    from lumina_ds.tokenizer.chat_tokenizer import ChatTokenizer
     tok = ChatTokenizer.from_file(tokenizer)
     settings = EncodeSettings.of(tok, max_line_bytes=int(limit), truncate_long=truncate == "1")
     tokenize_source(Path(path), settings, num_workers=1)

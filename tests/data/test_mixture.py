@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lumina_ds.data import Mixture
+from lumina_ds.data.loading.mixture import Mixture
 
 
 def test_weight_one_uses_every_document_once_per_epoch() -> None:

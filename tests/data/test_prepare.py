@@ -9,20 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lumina_ds.data import (
-    ChatTemplate,
-    ChatTokenizer,
-    DocEncoder,
-    EncodeSettings,
-    parse_train_data,
-    prepare_source,
-    read_conversations,
-    tokenize_source,
-)
-from lumina_ds.data import prepare as prepare_module
-from lumina_ds.data.documents import labels_of, scan_line_offsets
-from lumina_ds.data.prepare import byte_ranges
+from lumina_ds.data.prepare import tokenize as prepare_module
+from lumina_ds.data.prepare.documents import DocEncoder, labels_of, scan_line_offsets
+from lumina_ds.data.prepare.tokenize import EncodeSettings, byte_ranges, prepare_source, tokenize_source
+from lumina_ds.data.records.sources import parse_train_data
 from lumina_ds.errors import ConfigError, DataError
+from lumina_ds.tokenizer import ChatTemplate, ChatTokenizer
+from tests.helpers import encode_messages, read_conversations
 
 
 def _mixed_file(examples_dir: Path, tmp_path: Path, copies: int = 3) -> Path:
@@ -40,7 +33,7 @@ def test_batched_encoder_equals_the_chat_template(tokenizer: ChatTokenizer, exam
     encoder = DocEncoder(tokenizer, train_on=train_on)
     for messages in conversations:
         ids, labels = ChatTemplate().encode_conversation(messages, tokenizer, train_on=train_on)
-        doc_ids, targets = encoder.encode_messages(messages)
+        doc_ids, targets = encode_messages(encoder, messages)
         assert doc_ids.tolist() == ids
         assert labels_of(doc_ids, targets).tolist() == labels
 

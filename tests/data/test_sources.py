@@ -17,14 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from lumina_ds.config.run import DataConfig
-from lumina_ds.data import ChatTokenizer, EncodeSettings, prepare_source, read_conversations, tokenize_source
-from lumina_ds.data.chat_format import Message
-from lumina_ds.data.checks import LineLimit
-from lumina_ds.data.formats import RecordFormat, parse_fields
-from lumina_ds.data.sources import check_input_files, open_source, parse_source, parse_train_data
-from lumina_ds.data.tokenizer import sample_texts
-from lumina_ds.data.validate import summary_lines, validate_files
+from lumina_ds.data import sample_texts
+from lumina_ds.data.prepare.tokenize import EncodeSettings, prepare_source, tokenize_source
+from lumina_ds.data.records.checks import LineLimit
+from lumina_ds.data.records.formats import RecordFormat, parse_fields
+from lumina_ds.data.records.sources import check_input_files, open_source, parse_source, parse_train_data
+from lumina_ds.data.validate.validator import summary_lines, validate_files
 from lumina_ds.errors import ConfigError, DataError
+from lumina_ds.tokenizer import ChatTokenizer
+from lumina_ds.tokenizer.chat_format import Message
+from tests.helpers import read_conversations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -288,7 +290,7 @@ def test_a_hub_name_is_loaded_through_datasets(monkeypatch: pytest.MonkeyPatch) 
     """hf://NAME:CONFIG@SPLIT -> datasets.load_dataset(NAME, CONFIG, split=SPLIT), read like any Arrow table."""
     import datasets
 
-    from lumina_ds.data import tables
+    from lumina_ds.data.records import tables
 
     calls = []
 
@@ -324,8 +326,8 @@ def _chat_tables(tmp_path: Path) -> str:
 def test_every_strategy_reads_tables_into_the_same_batches_and_resumes(
     tokenizer: ChatTokenizer, tmp_path: Path
 ) -> None:
-    from lumina_ds.data.pipeline import build_batches, open_sources
-    from lumina_ds.data.tables import TableDocs
+    from lumina_ds.data.loading.pipeline import build_batches, open_sources
+    from lumina_ds.data.prepare.documents import TableDocs
 
     spec = _chat_tables(tmp_path)
     encode = EncodeSettings.of(tokenizer)
@@ -366,7 +368,7 @@ def _same(a: list[Any], b: list[Any]) -> bool:
 
 
 def test_evaluation_data_may_be_a_table(sources: dict[str, Path], tokenizer: ChatTokenizer) -> None:
-    from lumina_ds.data.pipeline import eval_rows
+    from lumina_ds.data.loading.pipeline import eval_rows
 
     encode = EncodeSettings.of(tokenizer)
     reference, _ = eval_rows(str(sources["messages"]), encode, seq_len=64, pad_id=0)

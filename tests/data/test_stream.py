@@ -8,22 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from lumina_ds.batch import Batch
-from lumina_ds.data import (
-    IGNORE_INDEX,
-    ChatTokenizer,
-    DocEncoder,
-    EncodeSettings,
-    JsonlDocs,
-    Mixture,
-    SkippedLine,
-    prepare_source,
-    tokenize_source,
-)
-from lumina_ds.data.global_order import row_starts
-from lumina_ds.data.lengths import count_tokens
-from lumina_ds.data.stream import PackedBatches, RankView, RowPacker, build_row
+from lumina_ds.batch import IGNORE_INDEX, Batch
+from lumina_ds.data.loading.global_order import row_starts
+from lumina_ds.data.loading.mixture import Mixture
+from lumina_ds.data.loading.stream import PackedBatches, RankView, RowPacker, build_row
+from lumina_ds.data.prepare.documents import DocEncoder, JsonlDocs
+from lumina_ds.data.prepare.lengths import count_tokens
+from lumina_ds.data.prepare.tokenize import EncodeSettings, prepare_source, tokenize_source
+from lumina_ds.data.records.types import SkippedLine
 from lumina_ds.errors import DataError
+from lumina_ds.tokenizer import ChatTokenizer
 
 PAD = 0
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from lumina_ds.data.chat_format import Message
-from lumina_ds.data.chat_template import JinjaChatTemplate, SandboxError
-from lumina_ds.data.documents import DocEncoder
-from lumina_ds.data.reader import SkippedLine
-from lumina_ds.data.template_codec import target_flags
-from lumina_ds.data.tokenizer import ChatTokenizer
+from lumina_ds.data.prepare.documents import DocEncoder
+from lumina_ds.data.records.types import SkippedLine
 from lumina_ds.errors import DataError
+from lumina_ds.tokenizer.chat_format import Message
+from lumina_ds.tokenizer.chat_tokenizer import ChatTokenizer
+from lumina_ds.tokenizer.codec import target_flags
+from lumina_ds.tokenizer.jinja import JinjaChatTemplate, SandboxError
 from tests.data.hf_templates import CHATML_GENERATION, CHATML_SPECIALS, family_chat_tokenizer, family_tokenizer
 
 # Multi-turn with a system turn; the second reply starts with a space and ends with a newline.
@@ -187,7 +187,10 @@ def test_qwen3_style_think_blocks_get_their_spans_by_substitution() -> None:
 def test_a_reply_that_cannot_be_located_exactly_skips_the_record_with_e121(loop: str, why: str) -> None:
     tokenizer = _chatml(loop)
     assert tokenizer.codec is not None
-    skipped = tokenizer.codec.encode_line(7, CONVERSATION[1:3])
+    (refused,) = tokenizer.codec.encode_docs([CONVERSATION[1:3]])
+    assert isinstance(refused, DataError) and refused.code == "E121" and why in refused.message
+    line = json.dumps({"messages": [{"role": m.role, "content": m.content} for m in CONVERSATION[1:3]]}).encode()
+    (skipped,) = DocEncoder(tokenizer).encode_lines([(7, line)])  # the encoder reports it with its line number
     assert isinstance(skipped, SkippedLine)
     assert (skipped.line_no, skipped.code) == (7, "E121")
     assert why in skipped.reason
@@ -268,8 +271,8 @@ def test_a_token_is_a_target_when_its_characters_overlap_a_span() -> None:
 
 
 def test_worker_processes_tokenize_with_the_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lumina_ds.data import prepare as prepare_module
-    from lumina_ds.data.prepare import EncodeSettings, tokenize_source
+    from lumina_ds.data.prepare import tokenize as prepare_module
+    from lumina_ds.data.prepare.tokenize import EncodeSettings, tokenize_source
 
     tokenizer = family_chat_tokenizer("gemma2")
     good, refused = CONVERSATION[1:], CONVERSATION  # Gemma refuses the system turn: E120, line skipped

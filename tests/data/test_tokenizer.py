@@ -5,15 +5,9 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from lumina_ds.data import (
-    SPECIAL_TOKENS,
-    ChatTokenizer,
-    Message,
-    conversation_texts,
-    read_conversations,
-    train_bpe_tokenizer,
-)
 from lumina_ds.errors import ConfigError, DataError
+from lumina_ds.tokenizer import SPECIAL_TOKENS, ChatTokenizer, Message, train_bpe_tokenizer
+from tests.helpers import conversation_texts, read_conversations
 
 SAMPLES = [
     "RoPE rotates query and key vectors.",

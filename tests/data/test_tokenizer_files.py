@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from lumina_ds.data.chat_format import NATIVE_CHAT_TEMPLATE, Message
-from lumina_ds.data.chat_template import JinjaChatTemplate, load_chat_template
-from lumina_ds.data.prepare import EncodeSettings
-from lumina_ds.data.tokenizer import ChatTokenizer, train_bpe_tokenizer
-from lumina_ds.data.tokenizer_files import export_tokenizer_files
+from lumina_ds.data.prepare.tokenize import EncodeSettings
 from lumina_ds.errors import DataError
+from lumina_ds.tokenizer.chat_format import NATIVE_CHAT_TEMPLATE, Message
+from lumina_ds.tokenizer.chat_tokenizer import ChatTokenizer, train_bpe_tokenizer
+from lumina_ds.tokenizer.jinja import JinjaChatTemplate, load_chat_template
 from tests.data.hf_templates import LLAMA3, TEXTS, family_chat_tokenizer
+from tests.helpers import encode_messages
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,7 +52,7 @@ def native() -> ChatTokenizer:
 
 
 def test_native_format_equals_apply_chat_template(native: ChatTokenizer, tmp_path: Path) -> None:
-    written = export_tokenizer_files(native, tmp_path)
+    written = native.export_files(tmp_path)
     assert [p.name for p in written] == ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     fast = transformers.PreTrainedTokenizerFast(
@@ -86,7 +86,7 @@ def test_a_token_shared_by_the_header_newline_and_the_reply_is_the_replys(tmp_pa
     at = ids.index(tokenizer.token_id("<|assistant|>"))
     assert tokenizer.decode([ids[at + 1]], skip_special=False) == "\n\n"
     assert labels[at] == ids[at + 1]  # the header's newline rides in the reply's first token, which is a target
-    export_tokenizer_files(tokenizer, tmp_path)
+    tokenizer.export_files(tmp_path)
     out = _hf_encode(transformers.AutoTokenizer.from_pretrained(tmp_path), messages, return_assistant_tokens_mask=True)
     assert out["input_ids"] == ids and out["assistant_masks"] == _loss_mask(labels)
 
@@ -94,7 +94,7 @@ def test_a_token_shared_by_the_header_newline_and_the_reply_is_the_replys(tmp_pa
 def test_special_token_strings_in_contents_stay_text_as_with_sanitize_control_tokens(
     native: ChatTokenizer, tmp_path: Path
 ) -> None:
-    export_tokenizer_files(native, tmp_path)
+    native.export_files(tmp_path)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     messages = [Message("user", "say <|end|> and <|assistant|>"), Message("assistant", "ok <|end|><|bos|>")]
     ids, _ = native.encode_conversation(messages)
@@ -104,7 +104,7 @@ def test_special_token_strings_in_contents_stay_text_as_with_sanitize_control_to
 
 
 def test_native_template_read_back_uses_the_native_encoder(native: ChatTokenizer, tmp_path: Path) -> None:
-    export_tokenizer_files(native, tmp_path)
+    native.export_files(tmp_path)
     again = ChatTokenizer.from_file(tmp_path / "tokenizer.json")
     assert again.codec is None and again.chat_template is None
     assert again.encode_conversation(CONVERSATIONS[0]) == native.encode_conversation(CONVERSATIONS[0])
@@ -124,7 +124,7 @@ def test_native_template_read_back_uses_the_native_encoder(native: ChatTokenizer
 )
 def test_imported_template_equals_apply_chat_template(family: str, tokenizer_class: str | None, tmp_path: Path) -> None:
     tokenizer = family_chat_tokenizer(family)
-    export_tokenizer_files(tokenizer, tmp_path)
+    tokenizer.export_files(tmp_path)
     if tokenizer_class is not None:  # as the model's own tokenizer_config.json names it
         config = json.loads((tmp_path / "tokenizer_config.json").read_text())
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
@@ -159,7 +159,7 @@ def test_worker_processes_receive_the_template(tmp_path: Path) -> None:
     settings = EncodeSettings.of(tokenizer)
     native = EncodeSettings.of(train_bpe_tokenizer(TEXTS, vocab_size=420))
     assert settings.tokenizer_json != native.tokenizer_json
-    ids, target = settings.encoder().encode_messages(CONVERSATIONS[1])
+    ids, target = encode_messages(settings.encoder(), CONVERSATIONS[1])
     expected_ids, labels = tokenizer.encode_conversation(CONVERSATIONS[1])
     assert ids.tolist() == expected_ids
     assert target.tolist() == [int(label != -100) for label in labels]
@@ -184,7 +184,7 @@ def test_the_template_is_read_as_transformers_picks_it(tmp_path: Path) -> None:
 
 def test_generation_config_stop_ids_are_read_and_saved_with_the_tokenizer(tmp_path: Path) -> None:
     model = tmp_path / "model"
-    export_tokenizer_files(family_chat_tokenizer("llama3"), model)  # EOS <|eot_id|> (4), as Llama-3-Instruct's
+    family_chat_tokenizer("llama3").export_files(model)  # EOS <|eot_id|> (4), as Llama-3-Instruct's
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4], "temperature": 0.6}))
     tokenizer = ChatTokenizer.from_file(model / "tokenizer.json")
     assert tokenizer.stop_ids == {1, 4}  # <|end_of_text|> and <|eot_id|>

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 from lumina_ds.cli import main
-from lumina_ds.data import ChatTemplate, ChatTokenizer, SkippedLine, iter_conversations, read_conversations
-from lumina_ds.data.validate import count_tokens
+from lumina_ds.data.records.reader import iter_conversations
+from lumina_ds.data.records.types import SkippedLine
+from lumina_ds.data.validate.validator import count_tokens
 from lumina_ds.errors import DataError
+from lumina_ds.tokenizer import ChatTemplate, ChatTokenizer
+from tests.helpers import read_conversations
 
 # examples/validation_errors.jsonl (examples/make_validation_errors.py): the error lines training skips ...
 ERRORS = {

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.distributed.consolidate import write_consolidated
 from lumina_ds.generation.loading import _read_weights, weights_files
+from lumina_ds.models.config import ModelConfig, MoEConfig
+from lumina_ds.models.transformer import Transformer
 from lumina_ds.run_dir import INDEX_FILE, WEIGHTS_FILE
 from tests.distributed.conftest import ROOT
 from tests.integration.conftest import child_env, free_port
@@ -23,8 +24,8 @@ from tests.integration.conftest import child_env, free_port
 
 def tiny() -> torch.nn.Module:
     torch.manual_seed(0)
-    return ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=24)).build()  # fmt: skip
+    return Transformer(ModelConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                       moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=24)))  # fmt: skip
 
 
 def test_small_shards_with_an_index_hold_every_weight_once(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from lumina_ds.distributed.ds_config import (
 from lumina_ds.distributed.expert_parallel import autoep_section
 from lumina_ds.distributed.parallelize import parallelize
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.transformer import Transformer
 
 
 def test_batch_arithmetic_micro_times_accum_times_ranks() -> None:
@@ -69,24 +70,24 @@ def test_bad_override_file_is_a_config_error(tmp_path: Path) -> None:
 def test_autoep_pattern_matches_only_moe_layers() -> None:
     run = get_preset("debug")
     run.model.num_layers, run.model.moe.moe_every = 4, 2
-    section = autoep_section(run.model.build(), ep_size=2)
+    section = autoep_section(Transformer(run.model), ep_size=2)
     assert section["moe_layer_pattern"] == r"layers\.(1|3)\.ffn"
     assert section["autoep_size"] == 2 and section["top_k"] == 2 and not section["has_shared_experts"]
     # naming a shared-experts pattern without shared experts makes DeepSpeed warn on every rank of every run
     assert "shared_experts_pattern" not in section
     run.model.moe.num_shared_experts, run.model.moe.shared_intermediate_size = 1, 32
-    shared = autoep_section(run.model.build(), ep_size=2)
+    shared = autoep_section(Transformer(run.model), ep_size=2)
     assert shared["has_shared_experts"] and shared["shared_experts_pattern"] == "shared"
 
 
 def test_parallelize_only_adds_autoep_when_experts_are_split() -> None:
     run = get_preset("debug")
-    model = run.model.build()
+    model = Transformer(run.model)
     assert parallelize(model, run, rank=0) == {}  # ep 1: our own block, no replacement
     run.distributed.expert_parallel_size = 2
-    assert "expert_parallel" in parallelize(run.model.build(), run, rank=0)
+    assert "expert_parallel" in parallelize(Transformer(run.model), run, rank=0)
     run.train.gradient_checkpointing = True
-    model = run.model.build()
+    model = Transformer(run.model)
     parallelize(model, run, rank=0)
     assert model.recompute == "full"
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.distributed.consolidate import consolidated_tensors
 from lumina_ds.distributed.expert_parallel import apply_native_moe, autoep_section
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.config import ModelConfig, MoEConfig
+from lumina_ds.models.transformer import Transformer
 
 
 def model_config(**moe: object) -> ModelConfig:
@@ -25,11 +26,11 @@ def model_config(**moe: object) -> ModelConfig:
 
 
 def test_autoep_is_told_the_routing_norm_and_the_shared_gate() -> None:
-    plain = autoep_section(model_config().build(), ep_size=2)
+    plain = autoep_section(Transformer(model_config()), ep_size=2)
     assert plain["route_norm"] is True and "shared_experts_gate_pattern" not in plain
     qwen2_moe = model_config(norm_topk_prob=False, num_shared_experts=1, shared_intermediate_size=24,
                              shared_expert_gate=True)  # fmt: skip
-    section = autoep_section(qwen2_moe.build(), ep_size=2)
+    section = autoep_section(Transformer(qwen2_moe), ep_size=2)
     assert section["route_norm"] is False
     assert section["shared_experts_pattern"] == "shared" and section["shared_experts_gate_pattern"] == "shared_gate"
 
@@ -58,7 +59,7 @@ def test_autoep_shared_gate_is_consolidated_under_our_name() -> None:
     ],
 )
 def test_native_moe_refuses_what_it_cannot_compute(moe: dict[str, object], named: str) -> None:
-    model = model_config(**moe).build()
+    model = Transformer(model_config(**moe))
     with pytest.raises(ConfigError, match=named) as caught:
         apply_native_moe(model, ep_size=1, ep_rank=0, deterministic=True)
     assert caught.value.code == "E002" and "--moe-backend autoep" in caught.value.hint

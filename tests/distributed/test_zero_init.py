@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     init_distributed()
     run = get_preset("debug")
     torch.manual_seed(0)
-    plain = dict(run.model.build().named_parameters())
+    plain = dict(Transformer(run.model).named_parameters())
     run.distributed.zero_stage = 3
     torch.manual_seed(0)
     model = build_model(run, world_size=1, precision="fp32")
@@ -52,7 +52,7 @@ BF16_SCRIPT = textwrap.dedent(
     run = get_preset("debug")
     run.model.rope_theta, run.model.max_seq_len = 5e5, 8192  # b50's theta, where bf16 frequencies go wrong
     torch.manual_seed(0)
-    plain = run.model.build()
+    plain = Transformer(run.model)
     run.distributed.zero_stage, run.train.precision = 3, "bf16"
     torch.manual_seed(0)
     engine = build_engine(build_model(run, world_size=1, precision="bf16"), run, info=info, total_steps=1,

@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from lumina_ds.config import ModelConfig, MoEConfig, RunConfig, get_preset, save_config
-from lumina_ds.data import ChatTokenizer, train_bpe_tokenizer
-from lumina_ds.generation import InferenceBundle, save_consolidated
+from lumina_ds.config import RunConfig, get_preset, save_config
+from lumina_ds.generation import InferenceBundle
 from lumina_ds.models.attention import LayerKVCache
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER, tag_for_step
+from lumina_ds.tokenizer import ChatTokenizer, train_bpe_tokenizer
+from tests.helpers import save_consolidated
 
 TEXTS = ["hello there, how are you?", "I am fine, thank you.", "the quick brown fox jumps over the lazy dog"] * 5
 
@@ -39,7 +41,7 @@ def make_run_dir(root: Path, tokenizer: ChatTokenizer, *, tie: bool = True, step
     torch.manual_seed(0)
     config = get_preset("debug")
     config.model = tiny_model_config(tokenizer.vocab_size, tie_embeddings=tie)
-    model = config.model.build()
+    model = Transformer(config.model)
     root.mkdir(parents=True, exist_ok=True)
     save_config(config, root / "config.yaml")
     tokenizer.save(root / "tokenizer.json")
@@ -82,7 +84,7 @@ class ScriptedModel(nn.Module):
 
 def scripted_bundle(tokenizer: ChatTokenizer, replies: list[str]) -> tuple[InferenceBundle, ScriptedModel]:
     """A bundle whose model answers each reply in turn (then END); replies are given as text."""
-    from lumina_ds.data import END
+    from lumina_ds.tokenizer import END
 
     end = tokenizer.token_id(END)
     script = [t for reply in replies for t in [*tokenizer.encode(reply), end]]

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from lumina_ds.config import ModelConfig, MoEConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.generation import SamplingConfig, generate
 from lumina_ds.generation.batched import generate_batch
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.transformer import Transformer
 
 
@@ -35,7 +35,7 @@ def moe_model(**overrides: object) -> Transformer:
         moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=32, moe_every=1),
     )  # fmt: skip
     fields.update(overrides)
-    return ModelConfig(**fields).build().eval()  # type: ignore[arg-type]
+    return Transformer(ModelConfig(**fields)).eval()  # type: ignore[arg-type]
 
 
 def prompts_of(lengths: tuple[int, ...] = LENGTHS) -> list[list[int]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lumina_ds.data import ChatTemplate, ChatTokenizer, Message
 from lumina_ds.generation import ChatSession, SamplingConfig, load_for_inference, one_shot, run_repl
 from lumina_ds.models.transformer import Transformer
+from lumina_ds.tokenizer import ChatTemplate, ChatTokenizer, Message
 from tests.generation.conftest import scripted_bundle
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=64)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from lumina_ds.cli import main
-from lumina_ds.data import Message
 from lumina_ds.errors import DataError
 from lumina_ds.generation import SamplingConfig, generate, load_for_inference
 from lumina_ds.generation.check import (
@@ -22,6 +21,7 @@ from lumina_ds.generation.check import (
     summary,
 )
 from lumina_ds.models.transformer import Transformer
+from lumina_ds.tokenizer import Message
 
 
 @pytest.mark.parametrize(

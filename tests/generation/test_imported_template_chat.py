@@ -10,9 +10,9 @@ import pytest
 
 from lumina_ds.cli import main
 from lumina_ds.config import RunConfig
-from lumina_ds.data import ChatTokenizer
-from lumina_ds.data.chat_template import JinjaChatTemplate
 from lumina_ds.generation import ChatSession, InferenceBundle, SamplingConfig, load_for_inference
+from lumina_ds.tokenizer import ChatTokenizer
+from lumina_ds.tokenizer.jinja import JinjaChatTemplate
 from tests.data.hf_templates import CHATML_SPECIALS, QWEN25, TEXTS, family_tokenizer
 from tests.generation.conftest import ScriptedModel, make_run_dir, tiny_model_config
 

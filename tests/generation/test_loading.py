@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lumina_ds.data import ChatTokenizer
 from lumina_ds.errors import CheckpointError
-from lumina_ds.generation import load_for_inference, save_consolidated
+from lumina_ds.generation import load_for_inference
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER, WEIGHTS_FILE, tag_for_step
+from lumina_ds.tokenizer import ChatTokenizer
 from tests.generation.conftest import make_run_dir
+from tests.helpers import save_consolidated
 
 INPUT = torch.tensor([[1, 7, 9, 30, 2, 11, 4]])  # [1, 7]
 

@@ -112,7 +112,7 @@ def test_fit_prompt_truncates_from_the_left() -> None:
 
 def _model(seed: int = 0, **overrides: Any) -> Transformer:
     torch.manual_seed(seed)
-    return tiny_model_config(64, **overrides).build().eval()
+    return Transformer(tiny_model_config(64, **overrides)).eval()
 
 
 @torch.no_grad()

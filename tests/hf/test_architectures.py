@@ -33,7 +33,7 @@ def checkpoint(model: Any, directory: Path) -> tuple[dict[str, Any], dict[str, t
 def imported(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Transformer:
     result = model_config_from_hf(config)
     names, read = hf_to_ours(result.model, result.arch, list(tensors), tensors.__getitem__)
-    model = result.model.build().eval()
+    model = Transformer(result.model).eval()
     params = dict(model.named_parameters())
     assert names == list(params)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_debug_preset_exports_as_mixtral(tmp_path: Path) -> None:
 
     config = get_preset("debug").model
     torch.manual_seed(3)
-    ours = config.build().eval()
+    ours = Transformer(config).eval()
     randomize(ours, seed=3)
     exported_config = hf_config_from_model(config)
     assert exported_config["architectures"] == ["MixtralForCausalLM"] and exported_config["tie_word_embeddings"]
@@ -128,7 +128,7 @@ def test_debug_preset_exports_as_mixtral(tmp_path: Path) -> None:
 def test_an_ungated_shared_expert_exports_as_qwen2_moe_exactly(tmp_path: Path) -> None:
     """Our b7+ presets' shared expert has no gate; Qwen2-MoE's always has one: a zero gate (sigmoid 1/2) and a doubled
     down_proj make the export compute what we do."""
-    from lumina_ds.config.model import ModelConfig, MoEConfig
+    from lumina_ds.models.config import ModelConfig, MoEConfig
     from tests.hf.tiny_models import randomize
 
     moe = MoEConfig(num_experts=5, top_k=2, expert_intermediate_size=20, num_shared_experts=1,
@@ -136,7 +136,7 @@ def test_an_ungated_shared_expert_exports_as_qwen2_moe_exactly(tmp_path: Path) -
     config = ModelConfig(vocab_size=211, hidden_size=40, num_layers=2, num_heads=5, num_kv_heads=1,
                          intermediate_size=56, max_seq_len=64, tie_embeddings=False, moe=moe)  # fmt: skip
     torch.manual_seed(11)
-    ours = config.build().eval()
+    ours = Transformer(config).eval()
     randomize(ours, seed=11)
     exported_config = hf_config_from_model(config)
     assert exported_config["architectures"] == ["Qwen2MoeForCausalLM"]
@@ -156,7 +156,7 @@ def test_consolidated_checkpoint_weights_export(arch: str) -> None:
 
     config = model_config_from_hf(hf_config(arch).to_dict()).model
     torch.manual_seed(5)
-    model = config.build()
+    model = Transformer(config)
     consolidated = dict(consolidated_tensors(model))
     exported = dict(ours_to_hf(config, arch, list(consolidated), consolidated.__getitem__))
     params = dict(model.named_parameters())

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.hf.architectures import SUPPORTED, export_architecture, hf_config_from_model, model_config_from_hf
 from lumina_ds.hf.weights import hf_to_ours, ours_to_hf
+from lumina_ds.models.config import ModelConfig, MoEConfig
+from lumina_ds.models.transformer import Transformer
 
 pytest.importorskip("transformers")
 
@@ -100,7 +101,7 @@ def checkpoint_of(arch: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 def _our_checkpoint(model: ModelConfig) -> tuple[list[str], Any]:
     torch.manual_seed(0)
-    params = dict(model.build().named_parameters())
+    params = dict(Transformer(model).named_parameters())
     return list(params), lambda name: params[name].detach()
 
 

@@ -17,7 +17,7 @@ EXAMPLES = ROOT / "examples"
 TRAIN = str(EXAMPLES / "conversations.jsonl")
 EVAL = str(EXAMPLES / "conversations_eval.jsonl")
 # small and fast: 128-token rows, micro-batch 4, frequent logs
-FAST = ["--preset", "debug", "--seq-len", "128", "--micro-batch-size", "4", "--log-every-n-batches", "1"]
+FAST = ["--preset", "debug", "--seq-len", "128", "--micro-batch-size", "4", "--log-every-n-steps", "1"]
 
 
 def free_port() -> int:

@@ -36,7 +36,7 @@ def test_two_rank_resume_is_exact_where_the_ranks_data_positions_differ(workdir:
     """Only rank 0's position used to be saved (and at ZeRO 0-2 read by every rank): rank 1 skipped or repeated. The
     position is now one global row, the same in every rank's file, from which each rank takes its micro-batches."""
     common = [*FAST, "--train-data", TRAIN, "--zero-stage", str(stage), "--precision", "fp32", "--no-progress-bar"]
-    full = deepspeed_launch([*common, "--max-steps", "12", "--save-every-n-batches", "4", "--experiment-name", "a"],
+    full = deepspeed_launch([*common, "--max-steps", "12", "--save-every-n-steps", "4", "--experiment-name", "a"],
                             cwd=workdir)  # fmt: skip
     assert full.returncode == 0
     tag = workdir / "runs" / "a" / "checkpoints" / "step_00000008"
@@ -44,7 +44,7 @@ def test_two_rank_resume_is_exact_where_the_ranks_data_positions_differ(workdir:
     # 8 steps x 2 ranks x 4 rows: the 64th row of the first epoch, whichever rank saved it (rank 1's rows of the
     # next step are rows 68-71, not rows of rank 1's own document share as before)
     assert [(p["epoch"], p["row"]) for p in positions] == [(0, 64), (0, 64)]
-    resumed = deepspeed_launch([*common, "--max-steps", "12", "--save-every-n-batches", "100", "--experiment-name",
+    resumed = deepspeed_launch([*common, "--max-steps", "12", "--save-every-n-steps", "100", "--experiment-name",
                                 "b", "--resume", str(tag), "--tokenizer", str(tag.parents[1] / "tokenizer.json")],
                                cwd=workdir)  # fmt: skip
     assert resumed.returncode == 0
@@ -55,7 +55,7 @@ def test_two_rank_resume_is_exact_where_the_ranks_data_positions_differ(workdir:
 
 
 def test_a_planted_pickle_runs_neither_on_resume_nor_in_chat(workdir: Path) -> None:
-    base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "p", "--save-every-n-batches", "2"]
+    base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "p", "--save-every-n-steps", "2"]
     assert lumina([*base, "--max-steps", "2"], cwd=workdir).returncode == 0
     tag = workdir / "runs" / "p" / "checkpoints" / "step_00000002"
     marker = workdir / "code-ran"
@@ -76,7 +76,7 @@ def test_a_planted_pickle_runs_neither_on_resume_nor_in_chat(workdir: Path) -> N
 def test_changed_learning_rate_takes_effect_on_resume(workdir: Path) -> None:
     """config.yaml recorded the new rate while the restored optimizer kept the old one (and E301 advises the change)."""
     base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "lr", "--lr-scheduler", "none",
-            "--warmup-ratio", "0", "--save-every-n-batches", "4"]  # fmt: skip
+            "--warmup-ratio", "0", "--save-every-n-steps", "4"]  # fmt: skip
     assert lumina([*base, "--max-steps", "4", "--learning-rate", "1e-3"], cwd=workdir).returncode == 0
     resumed = lumina([*base, "--max-steps", "6", "--learning-rate", "5e-4", "--auto-resume"], cwd=workdir)
     assert resumed.returncode == 0
@@ -94,7 +94,7 @@ def test_a_signal_to_one_of_two_ranks_stops_both_with_a_checkpoint_and_exit_128_
     stopped by SIGTERM exited 0, like a finished one."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launch" / "train.py"), *FAST, "--train-data", TRAIN, "--max-steps", "10000",
-           "--save-every-n-batches", "100000", "--experiment-name", "sig", "--no-progress-bar"]  # fmt: skip
+           "--save-every-n-steps", "100000", "--experiment-name", "sig", "--no-progress-bar"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=workdir, env=child_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     metrics = workdir / "runs" / "sig" / "metrics.jsonl"
@@ -129,7 +129,7 @@ def small_disk(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_of_e303_and_keeps_every_earlier_tag(small_disk: Path, workdir: Path) -> None:
     args = ["train", *FAST, "--train-data", TRAIN, "--output-dir", str(small_disk), "--experiment-name", "full",
-            "--save-every-n-batches", "1", "--save-total-limit", "20", "--max-steps", "20"]  # fmt: skip
+            "--save-every-n-steps", "1", "--save-total-limit", "20", "--max-steps", "20"]  # fmt: skip
     proc = lumina(args, cwd=workdir)
     assert proc.returncode == 1
     assert "[E303]" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,9 +15,7 @@ REQUIRED_LOG_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "aux_l
 
 def test_train_auto_resume_and_chat(workdir: Path) -> None:
     base = ["train", *FAST, "--train-data", TRAIN, "--eval-data", EVAL, "--experiment-name", "e2e"]
-    first = lumina(
-        [*base, "--max-steps", "6", "--save-every-n-batches", "3", "--eval-every-n-batches", "3"], cwd=workdir
-    )
+    first = lumina([*base, "--max-steps", "6", "--save-every-n-steps", "3", "--eval-every-n-steps", "3"], cwd=workdir)
     assert first.returncode == 0
     run_dir = workdir / "runs" / "e2e"
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "tensorboard", "report.png"):
@@ -34,7 +32,7 @@ def test_train_auto_resume_and_chat(workdir: Path) -> None:
     assert sum(logs[0]["expert_counts"][0]) == 4 * 128 * 2
     assert [e["step"] for e in evals] == [3, 6] and evals[-1]["eval_tokens"] > 1000
 
-    second = lumina([*base, "--max-steps", "9", "--auto-resume", "--save-every-n-batches", "100"], cwd=workdir)
+    second = lumina([*base, "--max-steps", "9", "--auto-resume", "--save-every-n-steps", "100"], cwd=workdir)
     assert second.returncode == 0
     assert "resumed from" in second.stdout and "at step 6" in second.stdout
     logs, _ = read_metrics(run_dir)

@@ -19,7 +19,7 @@ def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train(workdir: Path, name: str, tokenizer: Path, *extra: str) -> Path:
     args = [*FAST, "--train-data", f"{TRAIN},{EVAL}:0.5", "--tokenizer", str(tokenizer), "--max-steps", "8"]
-    args += ["--experiment-name", name, "--output-dir", "runs", "--eval-every-n-batches", "100", *extra]
+    args += ["--experiment-name", name, "--output-dir", "runs", "--eval-every-n-steps", "100", *extra]
     proc = lumina(["train", *args], cwd=workdir)
     assert proc.returncode == 0
     return workdir / "runs" / name
@@ -41,7 +41,7 @@ def test_prepare_data_then_train_reuses_the_shards(workdir: Path, tokenizer_file
 
 
 def test_every_strategy_trains_on_the_same_tokens_and_resumes_exactly(workdir: Path, tokenizer_file: Path) -> None:
-    memory = train(workdir, "memory", tokenizer_file, "--data-strategy", "memory", "--save-every-n-batches", "4")
+    memory = train(workdir, "memory", tokenizer_file, "--data-strategy", "memory", "--save-every-n-steps", "4")
     reference, _ = read_metrics(memory)
     assert [r["step"] for r in reference] == list(range(1, 9))
     for strategy in ("sharded", "streaming"):
@@ -61,7 +61,7 @@ def test_two_ranks_train_the_same_from_shards_built_once_and_from_streaming(
 ) -> None:
     """Local rank 0 builds the missing shards while rank 1 waits; streaming workers forked under gloo agree."""
     common = [*FAST, "--train-data", f"{TRAIN},{EVAL}:0.5", "--tokenizer", str(tokenizer_file), "--max-steps", "4",
-              "--output-dir", "runs", "--zero-stage", "2", "--eval-every-n-batches", "100"]  # fmt: skip
+              "--output-dir", "runs", "--zero-stage", "2", "--eval-every-n-steps", "100"]  # fmt: skip
     sharded = deepspeed_launch([*common, "--experiment-name", "sharded", "--data-strategy", "sharded"], cwd=workdir)
     assert sharded.returncode == 0 and "reused" not in sharded.stdout
     assert len(list((workdir / "runs" / "prepared").glob("conversations-*"))) == 1  # built once, not per rank

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lumina_ds.data import read_conversations
+from tests.helpers import read_conversations
 from tests.integration.conftest import EVAL, FAST, TRAIN, lumina, read_metrics
 
 
@@ -39,7 +39,7 @@ def _write_sources(directory: Path) -> tuple[str, str]:
 
 def _train(workdir: Path, name: str, data: str, strategy: str, *extra: str) -> Path:
     args = [*FAST, "--train-data", data, "--max-steps", "8", "--experiment-name", name, "--output-dir", "runs"]
-    args += ["--tokenizer", "tok.json", "--data-strategy", strategy, "--eval-every-n-batches", "100"]
+    args += ["--tokenizer", "tok.json", "--data-strategy", strategy, "--eval-every-n-steps", "100"]
     proc = lumina(["train", *args, *extra], cwd=workdir)
     assert proc.returncode == 0
     assert f"data strategy: {strategy}" in proc.stdout
@@ -55,13 +55,13 @@ def test_tables_mixed_with_weights_train_like_jsonl_and_resume_exactly(workdir: 
     tables, jsonl = _write_sources(workdir)
     proc = lumina(["tokenizer", "train", "chats.jsonl", "--vocab-size", "512", "--output", "tok.json"], cwd=workdir)
     assert proc.returncode == 0
-    full = _train(workdir, "full", tables, "memory", "--save-every-n-batches", "4")
+    full = _train(workdir, "full", tables, "memory", "--save-every-n-steps", "4")
     reference, _ = read_metrics(full)
     assert [r["step"] for r in reference] == list(range(1, 9))
     as_jsonl, _ = read_metrics(_train(workdir, "jsonl", jsonl, "memory"))
     assert [r["loss"] for r in as_jsonl] == pytest.approx([r["loss"] for r in reference], abs=1e-6)
     assert [r["tokens"] for r in as_jsonl] == [r["tokens"] for r in reference]
-    resumed = _train(workdir, "resumed", tables, "streaming", "--num-workers", "2", "--save-every-n-batches", "4",
+    resumed = _train(workdir, "resumed", tables, "streaming", "--num-workers", "2", "--save-every-n-steps", "4",
                      "--resume", str(full / "checkpoints" / "step_00000004"))  # fmt: skip
     logs, _ = read_metrics(resumed)
     assert [r["step"] for r in logs] == [5, 6, 7, 8]

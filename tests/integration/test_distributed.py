@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lumina_ds.data import EncodeSettings
-from lumina_ds.data.pipeline import eval_rows
+from lumina_ds.data.loading.pipeline import eval_rows
+from lumina_ds.data.prepare.tokenize import EncodeSettings
 from lumina_ds.generation import load_for_inference
 from tests.integration.conftest import EVAL, FAST, TRAIN, deepspeed_launch, read_metrics
 
@@ -50,7 +50,7 @@ def check_run(run_dir: Path, *, grad_accum: int = 1) -> None:
 
 def test_zero3_autoep_ep2(workdir: Path) -> None:
     run_dir = train_two_ranks(workdir, "z3", ["--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "12",
-                                              "--eval-every-n-batches", "12"])  # fmt: skip
+                                              "--eval-every-n-steps", "12"])  # fmt: skip
     check_run(run_dir)
     assert (run_dir / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_model_states.pt").exists()
 
@@ -58,15 +58,15 @@ def test_zero3_autoep_ep2(workdir: Path) -> None:
 def test_zero2_native_moe_ep2(workdir: Path) -> None:
     run_dir = train_two_ranks(workdir, "native", ["--zero-stage", "2", "--expert-parallel-size", "2", "--moe-backend",
                                                   "native", "--deterministic-gating", "--max-steps", "12",
-                                                  "--eval-every-n-batches", "12", "--grad-accum", "2"])  # fmt: skip
+                                                  "--eval-every-n-steps", "12", "--grad-accum", "2"])  # fmt: skip
     check_run(run_dir, grad_accum=2)
     tag = run_dir / "checkpoints" / "step_00000012"
     assert len(list(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 2 * 4  # 2 layers x 4 experts
 
 
 def test_resume_reproduces_uninterrupted_run(workdir: Path) -> None:
-    common = ["--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "10", "--eval-every-n-batches", "100"]
-    full = train_two_ranks(workdir, "full", [*common, "--save-every-n-batches", "5"])
+    common = ["--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "10", "--eval-every-n-steps", "100"]
+    full = train_two_ranks(workdir, "full", [*common, "--save-every-n-steps", "5"])
     resumed = train_two_ranks(workdir, "resumed", [*common, "--resume", str(full / "checkpoints" / "step_00000005")])
     full_logs, _ = read_metrics(full)
     resumed_logs, _ = read_metrics(resumed)
@@ -79,7 +79,7 @@ def test_resume_reproduces_uninterrupted_run(workdir: Path) -> None:
 def test_zero3_autoep_bf16_with_activation_checkpointing(workdir: Path) -> None:
     # moe recompute: backward re-runs AutoEP's replacement block, gathering its ZeRO-3 expert partitions again
     run_dir = train_two_ranks(workdir, "bf16", ["--zero-stage", "3", "--expert-parallel-size", "2", "--precision",
-                                                "bf16", "--max-steps", "4", "--eval-every-n-batches", "4",
+                                                "bf16", "--max-steps", "4", "--eval-every-n-steps", "4",
                                                 "--activation-checkpointing", "moe"])  # fmt: skip
     logs, evals = read_metrics(run_dir)
     assert len(logs) == 4 and all(math.isfinite(r["loss"]) for r in logs)
@@ -89,7 +89,7 @@ def test_zero3_autoep_bf16_with_activation_checkpointing(workdir: Path) -> None:
 
 def test_autoep_ep2_trains_exactly_like_our_block_at_ep1(workdir: Path) -> None:
     """AutoEP replaces our MoE block with its own router, grouped experts and all-to-all: same math, same losses."""
-    common = ["--zero-stage", "1", "--max-steps", "6", "--eval-every-n-batches", "6"]
+    common = ["--zero-stage", "1", "--max-steps", "6", "--eval-every-n-steps", "6"]
     own = train_two_ranks(workdir, "ep1", [*common, "--expert-parallel-size", "1"])
     # with the MoE sub-block recomputed: the checkpoint wraps AutoEP's module, found in the block at call time
     autoep = train_two_ranks(workdir, "ep2", [*common, "--expert-parallel-size", "2", "--activation-checkpointing",

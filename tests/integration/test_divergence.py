@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.conftest import FAST, ROOT, TRAIN, child_env, free_port, read_metrics
 
-GUARD = ["--save-every-n-batches", "4", "--max-skipped-steps", "2", "--spike-window", "10"]
+GUARD = ["--save-every-n-steps", "4", "--max-skipped-steps", "2", "--spike-window", "10"]
 
 
 def train(workdir: Path, name: str, *args: str, faults: str = "") -> subprocess.CompletedProcess[str]:
@@ -60,12 +60,12 @@ def test_a_run_that_keeps_diverging_stops_with_e301_and_saves_nothing_after_the_
 
 
 def test_a_crash_between_steps_leaves_an_emergency_checkpoint_that_resumes_exactly(workdir: Path) -> None:
-    reference = train(workdir, "ref", "--max-steps", "8", "--save-every-n-batches", "100")
+    reference = train(workdir, "ref", "--max-steps", "8", "--save-every-n-steps", "100")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    crashed = train(workdir, "crash", "--max-steps", "8", "--save-every-n-batches", "100", faults="crash@5")
+    crashed = train(workdir, "crash", "--max-steps", "8", "--save-every-n-steps", "100", faults="crash@5")
     assert crashed.returncode == 1 and "injected crash after step 5" in crashed.stderr
     assert "emergency checkpoint of step 5 saved after RuntimeError" in crashed.stdout
-    resumed = train(workdir, "crash", "--max-steps", "8", "--save-every-n-batches", "100", "--auto-resume")
+    resumed = train(workdir, "crash", "--max-steps", "8", "--save-every-n-steps", "100", "--auto-resume")
     assert resumed.returncode == 0 and "at step 5" in resumed.stdout
     ref = dict(losses(workdir, "ref"))
     after = [(s, loss) for s, loss in losses(workdir, "crash") if s > 5]
@@ -74,7 +74,7 @@ def test_a_crash_between_steps_leaves_an_emergency_checkpoint_that_resumes_exact
 
 
 def test_out_of_memory_halves_the_micro_batch_and_continues_from_the_last_checkpoint(workdir: Path) -> None:
-    proc = train(workdir, "oom", "--max-steps", "6", "--save-every-n-batches", "2", faults="oom@4")
+    proc = train(workdir, "oom", "--max-steps", "6", "--save-every-n-steps", "2", faults="oom@4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backing off from micro-batch 4 x accumulation 1 to micro-batch 2 x accumulation 2" in proc.stdout
     assert "no emergency checkpoint after StepOutOfMemoryError: it came inside optimizer step 4" in proc.stdout
@@ -87,13 +87,13 @@ def test_out_of_memory_halves_the_micro_batch_and_continues_from_the_last_checkp
     ds_config = json.loads((workdir / "runs" / "oom" / "ds_config.json").read_text())
     assert (ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]) == (2, 2)
     # the next launch of the same run starts at the smaller shape
-    again = train(workdir, "oom", "--max-steps", "7", "--save-every-n-batches", "2", "--auto-resume")
+    again = train(workdir, "oom", "--max-steps", "7", "--save-every-n-steps", "2", "--auto-resume")
     assert again.returncode == 0 and "micro-batch 4 x accumulation 1 -> micro-batch 2 x accumulation 2" in again.stdout
 
 
 def test_a_huge_learning_rate_ends_in_e301_not_in_checkpoints_of_a_dead_model(workdir: Path) -> None:
     """LuminaAI-style runs with --learning-rate 1e6 used to exit 0 with "complete" checkpoints of a loss of 2e18."""
-    proc = train(workdir, "lr", "--max-steps", "60", "--learning-rate", "1e6", "--save-every-n-batches", "10")
+    proc = train(workdir, "lr", "--max-steps", "60", "--learning-rate", "1e6", "--save-every-n-steps", "10")
     assert proc.returncode == 1 and "[E301] training diverged" in proc.stderr
     assert "no verified checkpoint to rewind to" in proc.stderr
     assert not list((workdir / "runs" / "lr" / "checkpoints").glob("step_*"))
@@ -110,17 +110,17 @@ def launch_two(workdir: Path, name: str, *args: str, faults: str = "") -> subpro
 def test_two_ranks_agree_on_an_emergency_checkpoint_and_one_ranks_oom_is_recorded_for_the_relaunch(
     workdir: Path,
 ) -> None:
-    crashed = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-batches", "100", faults="crash@3")
+    crashed = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-steps", "100", faults="crash@3")
     assert crashed.returncode != 0 and "injected crash after step 3" in crashed.stderr + crashed.stdout
     assert "emergency checkpoint of step 3 saved after RuntimeError" in crashed.stdout
     tag = workdir / "runs" / "two" / "checkpoints" / "step_00000003"
     assert json.loads((tag / "complete.json").read_text())["world_size"] == 2
     # rank 1 alone runs out of memory in step 5: rank 0 waits in a collective it never joins, so nothing is retried
     # in place; the smaller shape is recorded and the launch ends
-    oom = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-batches", "100", "--auto-resume",
+    oom = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-steps", "100", "--auto-resume",
                      faults="oom@5:1")  # fmt: skip
     assert oom.returncode != 0 and "[E204]" in oom.stderr + oom.stdout and "recorded a backoff" in oom.stderr
-    again = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-batches", "100", "--auto-resume")
+    again = launch_two(workdir, "two", "--max-steps", "6", "--save-every-n-steps", "100", "--auto-resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "micro-batch 4 x accumulation 1 -> micro-batch 2 x accumulation 2" in again.stdout
     assert "resumed from" in again.stdout and "at step 3" in again.stdout
@@ -132,7 +132,7 @@ def test_a_resumed_run_judges_its_steps_with_the_guards_saved_history(workdir: P
     step the uninterrupted run skipped, and the two diverged (found by benchmarks/fault_drill.py)."""
     # a touchy norm test: most steps above the recent mean are skipped, so the history decides many steps
     touchy = ["--grad-norm-spike-factor", "1.01", "--spike-window", "4", "--max-skipped-steps", "1000",
-              "--max-steps", "12", "--save-every-n-batches", "4"]  # fmt: skip
+              "--max-steps", "12", "--save-every-n-steps", "4"]  # fmt: skip
     full = train(workdir, "full", *touchy)
     assert full.returncode == 0, full.stderr[-3000:]
     skipped = {int(line.split()[2]) for line in full.stdout.splitlines() if line.startswith("warning: step ")}
@@ -153,7 +153,7 @@ def test_a_resumed_run_judges_its_steps_with_the_guards_saved_history(workdir: P
 def test_resuming_an_older_tag_sets_the_newer_ones_aside_so_rotation_and_auto_resume_follow_it(workdir: Path) -> None:
     """Found by benchmarks/fault_drill.py: after `--resume` of an older tag, rotation (newest by step number) deleted
     the new continuation's tags at once, and a later --auto-resume went back to the abandoned ones."""
-    common = ["--save-every-n-batches", "2", "--save-total-limit", "2"]
+    common = ["--save-every-n-steps", "2", "--save-total-limit", "2"]
     assert train(workdir, "rot", *common, "--max-steps", "8").returncode == 0  # tags 6, 8
     checkpoints = workdir / "runs" / "rot" / "checkpoints"
     older = train(workdir, "rot", *common, "--max-steps", "7", "--resume", str(checkpoints / "step_00000006"))

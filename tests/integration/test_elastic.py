@@ -29,12 +29,12 @@ def assert_follows(resumed: Path, original: Path) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_with_ep_2_resume_on_one_process_with_ep_1(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    saved = [*COMMON, "--zero-stage", "2", "--expert-parallel-size", "2", "--save-every-n-batches", "4"]
+    saved = [*COMMON, "--zero-stage", "2", "--expert-parallel-size", "2", "--save-every-n-steps", "4"]
     assert deepspeed_launch([*saved, "--experiment-name", "a"], cwd=workdir).returncode == 0
     tag = workdir / "runs" / "a" / "checkpoints" / "step_00000004"
     again = [*COMMON, "--zero-stage", "2", "--experiment-name", "b", "--resume", str(tag), "--tokenizer",
              str(workdir / "runs" / "a" / "tokenizer.json")]  # fmt: skip
-    one = lumina(["train", *again, "--grad-accum", "2", "--save-every-n-batches", "100"], cwd=workdir)
+    one = lumina(["train", *again, "--grad-accum", "2", "--save-every-n-steps", "100"], cwd=workdir)
     assert one.returncode == 0
     assert "saved by 2 process(es), expert-parallel size 2; this run has 1 process(es), expert-parallel size 1" in (
         one.stdout
@@ -47,7 +47,7 @@ def test_two_ranks_with_ep_2_resume_on_one_process_with_ep_1(workdir: Path, monk
     universal = workdir / "runs" / "b" / "checkpoints" / ".universal" / "step_00000004"
     assert reusable(universal, tag) is None
     monkeypatch.setenv("LUMINA_FAULTS", "nan_loss@6,nan_loss@7,nan_loss@8")
-    halved = lumina(["train", *again, "--grad-accum", "1", "--max-steps", "9", "--save-every-n-batches", "1"],
+    halved = lumina(["train", *again, "--grad-accum", "1", "--max-steps", "9", "--save-every-n-steps", "1"],
                     cwd=workdir)  # fmt: skip
     assert halved.returncode == 0 and "reusing the verified universal checkpoint" in halved.stdout
     notes = [line for line in halved.stdout.splitlines() if "not exact" in line]
@@ -63,7 +63,7 @@ def test_two_ranks_with_ep_2_resume_on_one_process_with_ep_1(workdir: Path, monk
 
 @pytest.mark.slow
 def test_one_process_resumes_on_two_ranks_with_ep_2_at_zero_3(workdir: Path) -> None:
-    saved = [*COMMON, "--zero-stage", "3", "--grad-accum", "2", "--save-every-n-batches", "4"]
+    saved = [*COMMON, "--zero-stage", "3", "--grad-accum", "2", "--save-every-n-steps", "4"]
     assert lumina(["train", *saved, "--experiment-name", "a"], cwd=workdir).returncode == 0
     tag = workdir / "runs" / "a" / "checkpoints" / "step_00000004"
     two = deepspeed_launch([*COMMON, "--zero-stage", "3", "--expert-parallel-size", "2", "--experiment-name", "b",

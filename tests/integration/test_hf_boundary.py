@@ -235,7 +235,7 @@ def test_zero3_init_from_loads_every_weight_exactly_into_the_partitioned_model(h
 
 def test_fine_tune_of_an_imported_moe_at_zero3_ep2_exports_verified(hf_dir: Path, workdir: Path) -> None:
     args = ["--init-from", str(hf_dir), "--train-data", TRAIN, "--seq-len", "128", "--micro-batch-size", "2",
-            "--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "3", "--log-every-n-batches", "1",
+            "--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "3", "--log-every-n-steps", "1",
             "--experiment-name", "ft", "--lr", "3e-3"]  # fmt: skip
     proc = deepspeed_launch(args, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -243,7 +243,7 @@ def test_fine_tune_of_an_imported_moe_at_zero3_ep2_exports_verified(hf_dir: Path
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (workdir / "runs" / "ft" / "chat_template.jinja").is_file()  # the model's own template came along
-    out = lumina(["export", "runs/ft", "--output", "hf/ft"], cwd=workdir)  # bf16, verified against rounded weights
+    out = lumina(["export", "runs/ft", "--output", "hf/ft"], cwd=workdir)  # its stored dtype, verified
     assert out.returncode == 0 and "verified with transformers" in out.stdout, out.stderr[-2000:]
 
 

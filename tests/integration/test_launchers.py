@@ -18,7 +18,7 @@ from lumina_ds.errors import ConfigError
 from tests.integration.conftest import EVAL, FAST, ROOT, TRAIN, free_port, read_metrics, run
 
 TRAIN_PY = str(ROOT / "launch" / "train.py")
-RUN_FLAGS = [*FAST, "--train-data", TRAIN, "--eval-data", EVAL, "--max-steps", "3", "--eval-every-n-batches", "3"]
+RUN_FLAGS = [*FAST, "--train-data", TRAIN, "--eval-data", EVAL, "--max-steps", "3", "--eval-every-n-steps", "3"]
 MPI_ROOT_FLAGS = ["--allow-run-as-root", "--oversubscribe"]
 
 

@@ -14,7 +14,7 @@ from tests.integration.conftest import FAST, TRAIN, child_env, lumina, read_metr
 
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(workdir: Path) -> None:
     cmd = [sys.executable, "-m", "lumina_ds", "train", *FAST, "--train-data", TRAIN, "--max-steps", "10000",
-           "--experiment-name", "sig", "--save-every-n-batches", "100000"]  # fmt: skip
+           "--experiment-name", "sig", "--save-every-n-steps", "100000"]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=workdir, env=child_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -33,7 +33,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(workdir: Path) -> No
 
 
 def test_incomplete_tag_is_skipped_and_a_corrupt_one_falls_back(workdir: Path) -> None:
-    base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "ck", "--save-every-n-batches", "2"]
+    base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "ck", "--save-every-n-steps", "2"]
     assert lumina([*base, "--max-steps", "4"], cwd=workdir).returncode == 0
     checkpoints = workdir / "runs" / "ck" / "checkpoints"
     (checkpoints / "step_00000004" / "complete.json").unlink()  # as if killed mid-save

@@ -77,27 +77,12 @@ def test_selective_means_attention_and_the_old_boolean_is_an_alias() -> None:
         TrainConfig(activation_checkpointing="attn").validate()
 
 
-@pytest.mark.parametrize(
-    ("train", "mode"),
-    [
-        ("gradient_checkpointing: true", "full"),
-        ("gradient_checkpointing: false", "none"),
-        ("gradient_checkpointing: true\n  activation_checkpointing: moe", "moe"),
-        ("activation_checkpointing: selective", "selective"),
-    ],
-)
-def test_config_files_with_the_old_key_still_load(train: str, mode: str, tmp_path: object) -> None:
+def test_a_config_files_mode_wins_over_its_presets(tmp_path: object) -> None:
     from pathlib import Path
 
     path = Path(str(tmp_path)) / "config.yaml"
-    path.write_text(f"preset: b1\ntrain:\n  {train}\n")  # b1's own mode is full: the file's key wins over it
-    assert load_config(path).train.activation_checkpointing == mode
-
-
-def test_a_config_file_whose_two_keys_disagree_is_e002(tmp_path: object) -> None:
-    from pathlib import Path
-
-    path = Path(str(tmp_path)) / "config.yaml"
-    path.write_text("train:\n  gradient_checkpointing: false\n  activation_checkpointing: full\n")
-    with pytest.raises(ConfigError, match="contradicts"):
+    path.write_text("preset: b1\ntrain:\n  activation_checkpointing: selective\n")  # b1's own mode is full
+    assert load_config(path).train.activation_checkpointing == "selective"
+    path.write_text("train:\n  gradient_checkpointing: true\n")  # the flag's alias is not a config key
+    with pytest.raises(ConfigError, match="unknown key"):
         load_config(path)

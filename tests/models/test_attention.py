@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.models.attention import Attention, document_causal_mask
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.layers import RotaryEmbedding, apply_rotary
 from lumina_ds.models.transformer import Transformer
 
@@ -28,7 +28,7 @@ def tiny_model(seed: int = 0, **overrides: object) -> Transformer:
         moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=32),
     )
     fields.update(overrides)
-    model = ModelConfig(**fields).build()  # type: ignore[arg-type]
+    model = Transformer(ModelConfig(**fields))  # type: ignore[arg-type]
     return model.eval()
 
 

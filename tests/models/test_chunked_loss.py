@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lumina_ds.batch import IGNORE_INDEX
-from lumina_ds.config.model import ModelConfig, MoEConfig
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.loss import LMHead, chunk_tokens_for, linear_cross_entropy
 from lumina_ds.models.transformer import Transformer
 
@@ -77,7 +77,7 @@ def tiny_model(*, tie: bool) -> Transformer:
         max_seq_len=64, tie_embeddings=tie, init_std=0.1,
         moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=32),
     )  # fmt: skip
-    return cfg.build()
+    return Transformer(cfg)
 
 
 def model_batch() -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import lumina_ds.models.attention as attention_module
 import lumina_ds.models.transformer as transformer_module
 from lumina_ds.batch import IGNORE_INDEX
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.models.attention import (
     Attention,
@@ -33,6 +32,7 @@ from lumina_ds.models.attention import (
     flex_document_attention,
     resolve_backend,
 )
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.layers import RotaryEmbedding
 from lumina_ds.models.transformer import Transformer
 
@@ -48,7 +48,7 @@ def tiny_model(backend: str = "auto", seed: int = 0) -> Transformer:
         max_seq_len=ROW, tie_embeddings=False, init_std=0.1, attention_backend=backend,
         moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=32),
     )  # fmt: skip
-    return config.build().eval()
+    return Transformer(config).eval()
 
 
 def conversation(seed: int, length: int) -> Conversation:
@@ -60,7 +60,7 @@ def conversation(seed: int, length: int) -> Conversation:
 
 
 def pack(convs: list[Conversation], seq_len: int = ROW) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One row as lumina_ds.data.packing builds it: positions restart per conversation; padding has position 0,
+    """One row as lumina_ds.data.loading.packing builds it: positions restart per conversation; padding has position 0,
     token 0 and no target. -> input_ids, labels, position_ids, each [1, seq_len]."""
     ids = torch.zeros(seq_len, dtype=torch.long)
     labels = torch.full((seq_len,), IGNORE_INDEX)

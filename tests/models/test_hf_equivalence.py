@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lumina_ds.batch import IGNORE_INDEX
-from lumina_ds.config.model import ModelConfig, MoEConfig
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -50,7 +50,7 @@ def our_model(num_experts: int) -> Transformer:
         intermediate_size=DENSE_FFN, max_seq_len=256, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False,
         init_std=0.1, moe=MoEConfig(num_experts=num_experts, top_k=TOP_K, expert_intermediate_size=EXPERT_FFN),
     )  # fmt: skip
-    model = config.build().eval()
+    model = Transformer(config).eval()
     with torch.no_grad():  # non-trivial norm weights, so a misplaced norm cannot go unnoticed
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.presets import get_preset
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.layers import RMSNorm, RotaryEmbedding
 from lumina_ds.models.moe import GroupedExperts
 from lumina_ds.models.transformer import Transformer
@@ -33,7 +33,7 @@ OUTPUT_STD = {
 def built_on_meta(config: ModelConfig, seed: int) -> Transformer:
     """A model built without memory (meta), then materialised on the CPU and initialised from the seed."""
     with torch.device("meta"):
-        model = config.build()
+        model = Transformer(config)
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.reset_parameters()
@@ -99,10 +99,10 @@ def test_scaled_reproduces_the_debug_presets_weights_exactly(monkeypatch: pytest
     """The presets' weights before `normal` became the default stay one flag away (--init-scheme scaled)."""
     config = dataclasses.replace(get_preset("debug").model, init_scheme="scaled")
     torch.manual_seed(1234)
-    model = config.build()
+    model = Transformer(config)
     monkeypatch.setattr(Transformer, "reset_parameters", pre_scheme_init)  # the constructor's draws stay the same
     torch.manual_seed(1234)
-    reference = config.build()
+    reference = Transformer(config)
     for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert model.layers[1].attn.o_proj.weight.std().item() == pytest.approx(0.01, rel=0.05)  # 0.02 / sqrt(2 * 2)

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
-from lumina_ds.models import Transformer
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.moe import (
     GroupedExperts,
     MoEBlock,
@@ -19,6 +18,7 @@ from lumina_ds.models.moe import (
     router_z_loss,
     tokens_per_expert,
 )
+from lumina_ds.models.transformer import Transformer
 
 LOGITS = [
     [2.0, 1.0, 0.0, -1.0],
@@ -193,7 +193,7 @@ def tiny_moe_model(**moe: object) -> Transformer:
         vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
         max_seq_len=64, init_std=0.1, moe=MoEConfig(**fields),  # type: ignore[arg-type]
     )  # fmt: skip
-    return config.build()
+    return Transformer(config)
 
 
 def test_model_expert_counts_sum_to_tokens_times_k() -> None:

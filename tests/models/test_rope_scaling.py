@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from lumina_ds.config.model import ModelConfig, RopeScalingConfig
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.config import ModelConfig, RopeScalingConfig
 from lumina_ds.models.layers import RotaryEmbedding
 from lumina_ds.models.rope import dynamic_inv_freq, scaled_inv_freq
 

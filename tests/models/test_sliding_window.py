@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.models.attention import (
     Attention,
     build_document_mask,
@@ -18,6 +17,7 @@ from lumina_ds.models.attention import (
     document_causal_mask,
     flex_document_attention,
 )
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.layers import RotaryEmbedding
 from lumina_ds.models.transformer import Transformer
 
@@ -88,7 +88,7 @@ def windowed_model(backend: str = "sdpa") -> Transformer:
         max_seq_len=64, init_std=0.1, attention_backend=backend, sliding_window=5, sliding_window_layers=[0, 2],
         moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=24),
     )  # fmt: skip
-    return config.build().eval()
+    return Transformer(config).eval()
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
@@ -101,7 +101,7 @@ def test_a_document_in_a_packed_row_is_windowed_as_alone(backend: str) -> None:
         packed_ids = torch.cat([other, doc], dim=1)
         packed_pos = torch.cat([torch.arange(9), torch.arange(12)])[None]
         packed = model(packed_ids, position_ids=packed_pos)["logits"][:, 9:]
-        unwindowed = ModelConfig(**{**windowed_model().config.__dict__, "sliding_window": 0}).build()
+        unwindowed = Transformer(ModelConfig(**{**windowed_model().config.__dict__, "sliding_window": 0}))
         unwindowed.load_state_dict(model.state_dict())
         full = unwindowed.eval()(doc, position_ids=torch.arange(12)[None])["logits"]
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lumina_ds.models.transformer as transformer_module
 from lumina_ds.batch import IGNORE_INDEX
-from lumina_ds.config.model import ModelConfig, MoEConfig
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.layers import SwiGLU
 from lumina_ds.models.moe import MoEBlock, load_balancing_loss, router_z_loss
 from lumina_ds.models.transformer import Transformer
@@ -29,7 +29,7 @@ def tiny_config(**overrides: object) -> ModelConfig:
 
 def build(seed: int = 0, **overrides: object) -> Transformer:
     torch.manual_seed(seed)
-    return tiny_config(**overrides).build()
+    return Transformer(tiny_config(**overrides))
 
 
 def batch(seed: int = 0, batch_size: int = 4, seq_len: int = 16, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

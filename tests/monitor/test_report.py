@@ -22,7 +22,7 @@ TOKENS_PER_STEP = 4 * 128  # FAST: micro-batch 4 rows of 128 tokens, one process
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("report")
     done = lumina(["train", *FAST, "--train-data", TRAIN, "--eval-data", EVAL, "--max-steps", str(STEPS),
-                   "--eval-every-n-batches", str(EVERY), "--save-every-n-batches", "100", "--no-progress-bar",
+                   "--eval-every-n-steps", str(EVERY), "--save-every-n-steps", "100", "--no-progress-bar",
                    "--experiment-name", "r"], cwd=workdir)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "run report:" in done.stdout

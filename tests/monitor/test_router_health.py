@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.distributed.expert_parallel import NativeMoEBlock, apply_native_moe
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.moe import router_entropy
-from lumina_ds.models.transformer import ModelOutput
+from lumina_ds.models.transformer import ModelOutput, Transformer
 from lumina_ds.monitor.callbacks import MoESummary, TensorBoardLogger
 from lumina_ds.training.metrics import WindowMetrics
 
@@ -50,7 +50,7 @@ def test_native_drops_are_the_routes_deepspeeds_gate_evicted() -> None:
 
     torch.manual_seed(0)
     moe = MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=16, capacity_factor=0.5, min_capacity=1)
-    model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, moe=moe).build()
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, moe=moe))
     apply_native_moe(model, ep_size=1, ep_rank=0, deterministic=True)  # no random token selection: reproducible
     gate_inputs: list[torch.Tensor] = []
     for layer in model.layers:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lumina_ds.cli.train import resolve_peak_tflops
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import ConfigError
+from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.counting import count_parameters
 from lumina_ds.monitor.callbacks import ConsoleLogger
 from lumina_ds.monitor.speed import Throughput

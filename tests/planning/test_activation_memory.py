@@ -38,7 +38,7 @@ def measure(model: Transformer, mode: str, ids: torch.Tensor) -> tuple[int, int]
 @pytest.fixture(scope="module")
 def measured() -> dict[str, tuple[int, int]]:
     torch.manual_seed(0)
-    model = get_preset("debug").model.build().train()  # 2 MoE layers, top-2 of 4 experts, fp32
+    model = Transformer(get_preset("debug").model).train()  # 2 MoE layers, top-2 of 4 experts, fp32
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
     measure(model, "none", ids)  # one warm-up: first-call allocations (thread pools, caches) are not activations
     return {mode: measure(model, mode, ids) for mode in MODES}

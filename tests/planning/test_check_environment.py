@@ -19,6 +19,7 @@ from lumina_ds.cli import main
 from lumina_ds.config.presets import get_preset
 from lumina_ds.distributed import ds_config
 from lumina_ds.models.counting import count_parameters
+from lumina_ds.models.transformer import Transformer
 from lumina_ds.planning import environment
 
 GIB = 1024**3
@@ -69,7 +70,7 @@ def test_precision_auto_follows_the_hardware(capsys: pytest.CaptureFixture[str],
 def test_debug_preset_fits_with_its_model_states_counted(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, report, _ = as_json(["--preset", "debug", "--precision", "fp32"], capsys, tmp_path)
     check = report["check"]
-    model = get_preset("debug").model.build()
+    model = Transformer(get_preset("debug").model)
     n = count_parameters(get_preset("debug").model).total
     assert code == 0 and check["fits"] and check["parameters"] == n == sum(p.numel() for p in model.parameters())
     ranks = check["ranks"]

@@ -214,7 +214,7 @@ def test_the_cli_backs_up_and_resumes_from_a_backup_when_the_run_checkpoints_are
     from tests.integration.conftest import FAST, TRAIN, lumina, read_metrics
 
     backups = tmp_path / "backup"
-    base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "a", "--save-every-n-batches", "2",
+    base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "a", "--save-every-n-steps", "2",
             "--max-steps", "6", "--backup-dir", str(backups), "--no-progress-bar"]  # fmt: skip
     first = lumina(base, cwd=tmp_path)
     assert first.returncode == 0

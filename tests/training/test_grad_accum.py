@@ -29,6 +29,7 @@ SCRIPT = textwrap.dedent(
     from lumina_ds.config.presets import get_preset
     from lumina_ds.distributed.env import init_distributed
     from lumina_ds.batch import Batch
+    from lumina_ds.models.transformer import Transformer
     from lumina_ds.training.engine import build_engine, build_model
     from lumina_ds.training.train_step import TrainStep
 
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent(
 
     def reference_norm(run, data):
         torch.manual_seed(0)
-        model = run.model.build()
+        model = Transformer(run.model)
         input_ids, labels, position_ids = data
         model(input_ids, labels=labels, position_ids=position_ids)["loss"].backward()
         return grad_norm(model)
@@ -155,6 +156,7 @@ BF16_SCRIPT = textwrap.dedent(
     from deepspeed.utils import safe_get_full_grad
     from lumina_ds.config.presets import get_preset
     from lumina_ds.distributed.env import init_distributed
+    from lumina_ds.models.transformer import Transformer
     from lumina_ds.training.engine import build_engine, build_model
 
     ACC, MICRO, SEQ = 16, 2, 64

@@ -10,19 +10,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from lumina_ds.training.train_step import TrainStep
 
 from lumina_ds.batch import IGNORE_INDEX
-from lumina_ds.config.model import ModelConfig, MoEConfig
 from lumina_ds.config.run import CheckpointConfig, LoggingConfig, TrainConfig
-from lumina_ds.data.documents import TokenizedDocs, TokenizedPart
-from lumina_ds.data.mixture import Mixture
-from lumina_ds.data.packing import PackedDataset, PackedRows
-from lumina_ds.data.stream import PackedBatches, RankView, RowPacker
+from lumina_ds.data.loading.mixture import Mixture
+from lumina_ds.data.loading.packing import PackedDataset, PackedRows
+from lumina_ds.data.loading.stream import PackedBatches, RankView, RowPacker
+from lumina_ds.data.prepare.documents import TokenizedDocs, TokenizedPart
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError, MemoryPlanError, TrainingError
+from lumina_ds.models.config import ModelConfig, MoEConfig
+from lumina_ds.models.transformer import Transformer
 from lumina_ds.training.checkpoint import CheckpointManager, Resumed
 from lumina_ds.training.checkpoint_state import load_rank_state, load_trainer_state
-from lumina_ds.training.train_step import TrainStep
 from lumina_ds.training.trainer import Trainer
 
 INFO = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -100,13 +101,13 @@ def train_batches(n: int) -> PackedBatches:
 def make_trainer(tmp_path: Path, *, total_steps: int, eval_every: int = 1000,
                  patience: int | None = None) -> Trainer:  # fmt: skip
     torch.manual_seed(0)
-    model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                        moe=MoEConfig(num_experts=2, top_k=1, expert_intermediate_size=16)).build()  # fmt: skip
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                        moe=MoEConfig(num_experts=2, top_k=1, expert_intermediate_size=16)))  # fmt: skip
     batches = train_batches(60)
-    train = TrainConfig(eval_every_n_batches=eval_every, early_stopping_patience=patience)
-    checkpoints = CheckpointManager(tmp_path, CheckpointConfig(save_every_n_batches=10**6), INFO)
+    train = TrainConfig(eval_every_n_steps=eval_every, early_stopping_patience=patience)
+    checkpoints = CheckpointManager(tmp_path, CheckpointConfig(save_every_n_steps=10**6), INFO)
     return Trainer(step=TrainStep(FakeEngine(model)), batches=batches, eval_data=PackedDataset(eval_rows(12, seed=3)),
-                   info=INFO, total_steps=total_steps, train=train, logging=LoggingConfig(log_every_n_batches=1),
+                   info=INFO, total_steps=total_steps, train=train, logging=LoggingConfig(log_every_n_steps=1),
                    checkpoints=checkpoints, callbacks=[], config_record={})  # fmt: skip
 
 

@@ -113,7 +113,7 @@ def test_phase_memory_gives_each_phase_its_own_peak(tmp_path: Path) -> None:
 
 
 def test_train_with_profiling_and_a_generation_check(tmp_path: Path) -> None:
-    args = ["train", "--train-data", TRAIN, *FAST, "--max-steps", "5", "--save-every-n-batches", "100",
+    args = ["train", "--train-data", TRAIN, *FAST, "--max-steps", "5", "--save-every-n-steps", "100",
             "--output-dir", str(tmp_path), "--experiment-name", "p", "--profile-training", "2", "--profile-memory",
             "--test-generation"]  # fmt: skip
     proc = lumina(args, cwd=tmp_path)

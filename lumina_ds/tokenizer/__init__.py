@@ -1,0 +1,65 @@
+"""Tokenizers and chat templates: lumina-ds' byte-level BPE with its chat format, any tokenizer.json, and a model's own
+(sandboxed) Jinja chat template. The rest of the package imports this API, never the modules behind it."""
+
+from lumina_ds.tokenizer.chat_format import (
+    ASSISTANT,
+    BOS,
+    END,
+    NATIVE_CHAT_TEMPLATE,
+    PAD,
+    ROLE_TOKENS,
+    SPECIAL_TOKENS,
+    SYSTEM,
+    TRAIN_ON_CHOICES,
+    USER,
+    ChatTemplate,
+    EncodedDoc,
+    Message,
+    TokenizerLike,
+    known_roles,
+    newline_tokens,
+    normalize_role,
+)
+from lumina_ds.tokenizer.chat_tokenizer import ChatTokenizer, train_bpe_tokenizer
+from lumina_ds.tokenizer.files import GENERATION_CONFIG_FILE, TEMPLATE_FILES, TOKENIZER_JSON
+from lumina_ds.tokenizer.jinja import (
+    CHAT_TEMPLATE_FILE,
+    TOKENIZER_CONFIG_FILE,
+    JinjaChatTemplate,
+    SandboxError,
+    load_chat_template,
+    read_tokenizer_config,
+    special_tokens_of,
+)
+
+__all__ = [
+    "ASSISTANT",
+    "BOS",
+    "CHAT_TEMPLATE_FILE",
+    "END",
+    "GENERATION_CONFIG_FILE",
+    "NATIVE_CHAT_TEMPLATE",
+    "PAD",
+    "ROLE_TOKENS",
+    "SPECIAL_TOKENS",
+    "SYSTEM",
+    "TEMPLATE_FILES",
+    "TOKENIZER_CONFIG_FILE",
+    "TOKENIZER_JSON",
+    "TRAIN_ON_CHOICES",
+    "USER",
+    "ChatTemplate",
+    "ChatTokenizer",
+    "EncodedDoc",
+    "JinjaChatTemplate",
+    "Message",
+    "SandboxError",
+    "TokenizerLike",
+    "known_roles",
+    "load_chat_template",
+    "newline_tokens",
+    "normalize_role",
+    "read_tokenizer_config",
+    "special_tokens_of",
+    "train_bpe_tokenizer",
+]
