@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -66,10 +67,14 @@ def here(argv: list[str], *, cwd: Path, faults: str = "", env: dict[str, str] | 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     os.environ.update({"LUMINA_FAULTS": faults, **(env or {})})
     os.chdir(cwd)
+    console = logging.StreamHandler(err)  # as Python's last-resort handler prints warnings to a console's stderr
+    console.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(console)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = _main_code(main, argv)
     finally:
+        logging.getLogger().removeHandler(console)
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
@@ -105,8 +110,9 @@ def stop_rank_server() -> None:
     forkserver._forkserver._stop()  # type: ignore[attr-defined]
 
 
-def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
-    """One rank: the environment a launcher gives it, its output in files, then the console script's exit."""
+def _rank_main(target: Any, args: tuple[Any, ...], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+    """One rank: the environment a launcher gives it, its output in files, then `target(*args)`, which ends the
+    process (the console script's `entry` leaves through os._exit; anything else exits 0 once it returns)."""
     os.chdir(cwd)
     os.environ.update(env)
     for fd, path in ((1, out), (2, err)):
@@ -116,6 +122,13 @@ def _rank_main(argv: list[str], env: dict[str, str], cwd: str, out: str, err: st
     import torch
 
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    target(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown, as lumina_ds.distributed.env.exit_process does after a distributed run
+
+
+def _cli(argv: list[str]) -> None:
     from lumina_ds.cli import entry
 
     entry(argv)
@@ -156,14 +169,21 @@ def start_ranks(
     argv: list[str], *, cwd: Path, n: int = 2, faults: str = "", env: dict[str, str] | None = None
 ) -> RankGroup:
     """n ranks of `lumina-ds ARGV` on one host (rank i is local rank i), started and not waited for."""
+    return start_calls(_cli, (argv,), cwd=cwd, n=n, env={"LUMINA_FAULTS": faults, **(env or {})})
+
+
+def start_calls(
+    target: Any, args: tuple[Any, ...], *, cwd: Path, n: int = 2, env: dict[str, str] | None = None
+) -> RankGroup:
+    """n ranks each calling `target(*args)` (a module-level function, imported by name in the rank)."""
     server, port = _server(), free_port()
     logs, processes = [], []
     for rank in range(n):
         rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(max(1, 2 // n)),
-                    "LUMINA_FAULTS": faults, "PYTHONUNBUFFERED": "1", **(env or {})}  # fmt: skip
+                    "PYTHONUNBUFFERED": "1", **(env or {})}  # fmt: skip
         out, err = cwd / f".rank{rank}.out", cwd / f".rank{rank}.err"
-        process = server.Process(target=_rank_main, args=(argv, rank_env, str(cwd), str(out), str(err)))
+        process = server.Process(target=_rank_main, args=(target, args, rank_env, str(cwd), str(out), str(err)))
         process.start()
         processes.append(process)
         logs.append((out, err))
@@ -173,6 +193,11 @@ def start_ranks(
 def ranks(argv: list[str], *, cwd: Path, n: int = 2, faults: str = "", env: dict[str, str] | None = None) -> Result:
     """n ranks of `lumina-ds ARGV`, run to the end (see start_ranks)."""
     return start_ranks(argv, cwd=cwd, n=n, faults=faults, env=env).wait()
+
+
+def call_on_ranks(target: Any, *args: Any, cwd: Path, n: int = 2) -> Result:
+    """n ranks each running `target(*args)` to the end (see start_calls)."""
+    return start_calls(target, args, cwd=cwd, n=n).wait()
 
 
 # ---- a fresh interpreter --------------------------------------------------------------------------------------

@@ -1,60 +1,50 @@
-"""Run the CLI and the DeepSpeed launcher as a user does: subprocesses on small files, CPU only."""
+"""Two-rank jobs several tests read: each is trained once per session, on first use, as ranks forked from the warm
+server (tests/runs.py), with the shared run's tokenizer (so that no job trains its own)."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-TRAIN = str(EXAMPLES / "conversations.jsonl")
-EVAL = str(EXAMPLES / "conversations_eval.jsonl")
-# small and fast: 128-token rows, micro-batch 4, frequent logs
-FAST = ["--preset", "debug", "--seq-len", "128", "--micro-batch-size", "4", "--log-every-n-steps", "1"]
+from tests.runs import EVAL, FAST, TRAIN, ranks
+
+TWO_RANK = [*FAST, "--train-data", TRAIN, "--no-progress-bar"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def two_rank_run(root: Path, name: str, tokenizer: Path, extra: list[str]) -> Path:
+    done = ranks(["train", *TWO_RANK, "--tokenizer", str(tokenizer), "--experiment-name", name, *extra], cwd=root)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return root / "runs" / name
 
 
-def child_env(ranks: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, 2 // ranks)), PYTHONUNBUFFERED="1")
-    return env
+@pytest.fixture(scope="session")
+def two_rank_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("two_ranks")
 
 
-def run(cmd: list[str], *, cwd: Path, ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, env=child_env(ranks), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n---stderr---\n")
-    return proc
+@pytest.fixture(scope="session")
+def tokenizer_file(shared_run: Path) -> Path:
+    return shared_run / "tokenizer.json"
 
 
-def lumina(args: list[str], *, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "lumina_ds", *args], cwd=cwd)
+@pytest.fixture(scope="session")
+def zero3_ep2(two_rank_root: Path, tokenizer_file: Path) -> Path:
+    """ZeRO-3, AutoEP with expert-parallel size 2, fp32: 12 steps, tags 4, 8, 12, one evaluation at the end."""
+    return two_rank_run(two_rank_root, "z3", tokenizer_file, ["--zero-stage", "3", "--expert-parallel-size", "2",
+                        "--precision", "fp32", "--max-steps", "12", "--save-every-n-steps", "4", "--eval-data", EVAL,
+                        "--eval-every-n-steps", "12"])  # fmt: skip
 
 
-def deepspeed_launch(args: list[str], *, cwd: Path, ranks: int = 2) -> subprocess.CompletedProcess[str]:
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
-    launcher += ["--master_port", str(free_port()), str(ROOT / "launch" / "train.py")]
-    return run(launcher + args, cwd=cwd, ranks=ranks)
+@pytest.fixture(scope="session")
+def zero2_ep2(two_rank_root: Path, tokenizer_file: Path) -> Path:
+    """ZeRO-2, AutoEP with expert-parallel size 2, fp32: 8 steps, tags 4 and 8 (the elastic resume's source)."""
+    return two_rank_run(two_rank_root, "z2", tokenizer_file, ["--zero-stage", "2", "--expert-parallel-size", "2",
+                        "--precision", "fp32", "--max-steps", "8", "--save-every-n-steps", "4"])  # fmt: skip
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(training log records, evaluation records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path
+@pytest.fixture(scope="session")
+def zero0(two_rank_root: Path, tokenizer_file: Path) -> Path:
+    """ZeRO-0 (plain data parallelism), fp32: 8 steps, tags 4 and 8."""
+    return two_rank_run(two_rank_root, "z0", tokenizer_file, ["--zero-stage", "0", "--precision", "fp32",
+                        "--max-steps", "8", "--save-every-n-steps", "4"])  # fmt: skip

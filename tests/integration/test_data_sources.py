@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import read_conversations
-from tests.integration.conftest import EVAL, FAST, TRAIN, lumina, read_metrics
+from tests.runs import EVAL, FAST, TRAIN, here, read_metrics
 
 
 def _write_sources(directory: Path) -> tuple[str, str]:
@@ -40,8 +40,8 @@ def _write_sources(directory: Path) -> tuple[str, str]:
 def _train(workdir: Path, name: str, data: str, strategy: str, *extra: str) -> Path:
     args = [*FAST, "--train-data", data, "--max-steps", "8", "--experiment-name", name, "--output-dir", "runs"]
     args += ["--tokenizer", "tok.json", "--data-strategy", strategy, "--eval-every-n-steps", "100"]
-    proc = lumina(["train", *args, *extra], cwd=workdir)
-    assert proc.returncode == 0
+    proc = here(["train", *args, *extra], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data strategy: {strategy}" in proc.stdout
     return workdir / "runs" / name
 
@@ -53,7 +53,7 @@ def _data_position(run: Path, step: int) -> dict:
 
 def test_tables_mixed_with_weights_train_like_jsonl_and_resume_exactly(workdir: Path) -> None:
     tables, jsonl = _write_sources(workdir)
-    proc = lumina(["tokenizer", "train", "chats.jsonl", "--vocab-size", "512", "--output", "tok.json"], cwd=workdir)
+    proc = here(["tokenizer", "train", "chats.jsonl", "--vocab-size", "512", "--output", "tok.json"], cwd=workdir)
     assert proc.returncode == 0
     full = _train(workdir, "full", tables, "memory", "--save-every-n-steps", "4")
     reference, _ = read_metrics(full)

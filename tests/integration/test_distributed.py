@@ -1,7 +1,9 @@
-"""Two CPU ranks through the real entry point (deepspeed launcher + launch/train.py), gloo backend."""
+"""Two CPU ranks through `lumina-ds train` (gloo): ZeRO 0-3 with AutoEP and the native MoE, exact resume where the
+ranks' data positions differ, and the consolidated weights against the engine's own evaluation."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -11,9 +13,8 @@ import torch
 from lumina_ds.data.loading.pipeline import eval_rows
 from lumina_ds.data.prepare.tokenize import EncodeSettings
 from lumina_ds.generation import load_for_inference
-from tests.integration.conftest import EVAL, FAST, TRAIN, deepspeed_launch, read_metrics
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import two_rank_run
+from tests.runs import EVAL, losses, read_metrics
 
 
 def eval_loss_of_consolidated(run_dir: Path) -> float:
@@ -32,13 +33,6 @@ def eval_loss_of_consolidated(run_dir: Path) -> float:
     return total / targets
 
 
-def train_two_ranks(workdir: Path, name: str, extra: list[str]) -> Path:
-    args = [*FAST, "--train-data", TRAIN, "--eval-data", EVAL, "--experiment-name", name, "--output-dir", "runs"]
-    proc = deepspeed_launch([*args, *extra], cwd=workdir)
-    assert proc.returncode == 0
-    return workdir / "runs" / name
-
-
 def check_run(run_dir: Path, *, grad_accum: int = 1) -> None:
     logs, evals = read_metrics(run_dir)
     assert logs[-1]["loss"] < logs[0]["loss"] - 0.5  # it learns
@@ -48,52 +42,61 @@ def check_run(run_dir: Path, *, grad_accum: int = 1) -> None:
     assert math.isclose(eval_loss_of_consolidated(run_dir), evals[-1]["eval_loss"], rel_tol=1e-4)
 
 
-def test_zero3_autoep_ep2(workdir: Path) -> None:
-    run_dir = train_two_ranks(workdir, "z3", ["--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "12",
-                                              "--eval-every-n-steps", "12"])  # fmt: skip
-    check_run(run_dir)
-    assert (run_dir / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_model_states.pt").exists()
+def test_zero3_autoep_ep2(zero3_ep2: Path) -> None:
+    check_run(zero3_ep2)
+    assert (zero3_ep2 / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_model_states.pt").exists()
 
 
-def test_zero2_native_moe_ep2(workdir: Path) -> None:
-    run_dir = train_two_ranks(workdir, "native", ["--zero-stage", "2", "--expert-parallel-size", "2", "--moe-backend",
-                                                  "native", "--deterministic-gating", "--max-steps", "12",
-                                                  "--eval-every-n-steps", "12", "--grad-accum", "2"])  # fmt: skip
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_rank_resume_is_exact_where_the_ranks_data_positions_differ(
+    stage: int, request: pytest.FixtureRequest, tokenizer_file: Path, workdir: Path
+) -> None:
+    """Only rank 0's position used to be saved (and at ZeRO 0-2 read by every rank): rank 1 skipped or repeated. The
+    position is now one global row, the same in every rank's file, from which each rank takes its micro-batches."""
+    full = request.getfixturevalue({0: "zero0", 2: "zero2_ep2", 3: "zero3_ep2"}[stage])
+    steps = max(losses(full))
+    tag = full / "checkpoints" / "step_00000004"
+    positions = [json.loads((tag / "lumina_state" / f"rank{r:05d}.json").read_text())["data"] for r in (0, 1)]
+    # 4 steps x 2 ranks x 4 rows: the 32nd row of the first epoch, whichever rank saved it (rank 1's rows of the
+    # next step are rows 36-39, not rows of rank 1's own document share as before)
+    assert [(p["epoch"], p["row"]) for p in positions] == [(0, 32), (0, 32)]
+    flags = json.loads((full / "ds_config.json").read_text())
+    ep = ["--expert-parallel-size", "2"] if stage else []
+    resumed = two_rank_run(workdir, "resumed", tokenizer_file, ["--zero-stage", str(stage), "--precision", "fp32",
+                           *ep, "--max-steps", str(steps), "--resume", str(tag)])  # fmt: skip
+    assert flags["zero_optimization"]["stage"] == stage
+    got, expected = losses(resumed), losses(full)
+    assert sorted(got) == list(range(5, steps + 1))
+    assert all(math.isclose(got[s], expected[s], abs_tol=1e-5) for s in got), (got, expected)
+
+
+def test_zero2_native_moe_ep2(two_rank_root: Path, tokenizer_file: Path) -> None:
+    run_dir = two_rank_run(two_rank_root, "native", tokenizer_file, ["--zero-stage", "2", "--expert-parallel-size",
+                           "2", "--moe-backend", "native", "--deterministic-gating", "--max-steps", "12",
+                           "--eval-data", EVAL, "--eval-every-n-steps", "12", "--grad-accum", "2"])  # fmt: skip
     check_run(run_dir, grad_accum=2)
     tag = run_dir / "checkpoints" / "step_00000012"
     assert len(list(tag.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 2 * 4  # 2 layers x 4 experts
 
 
-def test_resume_reproduces_uninterrupted_run(workdir: Path) -> None:
-    common = ["--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "10", "--eval-every-n-steps", "100"]
-    full = train_two_ranks(workdir, "full", [*common, "--save-every-n-steps", "5"])
-    resumed = train_two_ranks(workdir, "resumed", [*common, "--resume", str(full / "checkpoints" / "step_00000005")])
-    full_logs, _ = read_metrics(full)
-    resumed_logs, _ = read_metrics(resumed)
-    assert [r["step"] for r in resumed_logs] == [6, 7, 8, 9, 10]
-    for a, b in zip(full_logs[5:], resumed_logs, strict=True):
-        assert a["step"] == b["step"]
-        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a["step"], a["loss"], b["loss"])
-
-
-def test_zero3_autoep_bf16_with_activation_checkpointing(workdir: Path) -> None:
+def test_zero3_autoep_bf16_with_activation_checkpointing(two_rank_root: Path, tokenizer_file: Path) -> None:
     # moe recompute: backward re-runs AutoEP's replacement block, gathering its ZeRO-3 expert partitions again
-    run_dir = train_two_ranks(workdir, "bf16", ["--zero-stage", "3", "--expert-parallel-size", "2", "--precision",
-                                                "bf16", "--max-steps", "4", "--eval-every-n-steps", "4",
-                                                "--activation-checkpointing", "moe"])  # fmt: skip
+    run_dir = two_rank_run(two_rank_root, "bf16", tokenizer_file, ["--zero-stage", "3", "--expert-parallel-size", "2",
+                           "--precision", "bf16", "--max-steps", "4", "--eval-data", EVAL, "--eval-every-n-steps",
+                           "4", "--activation-checkpointing", "moe"])  # fmt: skip
     logs, evals = read_metrics(run_dir)
     assert len(logs) == 4 and all(math.isfinite(r["loss"]) for r in logs)
     # bf16 weights: the consolidated model (loaded in fp32) agrees with the engine to bf16 precision
     assert math.isclose(eval_loss_of_consolidated(run_dir), evals[-1]["eval_loss"], rel_tol=2e-2)
 
 
-def test_autoep_ep2_trains_exactly_like_our_block_at_ep1(workdir: Path) -> None:
+def test_autoep_ep2_trains_exactly_like_our_block_at_ep1(two_rank_root: Path, tokenizer_file: Path) -> None:
     """AutoEP replaces our MoE block with its own router, grouped experts and all-to-all: same math, same losses."""
-    common = ["--zero-stage", "1", "--max-steps", "6", "--eval-every-n-steps", "6"]
-    own = train_two_ranks(workdir, "ep1", [*common, "--expert-parallel-size", "1"])
+    common = ["--zero-stage", "1", "--max-steps", "6", "--eval-data", EVAL, "--eval-every-n-steps", "6"]
+    own = two_rank_run(two_rank_root, "ep1", tokenizer_file, [*common, "--expert-parallel-size", "1"])
     # with the MoE sub-block recomputed: the checkpoint wraps AutoEP's module, found in the block at call time
-    autoep = train_two_ranks(workdir, "ep2", [*common, "--expert-parallel-size", "2", "--activation-checkpointing",
-                                              "moe"])  # fmt: skip
+    autoep = two_rank_run(two_rank_root, "ep2", tokenizer_file, [*common, "--expert-parallel-size", "2",
+                          "--activation-checkpointing", "moe"])  # fmt: skip
     (own_logs, own_evals), (ep_logs, ep_evals) = read_metrics(own), read_metrics(autoep)
     for a, b in zip(own_logs, ep_logs, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])

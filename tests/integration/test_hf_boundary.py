@@ -4,9 +4,7 @@ expert parallel), export with its verification, against transformers' own loadin
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from lumina_ds.hf.export import export_run
 from lumina_ds.hf.importer import import_hf
 from lumina_ds.run_dir import CHECKPOINTS_DIR, INDEX_FILE
 from tests.data.hf_templates import QWEN25, family_tokenizer
-from tests.integration.conftest import FAST, ROOT, TRAIN, child_env, deepspeed_launch, free_port, lumina
+from tests.runs import FAST, TRAIN, call_on_ranks, here, ranks
 
 transformers = pytest.importorskip("transformers")  # a test dependency (requirements-dev.txt): present in CI
 
@@ -152,75 +150,54 @@ def test_corrupt_shard_middle_is_e303(hf_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "export").exists()
 
 
-def test_a_trained_debug_run_exports_verified_and_chats_like_transformers(workdir: Path) -> None:
-    args = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "dbg", "--max-steps", "3"]
-    assert lumina(args, cwd=workdir).returncode == 0
-    out = lumina(
-        ["export", "runs/dbg", "--output", "hf/dbg", "--dtype", "fp32", "--max-shard-size", "1MB"], cwd=workdir
-    )
+def test_a_trained_debug_run_exports_verified_and_chats_like_transformers(shared_run: Path, workdir: Path) -> None:
+    out = here(["export", str(shared_run), "--output", "hf/dbg", "--max-shard-size", "1MB"], cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "verified with transformers: max |logit difference|" in out.stdout and "MB/s" in out.stdout
     export = workdir / "hf" / "dbg"
     assert (export / INDEX_FILE).is_file() and json.loads((export / "config.json").read_text())["architectures"]
-    ours = our_greedy(workdir / "runs" / "dbg", PROMPTS[1], max_new=10)
+    ours = our_greedy(shared_run, PROMPTS[1], max_new=10)
     assert ours == hf_greedy(export, [{"role": "user", "content": PROMPTS[1]}], max_new=10)
-    again = lumina(["export", "runs/dbg", "--output", "hf/dbg"], cwd=workdir)
+    again = here(["export", str(shared_run), "--output", "hf/dbg"], cwd=workdir)
     assert again.returncode == 1 and "E002" in again.stderr  # never over an existing export
 
 
 def test_resume_from_an_import_points_to_init_from(hf_dir: Path, workdir: Path) -> None:
     import_hf(hf_dir, workdir / "runs" / "base")
     args = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "ft", "--max-steps", "2"]
-    resumed = lumina([*args, "--resume", "runs/base"], cwd=workdir)
+    resumed = here([*args, "--resume", "runs/base"], cwd=workdir)
     assert resumed.returncode == 1 and "E303" in resumed.stderr and "--init-from" in resumed.stderr
-    changed = lumina([*args, "--init-from", "runs/base", "--num-experts", "8"], cwd=workdir)
+    changed = here([*args, "--init-from", "runs/base", "--num-experts", "8"], cwd=workdir)
     assert changed.returncode == 1 and "E002" in changed.stderr and "--num-experts" in changed.stderr
 
 
-ZERO3_LOAD = textwrap.dedent(
-    """
-    import json, os, sys, threading, time
-    from pathlib import Path
-    import torch.multiprocessing as mp
+def load_partitioned(src: str, out: str) -> None:
+    """One rank of a 2-rank job: the HF model's weights into a ZeRO-3, EP-2 partitioned model, consolidated again."""
+    from lumina_ds.config.run import RunConfig
+    from lumina_ds.distributed.consolidate import write_consolidated
+    from lumina_ds.distributed.env import barrier, init_distributed
+    from lumina_ds.hf.source import open_model_source
+    from lumina_ds.training.engine import build_model
+    from lumina_ds.training.init_from import load_initial_weights
 
-    def worker(rank, src, out, port):
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-        import torch
-        from lumina_ds.config.run import RunConfig
-        from lumina_ds.distributed.consolidate import write_consolidated
-        from lumina_ds.distributed.env import barrier, init_distributed
-        from lumina_ds.hf.source import open_model_source
-        from lumina_ds.training.init_from import load_initial_weights
-        from lumina_ds.training.engine import build_model
-
-        torch.set_num_threads(1)
-        info = init_distributed()
-        source = open_model_source(src)
-        run = RunConfig()
-        run.model = source.model
-        run.distributed.zero_stage, run.distributed.expert_parallel_size = 3, 2
-        run.train.precision = "fp32"
-        model = build_model(run, world_size=2, precision="fp32")
-        partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
-        copied = load_initial_weights(model, source, rank=rank)
-        write_consolidated(model, Path(out), max_shard_bytes=1 << 30)
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"copied": copied, "partitioned": partitioned}))
-        barrier()
-
-    if __name__ == "__main__":
-        mp.start_processes(worker, args=tuple(sys.argv[1:3]) + (int(sys.argv[3]),), nprocs=2, start_method="spawn")
-    """
-)
+    info = init_distributed()
+    source = open_model_source(src)
+    run = RunConfig()
+    run.model = source.model
+    run.distributed.zero_stage, run.distributed.expert_parallel_size = 3, 2
+    run.train.precision = "fp32"
+    model = build_model(run, world_size=2, precision="fp32")
+    partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+    copied = load_initial_weights(model, source, rank=info.rank)
+    write_consolidated(model, Path(out), max_shard_bytes=1 << 30)
+    Path(out, f"rank{info.rank}.json").write_text(json.dumps({"copied": copied, "partitioned": partitioned}))
+    barrier()
 
 
 def test_zero3_init_from_loads_every_weight_exactly_into_the_partitioned_model(hf_dir: Path, tmp_path: Path) -> None:
-    script, out = tmp_path / "load.py", tmp_path / "weights"
-    script.write_text(ZERO3_LOAD)
+    out = tmp_path / "weights"
     out.mkdir()
-    env = {**child_env(2), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(hf_dir), str(out), str(free_port())], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = call_on_ranks(load_partitioned, str(hf_dir), str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["partitioned"] and rank1["partitioned"]
@@ -237,13 +214,13 @@ def test_fine_tune_of_an_imported_moe_at_zero3_ep2_exports_verified(hf_dir: Path
     args = ["--init-from", str(hf_dir), "--train-data", TRAIN, "--seq-len", "128", "--micro-batch-size", "2",
             "--zero-stage", "3", "--expert-parallel-size", "2", "--max-steps", "3", "--log-every-n-steps", "1",
             "--experiment-name", "ft", "--lr", "3e-3"]  # fmt: skip
-    proc = deepspeed_launch(args, cwd=workdir)
+    proc = ranks(["train", *args, "--no-progress-bar"], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (workdir / "runs" / "ft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (workdir / "runs" / "ft" / "chat_template.jinja").is_file()  # the model's own template came along
-    out = lumina(["export", "runs/ft", "--output", "hf/ft"], cwd=workdir)  # its stored dtype, verified
+    out = here(["export", "runs/ft", "--output", "hf/ft"], cwd=workdir)  # its stored dtype, verified
     assert out.returncode == 0 and "verified with transformers" in out.stdout, out.stderr[-2000:]
 
 

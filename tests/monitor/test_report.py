@@ -12,21 +12,15 @@ import pytest
 from lumina_ds.cli import main
 from lumina_ds.errors import LuminaError
 from lumina_ds.monitor.report import TITLES, RunMetrics, RunReport, draw_report, expert_load, load_run
-from tests.integration.conftest import EVAL, FAST, TRAIN, lumina
+from tests.runs import SHARED_STEPS
 
-STEPS, EVERY = 6, 3
+STEPS, EVERY = SHARED_STEPS, 4  # the shared run: an evaluation every 4 steps
 TOKENS_PER_STEP = 4 * 128  # FAST: micro-batch 4 rows of 128 tokens, one process, no accumulation
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("report")
-    done = lumina(["train", *FAST, "--train-data", TRAIN, "--eval-data", EVAL, "--max-steps", str(STEPS),
-                   "--eval-every-n-steps", str(EVERY), "--save-every-n-steps", "100", "--no-progress-bar",
-                   "--experiment-name", "r"], cwd=workdir)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "run report:" in done.stdout
-    return workdir / "runs" / "r"
+def run_dir(shared_run: Path) -> Path:
+    return shared_run
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -58,7 +52,7 @@ def test_every_panel_is_drawn_and_the_loss_is_against_training_tokens(run_dir: P
     loss = figure.axes[titles.index("Loss")]
     lines = {line.get_label(): line for line in loss.get_lines()}
     assert list(lines["train"].get_xdata()) == [TOKENS_PER_STEP * step for step in range(1, STEPS + 1)]
-    assert list(lines["eval"].get_xdata()) == [TOKENS_PER_STEP * EVERY, TOKENS_PER_STEP * STEPS]
+    assert list(lines["eval"].get_xdata()) == [TOKENS_PER_STEP * s for s in range(EVERY, STEPS + 1, EVERY)]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert list(lines["eval"].get_ydata()) == [r["eval_loss"] for r in records if "eval_loss" in r]
 
@@ -104,7 +98,7 @@ def test_compare_overlays_each_run_in_its_own_colour(run_dir: Path, tmp_path: Pa
     figure = draw_report([load_run(run_dir), load_run(other)])
     loss = figure.axes[[ax.get_title() for ax in figure.axes].index("Loss")]
     train = [line for line in loss.get_lines() if line.get_label().endswith(": train")]
-    assert [line.get_label() for line in train] == ["r: train", "other: train"]
+    assert [line.get_label() for line in train] == ["shared: train", "other: train"]
     assert train[0].get_color() != train[1].get_color()
     assert list(train[1].get_ydata()) == pytest.approx([y / 2 for y in train[0].get_ydata()])
 
@@ -121,7 +115,7 @@ def test_a_torn_last_line_is_skipped(run_dir: Path, tmp_path: Path, capsys: Any)
     text = (run_dir / "metrics.jsonl").read_text()
     (torn / "metrics.jsonl").write_text(text[: len(text) - 40])  # the eval record of the last step, cut
     run = load_run(torn)
-    assert run.unreadable_lines == 1 and len(run.train) == STEPS and len(run.evals) == 1
+    assert run.unreadable_lines == 1 and len(run.train) == STEPS and len(run.evals) == STEPS // EVERY - 1
     assert main(["report", str(torn)]) == 0
     assert png_size(torn / "report.png") == (1600, 1000)
     assert "1 unreadable line(s) skipped" in capsys.readouterr().out
@@ -156,6 +150,6 @@ def test_several_runs_get_a_colour_each_and_one_run_a_colour_per_series(run_dir:
     figure = draw_report([run, RunMetrics("b", train=run.train)])
     routing = figure.axes[[ax.get_title() for ax in figure.axes].index("Routing and z-loss")]
     colours = {line.get_label(): line.get_color() for line in routing.get_lines()}
-    assert colours["r: aux loss"] == colours["r: z-loss"] != colours["b: aux loss"]
+    assert colours["shared: aux loss"] == colours["shared: z-loss"] != colours["b: aux loss"]
     single = draw_report([run]).axes[4]
     assert len({line.get_color() for line in single.get_lines()}) == len(single.get_lines()) >= 2

@@ -14,7 +14,7 @@ import pytest
 
 from lumina_ds.config.presets import get_preset
 from lumina_ds.errors import ConfigError
-from tests.integration.conftest import FAST, TRAIN, read_metrics, run
+from tests.runs import FAST, TRAIN, here, read_metrics
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of records with a 7-byte header each
 
@@ -44,9 +44,9 @@ def test_offline_run_holds_the_scalars_and_the_config(tmp_path: Path, monkeypatc
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wb").mkdir()
-    proc = run([sys.executable, "-m", "lumina_ds", "train", "--train-data", TRAIN, *FAST, "--max-steps", "2",
-                "--seq-len", "64", "--moe-backend", "native", "--wandb", "--wandb-project", "p",
-                "--wandb-run-name", "offline-test", "--output-dir", str(tmp_path / "runs")], cwd=tmp_path)  # fmt: skip
+    proc = here(["train", "--train-data", TRAIN, *FAST, "--max-steps", "2", "--seq-len", "64", "--moe-backend",
+                 "native", "--wandb", "--wandb-project", "p", "--wandb-run-name", "offline-test", "--output-dir",
+                 str(tmp_path / "runs")], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     logs, _ = read_metrics(tmp_path / "runs" / "run")
     (wandb_file,) = (tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb")

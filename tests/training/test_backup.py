@@ -17,22 +17,23 @@ from lumina_ds.errors import ConfigError
 from lumina_ds.run_dir import COMPLETE_MARKER, list_complete_tags, resolve_checkpoint, tag_for_step
 from lumina_ds.training import backup
 from lumina_ds.training.backup import BackupCopier, rotate_backups
-from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, first_verified, resume_candidates
 from lumina_ds.training.checkpoint_files import build_manifest, check_files
-from tests.training.test_loop import INFO, FakeEngine
+from tests.training.fakes import INFO, STATE_FILE, FakeEngine
 
 
 def manager_with_backups(tmp_path: Path, **options: object) -> CheckpointManager:
     config = CheckpointConfig(backup_dir=str(tmp_path / "backup"), **options)  # type: ignore[arg-type]
     (tmp_path / "demo").mkdir(exist_ok=True)  # the run dir exists before any save
-    return CheckpointManager(tmp_path / "demo", config, INFO)
+    return CheckpointManager(tmp_path / "demo", config, INFO, loader=PlainLoader(INFO))
 
 
 def save(manager: CheckpointManager, step: int, *, best: int | None = None) -> Path:
     """A real save (manifest, atomic install, rotation, backup hook) of a small model with a fake engine."""
     torch.manual_seed(step)
     engine = FakeEngine(torch.nn.Linear(64, 64))
-    return manager.save(engine, step, trainer={"step": step}, data={"index": step}, config={}, keep_step=best)
+    state = {"trainer": {"step": step}, "module": {}, "config": {}}
+    return manager.save(engine, step, state=state, data={"index": step}, keep_step=best)
 
 
 def test_a_backup_is_verified_and_resumes_after_the_run_checkpoints_are_gone(tmp_path: Path) -> None:
@@ -43,7 +44,8 @@ def test_a_backup_is_verified_and_resumes_after_the_run_checkpoints_are_gone(tmp
     manager.wait_for_backup()
     copy = tmp_path / "backup" / "demo" / tag.name
     meta = json.loads((copy / COMPLETE_MARKER).read_text())
-    assert set(meta["files"]) == {"model.safetensors", "lumina_state/rank00000.json", "lumina_state/trainer.json"}
+    assert set(meta["files"]) == {"model.safetensors", "lumina_state/rank00000.json", "lumina_state/trainer.json",
+                                  STATE_FILE}  # fmt: skip
     assert check_files(copy, meta["files"], rank=0, world_size=1) is None
     assert (copy.parent / "tokenizer.json").read_text() == '{"vocab": 1}'  # beside the tags, as in a run dir
     assert (copy.parent / "chat_template.jinja").read_text() == "{{ messages }}"
@@ -52,8 +54,8 @@ def test_a_backup_is_verified_and_resumes_after_the_run_checkpoints_are_gone(tmp
     for path in manager.dir.rglob("*"):  # the run's own checkpoints are lost
         if path.is_file():
             path.unlink()
-    resumed = CheckpointManager(tmp_path / "other", CheckpointConfig(resume=str(copy)), INFO)
-    assert resumed.candidates() == [copy] and resumed._verify(copy) is None
+    assert resume_candidates(tmp_path / "other", CheckpointConfig(resume=str(copy))) == [copy]
+    assert first_verified([copy], INFO, strict=True, log=print) == copy
     assert resolve_checkpoint(copy.parent) == (copy.parent, tag.name)
 
 
@@ -97,7 +99,7 @@ def test_a_full_backup_disk_warns_and_removes_the_partial_copy(
     save(manager, 2)
     manager.wait_for_backup()
     err = capsys.readouterr().err
-    assert "failed (lumina_state/trainer.json: No space left on device)" in err  # the second file copied
+    assert "failed (lumina_state/rank00000.json: No space left on device)" in err  # the second file copied
     assert list((tmp_path / "backup" / "demo").iterdir()) == []
     assert list_complete_tags(manager.dir) == ["step_00000002"]
 
@@ -134,7 +136,7 @@ def test_an_unwritable_backup_dir_warns_at_each_save_and_saving_goes_on(
     blocker.write_text("a file where the backup dir should be")  # unwritable even for root
     config = CheckpointConfig(save_total_limit=2, backup_dir=str(blocker / "backups"))
     (tmp_path / "demo").mkdir()
-    manager = CheckpointManager(tmp_path / "demo", config, INFO)
+    manager = CheckpointManager(tmp_path / "demo", config, INFO, loader=PlainLoader(INFO))
     for step in (2, 4, 6):  # what the loop does: save, train on, save again
         save(manager, step)
         manager.wait_for_backup()
@@ -208,27 +210,26 @@ def test_a_backup_dir_that_is_the_output_dir_is_refused() -> None:
         run.validate()
 
 
-@pytest.mark.slow
 def test_the_cli_backs_up_and_resumes_from_a_backup_when_the_run_checkpoints_are_lost(tmp_path: Path) -> None:
     """The one end-to-end run: a backup is a tag like any other for --resume, and a run dir for chat."""
-    from tests.integration.conftest import FAST, TRAIN, lumina, read_metrics
+    from tests.runs import FAST, TRAIN, here, read_metrics
 
     backups = tmp_path / "backup"
     base = ["train", *FAST, "--train-data", TRAIN, "--experiment-name", "a", "--save-every-n-steps", "2",
             "--max-steps", "6", "--backup-dir", str(backups), "--no-progress-bar"]  # fmt: skip
-    first = lumina(base, cwd=tmp_path)
-    assert first.returncode == 0
+    first = here(base, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
     assert f"backup: step_00000006 -> {backups / 'a' / 'step_00000006'} verified" in first.stdout
     assert sorted(p.name for p in (backups / "a").iterdir()) == ["config.yaml", "step_00000004", "step_00000006",
                                                                   "tokenizer.json"]  # fmt: skip
     saved_before = json.loads((backups / "a" / "step_00000006" / COMPLETE_MARKER).read_text())["time"]
     shutil.rmtree(tmp_path / "runs" / "a" / "checkpoints")  # the run's own disk lost its checkpoints
-    resumed = lumina([*base, "--resume", str(backups / "a" / "step_00000004")], cwd=tmp_path)
+    resumed = here([*base, "--resume", str(backups / "a" / "step_00000004")], cwd=tmp_path)
     assert resumed.returncode == 0 and f"resumed from {backups / 'a' / 'step_00000004'} at step 4" in resumed.stdout
     logs, _ = read_metrics(tmp_path / "runs" / "a")
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6, 5, 6]
     assert [r["loss"] for r in logs[6:]] == pytest.approx([r["loss"] for r in logs[4:6]], abs=1e-6)
     # the resumed run's step 6 replaced the old one in the backup dir
     assert json.loads((backups / "a" / "step_00000006" / COMPLETE_MARKER).read_text())["time"] > saved_before
-    chat = lumina(["chat", "--checkpoint", str(backups / "a"), "--prompt", "hi", "--max-tokens", "4"], cwd=tmp_path)
+    chat = here(["chat", "--checkpoint", str(backups / "a"), "--prompt", "hi", "--max-tokens", "4"], cwd=tmp_path)
     assert chat.returncode == 0

@@ -18,7 +18,7 @@ from lumina_ds.config.run import CheckpointConfig
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import COMPLETE_MARKER, RunLock, list_complete_tags, tag_for_step
-from lumina_ds.training.checkpoint import CheckpointManager
+from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, recover_interrupted_saves
 from lumina_ds.training.checkpoint_files import build_manifest, check_files
 from lumina_ds.training.checkpoint_state import rng_state, set_rng_state
 
@@ -36,7 +36,7 @@ def make_tag(checkpoints: Path, step: int, *, complete: bool = True) -> Path:
 
 def test_rotation_keeps_the_newest_the_unfinished_and_the_best(tmp_path: Path) -> None:
     """A planted bug that deleted the newest tags passed the suite: no test saved more than five tags."""
-    manager = CheckpointManager(tmp_path, CheckpointConfig(save_total_limit=2), INFO)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(save_total_limit=2), INFO, loader=PlainLoader(INFO))
     for step in (1, 2, 3, 4):
         make_tag(manager.dir, step)
     make_tag(manager.dir, 5, complete=False)  # a save in progress, newer than every complete tag
@@ -47,7 +47,7 @@ def test_rotation_keeps_the_newest_the_unfinished_and_the_best(tmp_path: Path) -
 
 
 def test_a_kill_during_a_re_save_of_a_tag_loses_nothing(tmp_path: Path) -> None:
-    manager = CheckpointManager(tmp_path, CheckpointConfig(), INFO)
+    manager = CheckpointManager(tmp_path, CheckpointConfig(), INFO, loader=PlainLoader(INFO))
     old = make_tag(manager.dir, 4)
     content = (old / "weights.bin").read_bytes()
     # killed between the two renames of a re-save: the old tag moved aside, the new one still staged
@@ -56,13 +56,13 @@ def test_a_kill_during_a_re_save_of_a_tag_loses_nothing(tmp_path: Path) -> None:
     staged = manager.dir / f".{old.name}.saving-abc"
     staged.mkdir()
     (staged / "half.bin").write_bytes(b"x")
-    manager.recover()
+    recover_interrupted_saves(manager.dir)
     assert (old / "weights.bin").read_bytes() == content and list_complete_tags(manager.dir) == [old.name]
     assert sorted(p.name for p in manager.dir.iterdir()) == [old.name]
     # killed after the new tag was renamed in but before the old one was removed: the new one stays
     os.replace(old, aside)
     make_tag(manager.dir, 4)
-    manager.recover()
+    recover_interrupted_saves(manager.dir)
     assert not aside.exists() and list_complete_tags(manager.dir) == [old.name]
 
 

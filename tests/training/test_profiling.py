@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,7 +20,9 @@ from lumina_ds.training.profiling import (
     PhaseMemory,
     TrainingProfiler,
 )
-from tests.integration.conftest import FAST, TRAIN, lumina
+from lumina_ds.training.train_module import TrainModule
+from tests.runs import FAST, TRAIN, here
+from tests.training.fakes import FakeEngine, tiny_model, train_batches
 
 MIB = 2**20
 
@@ -71,36 +73,40 @@ def test_a_run_ending_mid_window_writes_the_steps_it_reached(tmp_path: Path) -> 
     assert calls["aten::mm"] == 3 + 4
 
 
-class _Engine:
-    def __init__(self, backward_mib: int) -> None:
-        self.backward_mib = backward_mib
-        self.device = torch.device("cpu")
+class _BlockEngine(FakeEngine):
+    """Touches a block of memory in each phase: 160 MiB in an evaluation forward, 1 MiB in a training forward,
+    96 MiB in backward (touched pages stay resident until freed)."""
 
-    def backward(self, loss: Any) -> None:
-        block = torch.ones(self.backward_mib * MIB // 4)  # touched pages: resident until freed
-        del block
+    evaluating = False
 
-    def step(self) -> None:
-        pass
-
-
-def test_phase_memory_gives_each_phase_its_own_peak(tmp_path: Path) -> None:
-    engine = _Engine(backward_mib=96)
-
-    def forward(mib: int) -> None:
+    def _block(self, mib: int) -> None:
         block = torch.ones(mib * MIB // 4)
         del block
 
-    step = SimpleNamespace(engine=engine, forward=forward)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._block(160 if self.evaluating else 1)
+        return super().__call__(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._block(96)
+        super().backward(loss)
+
+    def eval(self) -> None:
+        self.evaluating = True
+
+    def train(self, mode: bool = True) -> None:
+        self.evaluating = False
+
+
+def test_phase_memory_gives_each_phase_its_own_peak(tmp_path: Path) -> None:
+    module = TrainModule(_BlockEngine(tiny_model()))
     memory = PhaseMemory(tmp_path, cuda=False)
-    memory.wrap(step)
+    memory.wrap(module)
     memory.on_train_start({})
-    with torch.no_grad():
-        step.forward(160)  # an evaluation forward: not a training phase
-    for _ in range(2):
-        step.forward(1)
-        step.engine.backward(None)
-        step.engine.step()
+    batches = iter(train_batches(8))  # endless: it starts the next epoch when one ends
+    module.eval_loss_sums(itertools.islice(batches, 1))  # an evaluation forward: not a training phase
+    for step in (1, 2):
+        module.train_step(batches, step=step, data_step=step)
     memory.on_train_end({})
     report = json.loads((tmp_path / MEMORY_FILE).read_text())
     phases = report["phases"]
@@ -116,8 +122,8 @@ def test_train_with_profiling_and_a_generation_check(tmp_path: Path) -> None:
     args = ["train", "--train-data", TRAIN, *FAST, "--max-steps", "5", "--save-every-n-steps", "100",
             "--output-dir", str(tmp_path), "--experiment-name", "p", "--profile-training", "2", "--profile-memory",
             "--test-generation"]  # fmt: skip
-    proc = lumina(args, cwd=tmp_path)
-    assert proc.returncode == 0
+    proc = here(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "p"
     trace = json.loads((run_dir / "profile" / TRACE_FILE).read_text())
     steps = sorted(e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#"))
