@@ -1,11 +1,12 @@
 # make demo: install, train the debug preset on the bundled chats, ask it one question
 # make test: install dev dependencies and Open MPI, lint, type-check, run the whole suite (what CI runs)
+# make test-fast: the suite without its `slow` tests (fresh-interpreter launches, benchmark smoke tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO_DIR := runs/demo
 
-.PHONY: install dev system-deps demo test lint typecheck pytest clean
+.PHONY: install dev system-deps demo test test-fast lint typecheck pytest ops clean
 
 $(VENV)/.installed: setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -45,10 +46,25 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy lumina_ds
 
-pytest: system-deps $(VENV)/.installed
-	$(BIN)/pytest -q
+# DeepSpeed JIT-builds its CPU Adam op (ZeRO-Offload's optimizer, C++) at first use: `make ops`
+# builds it ahead into torch's extension cache
+BUILD_OPS := from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()
+ops: $(VENV)/.installed
+	DS_ACCELERATOR=cpu $(PY) -c "$(BUILD_OPS)"
 
-test: lint typecheck pytest
+# one worker per core; tests that share an expensive fixture run on one worker (their xdist_group)
+pytest: system-deps $(VENV)/.installed
+	$(BIN)/pytest -q -n auto --dist loadgroup
+
+test-fast: system-deps $(VENV)/.installed
+	$(BIN)/pytest -q -n auto --dist loadgroup -m "not slow"
+
+# the op builds on one core while lint and mypy keep the other busy; the suite starts once all three are done
+test: system-deps $(VENV)/.installed
+	@DS_ACCELERATOR=cpu $(PY) -c "$(BUILD_OPS)" > .ops-build.log 2>&1 & ops=$$!; \
+	$(MAKE) --no-print-directory lint typecheck; checks=$$?; \
+	wait $$ops || { echo "building DeepSpeed's CPU Adam op failed:"; tail -n 30 .ops-build.log; exit 1; }; \
+	[ $$checks -eq 0 ] && $(MAKE) --no-print-directory pytest
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -29,7 +29,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lumina_ds.distributed.env import free_port  # noqa: E402
 from lumina_ds.run_dir import COMPLETE_MARKER, list_complete_tags  # noqa: E402
 from lumina_ds.training.checkpoint_files import file_problems  # noqa: E402
 
@@ -77,12 +77,6 @@ class Segment:
     log: Path
     seen: dict[int, float] = field(default_factory=dict)  # step -> wall time it was first read
     records: list[dict[str, Any]] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env() -> dict[str, str]:

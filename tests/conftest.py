@@ -21,7 +21,8 @@ import torch
 from lumina_ds.distributed.env import DistInfo
 from tests.runs import EVAL, FAST, SHARED_RUN, TRAIN, here, stop_rank_server
 
-torch.set_num_threads(2)
+# the CI machine's 2 cores, shared by the test workers (pytest-xdist) that run at once
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,17 +31,41 @@ def _rank_server() -> Iterator[None]:
     stop_rank_server()
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_found() -> Iterator[None]:
+    """Each test leaves os.environ as it found it: code under test sets rendezvous variables directly, which
+    monkeypatch would not take back, and a later run in this process would read them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture(scope="session")
-def process_group() -> Iterator[DistInfo]:
-    """This process as rank 0 of a one-rank gloo group, for tests that build DeepSpeed engines themselves; the
-    rendezvous variables it sets are taken back so that later subprocesses start as they would from a shell."""
+def _one_rank_group() -> tuple[DistInfo, dict[str, str]]:
+    """This process as rank 0 of a one-rank gloo group, and the rendezvous variables it was started with; they are
+    taken back at once, so that subprocesses start as they would from a shell."""
     from lumina_ds.distributed.env import init_distributed
 
     saved = dict(os.environ)
     info = init_distributed()
+    variables = {name: os.environ[name] for name in RENDEZVOUS}
     os.environ.clear()
     os.environ.update(saved)
-    yield info
+    return info, variables
+
+
+@pytest.fixture
+def process_group(_one_rank_group: tuple[DistInfo, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> DistInfo:
+    """For a test that builds DeepSpeed engines itself: the group, and its variables while the test runs (DeepSpeed
+    reads LOCAL_RANK when it builds an engine)."""
+    info, variables = _one_rank_group
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    return info
 
 
 @pytest.fixture(scope="session")

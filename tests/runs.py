@@ -38,7 +38,7 @@ SHARED_STEPS = 12
 SHARED_RUN = ["--max-steps", str(SHARED_STEPS), "--save-every-n-steps", "2", "--save-total-limit", "20",
               "--eval-every-n-steps", "4"]  # fmt: skip
 RANK_TIMEOUT_S = 300
-PEER_GRACE_S = 5.0  # after a rank fails, how long the others get before they are stopped (the launcher's behaviour)
+PEER_GRACE_S = 1.0  # after a rank fails, how long the others get before they are stopped (the launcher's behaviour)
 
 
 @dataclass
@@ -157,7 +157,7 @@ class RankGroup:
         return Result(code, stdout, stderr)
 
     def _stop_alive(self) -> None:
-        for signum, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for signum, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
             alive = [p for p in self.processes if p.is_alive()]
             for p in alive:
                 os.kill(p.pid, signum)
@@ -195,9 +195,9 @@ def ranks(argv: list[str], *, cwd: Path, n: int = 2, faults: str = "", env: dict
     return start_ranks(argv, cwd=cwd, n=n, faults=faults, env=env).wait()
 
 
-def call_on_ranks(target: Any, *args: Any, cwd: Path, n: int = 2) -> Result:
+def call_on_ranks(target: Any, *args: Any, cwd: Path, n: int = 2, env: dict[str, str] | None = None) -> Result:
     """n ranks each running `target(*args)` to the end (see start_calls)."""
-    return start_calls(target, args, cwd=cwd, n=n).wait()
+    return start_calls(target, args, cwd=cwd, n=n, env=env).wait()
 
 
 # ---- a fresh interpreter --------------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ config-only rules are checked before anything is built or written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from lumina_ds.cli import build_parser
 from lumina_ds.config.run import OWNED_DEEPSPEED_KEYS, RunConfig
 from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.errors import LuminaError
-from tests.integration.conftest import EVAL, ROOT, TRAIN, child_env
+from tests.runs import EVAL, ROOT, TRAIN, here
 
 OWNED = {
     "train_batch_size": ({"train_batch_size": 64}, "--micro-batch-size and --grad-accum"),
@@ -73,8 +71,7 @@ def test_owned_key_in_deepspeed_json_is_e002_naming_the_flag(key: str, tmp_path:
 def test_refused_override_from_the_command_line_creates_no_run_directory(tmp_path: Path) -> None:
     """The user's path end to end: `lumina-ds train --deepspeed-config` with a batch key stops before any work."""
     path = ds_json(tmp_path, {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"overlap_comm": True}})
-    cmd = [sys.executable, "-m", "lumina_ds", "train", "--train-data", TRAIN, "--deepspeed-config", path]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(1), capture_output=True, text=True, timeout=120)
+    proc = here(["train", "--train-data", TRAIN, "--deepspeed-config", path], cwd=tmp_path)
     assert proc.returncode == 1
     assert "[E002]" in proc.stderr and "--micro-batch-size" in proc.stderr
     assert not (tmp_path / "runs").exists()

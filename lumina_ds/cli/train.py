@@ -11,7 +11,7 @@ from lumina_ds.cli.luminaai import config_file_given_as_preset
 from lumina_ds.cli.train_flags import FLAG_FIELDS, add_train_arguments
 from lumina_ds.config.io import deep_merge, load_config
 from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import RunConfig
+from lumina_ds.config.run import RunConfig, refuse_owned_keys
 from lumina_ds.errors import ConfigError
 
 
@@ -28,7 +28,8 @@ def explicit_flags(args: argparse.Namespace) -> set[str]:
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Preset (E001 when unknown) or YAML file first, then every flag that was given on top."""
+    """Preset (E001 when unknown) or YAML file first, then every flag that was given on top (not yet validated:
+    resolve_run validates the finished config once)."""
     if config_file_given_as_preset(args.preset):
         raise ConfigError(
             "E002",
@@ -42,15 +43,18 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     for dest in explicit_flags(args):
         section, name = FLAG_FIELDS[dest]
         _set(run, section, name, getattr(args, dest))
-    run.validate()
     return run
 
 
-def resolve_run(args: argparse.Namespace, *, world_size: int, announce: bool = True) -> RunConfig:
-    """The run config every launcher trains with for these flags on `world_size` processes.
+def resolve_run(
+    args: argparse.Namespace, *, world_size: int, announce: bool = True, local_rank: int = 0, ranks_per_node: int = 1
+) -> RunConfig:
+    """The run config every launcher trains with for these flags on `world_size` processes: resolved, validated
+    once, its input paths checked, and frozen (a later change is lumina_ds.config.changes.revise).
 
     Flags over the preset or YAML; the --deepspeed-config keys; the preset's planned layout for the fields no flag
-    set; then every rule on the config alone (E002) and every input path (E104), before anything is built.
+    set; --auto-batch-size on this rank's GPU; MFU's peak; then every rule on the config alone (E002) and every input
+    path (E104), before anything is built.
     """
     from lumina_ds.data import check_input_files
     from lumina_ds.distributed.ds_config import load_deepspeed_json
@@ -60,12 +64,18 @@ def resolve_run(args: argparse.Namespace, *, world_size: int, announce: bool = T
         adopt_init_source(run, explicit_flags(args), announce=announce)
     if run.distributed.deepspeed_config:
         user = load_deepspeed_json(run.distributed.deepspeed_config)
+        refuse_owned_keys(user, source=f"--deepspeed-config {run.distributed.deepspeed_config}")  # before the layout
         run.distributed.deepspeed = deep_merge(run.distributed.deepspeed, user)
-        run.validate()  # owned keys in the user's JSON are refused before the layout adds anything
     if not args.config_file and not run.checkpoint.init_from:
         _adopt_preset_layout(run, explicit_flags(args), world_size=world_size, announce=announce)
+    if run.train.auto_batch_size:
+        line = size_micro_batch(run, world_size=world_size, ranks_per_node=ranks_per_node, local_rank=local_rank)
+        if announce:
+            print(line, flush=True)
+    resolve_peak_tflops(run, local_rank=local_rank)
     run.validate()
     check_input_files(run.data)
+    run.freeze()
     return run
 
 
@@ -121,15 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         profile_data_loading(resolve_run(args, world_size=1), batches=args.profile_data_loading)
         return 0
     launch = detect_launch(os.environ)  # this rank's place in the job, read without starting anything
-    run = resolve_run(args, world_size=launch.world_size, announce=launch.rank == 0)
-    if run.train.auto_batch_size:
-        line = size_micro_batch(run, world_size=launch.world_size, ranks_per_node=launch.local_world_size,
-                                local_rank=launch.local_rank)  # fmt: skip
-        if launch.rank == 0:
-            print(line, flush=True)
+    run = resolve_run(args, world_size=launch.world_size, announce=launch.rank == 0, local_rank=launch.local_rank,
+                      ranks_per_node=launch.local_world_size)  # fmt: skip
     if launch.rank == 0:
         warn_if_checkpoints_outgrow_disk(run)
-    resolve_peak_tflops(run, local_rank=launch.local_rank)
     code = int(train(run).get("exit_code", 0))
     if run.logging.test_generation and launch.rank == 0 and code == 0:  # a signal-stopped run leaves at once
         from lumina_ds.cli.generate import generation_check

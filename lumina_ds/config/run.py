@@ -237,6 +237,19 @@ def owned_keys_in(extras: dict[str, Any]) -> list[str]:
     return present
 
 
+def refuse_owned_keys(extras: dict[str, Any], *, source: str) -> None:
+    """E002 naming the flags to use when a DeepSpeed JSON sets what the run config decides."""
+    owned = owned_keys_in(extras)
+    if owned:
+        flags = "; ".join(f"{key}: use {OWNED_DEEPSPEED_KEYS[key]}" for key in owned)
+        raise ConfigError(
+            "E002",
+            f"{source} sets {', '.join(owned)}, which lumina-ds decides from its own flags",
+            f"{flags}. A DeepSpeed JSON may only add what lumina-ds does not decide (buckets, overlap, "
+            "communication, offload, ...)",
+        )
+
+
 @dataclass
 class DistributedConfig(Freezable):
     zero_stage: int = 1
@@ -260,16 +273,8 @@ class DistributedConfig(Freezable):
         if self.expert_parallel_size < 1:
             raise ConfigError("E002", "expert_parallel_size must be >= 1")
         self._validate_offload()
-        owned = owned_keys_in(self.deepspeed)
-        if owned:
-            source = f"--deepspeed-config {self.deepspeed_config}" if self.deepspeed_config else "distributed.deepspeed"
-            flags = "; ".join(f"{key}: use {OWNED_DEEPSPEED_KEYS[key]}" for key in owned)
-            raise ConfigError(
-                "E002",
-                f"{source} sets {', '.join(owned)}, which lumina-ds decides from its own flags",
-                f"{flags}. A DeepSpeed JSON may only add what lumina-ds does not decide (buckets, overlap, "
-                "communication, offload, ...)",
-            )
+        source = f"--deepspeed-config {self.deepspeed_config}" if self.deepspeed_config else "distributed.deepspeed"
+        refuse_owned_keys(self.deepspeed, source=source)
 
     def _validate_offload(self) -> None:
         if self.offload not in OFFLOAD_MODES:

@@ -74,9 +74,9 @@ def precision_sections(precision: str) -> dict[str, Any]:
 def fp32_grad_accumulation(precision: str, zero_stage: int, grad_accum: int) -> bool:
     """Whether DeepSpeed sums micro-batch gradients in fp32: mixed_bf16 with accumulation at ZeRO 1-3.
 
-    DeepSpeed's default sums them in bf16: over 16 micro-batches of `debug` the summed gradient was 0.99% off the fp32
-    one, 0.87% with fp32 sums (the rest is bf16 compute); 0.94% and 0.81% at ZeRO-3. ZeRO-0 refuses the mix. It costs
-    memory (ZeRO-1 keeps a full fp32 gradient copy), which the planner counts.
+    DeepSpeed's default sums them in bf16, which drifts from the fp32 sum over many micro-batches (measured in
+    benchmarks/NOTES.md; tests/training/test_grad_accum.py holds the order). ZeRO-0 refuses the mix. It costs memory
+    (ZeRO-1 keeps a full fp32 gradient copy), which the planner counts.
     """
     return precision == "mixed_bf16" and zero_stage >= 1 and grad_accum > 1
 

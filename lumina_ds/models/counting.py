@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from lumina_ds.models.config import ModelConfig
 from lumina_ds.models.transformer import Transformer
-
-if TYPE_CHECKING:
-    from lumina_ds.models.config import ModelConfig
 
 COMPONENT_ORDER = ("embedding", "lm_head", "attention", "norms", "router", "experts", "shared_experts", "dense_mlp")
 
@@ -35,6 +34,32 @@ def component_of(param_name: str) -> str:
 
 
 @dataclass(frozen=True)
+class ModuleSizes:
+    """Sizes in a meta-device build of a model: every parameter (tied ones once) and each module's own parameters."""
+
+    params: tuple[tuple[str, int], ...]  # (parameter name, numel)
+    modules: tuple[tuple[str, int], ...]  # (module name, numel of the parameters it holds itself)
+
+
+_SIZES: dict[str, ModuleSizes] = {}
+
+
+def module_sizes(config: ModelConfig) -> ModuleSizes:
+    """The sizes of `config`'s model, built once per distinct config: the planner asks for them for every layout it
+    weighs, and a large preset's meta build walks thousands of modules."""
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    if key not in _SIZES:
+        with torch.device("meta"):
+            model = Transformer(config)
+        params = tuple((name, p.numel()) for name, p in model.named_parameters())
+        modules = tuple(
+            (name, sum(p.numel() for p in m.parameters(recurse=False))) for name, m in model.named_modules()
+        )
+        _SIZES[key] = ModuleSizes(params, modules)
+    return _SIZES[key]
+
+
+@dataclass(frozen=True)
 class ParameterCount:
     total: int
     active: int  # parameters a token passes through: top_k of num_experts routed experts
@@ -52,11 +77,9 @@ class ParameterCount:
 
 def count_parameters(config: ModelConfig, *, seq_len: int | None = None) -> ParameterCount:
     """Counts of a meta-device build: the same module tree training uses, so the numbers cannot drift."""
-    with torch.device("meta"):
-        model = Transformer(config)
     by_component: dict[str, int] = defaultdict(int)
-    for name, p in model.named_parameters():  # tied weights are yielded once
-        by_component[component_of(name)] += p.numel()
+    for name, numel in module_sizes(config).params:  # tied weights are listed once
+        by_component[component_of(name)] += numel
     counts = {c: by_component.get(c, 0) for c in COMPONENT_ORDER}
     total = sum(counts.values())
     moe = config.moe

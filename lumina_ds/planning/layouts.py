@@ -166,10 +166,8 @@ def adopt_layout(run: RunConfig, layout: dict[str, Any], *, world_size: int, exp
                 f"expert-parallel size {wanted} does not divide {world_size} GPUs: "
                 f"using {run.distributed.expert_parallel_size}"
             )
-    train = dict(planned["train"])
-    if "gradient_checkpointing" in train:  # a layout file written before activation_checkpointing
-        train["activation_checkpointing"] = "full" if train.pop("gradient_checkpointing") else "none"
-    if "gradient_checkpointing" in explicit:  # its alias flag
+    train = planned["train"]
+    if "gradient_checkpointing" in explicit:  # the alias flag of activation_checkpointing
         explicit = explicit | {"activation_checkpointing"}
     for name in PLANNED_TRAIN_FIELDS:
         if name not in explicit:

@@ -27,13 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from lumina_ds.errors import ConfigError
 from lumina_ds.models.config import ModelConfig
-from lumina_ds.models.counting import component_of, count_parameters
+from lumina_ds.models.counting import component_of, count_parameters, module_sizes
 from lumina_ds.models.loss import chunk_tokens_for
-from lumina_ds.models.transformer import Transformer
 
 GIB = 1024**3
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory (pinned buffers)
@@ -96,15 +93,13 @@ class ParamInventory:
     @classmethod
     def of(cls, config: ModelConfig) -> ParamInventory:
         """From a meta-device build: the module tree training uses."""
-        with torch.device("meta"):
-            model = Transformer(config)
+        sizes = module_sizes(config)
         dense: list[int] = []
         experts: list[int] = []
-        for name, p in model.named_parameters():
-            (experts if component_of(name) == "experts" else dense).append(p.numel())
+        for name, numel in sizes.params:
+            (experts if component_of(name) == "experts" else dense).append(numel)
         largest_dense, largest_expert = 0, 0
-        for name, module in model.named_modules():
-            own = sum(p.numel() for p in module.parameters(recurse=False))
+        for name, own in sizes.modules:
             if name.endswith(".experts"):
                 largest_expert = max(largest_expert, own)
             else:

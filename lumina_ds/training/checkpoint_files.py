@@ -28,7 +28,7 @@ DEEPSPEED_GLOBALS = (
 
 
 def file_digest(path: Path) -> str:
-    """xxh3-128 of the file's bytes (measured 27 GB/s in memory here against blake2b's 0.9: disk speed decides)."""
+    """xxh3-128 of the file's bytes: fast enough that the disk decides the time (benchmarks/NOTES.md)."""
     digest = xxhash.xxh3_128()
     with path.open("rb") as handle:
         while chunk := handle.read(CHUNK):

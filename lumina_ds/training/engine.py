@@ -78,9 +78,9 @@ def optimizer_factory(model: Transformer, run: RunConfig, *, precision: str) -> 
     """AdamW over the module's parameters as they are when DeepSpeed calls it (after AutoEP replacement).
 
     Weight decay skips vectors (norms); expert parameters get their own groups so ZeRO 1/2 reduce them over
-    the expert-data-parallel group only. torch's fused AdamW on GPUs and CPUs alike (the 17.8M reference MoE's step
-    on the 2-core CPU: 10 ms fused, 31 ms per-tensor, 57 ms foreach). With offload it is DeepSpeed's CPU Adam:
-    torch's AdamW steps 5-7x slower on the host, and pure bf16 with offload is refused by DeepSpeed with anything else.
+    the expert-data-parallel group only. torch's fused AdamW on GPUs and CPUs alike (the fastest of torch's three on
+    the CPU too: benchmarks/NOTES.md). With offload it is DeepSpeed's CPU Adam: torch's AdamW steps the host-resident
+    states several times slower (NOTES), and pure bf16 with offload is refused by DeepSpeed with anything else.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 

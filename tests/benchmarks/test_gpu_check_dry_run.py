@@ -17,6 +17,8 @@ from tests.benchmarks.conftest import BENCHMARKS, load_benchmark
 
 STEPS = ["versions", "throughput-moe-1b", "throughput-dense-1b", "attention-varlen", "moe-paths", "memory-layouts",
          "memory-z3-recompute-bf16", "validate-gpu-commands"]  # fmt: skip
+# the dry run (a module fixture) runs once, on the worker that runs this module
+pytestmark = pytest.mark.xdist_group("gpu_check_dry_run")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_every_step_runs_and_passes(dry_run: Path) -> None:
     steps = read_jsonl(dry_run / "steps.jsonl")
     assert [s["name"] for s in steps] == STEPS
@@ -50,6 +53,7 @@ def test_every_step_runs_and_passes(dry_run: Path) -> None:
         assert line in log
 
 
+@pytest.mark.slow
 def test_the_summary_holds_every_section(dry_run: Path) -> None:
     summary = json.loads((dry_run / "gpu_check.json").read_text())
     assert summary["mode"].startswith("dry run")

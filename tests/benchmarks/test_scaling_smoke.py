@@ -10,6 +10,7 @@ import pytest
 from tests.benchmarks.conftest import load_benchmark
 
 
+@pytest.mark.slow
 def test_one_process_and_two_ranks_train_the_same_global_batch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
+from typing import Any
 
-from tests.distributed.conftest import run_single_rank
+import deepspeed
+import torch
 
-SCRIPT = textwrap.dedent(
-    """
-    import torch, deepspeed
-    from lumina_ds.config.presets import get_preset
-    from lumina_ds.distributed.env import init_distributed
-    from lumina_ds.training.engine import build_model
+from lumina_ds.config.presets import get_preset
+from lumina_ds.distributed.env import DistInfo
+from lumina_ds.models.transformer import Transformer
+from lumina_ds.training.engine import build_engine, build_model
 
-    init_distributed()
+
+def test_zero3_build_is_partitioned_and_equals_plain_init(process_group: DistInfo) -> None:
     run = get_preset("debug")
     torch.manual_seed(0)
     plain = dict(Transformer(run.model).named_parameters())
@@ -30,33 +29,19 @@ SCRIPT = textwrap.dedent(
     assert model.lm_head.weight is model.embed.weight  # still tied
     run.distributed.zero_stage = 2
     assert not hasattr(next(build_model(run, world_size=1, precision="fp32").parameters()), "ds_id")
-    print("OK", len(params))
-    """
-)
 
 
-def test_zero3_build_is_partitioned_and_equals_plain_init(tmp_path: Path) -> None:
-    proc = run_single_rank(SCRIPT, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK" in proc.stdout
-
-
-BF16_SCRIPT = textwrap.dedent(
-    """
-    import torch
-    from lumina_ds.config.presets import get_preset
-    from lumina_ds.distributed.env import init_distributed
-    from lumina_ds.training.engine import build_engine, build_model
-
-    info = init_distributed()
+def test_zero3_bf16_keeps_fp32_rope_and_buffers(process_group: DistInfo) -> None:
+    """zero.Init builds floating tensors in the config's dtype and the bf16 engine casts the module: the rotary
+    angles must still be the fp32 ones that chat and export rebuild, bit for bit."""
     run = get_preset("debug")
     run.model.rope_theta, run.model.max_seq_len = 5e5, 8192  # b50's theta, where bf16 frequencies go wrong
     torch.manual_seed(0)
     plain = Transformer(run.model)
     run.distributed.zero_stage, run.train.precision = 3, "bf16"
     torch.manual_seed(0)
-    engine = build_engine(build_model(run, world_size=1, precision="bf16"), run, info=info, total_steps=1,
-                          precision="bf16").engine
+    engine: Any = build_engine(build_model(run, world_size=1, precision="bf16"), run, info=process_group,
+                               total_steps=1, precision="bf16").engine  # fmt: skip
     module = engine.module
     assert next(module.parameters()).dtype == torch.bfloat16  # DeepSpeed cast the module
     buffers = dict(module.named_buffers())
@@ -64,16 +49,5 @@ BF16_SCRIPT = textwrap.dedent(
         if buf.dtype == torch.float32:
             assert buffers[name].dtype == torch.float32 and torch.equal(buffers[name].cpu(), buf), name
     pos = torch.tensor([[0, 1, 1000, 4095, 4096, 8191]])
-    for ours, ref in zip(module.rope(pos), plain.rope(pos)):
+    for ours, ref in zip(module.rope(pos), plain.rope(pos), strict=True):
         assert ours.dtype == torch.float32 and torch.equal(ours.cpu(), ref), (ours - ref).abs().max()
-    print("OK")
-    """
-)
-
-
-def test_zero3_bf16_keeps_fp32_rope_and_buffers(tmp_path: Path) -> None:
-    """zero.Init builds floating tensors in the config's dtype and the bf16 engine casts the module: the rotary
-    angles must still be the fp32 ones that chat and export rebuild, bit for bit."""
-    proc = run_single_rank(BF16_SCRIPT, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "OK" in proc.stdout

@@ -8,10 +8,15 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from lumina_ds.training.universal import reusable
 from tests.runs import FAST, TRAIN, here, losses, ranks
 
 TOLERANCE = 1e-3  # fp32; the sums over ranks and micro-batches are ordered differently on the other world size
+
+# the two-rank jobs of tests/integration/conftest.py are trained once, on the worker that runs these tests
+pytestmark = pytest.mark.xdist_group("two_rank_jobs")
 
 
 def common(tokenizer: Path) -> list[str]:

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import FAST, ROOT, TRAIN, deepspeed_launch, free_port, lumina, read_metrics, run
+from lumina_ds.distributed.env import free_port
+from tests.runs import FAST, ROOT, TRAIN, Result, deepspeed_launch, here, read_metrics, run
 
 TRAIN_PY = str(ROOT / "launch" / "train.py")
 NAME = "same"  # one experiment name: the run directories differ only by --output-dir
@@ -25,11 +26,12 @@ FLAGS += ["--no-tensorboard", "--no-progress-bar", "--experiment-name", NAME]
 RUN_FILES = ("config.yaml", "ds_config.json")  # the resolved RunConfig and the JSON DeepSpeed was initialised with
 
 
-def start(entry: str, workdir: Path) -> subprocess.CompletedProcess[str]:
-    """Train with FLAGS through one entry point, into runs_<entry>/."""
-    args = [*FLAGS, "--output-dir", f"runs_{entry}"]
+def start(entry: str, workdir: Path, tokenizer: Path) -> subprocess.CompletedProcess[str] | Result:
+    """Train with FLAGS through one entry point, into runs_<entry>/. The console script's code runs in this process
+    (its `python -m lumina_ds` start is test_cli's); the three launches each start their own interpreter."""
+    args = [*FLAGS, "--output-dir", f"runs_{entry}", "--tokenizer", str(tokenizer)]
     if entry == "cli":
-        return lumina(["train", *args], cwd=workdir)
+        return here(["train", *args], cwd=workdir)
     if entry == "plain":
         return run([sys.executable, TRAIN_PY, *args], cwd=workdir)
     if entry == "torchrun":
@@ -67,9 +69,9 @@ def losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_every_entry_point_trains_the_same_run(workdir: Path) -> None:
+def test_every_entry_point_trains_the_same_run(workdir: Path, tokenizer_file: Path) -> None:
     entries = ("cli", "plain", "torchrun", "deepspeed")
-    runs = {entry: start(entry, workdir) for entry in entries}
+    runs = {entry: start(entry, workdir, tokenizer_file) for entry in entries}
     assert {entry: proc.returncode for entry, proc in runs.items()} == dict.fromkeys(entries, 0)
     dirs = {entry: workdir / f"runs_{entry}" / NAME for entry in entries}
     missing = {entry: [f for f in RUN_FILES if not (d / f).exists()] for entry, d in dirs.items()}

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import FAST, TRAIN, lumina, read_metrics
+from tests.runs import FAST, TRAIN, here, read_metrics
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("precision", "offload"), [("bf16", "optimizer+params"), ("mixed_bf16", "optimizer")])
-def test_zero3_offload_trains_with_cpu_adam(workdir: Path, precision: str, offload: str) -> None:
+def test_zero3_offload_trains_with_cpu_adam(workdir: Path, tokenizer_file: Path, precision: str, offload: str) -> None:
     name = f"offload_{precision}"
     args = ["train", *FAST, "--train-data", TRAIN, "--max-steps", "6", "--zero-stage", "3", "--offload", offload,
-            "--precision", precision, "--experiment-name", name, "--no-progress-bar"]  # fmt: skip
-    proc = lumina(args, cwd=workdir)
-    assert proc.returncode == 0
+            "--precision", precision, "--experiment-name", name, "--no-progress-bar", "--tokenizer",
+            str(tokenizer_file)]  # fmt: skip
+    proc = here(args, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     states = "bf16" if precision == "bf16" else "fp32"
     assert f"offload {offload} | optimizer DeepSpeedCPUAdam ({states} states on the host)" in proc.stdout
     run_dir = workdir / "runs" / name

@@ -118,7 +118,7 @@ def test_train_flag_sets_the_scheme_and_is_refused_with_init_from() -> None:
     from lumina_ds.cli import build_parser
     from lumina_ds.cli.train import resolve_run
     from lumina_ds.errors import LuminaError
-    from tests.integration.conftest import TRAIN
+    from tests.runs import TRAIN
 
     def resolve(*argv: str) -> str:
         args = build_parser().parse_args(["train", "--train-data", str(TRAIN), *argv])

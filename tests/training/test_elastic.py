@@ -15,7 +15,8 @@ from lumina_ds.config.presets import get_preset
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError
-from lumina_ds.training.elastic import Layout, continuation_note, plan_elastic_resume
+from lumina_ds.training.checkpoint import PlainLoader
+from lumina_ds.training.elastic import Layout, continuation_note, tag_loader_for
 
 
 def _run(tmp_path: Path, **distributed: Any) -> RunConfig:
@@ -32,18 +33,19 @@ def _saved_tag(tmp_path: Path, run: RunConfig, *, world_size: int) -> Path:
     tag = tmp_path / "old" / "checkpoints" / "step_00000004"
     (tag / "lumina_state").mkdir(parents=True)
     (tag / "complete.json").write_text(json.dumps({"step": 4, "world_size": world_size, "files": {}}))
-    state = {"trainer": {"step": 4}, "config": config_to_dict(run)}
+    state = {"trainer": {"step": 4}, "module": {}, "config": config_to_dict(run)}
     (tag / "lumina_state" / "trainer.json").write_text(json.dumps(state))
     return tag
 
 
 def _plan(run: RunConfig, tag: Path, world_size: int) -> tuple[Any, list[str]]:
-    run.checkpoint.resume = str(tag)
+    """The loader the (verified) tag needs on `world_size` processes, and what was said: None for DeepSpeed's own."""
     said: list[str] = []
     info = DistInfo(
         rank=0, local_rank=0, world_size=world_size, local_world_size=world_size, device=torch.device("cpu")
     )
-    return plan_elastic_resume(run, info, log=said.append), said
+    loader = tag_loader_for(tag, run, info, log=said.append)
+    return (None if isinstance(loader, PlainLoader) else loader), said
 
 
 def test_a_native_moe_checkpoint_on_other_sizes_is_refused_with_the_reason(tmp_path: Path) -> None:
