@@ -19,6 +19,7 @@ HEAVY = (
     "sympy",
     "deepspeed",
     "deepspeed.runtime.engine",
+    "deepspeed.runtime.zero.muon.muon_optimizer",  # imported by every ZeRO engine's optimizer check (torch._inductor)
     "deepspeed.runtime.zero.stage3",
     "deepspeed.runtime.zero.stage_1_and_2",
     "deepspeed.runtime.bf16_optimizer",

@@ -17,7 +17,7 @@ from tests.benchmarks.conftest import BENCHMARKS, load_benchmark
 
 STEPS = ["versions", "throughput-moe-1b", "throughput-dense-1b", "attention-varlen", "moe-paths", "memory-layouts",
          "memory-z3-recompute-bf16", "validate-gpu-commands"]  # fmt: skip
-# the dry run (a module fixture) runs once, on the worker that runs this module
+# the tests of the dry run go to one worker, where it runs once
 pytestmark = pytest.mark.xdist_group("gpu_check_dry_run")
 
 
@@ -26,7 +26,7 @@ def tools() -> ModuleType:
     return load_benchmark("gpu_check_steps")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # a worker may run other modules' tests between this module's: run it once
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gpu_check")
     pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ def check_dirs(root_text: str) -> None:
 
     from lumina_ds.data.train_data import DataWorld, shard_builder
     from lumina_ds.distributed.collectives import shared_by_all_ranks
-    from lumina_ds.distributed.env import DistInfo, init_distributed
+    from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
     from lumina_ds.errors import LuminaError
     from lumina_ds.training.session import check_run_dir_shared
 
@@ -30,8 +30,9 @@ def check_dirs(root_text: str) -> None:
         "own": shared_by_all_ranks(own, rank=rank),
         "builds_shared": shard_builder(root / "prepared", world),
         "builds_own": shard_builder(own / "prepared", world),
-        "probes_left": sorted(p.name for p in root.rglob(".lumina-shared-check-*")),
     }
+    barrier()  # every rank's checks are done: none may have left its probe file behind
+    result["probes_left"] = sorted(p.name for p in root.rglob(".lumina-shared-check-*"))
     try:
         check_run_dir_shared(own, info)
     except LuminaError as exc:

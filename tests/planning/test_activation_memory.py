@@ -35,7 +35,7 @@ def measure(model: Transformer, mode: str, ids: torch.Tensor) -> tuple[int, int]
     return held, peak
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def measured() -> dict[str, tuple[int, int]]:
     torch.manual_seed(0)
     model = Transformer(get_preset("debug").model).train()  # 2 MoE layers, top-2 of 4 experts, fp32
