@@ -52,12 +52,12 @@ BUILD_OPS := from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder
 ops: $(VENV)/.installed
 	DS_ACCELERATOR=cpu $(PY) -c "$(BUILD_OPS)"
 
-# one worker per core; tests that share an expensive fixture run on one worker (their xdist_group)
+# one worker per core; a test file's tests run together on one worker (its module and session fixtures built once)
 pytest: system-deps $(VENV)/.installed
-	$(BIN)/pytest -q -n auto --dist loadgroup
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 test-fast: system-deps $(VENV)/.installed
-	$(BIN)/pytest -q -n auto --dist loadgroup -m "not slow"
+	$(BIN)/pytest -q -n auto --dist loadfile -m "not slow"
 
 # the op builds on one core while lint and mypy keep the other busy; the suite starts once all three are done
 test: system-deps $(VENV)/.installed

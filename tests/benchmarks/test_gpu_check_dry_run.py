@@ -17,8 +17,6 @@ from tests.benchmarks.conftest import BENCHMARKS, load_benchmark
 
 STEPS = ["versions", "throughput-moe-1b", "throughput-dense-1b", "attention-varlen", "moe-paths", "memory-layouts",
          "memory-z3-recompute-bf16", "validate-gpu-commands"]  # fmt: skip
-# the tests of the dry run go to one worker, where it runs once
-pytestmark = pytest.mark.xdist_group("gpu_check_dry_run")
 
 
 @pytest.fixture(scope="module")

@@ -246,6 +246,7 @@ def _validate_in_a_fresh_process(path: Path) -> tuple[dict[str, object], str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     peaks = {}
     for size in (1 << 20, 128 << 20):
