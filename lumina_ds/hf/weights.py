@@ -49,10 +49,9 @@ class Entry:
 
 def our_parameter_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names (named_parameters order, tied embeddings once) and shapes, from a model on `meta`."""
-    from lumina_ds.models.transformer import Transformer
+    from lumina_ds.models.transformer import meta_transformer
 
-    with torch.device("meta"):
-        module = Transformer(model)
+    module = meta_transformer(model)
     return {name: tuple(p.shape) for name, p in module.named_parameters()}
 
 

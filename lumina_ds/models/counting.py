@@ -7,10 +7,8 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
-
 from lumina_ds.models.config import ModelConfig
-from lumina_ds.models.transformer import Transformer
+from lumina_ds.models.transformer import meta_transformer
 
 COMPONENT_ORDER = ("embedding", "lm_head", "attention", "norms", "router", "experts", "shared_experts", "dense_mlp")
 
@@ -49,8 +47,7 @@ def module_sizes(config: ModelConfig) -> ModuleSizes:
     weighs, and a large preset's meta build walks thousands of modules."""
     key = json.dumps(dataclasses.asdict(config), sort_keys=True)
     if key not in _SIZES:
-        with torch.device("meta"):
-            model = Transformer(config)
+        model = meta_transformer(config)
         params = tuple((name, p.numel()) for name, p in model.named_parameters())
         modules = tuple(
             (name, sum(p.numel() for p in m.parameters(recurse=False))) for name, m in model.named_modules()

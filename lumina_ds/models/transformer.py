@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypedDict
 
 import torch
@@ -28,6 +30,27 @@ if TYPE_CHECKING:
 
 
 RESIDUAL_OUTPUTS = ("o_proj", "w2")  # the projections that write into the residual stream
+# what torch's module constructors and our init_module draw weights with
+INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "zeros_", "ones_")
+
+
+@contextlib.contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    saved = {name: getattr(nn.init, name) for name in INITIALISERS}
+    for name in INITIALISERS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, initialiser in saved.items():
+            setattr(nn.init, name, initialiser)
+
+
+def meta_transformer(config: ModelConfig) -> Transformer:
+    """The model's module tree on the meta device, for its shapes and sizes: nothing is allocated, and its weights are
+    not initialised (there is nothing to draw into, and torch runs every initialiser on meta through Python)."""
+    with torch.device("meta"), _initialisers_skipped():
+        return Transformer(config)
 
 
 def residual_output_std(config: ModelConfig, name: str) -> float:

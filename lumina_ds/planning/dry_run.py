@@ -13,7 +13,7 @@ from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.parallelize import parallelize, uses_autoep
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.models.counting import ParameterCount, count_parameters
-from lumina_ds.models.transformer import Transformer
+from lumina_ds.models.transformer import meta_transformer
 from lumina_ds.planning.layouts import METADATA_KEY, ds_config_for_plan, planned_run
 from lumina_ds.planning.plan_report import format_plan, plan_as_dict
 from lumina_ds.planning.planner import Cluster, Plan, plan
@@ -52,8 +52,8 @@ def deepspeed_parses(config: dict[str, Any]) -> None:
 
 def meta_model_summary(run: RunConfig) -> str:
     """Build the planned model on the meta device and apply the same parallelisation training applies."""
+    model = meta_transformer(run.model)
     with torch.device("meta"):
-        model = Transformer(run.model)
         sections = parallelize(model, run, rank=0)
     ep = run.distributed.expert_parallel_size
     parts = [f"{sum(1 for _ in model.modules())} modules on the meta device", f"{model.num_moe_layers} MoE layers"]

@@ -14,13 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lumina_ds.config.io import deep_merge
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.distributed.expert_parallel import autoep_section
-from lumina_ds.models.transformer import Transformer
+from lumina_ds.models.transformer import meta_transformer
 from lumina_ds.planning.hardware import gpu_spec
 from lumina_ds.planning.memory import GIB, Layout
 from lumina_ds.planning.planner import Cluster, Plan
@@ -121,8 +119,7 @@ def ds_config_for_plan(run: RunConfig, plan: Plan) -> dict[str, Any]:
     config = build_ds_config(planned, world_size=plan.cluster.gpus, precision=plan.precision)
     ep = plan.best.layout.expert_parallel_size
     if ep > 1 and planned.distributed.moe_backend == "autoep":
-        with torch.device("meta"):
-            model = Transformer(planned.model)
+        model = meta_transformer(planned.model)
         config["expert_parallel"] = autoep_section(model, ep_size=ep)
     return config
 
