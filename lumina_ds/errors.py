@@ -23,8 +23,9 @@ ERROR_CODES: dict[str, str] = {
     "checked before any work starts",
     "E105": "too little data for the number of ranks (or an epoch without a usable conversation)",
     "E106": "no usable conversation in the evaluation file",
-    "E107": "a checkpoint's data position does not fit this run's files, weights, seed or `--seq-len` (or was saved "
-    "per rank, before rows were ordered globally)",
+    "E107": "a checkpoint's data position does not fit this run's data: a file's content (edited in place or grown), "
+    "the mixing weights, seed or `--seq-len` (the message names what differs; `--allow-changed-data` continues with a "
+    "warning), or it was saved per rank, before rows were ordered globally",
     "E108": "prepared shards cannot be written (disk full, permissions): free space or pass `--prepared-dir` elsewhere",
     "E109": "prepared shards are unreadable or inconsistent: delete the directory named in the hint and prepare again",
     "E110": "a data file is not UTF-8 JSONL, named from its first bytes before any work: gzip without the `.gz` "
@@ -39,6 +40,9 @@ ERROR_CODES: dict[str, str] = {
     "config, or a `save_to_disk` directory that is damaged",
     "E114": "a conversation holds tool-call or tool-result turns (ShareGPT `function_call`, `observation`, `tool`), "
     "which the chat template cannot represent (record skipped)",
+    "E115": "a tokenizer file cannot be read (truncated, not a tokenizer): the hint names the checkpoint copy that "
+    "restores it; a resume never retrains a tokenizer",
+    "E116": "a prompt (`chat`, `generate-check`) is not valid UTF-8 text",
     "E120": "a model's chat template cannot be used: it does not compile, the sandbox refused it (attribute access to "
     "Python internals, changing its inputs), or it rejects a conversation (`raise_exception`; that line is skipped)",
     "E121": "a chat template's assistant spans cannot be computed exactly: the template changes the assistant's "
@@ -53,11 +57,13 @@ ERROR_CODES: dict[str, str] = {
     "E301": "training diverged: the divergence guard kept skipping steps after its rewinds (or had no checkpoint to "
     "rewind to); with the guard off, a non-finite loss at a log line or before a checkpoint. No diverged weights are "
     "saved",
-    "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, ZeRO stage; a native-MoE or ZeRO-0 "
-    "checkpoint on another number of processes or expert-parallel size) or could not be saved or converted",
+    "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, tokenizer, ZeRO stage; a native-MoE "
+    "or ZeRO-0 checkpoint on another number of processes or expert-parallel size) or could not be saved (a full disk) "
+    "or converted",
     "E304": "a file of the run directory cannot be written (disk full, permissions): metrics.jsonl, TensorBoard events",
-    "E305": "another run is using this run directory (its lock names the host and process); a lock left by a "
-    "process that is gone from this host is taken over",
+    "E305": "another run is using this run directory: its lock (host, process, heartbeat) is a lease the run renews "
+    "every 30 s; a lock whose heartbeat is older than the 5-minute lease, whose process is gone from this host or "
+    "that cannot be read is taken over with a warning; `--force-unlock` breaks any lock",
     "E306": "an export failed its verification: transformers cannot load it, or its logits differ from lumina-ds' by "
     "more than 1e-4 on the probe batch (the export is left in place for inspection)",
     "E307": "`report`: a run has no metrics to draw: no metrics.jsonl at the path given, or not one complete training "

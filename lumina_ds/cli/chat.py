@@ -9,7 +9,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from lumina_ds.generation import ChatSession, SamplingConfig, load_for_inference, one_shot, run_repl
+    from lumina_ds.generation.chat import require_utf8
 
+    # before the load, which takes minutes for a large checkpoint; ChatSession checks again on every turn
+    if args.prompt is not None:
+        require_utf8(args.prompt, "--prompt")
+    if args.system_prompt:
+        require_utf8(args.system_prompt, "--system-prompt")
     sampling = SamplingConfig(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -39,7 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, 1 = off (default: 0.9)")
     p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default: 50)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="longest reply in tokens, at most what the prompt leaves of the context (default: 256)",
+    )
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: random)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -2,7 +2,8 @@
 
 Each row keeps its own positions (0 at its first real token) and a key mask that hides its padding, so a row sees
 exactly what it would see decoded alone; greedy output equals `generate` row by row (up to float summation order).
-A row that samples a stop id leaves the batch: its cache rows are dropped and the remaining steps skip it.
+A row that samples a stop id or reaches its budget leaves the batch: its cache rows are dropped and the remaining
+steps skip it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lumina_ds.generation.sampling import (
     fit_prompt,
     last_position_logits,
     sample_next,
+    warn_if_cut,
 )
 from lumina_ds.models.attention import LayerKVCache
 
@@ -81,20 +83,33 @@ class _Rows:
             layer.k, layer.v = layer.k[select, :, start:], layer.v[select, :, start:]
 
 
+def _fit_rows(prompts: Sequence[Sequence[int]], cfg: SamplingConfig, max_seq_len: int) -> list[tuple[list[int], int]]:
+    """fit_prompt for each row (each its own budget: it depends on the row's length), warning for each cut row."""
+    fitted = []
+    for number, prompt in enumerate(prompts, start=1):
+        ids, budget = fit_prompt(list(prompt), cfg.max_new_tokens, max_seq_len)
+        label = f"prompt {number} of {len(prompts)}: " if len(prompts) > 1 else ""
+        warn_if_cut(len(prompt), len(ids), budget, max_seq_len, label=label)
+        fitted.append((ids, budget))
+    return fitted
+
+
 @torch.no_grad()
 def generate_batch(
     model: Transformer, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, stop_ids: Collection[int]
 ) -> list[list[int]]:
-    """Sample up to cfg.max_new_tokens after each prompt, all rows in one forward per step; -> new ids per prompt.
+    """Sample up to cfg.max_new_tokens after each prompt (fewer where it leaves less of the context, as `generate`),
+    all rows in one forward per step; -> new ids per prompt.
 
-    A stop id ends its row and is not returned. Greedy output equals `generate` on each prompt alone; with sampling
-    the rows draw from one generator, so a seed reproduces the batch, not the single-row streams.
+    A stop id or the row's budget ends its row (a stop id is not returned). Greedy output equals `generate` on each
+    prompt alone; with sampling the rows draw from one generator, so a seed reproduces the batch, not the single-row
+    streams.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("E002", "cannot generate from an empty prompt", "pass at least one token (e.g. BOS)")
     model.eval()
-    fitted = [fit_prompt(list(p), cfg.max_new_tokens, model.config.max_seq_len) for p in prompts]
-    budget = fitted[0][1]  # the same for every prompt: it depends on max_new_tokens and max_seq_len only
+    fitted = _fit_rows(prompts, cfg, model.config.max_seq_len)
+    budgets = [budget for _, budget in fitted]
     device = next(model.parameters()).device
     generator = _make_generator(cfg.seed, device)
     rows = _Rows([p for p, _ in fitted], device)
@@ -103,15 +118,17 @@ def generate_batch(
     with last_position_logits(model):
         logits = model(rows.history, position_ids=positions, attn_mask=mask, kv_cache=cache)["logits"][:, -1]  # [B, V]
     replies: list[list[int]] = [[] for _ in prompts]
-    for step in range(budget):
+    for _ in range(max(budgets)):
         prev = rows.history if cfg.repetition_penalty != 1.0 else None
         tokens = sample_next(logits, cfg, prev, generator)  # [B]
         live = []
         for row, token_id in enumerate(tokens.tolist()):
+            reply = replies[rows.index[row]]
             if token_id not in stop_ids:
-                replies[rows.index[row]].append(token_id)
-                live.append(row)
-        if not live or step == budget - 1:
+                reply.append(token_id)
+                if len(reply) < budgets[rows.index[row]]:
+                    live.append(row)
+        if not live:
             break  # no need to run the model for tokens that will not be sampled from
         rows.append(tokens)
         if len(live) < len(rows.index):

@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from lumina_ds.errors import LuminaError
+from lumina_ds.errors import DataError, LuminaError
 from lumina_ds.generation.loading import InferenceBundle
 from lumina_ds.generation.sampling import SamplingConfig, generate
 from lumina_ds.models.counting import count_parameters
 from lumina_ds.tokenizer import Message
 
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
+UTF8_HINT = "give the prompt as UTF-8 text: convert it (e.g. `iconv -f latin1 -t utf-8`) or use a UTF-8 locale"
 
 HELP = """Commands:
   /help                 show this help
@@ -24,6 +25,23 @@ HELP = """Commands:
   /top_k <n>            keep the n most likely tokens (0 = off)
   /max_tokens <n>       longest reply in tokens
   /quit, /exit          leave (Ctrl-D works too; Ctrl-C stops a reply, or leaves at the prompt)"""
+
+
+def _bad_char(text: str, index: int) -> str:
+    point = ord(text[index])
+    if 0xDC80 <= point <= 0xDCFF:  # surrogateescape: how Python keeps an undecodable byte (argv, some stdin)
+        return f"byte 0x{point - 0xDC00:02x} at character {index}"
+    return f"a lone surrogate U+{point:04X} at character {index}"
+
+
+def require_utf8(text: str, what: str = "the prompt", hint: str = UTF8_HINT) -> str:
+    """text, or E116 where it holds a surrogate: bytes that were not UTF-8 (Python keeps them as surrogate escapes
+    in sys.argv) or a lone "\\ud800" escape from JSON. The tokenizer cannot encode either (a bare TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError("E116", f"{what} is not valid UTF-8 text: {_bad_char(text, exc.start)}", hint) from None
+    return text
 
 
 class ChatSession:
@@ -46,7 +64,14 @@ class ChatSession:
         return system + self.history
 
     def prompt_ids(self, user_text: str) -> list[int]:
-        """The conversation plus user_text, formatted by the tokenizer's chat template (a model's own, or ours)."""
+        """The conversation plus user_text, formatted by the tokenizer's chat template (a model's own, or ours).
+
+        The whole conversation, however long: generate() gives the reply what the prompt leaves of the context, and
+        cuts only a prompt that fills it (from the left, with a warning). Text that is not UTF-8 is E116.
+        """
+        require_utf8(user_text)
+        if self.system_prompt:
+            require_utf8(self.system_prompt, "the system prompt")
         return self.bundle.tokenizer.encode_prompt([*self.messages(), Message("user", user_text)])
 
     def reply(self, user_text: str, *, stream: Callable[[str], None] | None = None) -> str:
@@ -154,7 +179,10 @@ def handle_command(session: ChatSession, line: str) -> str | None:
         session.reset()
         return "conversation cleared"
     if command == "/system":
-        session.system_prompt = arg or None
+        try:
+            session.system_prompt = require_utf8(arg, "the system prompt") or None
+        except LuminaError as exc:
+            return f"error: {exc}"
         return f"system prompt set: {arg}" if arg else "system prompt removed"
     if command in _SETTINGS:
         return _set_sampling(session, command, arg)
@@ -162,26 +190,46 @@ def handle_command(session: ChatSession, line: str) -> str | None:
 
 
 def _answer(session: ChatSession, line: str, output: TextIO) -> None:
-    def emit(piece: str) -> None:
-        output.write(piece)
-        output.flush()
+    # the prefix waits for the first piece, so a warning about the prompt (stderr) comes before it, not inside it
+    started = False
 
-    output.write("assistant> ")
+    def emit(piece: str) -> None:
+        nonlocal started
+        output.write(piece if started else "assistant> " + piece)
+        output.flush()
+        started = True
+
     try:
         session.reply(line, stream=emit)
     except KeyboardInterrupt:
-        output.write(" [interrupted]")
+        emit(" [interrupted]")
+    except LuminaError as exc:
+        output.write(f"error: {exc}\n")
+        return
+    emit("")
     output.write("\n")
+
+
+def _read_line(input_fn: Callable[[str], str], output: TextIO) -> str | None:
+    """The next line ("" to skip one that is not UTF-8, after saying so); None at EOF or Ctrl-C."""
+    try:
+        return input_fn("you> ")
+    except (EOFError, KeyboardInterrupt):
+        print(file=output)
+        return None
+    except UnicodeDecodeError as exc:  # a strict UTF-8 stdin: the bytes never became a str
+        bad = f"byte 0x{exc.object[exc.start]:02x}"
+        error = DataError("E116", f"the line typed is not valid UTF-8 text: {bad}", UTF8_HINT)
+        print(f"error: {error}", file=output)
+        return ""
 
 
 def run_repl(session: ChatSession, *, input_fn: Callable[[str], str] = input, output: TextIO = sys.stdout) -> None:
     """Interactive chat until /quit, /exit, EOF (Ctrl-D) or Ctrl-C at the prompt."""
     print(banner(session), file=output)
     while True:
-        try:
-            line = input_fn("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=output)
+        line = _read_line(input_fn, output)
+        if line is None:
             break
         if not line.strip():
             continue

@@ -14,7 +14,7 @@ import torch
 
 from lumina_ds.errors import DataError
 from lumina_ds.generation.batched import generate_batch
-from lumina_ds.generation.chat import ChatSession
+from lumina_ds.generation.chat import ChatSession, require_utf8
 from lumina_ds.generation.loading import InferenceBundle, load_for_inference
 from lumina_ds.generation.sampling import SamplingConfig
 
@@ -49,13 +49,28 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise DataError("E104", f"prompts file not found: {path}", 'one prompt per line, or JSONL {"prompt": ...}')
     prompts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(_utf8_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        prompts.append(_prompt_of(line, path, line_no) if line.lstrip().startswith(("{", '"')) else line.strip())
+        prompt = _prompt_of(line, path, line_no) if line.lstrip().startswith(("{", '"')) else line.strip()
+        prompts.append(require_utf8(prompt, f"{path}:{line_no}: the prompt", _file_hint(path)))  # "\ud800" in JSON
     if not prompts:
         raise DataError("E104", f"{path} holds no prompt", 'one prompt per line, or JSONL {"prompt": ...}')
     return prompts
+
+
+def _file_hint(path: Path) -> str:
+    return f"save {path} as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > prompts.utf8.txt`)"
+
+
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        message = f"{path}:{line_no}: the prompt is not valid UTF-8 text: byte 0x{data[exc.start]:02x}"
+        raise DataError("E116", message, _file_hint(path)) from None
 
 
 def _prompt_of(line: str, path: Path, line_no: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 # Slack for the top-p comparison: softmax of float32 logits does not reproduce probabilities exactly, and a nucleus
 # whose mass is 0.8 up to rounding must count as reaching top_p=0.8.
 TOP_P_EPS = 1e-6
+# A prompt that fills the context is cut to leave 1/REPLY_ROOM_SHARE of it for the reply (32 of the debug preset's 256)
+REPLY_ROOM_SHARE = 8
 
 
 @dataclass
@@ -116,11 +119,43 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
 
 
+def reply_room(max_new_tokens: int, max_seq_len: int) -> int:
+    """The reply budget left after cutting a prompt that fills the context: a small share of it, enough for an answer
+    while the cut drops as little of the conversation as possible."""
+    return max(1, min(max_new_tokens, max_seq_len // REPLY_ROOM_SHARE, max_seq_len - 1))
+
+
 def fit_prompt(prompt_ids: list[int], max_new_tokens: int, max_seq_len: int) -> tuple[list[int], int]:
-    """Left-truncate the prompt so prompt + new tokens fit in max_seq_len; -> (prompt, new-token budget)."""
-    budget = min(max_new_tokens, max_seq_len - 1)  # at least one prompt token must stay
-    keep = max_seq_len - budget
-    return prompt_ids[-keep:], budget
+    """-> (prompt, reply budget), so that prompt + reply fit in max_seq_len.
+
+    The prompt comes first: a prompt that leaves room for a reply is kept whole and the reply gets
+    min(max_new_tokens, max_seq_len - len(prompt)). Only a prompt that fills the context is cut, from the left (its
+    end, nearest the reply, stays), to leave reply_room() tokens.
+    """
+    room = max_seq_len - len(prompt_ids)
+    if room >= 1:
+        return list(prompt_ids), min(max_new_tokens, room)
+    budget = reply_room(max_new_tokens, max_seq_len)
+    return list(prompt_ids[len(prompt_ids) - (max_seq_len - budget) :]), budget
+
+
+def cut_warning(prompt_tokens: int, kept: int, budget: int, max_seq_len: int) -> str | None:
+    """The one-line warning for a prompt fit_prompt cut (None when it was kept whole)."""
+    dropped = prompt_tokens - kept
+    if dropped <= 0:
+        return None
+    size = "fills the whole" if prompt_tokens == max_seq_len else "is longer than the"
+    return (
+        f"the prompt ({prompt_tokens} tokens) {size} model's context of {max_seq_len} tokens: dropped its first "
+        f"{dropped} tokens, kept the last {kept} and left {budget} for the reply"
+    )
+
+
+def warn_if_cut(prompt_tokens: int, kept: int, budget: int, max_seq_len: int, *, label: str = "") -> None:
+    """Print cut_warning() to stderr, where it does not mix with a streamed reply on stdout."""
+    message = cut_warning(prompt_tokens, kept, budget, max_seq_len)
+    if message is not None:
+        print(f"warning: {label}{message}", file=sys.stderr, flush=True)
 
 
 def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -151,7 +186,8 @@ def generate(
     stop_ids: Collection[int],
     on_token: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """Sample up to cfg.max_new_tokens after prompt_ids; a stop id ends generation and is not returned.
+    """Sample up to cfg.max_new_tokens after prompt_ids, fewer where the prompt leaves less of the context (a prompt
+    that fills it is cut, with a warning: fit_prompt); a stop id ends generation and is not returned.
 
     The prompt is prefilled once into a KV cache, then each step feeds only the newest token (positions continue
     from the cache length). on_token is called with each returned token as soon as it is chosen.
@@ -160,6 +196,7 @@ def generate(
         raise ConfigError("E002", "cannot generate from an empty prompt", "pass at least one token (e.g. BOS)")
     model.eval()
     prompt, budget = fit_prompt(list(prompt_ids), cfg.max_new_tokens, model.config.max_seq_len)
+    warn_if_cut(len(prompt_ids), len(prompt), budget, model.config.max_seq_len)
     device = next(model.parameters()).device
     generator = _make_generator(cfg.seed, device)
     history = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, P], for the repetition penalty

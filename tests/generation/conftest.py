@@ -58,7 +58,7 @@ def run_dir(tmp_path: Path, tokenizer: ChatTokenizer) -> tuple[Path, Transformer
 
 class ScriptedModel(nn.Module):
     """Quacks like Transformer for generate(): the t-th decoding step puts all mass on script[t] (then repeats the
-    last id). Counts the tokens it is fed, to prove the prefix is not recomputed."""
+    last id). Counts the tokens it is fed, to prove the prefix is not recomputed, and keeps each call's ids."""
 
     def __init__(self, config: ModelConfig, script: list[int]) -> None:
         super().__init__()
@@ -68,6 +68,7 @@ class ScriptedModel(nn.Module):
         self.norm = nn.Identity()  # generate() hooks the final norm to keep the last position only
         self.fed_tokens = 0
         self.steps = 0
+        self.inputs: list[list[int]] = []  # row 0 of each forward's input_ids: [0] is the prompt prefilled
 
     def new_kv_cache(self) -> list[LayerKVCache]:
         return [LayerKVCache()]
@@ -75,6 +76,7 @@ class ScriptedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, kv_cache: list[LayerKVCache] | None = None) -> dict[str, torch.Tensor]:
         B, S = input_ids.shape
         self.fed_tokens += S
+        self.inputs.append(input_ids[0].tolist())
         target = self.script[min(self.steps, len(self.script) - 1)]
         self.steps += 1
         logits = torch.full((B, S, self.config.vocab_size), -10.0)  # [B, S, V]

@@ -104,10 +104,19 @@ def test_repetition_penalty_can_change_greedy_choice() -> None:
     assert sample_next(logits, cfg, prev_ids=torch.tensor([[0]])).item() == 1
 
 
-def test_fit_prompt_truncates_from_the_left() -> None:
+def test_fit_prompt_keeps_the_prompt_and_gives_the_reply_what_is_left() -> None:
+    # context 16: a 10-token prompt stays whole whatever max_new_tokens asks; the reply gets min(asked, 16 - 10)
     assert fit_prompt(list(range(10)), 4, 16) == (list(range(10)), 4)
-    assert fit_prompt(list(range(10)), 8, 16) == (list(range(2, 10)), 8)
-    assert fit_prompt(list(range(10)), 50, 16) == ([9], 15)
+    assert fit_prompt(list(range(10)), 8, 16) == (list(range(10)), 6)
+    assert fit_prompt(list(range(10)), 50, 16) == (list(range(10)), 6)
+    assert fit_prompt(list(range(15)), 50, 16) == (list(range(15)), 1)
+
+
+def test_fit_prompt_cuts_only_a_prompt_that_fills_the_context_keeping_its_end() -> None:
+    # the cut leaves 16 // 8 = 2 tokens for the reply (fewer only when fewer are asked for)
+    assert fit_prompt(list(range(16)), 50, 16) == (list(range(2, 16)), 2)
+    assert fit_prompt(list(range(40)), 50, 16) == (list(range(26, 40)), 2)
+    assert fit_prompt(list(range(40)), 1, 16) == (list(range(25, 40)), 1)
 
 
 def _model(seed: int = 0, **overrides: Any) -> Transformer:
@@ -162,7 +171,8 @@ def test_long_prompt_is_truncated_to_fit_max_seq_len() -> None:
     model = _model(max_seq_len=32)
     prompt = list(range(1, 60))
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=10)
-    assert generate(model, prompt, cfg, stop_ids=set()) == _naive_greedy(model, prompt[-22:], 10)[0]
+    # 59 tokens in a context of 32: the last 28 stay, and the reply gets the 32 // 8 = 4 left
+    assert generate(model, prompt, cfg, stop_ids=set()) == _naive_greedy(model, prompt[-28:], 4)[0]
 
 
 def test_seeded_sampling_is_reproducible() -> None:
