@@ -93,6 +93,8 @@ def adopt_init_source(run: RunConfig, explicit: set[str], *, announce: bool) -> 
         raise ConfigError("E002", f"{', '.join(changed)} cannot change a model given by --init-from",
                           "the architecture comes from the source; drop the flag")  # fmt: skip
     source = open_model_source(run.checkpoint.init_from)
+    if announce and source.warning:
+        print(source.warning, flush=True)
     flags_set = {name: getattr(run.model.moe, name) for name in ("capacity_factor", "load_balancing_weight",
                  "router_z_loss_weight") if name in explicit}  # fmt: skip
     backend = run.model.attention_backend if "attention_backend" in explicit else None
@@ -135,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       ranks_per_node=launch.local_world_size)  # fmt: skip
     if launch.rank == 0:
         warn_if_checkpoints_outgrow_disk(run)
-    code = int(train(run).get("exit_code", 0))
+    code = int(train(run, force_unlock=args.force_unlock).get("exit_code", 0))
     if run.logging.test_generation and launch.rank == 0 and code == 0:  # a signal-stopped run leaves at once
         from lumina_ds.cli.generate import generation_check
 
@@ -211,4 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile-data-loading", type=int, nargs="?", const=200, default=0, metavar="BATCHES",
                    help="time the data pipeline for BATCHES micro-batches (200 when no number is given) without a "
                    "model, then exit (default: off)")  # fmt: skip
+    # an action on this start only, not a setting of the run: it is not part of the run config (nor config.yaml)
+    p.add_argument("--force-unlock", action="store_true",
+                   help="break the run directory's lock (.run.lock) and take it, with a warning naming its holder, "
+                   "without waiting for its 5-minute lease to expire: only once that run is known to be dead (default: "
+                   "off)")  # fmt: skip
     p.set_defaults(func=cmd_train)

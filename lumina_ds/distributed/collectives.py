@@ -3,7 +3,10 @@ shared by all ranks (each is a no-op, or the local answer, in a process without 
 
 from __future__ import annotations
 
+import re
 import secrets
+import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -93,15 +96,48 @@ def create_control_group() -> None:
         _CONTROL_GROUP.append(dist.new_group(backend="gloo"))
 
 
-def all_ranks_arrive(*, timeout_s: float) -> bool:
+@dataclass(frozen=True)
+class Arrival:
+    """How this rank's wait in `all_ranks_arrive` ended."""
+
+    arrived: bool
+    seconds: float = 0.0  # how long this rank waited
+    timed_out: bool = False  # it waited the whole timeout; else the group failed first (or there was none)
+    missing: tuple[int, ...] = ()  # who did not arrive, as rank 0 sees it (gloo names the first); () elsewhere
+    cause: str = ""  # why a wait failed, in the backend's words
+
+
+def all_ranks_arrive(*, timeout_s: float) -> Arrival:
     """Whether every rank calls this within `timeout_s`: a rank stuck in another collective never arrives, and the
-    caller learns it instead of hanging. Without a control group only a single process can tell."""
+    caller learns it instead of hanging. A rank whose process is gone closes its connections, and the wait fails at
+    once rather than after `timeout_s`. Without a control group only a single process can tell."""
     if not _distributed():
-        return True
+        return Arrival(arrived=True)
     if not _CONTROL_GROUP:
-        return False
+        return Arrival(arrived=False, cause="there is no control group to wait on")
+    started = time.monotonic()
     try:
         dist.monitored_barrier(group=_CONTROL_GROUP[0], timeout=timedelta(seconds=timeout_s))
-    except RuntimeError:
-        return False
-    return True
+    except RuntimeError as exc:
+        return failed_arrival(str(exc), seconds=time.monotonic() - started, timeout_s=timeout_s)
+    return Arrival(arrived=True, seconds=time.monotonic() - started)
+
+
+_MISSING_RANK = re.compile(r"Rank (\d+) failed to pass monitoredBarrier")
+_SOURCE_LOCATION = re.compile(r"^\[[^\]]*\]:?\s*")  # gloo's "[.../pair.cc:553] " before its message
+
+
+def failed_arrival(error: str, *, seconds: float, timeout_s: float) -> Arrival:
+    """A monitored barrier's RuntimeError read: gloo says "Rank N failed to pass monitoredBarrier in T ms" both when
+    T ran out and when rank N's connection closed after a second, so the time waited tells them apart; its original
+    exception ("Timed out waiting", "Connection closed by peer") is the cause."""
+    original = error.split("Original exception:", 1)[-1]
+    first_line = next((line.strip() for line in original.splitlines() if line.strip()), "")
+    cause = _SOURCE_LOCATION.sub("", first_line).split(". ", 1)[0]
+    return Arrival(
+        arrived=False,
+        seconds=seconds,
+        timed_out=seconds >= 0.95 * timeout_s,  # gloo ends a timed-out wait a few ms after timeout_s
+        missing=tuple(int(rank) for rank in _MISSING_RANK.findall(error)),
+        cause=cause,
+    )

@@ -76,6 +76,8 @@ def import_hf(directory: str | Path, output: str | Path, *, max_shard_mb: int = 
     """Convert a Hugging Face model directory into a run directory (E005/E303 before anything is written)."""
     started = time.perf_counter()
     source = open_hf_dir(Path(directory).expanduser())
+    if source.warning:
+        print(source.warning, flush=True)
     output = Path(output).expanduser()
     staging = staging_dir(output, ".importing")
     _save_tokenizer(source, staging)

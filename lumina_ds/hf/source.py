@@ -1,13 +1,14 @@
 """Where a model's weights come from: a Hugging Face model directory or a lumina-ds run, read tensor by tensor.
 
 A Hugging Face directory is read as data only: config.json, safetensors (single or sharded with their index) and the
-tokenizer files. Nothing in it is executed: no `trust_remote_code`, no pickles (`*.bin` weights are refused).
+tokenizer files. Nothing in it is executed: no `trust_remote_code`, no pickles (`*.bin` weights are refused); a
+config.json whose `auto_map` names such code gets a warning that it was not run.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class ModelSource:
     arch: str = ""  # the Hugging Face architecture (kind "hf")
     token_ids: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids config.json states (kind "hf")
     stored_dtype: torch.dtype | None = None  # holds every stored floating tensor exactly (kind "lumina")
+    warning: str | None = None  # what the caller should print before using it (remote code that was not run)
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -96,7 +98,8 @@ def open_hf_dir(directory: Path) -> ModelSource:
     from lumina_ds.hf.architectures import model_config_from_hf
     from lumina_ds.hf.weights import hf_to_ours
 
-    imported = model_config_from_hf(read_hf_config(directory))
+    hf_config = read_hf_config(directory)
+    imported = model_config_from_hf(hf_config)
     _refuse_pickles(directory)
     files = SafetensorsFiles(weights_files(directory))
     names, read = hf_to_ours(imported.model, imported.arch, files.names(), files.get, hf_shapes=files.shapes())
@@ -110,7 +113,32 @@ def open_hf_dir(directory: Path) -> ModelSource:
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
         arch=imported.arch,
         token_ids=dict(imported.token_ids),
+        warning=remote_code_warning(directory, hf_config, imported.arch),
     )
+
+
+def remote_code_warning(directory: Path, hf_config: Mapping[str, Any], arch: str) -> str | None:
+    """The warning for a config.json whose `auto_map` names the authors' own code (what `trust_remote_code=True`
+    runs), or None without one: lumina-ds runs none of it and builds its own `arch` in its place, and neither the
+    import nor export's check (transformers' standard class) compares the two."""
+    auto_map = hf_config.get("auto_map")
+    if not auto_map:
+        return None
+    entries = auto_map.items() if isinstance(auto_map, Mapping) else [("auto_map", auto_map)]
+    named = ", ".join(f"{key}: {_code_refs(value)}" for key, value in entries)
+    chosen = "architectures" if hf_config.get("architectures") else "model_type"
+    return (
+        f"warning: {directory / HF_CONFIG_FILE} has auto_map ({named}); that remote code was not run: lumina-ds uses "
+        f"its own {arch} (config.json's {chosen}), so a model whose remote code differs from the standard {arch} may "
+        "not match it, and no lumina-ds check compares logits with that code"
+    )
+
+
+def _code_refs(value: Any) -> str:
+    """An auto_map value: "module.Class", or a list of them (AutoTokenizer's slow and fast, either null)."""
+    if isinstance(value, list | tuple):
+        return " / ".join(str(ref) for ref in value if ref is not None)
+    return str(value)
 
 
 def open_run_source(path: Path) -> ModelSource:

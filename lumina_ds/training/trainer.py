@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lumina_ds.batch import Batch
 from lumina_ds.config.run import LoggingConfig, TrainConfig
 from lumina_ds.data.train_data import PackedBatches, PackedDataset
-from lumina_ds.distributed.collectives import all_ranks_arrive, all_reduce, all_reduce_sum, any_rank
+from lumina_ds.distributed.collectives import Arrival, all_ranks_arrive, all_reduce, all_reduce_sum, any_rank
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError, TrainingError
 from lumina_ds.monitor.callbacks import Callback
@@ -178,8 +178,8 @@ class Trainer:
         """A checkpoint of the last completed step when that state is consistent (between steps, every rank there,
         finite); otherwise one line saying why not."""
         reason = self._inconsistent_after(exc)
-        if reason is None and not all_ranks_arrive(timeout_s=EMERGENCY_WAIT_S):
-            reason = f"not every rank reached it within {EMERGENCY_WAIT_S:.0f} s (the error was not on every rank)"
+        if reason is None:
+            reason = arrival_problem(all_ranks_arrive(timeout_s=EMERGENCY_WAIT_S), wait_s=EMERGENCY_WAIT_S)
         if reason is None and any_rank(not self.module.losses_finite()):
             reason = "a loss since the last log line was not finite"
         if reason is not None:
@@ -325,3 +325,19 @@ class Trainer:
         for sig, previous in self._previous_handlers.items():
             signal.signal(sig, previous)
         self._previous_handlers.clear()
+
+
+def arrival_problem(arrival: Arrival, *, wait_s: float) -> str | None:
+    """Why the ranks did not all reach the emergency checkpoint, as it happened (None: they did). A wait that ran out
+    means a rank is elsewhere (stuck in a collective, the error not on it); a wait cut short means the group failed,
+    most often because a rank's process ended and closed its connections."""
+    if arrival.arrived:
+        return None
+    who = (
+        f"rank {', '.join(map(str, arrival.missing))} did not reach it"
+        if arrival.missing
+        else "not every rank was seen to reach it"
+    )
+    if arrival.timed_out:
+        return f"{who} within {wait_s:.0f} s (the error was not on every rank)"
+    return f"{who}: the wait failed after {arrival.seconds:.1f} s of the {wait_s:.0f} s allowed ({arrival.cause})"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lumina_ds.config.run import GuardConfig
+from lumina_ds.distributed.collectives import Arrival
 from lumina_ds.errors import TrainingError
 from lumina_ds.run_dir import list_complete_tags, tag_for_step
 from lumina_ds.training.checkpoint import choose_resume_tag
@@ -133,3 +134,40 @@ def test_resuming_an_older_tag_sets_the_newer_ones_aside_so_rotation_and_auto_re
     config = older.checkpoints.config.__class__(auto_resume=True)
     tag = choose_resume_tag(tmp_path, config, INFO, log=print)
     assert tag is not None and tag.name == "step_00000007"
+
+
+# gloo's errors of rank 0's wait on the control group (torch 2.13): rank 1's process ended 1 s into the wait, and the
+# wait ran out; both say "failed to pass monitoredBarrier in 60000 ms"
+PEER_GONE = ("[Rank 0]: Rank 1 failed to pass monitoredBarrier in 60000 ms\n Original exception: \n"
+             "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:34180. "
+             "This is typically caused by a remote worker crashing.")  # fmt: skip
+TIMED_OUT = ("[Rank 0]: Rank 1 failed to pass monitoredBarrier in 60000 ms\n Original exception: \n"
+             "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 60000ms for recv "
+             "operation to complete")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "seconds", "said"),
+    [
+        (PEER_GONE, 1.2, "rank 1 did not reach it: the wait failed after 1.2 s of the 60 s allowed "
+                         "(Connection closed by peer [127.0.0.1]:34180)"),
+        (TIMED_OUT, 60.01, "rank 1 did not reach it within 60 s (the error was not on every rank)"),
+    ],
+)  # fmt: skip
+def test_an_emergency_checkpoint_a_rank_never_reaches_says_how_the_wait_ended(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    error: str, seconds: float, said: str,
+) -> None:  # fmt: skip
+    """A wait that a gone rank's closed connection cut short after a second was reported as 60 s run out."""
+    from lumina_ds.distributed.collectives import failed_arrival
+
+    def arrival(*, timeout_s: float) -> Arrival:
+        assert timeout_s == 60
+        return failed_arrival(error, seconds=seconds, timeout_s=timeout_s)
+
+    monkeypatch.setattr("lumina_ds.training.trainer.all_ranks_arrive", arrival)
+    trainer = make_trainer(tmp_path, total_steps=STEPS, faults="crash@3")
+    with pytest.raises(RuntimeError, match="injected crash after step 3"):
+        trainer.fit()
+    assert f"no emergency checkpoint after RuntimeError: {said}\n" in capsys.readouterr().out
+    assert not list_complete_tags(tmp_path / "checkpoints")
