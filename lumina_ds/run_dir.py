@@ -13,12 +13,19 @@ checkpoints/<tag>/       DeepSpeed shards + model.safetensors or model-*-of-*.sa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import socket
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +63,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
             "E303", f"checkpoint path {path} does not exist", "pass a run dir, its checkpoints/ or a tag"
         )
     if (path / COMPLETE_MARKER).exists() and TAG_PATTERN.match(path.name):
+        if not marker_readable(path):
+            raise CheckpointError("E303", f"checkpoint {path} has an unreadable {COMPLETE_MARKER} (its manifest)",
+                                  "use an earlier tag in the same checkpoints/ directory")  # fmt: skip
         return path.parent, path.name
     if TAG_PATTERN.match(path.name):
         raise CheckpointError(
@@ -65,9 +75,21 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
         )
     checkpoints = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     tags = list_complete_tags(checkpoints)
+    while tags and not marker_readable(checkpoints / tags[-1]):
+        print(f"warning: {checkpoints / tags[-1] / COMPLETE_MARKER} is unreadable: using the previous tag",
+              file=sys.stderr)  # fmt: skip
+        tags.pop()
     if not tags:
         raise CheckpointError("E303", f"no complete checkpoint under {path}", "train with --save-every-n-steps first")
     return checkpoints, tags[-1]
+
+
+def marker_readable(tag_dir: Path) -> bool:
+    """Whether a tag's complete.json holds its manifest (a JSON object), as a save writes it."""
+    try:
+        return isinstance(json.loads((tag_dir / COMPLETE_MARKER).read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def fsync_path(path: Path) -> None:
@@ -203,6 +225,10 @@ class SafetensorsFiles:
 
 
 LOCK_FILE = ".run.lock"
+LOCK_HEARTBEAT_S = 30.0  # how often the holder rewrites the lock's heartbeat
+LOCK_LEASE_S = 300.0  # a heartbeat older than this (10 missed beats) marks the lock stale, whoever holds it
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}  # os.link on some FUSE/SMB mounts
+_HELD_TOKENS: set[str] = set()  # the locks this process holds: its own pid in a lock is stale unless listed here
 
 
 def _alive(pid: int) -> bool:
@@ -215,47 +241,234 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    """A new file holding `data`, on the disk before it is linked or renamed anywhere."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_temp(directory: Path, data: bytes) -> Path:
+    tmp = directory / f"{LOCK_FILE}.{uuid.uuid4().hex}.tmp"
+    try:
+        _write_bytes(tmp, data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _link(source: Path, target: Path, data: bytes) -> bool:
+    """Create `target` with `source`'s content `data` unless it exists: an atomic create-with-content."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        return _create_exclusive(target, data)
+    return True
+
+
+def _create_exclusive(target: Path, data: bytes) -> bool:
+    """Without hard links: exclusive create, then write; a failed write removes the file. The lock is empty for a
+    moment, and a starter reading it then may take it over: a race these filesystems leave open."""
+    try:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _publish(path: Path, data: bytes) -> bool:
+    """Create the lock holding `data` if there is none; it is never seen empty or half written."""
+    tmp = _write_temp(path.parent, data)
+    try:
+        return _link(tmp, path, data)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _parse(data: bytes | None) -> dict[str, Any] | None:
+    """A lock's holder, or None when the bytes are no lock (empty, cut short, not ours)."""
+    try:
+        holder = json.loads(data or b"")
+    except ValueError:
+        return None
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    if not isinstance(holder, dict) or not isinstance(holder.get("host"), str) or type(pid) is not int:
+        return None
+    return holder
+
+
+def _identity(data: bytes) -> object:
+    """Which run a lock names, whatever its heartbeat says."""
+    holder = _parse(data)
+    return data if holder is None else tuple(holder.get(k) for k in ("host", "pid", "token", "started"))
+
+
+def _heartbeat_age(holder: dict[str, Any], now: float) -> float | None:
+    """Seconds since the holder's last heartbeat; None for a lock written before locks had one."""
+    beat = holder.get("heartbeat")
+    return now - float(beat) if isinstance(beat, int | float) and not isinstance(beat, bool) else None
+
+
+def _who(holder: dict[str, Any] | None, now: float) -> str:
+    if holder is None:
+        return "an unreadable lock (empty or not a lock)"
+    age = _heartbeat_age(holder, now)
+    beat = "no heartbeat" if age is None else f"heartbeat {max(age, 0.0):.0f} s old"
+    return f"pid {holder['pid']} on {holder['host']}, {beat}"
+
+
+def _stale_reason(holder: dict[str, Any] | None, now: float) -> str | None:
+    """Why the lock no longer protects a working run, or None when its run may still be writing."""
+    if holder is None:
+        return "it cannot be read"
+    age = _heartbeat_age(holder, now)
+    if age is not None and age > LOCK_LEASE_S:
+        return f"its heartbeat is older than the {LOCK_LEASE_S:.0f} s lease"
+    if holder["host"] != socket.gethostname():
+        return None  # its process cannot be checked from here: only the lease ends it
+    if holder["pid"] == os.getpid():
+        own = holder.get("token") in _HELD_TOKENS
+        return None if own else "it names this process, which does not hold it (a restarted container)"
+    return None if _alive(holder["pid"]) else "that process is gone"
+
+
 class RunLock:
-    """One run per run directory: two runs writing one directory interleave their metrics and mix checkpoints."""
+    """One run per run directory: two runs writing one directory interleave their metrics and mix checkpoints.
+
+    The lock is a lease: while held, a daemon thread rewrites its heartbeat every LOCK_HEARTBEAT_S; a lock whose
+    heartbeat is older than LOCK_LEASE_S, that names a process gone from this host, or that cannot be read, is
+    stale and taken over with a warning. `force` breaks any lock."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK_FILE
         self.held = False
+        self._holder: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._beats: threading.Thread | None = None
 
-    def acquire(self) -> str | None:
-        """Take the lock; returns a warning when a stale lock (a dead process on this host) was taken over."""
+    def acquire(self, *, force: bool = False) -> str | None:
+        """Take the lock (E305 while another run holds it); returns a warning when an existing lock was taken over
+        or, with `force`, broken."""
+        now = time.time()
+        token = uuid.uuid4().hex
+        self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "started": now}
         warning = None
-        for _ in range(2):
+        for _ in range(3):
             if self._create():
                 self.held = True
+                _HELD_TOKENS.add(token)
+                self._start_heartbeat()
                 return warning
-            holder = self._holder()
-            if holder.get("host") != socket.gethostname() or _alive(int(str(holder.get("pid", 0)))):
-                raise CheckpointError(
-                    "E305",
-                    f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')})",
-                    f"give this run another --experiment-name, or wait for that run; if it is gone, delete {self.path}",
-                )
-            self.path.unlink(missing_ok=True)
-            warning = f"took over the run lock of pid {holder.get('pid')} on this host, which is gone"
+            warning = self._judge_and_take_over(force=force) or warning
         raise CheckpointError("E305", f"cannot take {self.path}", "another run is starting in this directory")
 
     def _create(self) -> bool:
+        self._holder["heartbeat"] = time.time()
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, handle)
-        return True
+            return _publish(self.path, json.dumps(self._holder).encode())
+        except OSError as exc:
+            raise CheckpointError(
+                "E304", f"cannot write the run lock {self.path}: {exc}", "free space or fix the directory's permissions"
+            ) from exc
 
-    def _holder(self) -> dict[str, object]:
+    def _judge_and_take_over(self, *, force: bool) -> str | None:
+        """Take an existing lock over if it is stale (or `force`); E305 while its run may still be writing."""
+        now, seen = time.time(), self._read()
+        if seen is None:
+            return None  # it went away meanwhile: try to create ours again
+        holder = _parse(seen)
+        reason = "--force-unlock" if force else _stale_reason(holder, now)
+        if reason is None:
+            raise CheckpointError(
+                "E305",
+                f"{self.path.parent} is in use by another run ({_who(holder, now)})",
+                f"give this run another --experiment-name or wait for that run; its lock expires "
+                f"{LOCK_LEASE_S:.0f} s after its last heartbeat; if that run is gone, --force-unlock takes it now",
+            )
+        self._set_aside(seen, force=force)
+        if force:
+            return f"--force-unlock: broke the run lock of {_who(holder, now)}"
+        return f"took over the run lock of {_who(holder, now)}: {reason}"
+
+    def _set_aside(self, seen: bytes, *, force: bool) -> None:
+        """Remove the lock judged stale without racing another starter: rename it to a unique name (atomic), then
+        check it is still what was judged (any renewal makes a stale lock fresh; `force` breaks the same holder's
+        renewed lock); if it changed meanwhile, put it back and stop."""
+        aside = self.path.with_name(f"{LOCK_FILE}.{uuid.uuid4().hex}.stale")
         try:
-            return dict(json.loads(self.path.read_text()))
-        except (OSError, ValueError):
-            return {}
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # someone else removed it: the next create decides
+        try:
+            moved = aside.read_bytes()
+            if (_identity(moved) != _identity(seen)) if force else (moved != seen):
+                _link(aside, self.path, moved)
+                raise CheckpointError("E305", f"cannot take {self.path}: it changed meanwhile (another run took or "
+                                      "renewed it)", "another run holds this directory")  # fmt: skip
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:  # unreadable (permissions, I/O error): judged like an empty lock
+            return b""
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._beats = threading.Thread(target=self._heartbeat_loop, name="run-lock-heartbeat", daemon=True)
+        self._beats.start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            if not self._beat():
+                print(f"warning: the run lock {self.path} was broken by another run (--force-unlock or an expired "
+                      f"lease); this run no longer holds it", file=sys.stderr, flush=True)  # fmt: skip
+                return
+
+    def _beat(self) -> bool:
+        """Rewrite the lock with a fresh heartbeat (temp file + rename: never empty); False once it is another's.
+        The new content is on the disk before the lock is checked, so that the check and the rename are close."""
+        self._holder["heartbeat"] = time.time()
+        try:
+            tmp = _write_temp(self.path.parent, json.dumps(self._holder).encode())
+        except OSError:
+            return True  # a full disk: skipped, the next beat tries again (a lease is 10 beats)
+        try:
+            current = _parse(self._read())
+            if current is not None and current.get("token") != self._holder["token"]:
+                return False
+            if current is not None:  # None: mid take-over or removed by hand, not ours to recreate
+                with contextlib.suppress(OSError):
+                    os.replace(tmp, self.path)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self.held:
+        """Stop the heartbeat and remove the lock, unless another run broke it and holds it now."""
+        if not self.held:
+            return
+        self._stop.set()
+        if self._beats is not None:
+            self._beats.join(timeout=10.0)  # it waits on the event; only a beat in flight (one file write) delays it
+        current = _parse(self._read())
+        if current is not None and current.get("token") == self._holder["token"]:
             self.path.unlink(missing_ok=True)
-            self.held = False
+        _HELD_TOKENS.discard(str(self._holder["token"]))
+        self.held = False

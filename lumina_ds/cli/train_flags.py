@@ -78,6 +78,13 @@ DATA_FLAGS = [
         {"type": int},
     ),
     Flag(("--truncate-long",), "data.truncate_long", "cut longer lines' message contents to fit instead (W106)", ON),
+    Flag(
+        ("--allow-changed-data",),
+        "data.allow_changed_data",
+        "resume on training data that changed since the checkpoint (edited or grown files): from the saved row, with "
+        "a warning, instead of E107",
+        ON,
+    ),
 ]
 OPTIM_FLAGS = [
     Flag(("--epochs",), "train.epochs", "passes over the training data", {"type": int}),

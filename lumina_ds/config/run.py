@@ -37,6 +37,7 @@ class DataConfig(Freezable):
     strict: bool = False  # stop at the first malformed line instead of skipping it
     max_line_bytes: int = MAX_LINE_BYTES  # longer lines are skipped (E111) without being read into memory
     truncate_long: bool = False  # cut the message contents of longer lines to fit instead (W106)
+    allow_changed_data: bool = False  # resume on training data that differs from the checkpoint's (else E107)
     data_format: str = "auto"  # record format of every source: auto (detected per source) or one of DATA_FORMATS
     data_fields: str | None = None  # renamed fields, OUR=THEIRS[,...]: e.g. "instruction=question,output=answer"
 

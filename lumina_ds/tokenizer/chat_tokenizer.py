@@ -3,6 +3,7 @@ tokenizer with its own chat template (then conversations are encoded by the temp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -170,6 +171,11 @@ class ChatTokenizer:
             return str(self._tok.to_str())
         return json.dumps({_SERIALIZED_KEY: self._tok.to_str(), "chat_template": self.chat_template.to_json()})
 
+    def identity(self) -> str:
+        """A content hash of the tokenizer (vocabulary, merges, special tokens, chat template): what a checkpoint
+        records, so that a resume with any other tokenizer is refused."""
+        return hashlib.blake2b(self.to_str().encode("utf-8"), digest_size=16).hexdigest()
+
     @classmethod
     def from_str(cls, text: str) -> ChatTokenizer:
         """Inverse of to_str."""
@@ -191,7 +197,7 @@ class ChatTokenizer:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers reports unreadable/invalid files as a plain Exception
             raise DataError(
-                "E101", f"cannot read tokenizer {path}: {exc}", "Expected a Hugging Face tokenizer.json file."
+                "E115", f"cannot read tokenizer {path}: {exc}", "Expected a Hugging Face tokenizer.json file."
             ) from exc
         template, stops = load_chat_template(path.parent), read_generation_stops(path.parent)
         return cls(tokenizer, chat_template=template, generation_stops=stops)

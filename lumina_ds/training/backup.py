@@ -4,8 +4,8 @@ Rank 0 copies a newly installed tag to `<backup dir>/<experiment>/<tag>` in a ba
 on: under a staging name, every file fsynced and checked against the tag's manifest (sizes and xxh3), then renamed
 into place, like a save. The tag being copied is kept out of rotation until then. A failed backup (full or unwritable
 disk, a copy that does not match) warns in one line and never stops training; its partial copy is removed. The
-run's config.yaml and tokenizer.json (with a model's chat template files) are copied beside the tags, so the backup
-dir resumes and chats as a run dir.
+run's config.yaml and tokenizer.json (with a model's chat template files) are copied beside the tags before each tag,
+so the backup dir resumes and chats as a run dir from its first tag on (each tag also holds its own tokenizer).
 """
 
 from __future__ import annotations
@@ -102,6 +102,10 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 
 def copy_side_files(run_dir: Path, root: Path) -> None:
     """config.yaml and tokenizer.json beside the tags (what resume and chat read from a run dir), checked by digest."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackupError(f"the backup directory: {_describe(exc)}") from exc
     for name in SIDE_FILES:
         if not (run_dir / name).is_file():
             continue
@@ -207,8 +211,8 @@ class BackupCopier:
         start = time.time()
         try:
             remove_stale_staging(self.root)
+            copy_side_files(self.run_dir, self.root)  # first: a backup tag is usable (resume, chat) once it lands
             size = copy_tag(tag_dir, self.root)
-            copy_side_files(self.run_dir, self.root)
             self._last = start
             removed = rotate_backups(self.root, keep=self.keep, best_step=best_step)
             dropped = f"; removed older backup(s) {', '.join(removed)}" if removed else ""

@@ -31,6 +31,7 @@ from lumina_ds.run_dir import (
     resolve_checkpoint,
     tag_for_step,
 )
+from lumina_ds.tokenizer import ChatTokenizer
 from lumina_ds.training.backup import backup_copier
 from lumina_ds.training.checkpoint_files import build_manifest, check_files, corrupt_checkpoint, weights_only_loads
 from lumina_ds.training.checkpoint_state import Resumed, read_json, read_resumed, save_rank_state, save_trainer_state
@@ -77,9 +78,11 @@ class PlainLoader:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """torch.save on a full disk raises RuntimeError ("enforce fail ... file write failed"), not OSError."""
+    """A write that failed for want of space (or permission): torch.save on a full disk raises RuntimeError ("enforce
+    fail ... file write failed"), safetensors its SafetensorError ("No space left on device"), not OSError."""
     text = str(exc).lower()
-    return isinstance(exc, OSError) or "no space" in text or "file write failed" in text or "enforce fail" in text
+    return isinstance(exc, OSError) or any(sign in text for sign in ("no space", "file write failed", "enforce fail",
+                                                                     "disk quota"))  # fmt: skip
 
 
 # ---- choosing the tag to resume from ----------------------------------------------------------------------------
@@ -174,8 +177,10 @@ class CheckpointManager:
         *,
         loader: TagLoader,
         resume_from: Path | None = None,
+        tokenizer: ChatTokenizer | None = None,
     ) -> None:
         self.dir = run_dir / CHECKPOINTS_DIR
+        self.tokenizer = tokenizer  # each tag keeps a copy of it and its identity (training/resume_checks.py)
         self.config = config
         self.info = info
         self.loader = loader
@@ -196,7 +201,7 @@ class CheckpointManager:
         staging = self.dir / f".{tag}{STAGING}{broadcast_token(self.info.rank)}"
         try:
             self._write(engine, staging, state=state, data=data, step=step)
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # any writer's own type: safetensors' SafetensorError, torch's RuntimeError, OSError
             if not is_disk_full(exc):
                 raise
             if self.info.is_main:
@@ -219,7 +224,7 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.dir), staging.name, client_state={}, save_latest=False)
         save_rank_state(staging, rank=self.info.rank, world_size=self.info.world_size, data=data)
         if self.info.is_main:
-            save_trainer_state(staging, **state)
+            save_trainer_state(staging, **state, tokenizer=self.tokenizer)
         write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
         barrier()  # every rank's files are written before they are listed
         files = build_manifest(staging, rank=self.info.rank, world_size=self.info.world_size)
@@ -276,16 +281,14 @@ class CheckpointManager:
             self.backups.wait()
 
     # ---- loading -------------------------------------------------------------------------------------------
-    def resume(self, engine: Engine, *, log: Log) -> Resumed | None:
-        """Load the tag chosen before the engine was built (None for a fresh start); newer tags of this run then
-        belong to an abandoned continuation and are set aside."""
+    def resume(self, engine: Engine) -> Resumed | None:
+        """Load the tag chosen before the engine was built (None for a fresh start). Once the run has restored it,
+        `set_aside_newer` moves this run's newer tags aside."""
         if self.resume_from is None:
             return None
-        resumed = self.loader.load(engine, self.resume_from)
-        self._set_aside_newer(resumed.tag_dir, log=log)
-        return resumed
+        return self.loader.load(engine, self.resume_from)
 
-    def _set_aside_newer(self, tag_dir: Path, *, log: Log) -> None:
+    def set_aside_newer(self, tag_dir: Path, *, log: Log) -> None:
         """Resuming a tag of this run older than its newest abandons the continuation the newer tags belong to: they
         move to checkpoints/abandoned/, so rotation and --auto-resume follow the new continuation (rotation by step
         number deleted the new tags, and --auto-resume went back to the abandoned ones)."""

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 
 from lumina_ds.errors import CheckpointError
+from lumina_ds.run_dir import TOKENIZER_FILE
+from lumina_ds.tokenizer import ChatTokenizer
 
 STATE_DIR = "lumina_state"
 TRAINER_FILE = "trainer.json"
+TOKENIZER_COPY = f"{STATE_DIR}/tokenizer/{TOKENIZER_FILE}"  # the tokenizer a tag was trained with
 
 
 @dataclass
@@ -94,9 +97,20 @@ def save_rank_state(tag_dir: Path, *, rank: int, world_size: int, data: dict[str
 
 
 def save_trainer_state(
-    tag_dir: Path, *, trainer: dict[str, Any], module: dict[str, Any], config: dict[str, Any]
+    tag_dir: Path,
+    *,
+    trainer: dict[str, Any],
+    module: dict[str, Any],
+    config: dict[str, Any],
+    tokenizer: ChatTokenizer | None = None,
 ) -> None:
-    write_json(tag_dir / STATE_DIR / TRAINER_FILE, {"trainer": trainer, "module": module, "config": config})
+    """Rank 0's state; with the tokenizer the run trains with, its copy beside it and its identity in the record."""
+    state = {"trainer": trainer, "module": module, "config": config}
+    if tokenizer is not None:
+        tokenizer.save(tag_dir / TOKENIZER_COPY)  # with a model's chat template files beside it
+        state["tokenizer"] = {"identity": tokenizer.identity(), "vocab_size": tokenizer.vocab_size,
+                              "file": TOKENIZER_COPY}  # fmt: skip
+    write_json(tag_dir / STATE_DIR / TRAINER_FILE, state)
 
 
 def load_rank_state(tag_dir: Path, *, rank: int) -> dict[str, Any]:

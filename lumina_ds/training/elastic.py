@@ -201,22 +201,16 @@ def _check_space(tag_dir: Path, folder: Path) -> None:
         )
 
 
-def check_architecture(saved_config: dict[str, Any], run: RunConfig, tag_dir: Path) -> None:
-    """E303 when the tag's model differs from this run's, before anything is built or changed."""
-    if saved_config.get("model") != config_to_dict(run.model):
-        raise CheckpointError(
-            "E303",
-            f"checkpoint {tag_dir.name} was trained with a different model architecture than this run's config",
-            "resume with the same --preset/--config-file (see config.yaml in the run directory)",
-        )
+def check_layout(tag_dir: Path, run: RunConfig, info: DistInfo) -> None:
+    """E303 for a tag this run cannot load at all on its sizes (before any data or model work)."""
+    refuse_unloadable(saved_layout(tag_dir)[0], Layout.of(config_to_dict(run), info.world_size), tag_dir)
 
 
 def tag_loader_for(tag_dir: Path, run: RunConfig, info: DistInfo, *, log: Log) -> TagLoader:
     """The loader for a verified tag: DeepSpeed's own when the world and expert-parallel size are the tag's, else a
     universal checkpoint converted here (before the engine: see the module docstring). E303 for what cannot be
     resumed at all, after one line if the continuation cannot be exact. Every rank calls it."""
-    saved, config = saved_layout(tag_dir)
-    check_architecture(config, run, tag_dir)
+    saved, _ = saved_layout(tag_dir)
     now = Layout.of(config_to_dict(run), info.world_size)
     refuse_unloadable(saved, now, tag_dir)
     note = continuation_note(saved, now)

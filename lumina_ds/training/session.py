@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from lumina_ds.distributed.collectives import any_rank, min_over_ranks, shared_b
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
-from lumina_ds.errors import CheckpointError, ConfigError
+from lumina_ds.errors import CheckpointError, ConfigError, DataError, LuminaError
 from lumina_ds.hf.source import open_model_source
 from lumina_ds.models.counting import count_parameters
 from lumina_ds.models.transformer import Transformer
@@ -49,13 +52,15 @@ from lumina_ds.run_dir import (
 from lumina_ds.tokenizer import ChatTokenizer, train_bpe_tokenizer
 from lumina_ds.training.backoff import StepOutOfMemoryError, apply_recorded_backoff, back_off
 from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, TagLoader, choose_resume_tag
-from lumina_ds.training.elastic import tag_loader_for
+from lumina_ds.training.checkpoint_state import load_rank_state
+from lumina_ds.training.elastic import check_layout, tag_loader_for
 from lumina_ds.training.engine import build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
 from lumina_ds.training.init_from import load_initial_weights
 from lumina_ds.training.profiling import profiling_callbacks
 from lumina_ds.training.resume import apply_changed_settings
+from lumina_ds.training.resume_checks import check_architecture, check_tokenizer, resume_tokenizer, saved_state
 from lumina_ds.training.train_module import TrainModule
 from lumina_ds.training.trainer import Trainer
 
@@ -78,25 +83,44 @@ def resolved(run: RunConfig) -> RunConfig:
     return run
 
 
-def prepare_tokenizer(run: RunConfig, info: DistInfo) -> ChatTokenizer:
-    """An explicit --tokenizer; else the run's own (a resumed run keeps its vocabulary); else train a BPE."""
+def prepare_tokenizer(run: RunConfig, info: DistInfo, resume_tag: Path | None) -> tuple[ChatTokenizer, str]:
+    """The tokenizer and where it came from: an explicit --tokenizer; else, resuming, the run's own or the tag's copy
+    (never a new one); else the run's own; else a BPE trained on the data (a fresh start)."""
     own = run.logging.run_dir / TOKENIZER_FILE
+    if run.data.tokenizer:
+        return ChatTokenizer.from_file(run.data.tokenizer), f"--tokenizer {run.data.tokenizer}"
+    if resume_tag is not None:
+        return resume_tokenizer(own, resume_tag, log=lambda message: log(info, message)), str(own)
     existed = own.exists()
     barrier()  # every rank looks before rank 0 may write it, so all ranks take the same branch below
-    if run.data.tokenizer:
-        tokenizer = ChatTokenizer.from_file(run.data.tokenizer)
-    elif existed:
-        tokenizer = ChatTokenizer.from_file(own)
-    else:
+    if not existed:
         if info.is_main:
             texts = training_texts(run.data, max_bytes=TOKENIZER_SAMPLE_BYTES)
             train_bpe_tokenizer(texts, vocab_size=run.model.vocab_size).save(own)
             log(info, f"trained a byte-level BPE tokenizer (vocab {run.model.vocab_size}) -> {own}")
         barrier()
-        tokenizer = ChatTokenizer.from_file(own)
-    if info.is_main and not own.exists():
-        tokenizer.save(own)
-    return tokenizer
+    try:
+        return ChatTokenizer.from_file(own), str(own)
+    except LuminaError as exc:
+        raise DataError("E115", exc.message, f"this run has no checkpoint to restore it from: delete {own} to train "
+                        "a new tokenizer on the data, or pass --tokenizer") from exc  # fmt: skip
+
+
+def install_tokenizer(tokenizer: ChatTokenizer, own: Path) -> None:
+    """Rank 0, once a resume is accepted: the run directory holds the tokenizer the run trains with (chat and export
+    read it there). A different or unreadable file there is kept beside it, renamed."""
+    if own.exists():
+        try:
+            if ChatTokenizer.from_file(own).identity() == tokenizer.identity():
+                return
+        except LuminaError:
+            pass
+        os.replace(own, own.with_name(f"{own.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+    staging = own.parent / f".tokenizer.{os.getpid()}.tmp"
+    tokenizer.save(staging / own.name)  # with a model's chat template files beside it
+    for path in sorted(staging.iterdir()):
+        os.replace(path, own.parent / path.name)
+    staging.rmdir()
 
 
 def fit_vocab(run: RunConfig, tokenizer: ChatTokenizer, info: DistInfo) -> RunConfig:
@@ -121,13 +145,10 @@ def batching_of(run: RunConfig) -> Batching:
                     seed=train.seed, epochs=train.epochs, max_steps=train.max_steps)  # fmt: skip
 
 
-def prepare_data(run: RunConfig, info: DistInfo) -> tuple[RunConfig, TrainData]:
-    """The tokenizer (which may grow the model's vocabulary), then this rank's batches and the evaluation rows."""
-    tokenizer = prepare_tokenizer(run, info)
-    run = fit_vocab(run, tokenizer, info)
-    data = build_train_data(run.data, tokenizer, batching_of(run), prepared_dir=run.prepared_dir,
+def prepare_data(run: RunConfig, tokenizer: ChatTokenizer, info: DistInfo) -> TrainData:
+    """This rank's batches and the evaluation rows."""
+    return build_train_data(run.data, tokenizer, batching_of(run), prepared_dir=run.prepared_dir,
                             world=data_world(info))  # fmt: skip
-    return run, data
 
 
 def build_callbacks(run: RunConfig, *, world_size: int) -> list[Callback]:
@@ -159,8 +180,9 @@ def check_run_dir_shared(run_dir: Path, info: DistInfo) -> None:
         )
 
 
-def train(run: RunConfig) -> dict[str, Any]:
-    """Run training as configured; every rank calls this. Returns the summary (steps, final eval loss, ...)."""
+def train(run: RunConfig, *, force_unlock: bool = False) -> dict[str, Any]:
+    """Run training as configured; every rank calls this; `force_unlock` breaks the run directory's lock whoever
+    holds it (--force-unlock). Returns the summary (steps, final eval loss, ...)."""
     run = resolved(run)
     precision = select_precision(run.train.precision)  # E003 before any process group or data work
     if run.logging.wandb:
@@ -171,19 +193,20 @@ def train(run: RunConfig) -> dict[str, Any]:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir_shared(run_dir, info)  # collective: every rank raises together
-    with run_lock(run_dir, info):
+    with run_lock(run_dir, info, force=force_unlock):
         summary = train_in(run, info, precision)
     summary["run_dir"] = str(run_dir)
     return summary
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path, info: DistInfo) -> Iterator[None]:
-    """Rank 0 holds the run directory's lock for the whole run; every rank stops together when it is taken (E305)."""
+def run_lock(run_dir: Path, info: DistInfo, *, force: bool = False) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (a lease it renews) for the whole run; every rank stops together when
+    it is taken (E305). `force` (--force-unlock) breaks whatever lock is there."""
     lock, problem = RunLock(run_dir), None
     if info.is_main:
         try:
-            warning = lock.acquire()
+            warning = lock.acquire(force=force)
             if warning:
                 log(info, f"warning: {warning}")
         except CheckpointError as exc:
@@ -230,24 +253,43 @@ def init_weights(model: Transformer, run: RunConfig, info: DistInfo) -> None:
     log(info, f"initialised from {source.path} ({source.kind}): {copied:,} weights copied on rank 0; fresh optimizer")
 
 
-def plan_resume(run: RunConfig, info: DistInfo) -> tuple[Path | None, TagLoader]:
-    """The verified tag to resume from (None: a fresh start) and the loader it needs, with every check a resume
-    makes (architecture, sizes, ZeRO stage) done before the model, the engine or config.yaml exist."""
+@dataclass
+class OpenedRun:
+    """A run past every check a resume makes, with nothing in its run directory changed yet."""
+
+    run: RunConfig
+    tokenizer: ChatTokenizer
+    data: TrainData
+    resume_tag: Path | None  # the verified tag to resume from; None for a fresh start
+    loader: TagLoader
+
+
+def open_run(run: RunConfig, info: DistInfo) -> OpenedRun:
+    """The tag to resume from and the tokenizer, then every check a resume makes (tokenizer identity, architecture,
+    ZeRO stage and sizes, then the data fingerprint once the data is open), then the loader the tag needs."""
     say = lambda message: log(info, message)  # noqa: E731
     tag = choose_resume_tag(run.logging.run_dir, run.checkpoint, info, log=say)
+    tokenizer, source = prepare_tokenizer(run, info, tag)
+    run = fit_vocab(run, tokenizer, info)
+    if tag is not None:
+        saved = saved_state(tag)
+        check_tokenizer(saved["tokenizer"], tokenizer, source, tag)
+        check_architecture(saved["config"], run, tag, log=say)
+        check_layout(tag, run, info)
+    data = prepare_data(run, tokenizer, info)
     if tag is None:
-        return None, PlainLoader(info)
-    return tag, tag_loader_for(tag, run, info, log=say)
+        return OpenedRun(run, tokenizer, data, None, PlainLoader(info))
+    warning = data.batches.check_resumable(load_rank_state(tag, rank=0)["data"])  # the position is global
+    if warning:
+        say(warning)
+    return OpenedRun(run, tokenizer, data, tag, tag_loader_for(tag, run, info, log=say))
 
 
 def train_attempt(run: RunConfig, info: DistInfo, precision: str, faults: FaultPlan) -> dict[str, Any]:
-    """Data, the tag to resume from, model, engine, resume, loop."""
-    run_dir = run.logging.run_dir
-    run, data = prepare_data(run, info)
-    resume_tag, loader = plan_resume(run, info)
-    if info.is_main:
-        save_config(run, run_dir / CONFIG_FILE)
-    log(info, f"run dir {run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
+    """Checks, data, model, engine, resume; then the run directory records the run; then the loop."""
+    opened = open_run(run, info)
+    run, data, resume_tag = opened.run, opened.data, opened.resume_tag
+    log(info, f"run dir {run.logging.run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank
     model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
     if resume_tag is None:
@@ -255,22 +297,34 @@ def train_attempt(run: RunConfig, info: DistInfo, precision: str, faults: FaultP
     elif run.checkpoint.init_from:
         log(info, f"--init-from {run.checkpoint.init_from} not used: this run resumes from its own checkpoint")
     bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision,
-                          load_universal=loader.universal)  # fmt: skip
+                          load_universal=opened.loader.universal)  # fmt: skip
     optimizer = optimizer_name(run, precision)
-    if info.is_main:  # the JSON DeepSpeed got, and (under our own key, which DeepSpeed never sees) what steps it
-        record = {**bundle.ds_config, "lumina_ds": {"optimizer": optimizer, "precision": precision}}
-        (run_dir / DS_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     dist_cfg = run.distributed
     log(info, f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
               f"offload {dist_cfg.offload} | optimizer {optimizer} | {data.total_steps} steps")  # fmt: skip
-    checkpoints = CheckpointManager(run_dir, run.checkpoint, info, loader=loader, resume_from=resume_tag)
+    checkpoints = CheckpointManager(run.logging.run_dir, run.checkpoint, info, loader=opened.loader,
+                                    resume_from=resume_tag, tokenizer=opened.tokenizer)  # fmt: skip
     trainer = build_trainer(run, info, data, TrainModule(bundle.engine, guard=guard_of(run), faults=faults),
                             checkpoints)  # fmt: skip
     resume(trainer, checkpoints, run, info)
+    if info.is_main:  # only now: a refused resume leaves the run directory as it was
+        record_run(run, opened.tokenizer, {**bundle.ds_config, "lumina_ds": {"optimizer": optimizer,
+                                                                            "precision": precision}})  # fmt: skip
     try:
         return trainer.fit()
     finally:
         checkpoints.wait_for_backup()  # rank 0's copy in progress is verified before the process exits
+
+
+def record_run(run: RunConfig, tokenizer: ChatTokenizer, ds_record: dict[str, Any]) -> None:
+    """config.yaml, the tokenizer, and the JSON DeepSpeed got (with, under our own key that DeepSpeed never sees,
+    what steps it), each replaced whole."""
+    run_dir = run.logging.run_dir
+    save_config(run, run_dir / CONFIG_FILE)
+    install_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
+    staged = run_dir / f".{DS_CONFIG_FILE}.{os.getpid()}.tmp"
+    staged.write_text(json.dumps(ds_record, indent=2) + "\n")
+    os.replace(staged, run_dir / DS_CONFIG_FILE)
 
 
 def guard_of(run: RunConfig) -> DivergenceGuard | None:
@@ -296,12 +350,13 @@ def build_trainer(run: RunConfig, info: DistInfo, data: TrainData, module: Train
 
 def resume(trainer: Trainer, checkpoints: CheckpointManager, run: RunConfig, info: DistInfo) -> None:
     """Load the chosen tag into the engine and the trainer, and apply the optimisation settings the flags changed."""
-    resumed = checkpoints.resume(trainer.module.engine, log=lambda message: log(info, message))
+    resumed = checkpoints.resume(trainer.module.engine)
     if resumed is None:
         return
     for change in apply_changed_settings(trainer.module.engine, run, resumed.config, trainer.total_steps):
         log(info, f"resume: {change}")
     trainer.restore(resumed)
+    checkpoints.set_aside_newer(resumed.tag_dir, log=lambda message: log(info, message))  # after the restore
     log(info, f"resumed from {resumed.tag_dir} at step {trainer.state.step}")
 
 
@@ -310,7 +365,8 @@ def profile_data_loading(run: RunConfig, *, batches: int = 200) -> LoaderRate:
     run = resolved(run)
     info = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
     run.logging.run_dir.mkdir(parents=True, exist_ok=True)
-    _, data = prepare_data(run, info)
+    tokenizer, _ = prepare_tokenizer(run, info, resume_tag=None)
+    data = prepare_data(fit_vocab(run, tokenizer, info), tokenizer, info)
     log(info, data.description)
     rate = measure_batches(data.batches, count=batches)
     log(info, f"data loading: {rate.summary()}")

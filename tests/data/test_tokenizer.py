@@ -92,7 +92,7 @@ def test_unreadable_tokenizer_files(tmp_path: Path) -> None:
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(DataError) as info:
         ChatTokenizer.from_file(bad)
-    assert info.value.code == "E101"
+    assert info.value.code == "E115"
     with pytest.raises(DataError) as info:
         ChatTokenizer.from_file(tmp_path / "missing.json")
     assert info.value.code == "E104"

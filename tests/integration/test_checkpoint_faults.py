@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,40 @@ def test_a_full_disk_is_one_line_of_e303_and_keeps_every_earlier_tag(
     tags = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_"))
     assert tags and all((checkpoints / t / "complete.json").exists() for t in tags)
     assert not [p for p in checkpoints.iterdir() if ".saving-" in p.name]  # the partial tag is gone
+
+
+def fill(disk: Path) -> None:
+    """Write to `disk` until it is full, as another process's output would."""
+    with (disk / "filler").open("ab") as handle:
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * chunk)
+                    handle.flush()
+            except OSError:  # no space left for this chunk size: try smaller ones
+                continue
+
+
+def test_a_disk_that_fills_while_the_weights_are_written_is_e303_not_a_retry(
+    small_disk: Path, workdir: Path, tokenizer_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors raises its own SafetensorError on a full disk: that was a traceback, with an emergency save
+    retried onto the same full disk."""
+    from lumina_ds.training import checkpoint
+
+    write_consolidated = checkpoint.write_consolidated
+
+    def fill_then_write(*args: Any, **kwargs: Any) -> Any:
+        fill(small_disk)
+        return write_consolidated(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_consolidated", fill_then_write)
+    args = ["train", *FAST, "--train-data", TRAIN, "--output-dir", str(small_disk), "--experiment-name", "full",
+            "--tokenizer", str(tokenizer_file), "--save-every-n-steps", "2", "--max-steps", "4"]  # fmt: skip
+    proc = here(args, cwd=workdir)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "[E303] saving checkpoint step_00000002 failed" in proc.stderr and "No space left" in proc.stderr
+    assert "no emergency checkpoint after CheckpointError: checkpoints cannot be written" in proc.stdout
+    checkpoints = small_disk / "full" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if "step_" in p.name] == []  # the partial tag is gone, no retry
+    assert not (small_disk / "full" / ".run.lock").exists()

@@ -165,9 +165,10 @@ def make_trainer(
 
 def resume(trainer: Trainer) -> None:
     """What a session does after building the trainer: load the chosen tag into the engine and the trainer."""
-    resumed = trainer.checkpoints.resume(trainer.module.engine, log=print)
+    resumed = trainer.checkpoints.resume(trainer.module.engine)
     if resumed is not None:
         trainer.restore(resumed)
+        trainer.checkpoints.set_aside_newer(resumed.tag_dir, log=print)
 
 
 class Recorder(Callback):

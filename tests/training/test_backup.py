@@ -15,6 +15,7 @@ import torch
 from lumina_ds.config.run import CheckpointConfig, RunConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.run_dir import COMPLETE_MARKER, list_complete_tags, resolve_checkpoint, tag_for_step
+from lumina_ds.tokenizer import ChatTokenizer
 from lumina_ds.training import backup
 from lumina_ds.training.backup import BackupCopier, rotate_backups
 from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, first_verified, resume_candidates
@@ -57,6 +58,24 @@ def test_a_backup_is_verified_and_resumes_after_the_run_checkpoints_are_gone(tmp
     assert resume_candidates(tmp_path / "other", CheckpointConfig(resume=str(copy))) == [copy]
     assert first_verified([copy], INFO, strict=True, log=print) == copy
     assert resolve_checkpoint(copy.parent) == (copy.parent, tag.name)
+
+
+def test_the_run_files_reach_the_backup_before_its_first_tag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill right after the first backup tag lands must leave a backup that chat and resume can use."""
+    manager = manager_with_backups(tmp_path)
+    for name in ("config.yaml", "tokenizer.json"):
+        (tmp_path / "demo" / name).write_text(name)
+    present_at_copy: list[list[str]] = []
+    real_copy_tag = backup.copy_tag
+
+    def copy_tag(tag_dir: Path, root: Path) -> int:
+        present_at_copy.append(sorted(p.name for p in root.iterdir()))
+        return real_copy_tag(tag_dir, root)
+
+    monkeypatch.setattr(backup, "copy_tag", copy_tag)
+    save(manager, 2)
+    manager.wait_for_backup()
+    assert present_at_copy == [["config.yaml", "tokenizer.json"]]
 
 
 def flip_a_byte_of(victim: str) -> object:
@@ -223,12 +242,16 @@ def test_the_cli_backs_up_and_resumes_from_a_backup_when_the_run_checkpoints_are
     assert sorted(p.name for p in (backups / "a").iterdir()) == ["config.yaml", "step_00000004", "step_00000006",
                                                                   "tokenizer.json"]  # fmt: skip
     saved_before = json.loads((backups / "a" / "step_00000006" / COMPLETE_MARKER).read_text())["time"]
-    shutil.rmtree(tmp_path / "runs" / "a" / "checkpoints")  # the run's own disk lost its checkpoints
+    trained_with = ChatTokenizer.from_file(tmp_path / "runs" / "a" / "tokenizer.json").identity()
+    first_logs, _ = read_metrics(tmp_path / "runs" / "a")
+    shutil.rmtree(tmp_path / "runs" / "a")  # the run's own disk is lost: its tokenizer and config with it
     resumed = here([*base, "--resume", str(backups / "a" / "step_00000004")], cwd=tmp_path)
     assert resumed.returncode == 0 and f"resumed from {backups / 'a' / 'step_00000004'} at step 4" in resumed.stdout
+    assert "step_00000004's tokenizer" in resumed.stdout and "trained a byte-level BPE" not in resumed.stdout
+    assert ChatTokenizer.from_file(tmp_path / "runs" / "a" / "tokenizer.json").identity() == trained_with
     logs, _ = read_metrics(tmp_path / "runs" / "a")
-    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6, 5, 6]
-    assert [r["loss"] for r in logs[6:]] == pytest.approx([r["loss"] for r in logs[4:6]], abs=1e-6)
+    assert [r["step"] for r in logs] == [5, 6]  # the same steps on the same tokens as the first run's
+    assert [r["loss"] for r in logs] == pytest.approx([r["loss"] for r in first_logs[4:6]], abs=1e-6)
     # the resumed run's step 6 replaced the old one in the backup dir
     assert json.loads((backups / "a" / "step_00000006" / COMPLETE_MARKER).read_text())["time"] > saved_before
     chat = here(["chat", "--checkpoint", str(backups / "a"), "--prompt", "hi", "--max-tokens", "4"], cwd=tmp_path)

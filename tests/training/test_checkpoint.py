@@ -1,13 +1,11 @@
 """The checkpoint contract without DeepSpeed: rotation keeps the newest and the best, a kill during a re-save of a
-tag loses nothing, JSON state round-trips the RNG streams, and one run holds a run directory."""
+tag loses nothing, and JSON state round-trips the RNG streams (the run lock: test_run_lock.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,7 @@ import torch
 
 from lumina_ds.config.run import CheckpointConfig
 from lumina_ds.distributed.env import DistInfo
-from lumina_ds.errors import CheckpointError
-from lumina_ds.run_dir import COMPLETE_MARKER, RunLock, list_complete_tags, tag_for_step
+from lumina_ds.run_dir import COMPLETE_MARKER, list_complete_tags, tag_for_step
 from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, recover_interrupted_saves
 from lumina_ds.training.checkpoint_files import build_manifest, check_files
 from lumina_ds.training.checkpoint_state import rng_state, set_rng_state
@@ -87,30 +84,6 @@ def test_rng_streams_round_trip_through_json() -> None:
     random.random(), np.random.rand(), torch.rand(1)  # advance all three
     set_rng_state(state)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
-
-
-def test_one_run_per_run_directory(tmp_path: Path) -> None:
-    first = RunLock(tmp_path)
-    assert first.acquire() is None
-    with pytest.raises(CheckpointError) as err:
-        RunLock(tmp_path).acquire()
-    assert err.value.code == "E305" and f"pid {os.getpid()}" in err.value.message
-    first.release()
-    assert RunLock(tmp_path).acquire() is None
-
-
-def test_a_stale_lock_of_a_gone_process_is_taken_over(tmp_path: Path) -> None:
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    holder = {"host": os.uname().nodename, "pid": int(gone.stdout)}
-    (tmp_path / ".run.lock").write_text(json.dumps(holder))
-    lock = RunLock(tmp_path)
-    warning = lock.acquire()
-    assert warning is not None and f"pid {holder['pid']}" in warning and lock.held
-    elsewhere = {"host": "another-node", "pid": 1}
-    lock.release()
-    (tmp_path / ".run.lock").write_text(json.dumps(elsewhere))
-    with pytest.raises(CheckpointError, match="in use by another run"):
-        RunLock(tmp_path).acquire()  # a process on another host cannot be checked: never taken over
 
 
 def test_a_full_disk_under_the_metrics_file_is_one_line_of_e304(tmp_path: Path) -> None:

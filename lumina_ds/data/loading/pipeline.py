@@ -17,7 +17,13 @@ from lumina_ds.data.loading.packing import PackedRows
 from lumina_ds.data.loading.stream import DocSource, PackedBatches, RankView, RowPacker
 from lumina_ds.data.prepare.documents import JsonlDocs, TableDocs
 from lumina_ds.data.prepare.lengths import counted_sources
-from lumina_ds.data.prepare.tokenize import EncodeSettings, PrepareReport, prepare_source, tokenize_source
+from lumina_ds.data.prepare.tokenize import (
+    EncodeSettings,
+    PrepareReport,
+    prepare_source,
+    source_content,
+    tokenize_source,
+)
 from lumina_ds.data.records.files import is_gzip
 from lumina_ds.data.records.sources import JSONL, DataSource, SourceSpec, open_source, parse_source, source_bytes
 from lumina_ds.errors import ConfigError, DataError
@@ -53,6 +59,7 @@ class SourceSet:
     reports: list[PrepareReport] = field(default_factory=list)
     strategy: str = "memory"
     reason: str = ""
+    contents: list[str] = field(default_factory=list)  # each source's content hash (source_content)
 
 
 def open_sources(
@@ -92,6 +99,8 @@ def open_sources(
     else:
         builds = shard_builder() if shard_builder is not None else is_local_main
         _open_shards(specs, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
+    # a checkpoint's data position is only valid on the same content (an edit in place keeps the line count)
+    result.contents = [source_content(spec.source, memo_dir=prepared_dir) for spec in specs]
     return result
 
 
@@ -184,6 +193,8 @@ def build_batches(
         micro_batch_size=micro_batch_size,
         num_workers=workers,
         prefetch_factor=data.prefetch_factor,
+        contents=[[str(spec.source), content] for spec, content in zip(sources.specs, sources.contents, strict=True)],
+        allow_changed=data.allow_changed_data,
     )
 
 

@@ -221,8 +221,12 @@ class PackedBatches:
         micro_batch_size: int,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        contents: Sequence[Sequence[str]] = (),
+        allow_changed: bool = False,
     ) -> None:
         view.mixture.check_world(view.world_size)
+        self.contents = [list(pair) for pair in contents]  # [source, content hash] of each training source
+        self.allow_changed = allow_changed  # --allow-changed-data: resume on other data from the saved row
         self.view = view
         self.rows = GlobalRows(view.mixture, view.lengths(), seq_len=seq_len)
         self.seq_len, self.pad_id, self.micro_batch_size = seq_len, pad_id, micro_batch_size
@@ -268,6 +272,7 @@ class PackedBatches:
             "seed": mixture.seed,
             "seq_len": self.seq_len,
             "order": ROW_ORDER,
+            "content": self.contents,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,19 +280,49 @@ class PackedBatches:
         epoch, row = self.position
         return {"epoch": epoch, "row": row, "fingerprint": self.fingerprint()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the global row after the last step taken before the state was saved."""
-        saved = state.get("fingerprint")
+    def check_resumable(self, state: dict[str, Any]) -> str | None:
+        """E107 when the saved position belongs to other data (naming what differs); with `allow_changed`, the
+        warning to print instead; None when the data is the checkpoint's."""
         if "row" not in state:
             raise DataError(
                 "E107",
                 "the checkpoint's data position is per rank: it was saved before lumina-ds ordered rows globally",
                 "resume it with the lumina-ds version that saved it, or start a new run",
             )
-        if saved != self.fingerprint():
-            raise DataError(
-                "E107",
-                f"the checkpoint's data position is for {saved}, this run has {self.fingerprint()}",
-                "Resume with the same training files, mixing weights, seed and seq_len.",
-            )
+        changes = fingerprint_changes(state.get("fingerprint") or {}, self.fingerprint())
+        if not changes:
+            return None
+        what = "; ".join(changes)
+        if self.allow_changed:
+            return (f"warning: --allow-changed-data: the data changed since the checkpoint ({what}); training goes on "
+                    f"at its global row {state['epoch']}:{state['row']} of the new data's order")  # fmt: skip
+        raise DataError(
+            "E107",
+            f"the training data changed since the checkpoint: {what}",
+            "resume with the data the checkpoint was trained on, or pass --allow-changed-data to continue on these "
+            "files from the saved position (model and optimizer state are kept; the order of the rows is the new "
+            "data's)",
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the global row after the last step taken before the state was saved."""
+        self.check_resumable(state)
         self.position = (int(state["epoch"]), int(state["row"]))
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's data fingerprint and this run's, one phrase each, the files first. Sources
+    are matched by position, so a file moved or renamed with the same content is the same source."""
+    before, after = saved.get("content", []), now.get("content", [])
+    changes = [
+        f"{source} differs from the checkpoint's {old_source} (content {old[:12]} -> {content[:12]})"
+        for (old_source, old), (source, content) in zip(before, after, strict=False)
+        if old != content
+    ]
+    if len(before) != len(after):
+        changes.append(f"{len(before)} training source(s) -> {len(after)}")
+    names = {"documents": "documents per source", "weights": "mixing weights", "seed": "seed", "seq_len": "seq_len",
+             "order": "row order version"}  # fmt: skip
+    changes += [f"{label} {saved.get(key)} -> {now.get(key)}" for key, label in names.items()
+                if saved.get(key) != now.get(key)]  # fmt: skip
+    return changes

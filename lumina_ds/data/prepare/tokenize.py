@@ -391,15 +391,21 @@ def content_hash(path: Path, *, memo_dir: Path | None = None) -> str:
     return value
 
 
+def source_content(location: str | Path | DataSource, *, memo_dir: Path | None = None) -> str:
+    """What a source holds, independent of how it is read: its files' content hashes (the compressed bytes of a .gz,
+    a table's files), or the dataset's own fingerprint when it has no files."""
+    source = parse_source(location)
+    table = None if source.kind in (JSONL, JSON) else open_table(source)
+    files = [source.local] if table is None else table.files
+    return "|".join(content_hash(f, memo_dir=memo_dir) for f in files) or (table.fingerprint if table else "")
+
+
 def cache_key(location: str | Path | DataSource, settings: EncodeSettings, *, memo_dir: Path | None = None) -> str:
     """Key of a prepared source: its content (the compressed bytes of a .gz, a table's files), the tokenizer, the
     template settings, the line limit, a non-default record format and the format version."""
-    source, digest = parse_source(location), hashlib.blake2b(digest_size=8)
+    digest = hashlib.blake2b(digest_size=8)
     limit = f"{settings.max_line_bytes}:{settings.truncate_long}"
-    table = None if source.kind in (JSONL, JSON) else open_table(source)
-    files = [source.local] if table is None else table.files
-    content = "|".join(content_hash(f, memo_dir=memo_dir) for f in files) or (table.fingerprint if table else "")
-    for piece in (content, settings.tokenizer_json, settings.train_on, limit):
+    for piece in (source_content(location, memo_dir=memo_dir), settings.tokenizer_json, settings.train_on, limit):
         digest.update(piece.encode())
     fmt = settings.record_format
     if not fmt.plain:  # keys of plain messages sources stay those of before formats existed
