@@ -113,15 +113,17 @@ def test_a_full_disk_is_one_line_of_e303_and_keeps_every_earlier_tag(
 
 
 def fill(disk: Path) -> None:
-    """Write to `disk` until it is full, as another process's output would."""
-    with (disk / "filler").open("ab") as handle:
+    """Write to `disk` until it is full, as another process's output would (unbuffered: nothing left to flush)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
         for chunk in (1 << 20, 4096, 1):
             try:
                 while True:
-                    handle.write(b"\0" * chunk)
-                    handle.flush()
+                    os.write(fd, b"\0" * chunk)
             except OSError:  # no space left for this chunk size: try smaller ones
                 continue
+    finally:
+        os.close(fd)
 
 
 def test_a_disk_that_fills_while_the_weights_are_written_is_e303_not_a_retry(
