@@ -40,9 +40,11 @@ OWNED = {
 
 
 def resolve(argv: list[str], *, world_size: int = 1) -> RunConfig:
+    """As `train ARGV` resolves it on `world_size` processes of the preset's cluster (this CPU machine's memory is
+    not the question here: tests/planning/test_launch_gate.py)."""
     from lumina_ds.cli.train import resolve_run
 
-    args = build_parser().parse_args(["train", *argv])
+    args = build_parser().parse_args(["train", *argv, "--skip-memory-check"])
     return resolve_run(args, world_size=world_size, announce=False)
 
 

@@ -66,12 +66,16 @@ def resolve_run(
         user = load_deepspeed_json(run.distributed.deepspeed_config)
         refuse_owned_keys(user, source=f"--deepspeed-config {run.distributed.deepspeed_config}")  # before the layout
         run.distributed.deepspeed = deep_merge(run.distributed.deepspeed, user)
+    planned_for = None
     if not args.config_file and not run.checkpoint.init_from:
-        _adopt_preset_layout(run, explicit_flags(args), world_size=world_size, announce=announce)
+        planned_for = _adopt_preset_layout(run, explicit_flags(args), world_size=world_size, announce=announce)
     if run.train.auto_batch_size:
         line = size_micro_batch(run, world_size=world_size, ranks_per_node=ranks_per_node, local_rank=local_rank)
         if announce:
             print(line, flush=True)
+    if not args.skip_memory_check:
+        gate_launch(run, explicit_flags(args), planned_for=planned_for, world_size=world_size,
+                    ranks_per_node=ranks_per_node, local_rank=local_rank, announce=announce)  # fmt: skip
     resolve_peak_tflops(run, local_rank=local_rank)
     run.validate()
     check_input_files(run.data)
@@ -112,17 +116,35 @@ def adopt_init_source(run: RunConfig, explicit: set[str], *, announce: bool) -> 
         print(f"--init-from {source.path} ({source.kind}): the model and tokenizer come from it; no preset layout")
 
 
-def _adopt_preset_layout(run: RunConfig, explicit: set[str], *, world_size: int, announce: bool) -> None:
-    from lumina_ds.planning.layouts import LAYOUTS_DIR, adopt_layout, load_layout
+def _adopt_preset_layout(run: RunConfig, explicit: set[str], *, world_size: int, announce: bool) -> str | None:
+    """Adopt the preset's planned layout; returns the cluster it was planned for (None: the preset has none)."""
+    from lumina_ds.planning.layouts import LAYOUTS_DIR, METADATA_KEY, adopt_layout, load_layout
 
     layout = load_layout(run.preset)
     if layout is None:
-        return
+        return None
     notes = adopt_layout(run, layout, world_size=world_size, explicit=explicit)
     if announce:
         print(f"planned layout: {LAYOUTS_DIR / (run.preset + '.json')} (flags given on the command line win)")
         for note in notes:
             print(f"  {note}")
+    return str(layout[METADATA_KEY]["cluster"])
+
+
+def gate_launch(run: RunConfig, explicit: set[str], *, planned_for: str | None, world_size: int, ranks_per_node: int,
+                local_rank: int, announce: bool) -> None:  # fmt: skip
+    """The launch-time plan (planning/launch_gate.py): the run as resolved against the machine it starts on, before
+    any tokenizer, data or model work; a re-plan is printed, nothing fitting is E201/E202."""
+    from lumina_ds.distributed.ds_config import select_precision
+    from lumina_ds.planning.launch_gate import check_launch, this_machine
+
+    machine = this_machine(world_size=world_size, ranks_per_node=ranks_per_node, local_rank=local_rank)
+    precision = select_precision(run.train.precision)  # E003 here rather than after the data work
+    if "gradient_checkpointing" in explicit:
+        explicit = explicit | {"activation_checkpointing"}
+    line = check_launch(run, machine, precision=precision, explicit=explicit, planned_for=planned_for)
+    if line and announce:
+        print(line, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -213,6 +235,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile-data-loading", type=int, nargs="?", const=200, default=0, metavar="BATCHES",
                    help="time the data pipeline for BATCHES micro-batches (200 when no number is given) without a "
                    "model, then exit (default: off)")  # fmt: skip
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start without the launch-time memory check (the run as resolved against this machine's GPU "
+                   "and host memory, with plan's memory model), e.g. where the model is known to overestimate "
+                   "(default: off)")  # fmt: skip
     # an action on this start only, not a setting of the run: it is not part of the run config (nor config.yaml)
     p.add_argument("--force-unlock", action="store_true",
                    help="break the run directory's lock (.run.lock) and take it, with a warning naming its holder, "

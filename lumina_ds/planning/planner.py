@@ -7,6 +7,7 @@ host<->GPU traffic and CPU Adam time of offload. Communication is not assumed to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from lumina_ds.config.run import RunConfig
@@ -220,16 +221,27 @@ def rejection_of(estimate: MemoryEstimate, cluster: Cluster) -> str | None:
     return None
 
 
+Rejection = Callable[[MemoryEstimate, Cluster], "str | None"]
+
+
 def evaluate(
-    run: RunConfig, cluster: Cluster, inv: ParamInventory, *, seq_len: int, precision: str, mfu: float
+    run: RunConfig,
+    cluster: Cluster,
+    inv: ParamInventory,
+    *,
+    seq_len: int,
+    precision: str,
+    mfu: float,
+    reject: Rejection = rejection_of,
 ) -> list[Candidate]:
-    """Memory and step time of every layout in the search space, fastest first."""
+    """Memory and step time of every layout in the search space, fastest first; `reject` says why one does not fit
+    (the launch gate counts a CPU's processes and host together)."""
     flops = count_parameters(run.model, seq_len=seq_len).flops_per_token
     candidates = []
     for layout, offload, accum in layout_space(run, cluster, seq_len=seq_len, precision=precision):
         estimate = estimate_memory(run.model, layout, inv)
         seconds = step_seconds(run.model, inv, layout, grad_accum=accum, cluster=cluster, flops=flops, mfu=mfu)
-        candidates.append(Candidate(layout, accum, offload, estimate, seconds, rejection_of(estimate, cluster)))
+        candidates.append(Candidate(layout, accum, offload, estimate, seconds, reject(estimate, cluster)))
     # fastest first; among equals the one with more headroom
     candidates.sort(key=lambda c: (round(c.step_seconds, 6), c.estimate.gpu_total))
     return candidates
