@@ -53,7 +53,8 @@ ERROR_CODES: dict[str, str] = {
     "or building the model)",
     "E203": "the parallel layout does not fit the number of processes (checked by `plan` and before every run): "
     "the process count is not a multiple of `--expert-parallel-size`",
-    "E204": "a training step ran out of memory; the hint names what to lower",
+    "E204": "a training step, or building the model and its DeepSpeed engine, ran out of memory; the hint names what "
+    "to lower",
     "E301": "training diverged: the divergence guard kept skipping steps after its rewinds (or had no checkpoint to "
     "rewind to); with the guard off, a non-finite loss at a log line or before a checkpoint. No diverged weights are "
     "saved",

@@ -7,6 +7,7 @@ run gets past it), `:r` for rank r only (else every rank).
 - `nan_loss`, `spike_loss`: the step's first micro-batch loss is multiplied by NaN or by 1000 before backward, so its
   gradients are poisoned too;
 - `oom`: `torch.OutOfMemoryError` in that step's first forward;
+- `oom_init`: `torch.OutOfMemoryError` while the model and the DeepSpeed engine are built (`oom_init@0`);
 - `crash`: a RuntimeError after that step completed (between steps, where an emergency checkpoint is consistent).
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 ENV_VAR = "LUMINA_FAULTS"
-KINDS = ("nan_loss", "spike_loss", "oom", "crash")
+KINDS = ("nan_loss", "spike_loss", "oom", "oom_init", "crash")
 SPIKE = 1000.0
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+)@(?P<step>\d+)(?P<repeat>\+?)(?::(?P<rank>\d+))?$")
 
@@ -77,6 +78,10 @@ class FaultPlan:
     def before_forward(self, *, step: int) -> None:
         if self._take("oom", step):
             raise torch.OutOfMemoryError(f"injected by {ENV_VAR} at step {step}")
+
+    def building_engine(self) -> None:
+        if self._take("oom_init", 0):
+            raise torch.OutOfMemoryError(f"injected by {ENV_VAR} while building the engine")
 
     def after_step(self, *, step: int) -> None:
         if self._take("crash", step):

@@ -31,7 +31,7 @@ from lumina_ds.distributed.collectives import any_rank, min_over_ranks, shared_b
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.preflight import preflight
-from lumina_ds.errors import CheckpointError, ConfigError, DataError, LuminaError
+from lumina_ds.errors import CheckpointError, ConfigError, DataError, LuminaError, MemoryPlanError
 from lumina_ds.hf.source import open_model_source
 from lumina_ds.models.counting import count_parameters
 from lumina_ds.models.transformer import Transformer
@@ -54,14 +54,14 @@ from lumina_ds.training.backoff import StepOutOfMemoryError, apply_recorded_back
 from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, TagLoader, choose_resume_tag
 from lumina_ds.training.checkpoint_state import load_rank_state
 from lumina_ds.training.elastic import check_layout, tag_loader_for
-from lumina_ds.training.engine import build_engine, build_model, optimizer_name
+from lumina_ds.training.engine import EngineBundle, build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
 from lumina_ds.training.init_from import load_initial_weights
 from lumina_ds.training.profiling import profiling_callbacks
 from lumina_ds.training.resume import apply_changed_settings
 from lumina_ds.training.resume_checks import check_architecture, check_tokenizer, resume_tokenizer, saved_state
-from lumina_ds.training.train_module import TrainModule
+from lumina_ds.training.train_module import TrainModule, is_out_of_memory
 from lumina_ds.training.trainer import Trainer
 
 TOKENIZER_SAMPLE_BYTES = 200 * 10**6  # text the BPE trainer sees at most
@@ -290,14 +290,7 @@ def train_attempt(run: RunConfig, info: DistInfo, precision: str, faults: FaultP
     opened = open_run(run, info)
     run, data, resume_tag = opened.run, opened.data, opened.resume_tag
     log(info, f"run dir {run.logging.run_dir} | {data.description} | {info.world_size} process(es) on {info.device}")
-    torch.manual_seed(run.train.seed)  # identical initial weights on every rank
-    model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
-    if resume_tag is None:
-        init_weights(model, run, info)
-    elif run.checkpoint.init_from:
-        log(info, f"--init-from {run.checkpoint.init_from} not used: this run resumes from its own checkpoint")
-    bundle = build_engine(model, run, info=info, total_steps=data.total_steps, precision=precision,
-                          load_universal=opened.loader.universal)  # fmt: skip
+    bundle = build_engine_or_e204(opened, info, precision, faults)
     optimizer = optimizer_name(run, precision)
     dist_cfg = run.distributed
     log(info, f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
@@ -314,6 +307,34 @@ def train_attempt(run: RunConfig, info: DistInfo, precision: str, faults: FaultP
         return trainer.fit()
     finally:
         checkpoints.wait_for_backup()  # rank 0's copy in progress is verified before the process exits
+
+
+def build_engine_or_e204(opened: OpenedRun, info: DistInfo, precision: str, faults: FaultPlan) -> EngineBundle:
+    """The model (with --init-from's weights at a fresh start) and its DeepSpeed engine; running out of memory on the
+    way is E204 naming the layout and what to change, not a traceback."""
+    run = opened.run
+    try:
+        faults.building_engine()
+        torch.manual_seed(run.train.seed)  # identical initial weights on every rank
+        model = build_model(run, world_size=info.world_size, precision=precision)  # partitioned at ZeRO-3
+        if opened.resume_tag is None:
+            init_weights(model, run, info)
+        elif run.checkpoint.init_from:
+            log(info, f"--init-from {run.checkpoint.init_from} not used: this run resumes from its own checkpoint")
+        return build_engine(model, run, info=info, total_steps=opened.data.total_steps, precision=precision,
+                            load_universal=opened.loader.universal)  # fmt: skip
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        dist = run.distributed
+        raise MemoryPlanError(
+            "E204",
+            f"out of memory building the model and its DeepSpeed engine (ZeRO-{dist.zero_stage}, EP "
+            f"{dist.expert_parallel_size}, offload {dist.offload}, {info.world_size} process(es)): "
+            f"{str(exc).strip().splitlines()[0][:200]}",
+            "shard the model states further: --zero-stage 3, --offload optimizer or optimizer+params, a larger "
+            "--expert-parallel-size, or more GPUs (`lumina-ds plan --preset ... --nodes N` shows a layout that fits)",
+        ) from None
 
 
 def record_run(run: RunConfig, tokenizer: ChatTokenizer, ds_record: dict[str, Any]) -> None:

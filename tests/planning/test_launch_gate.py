@@ -89,3 +89,11 @@ def test_skip_memory_check_starts_without_the_gate(tmp_path: Path, monkeypatch: 
     assert refused.returncode == 1 and "[E202] debug does not fit this machine" in refused.stderr
     started = here([*argv, "--skip-memory-check"], cwd=tmp_path)
     assert started.returncode == 0, started.stderr[-3000:]
+
+
+def test_out_of_memory_while_the_engine_is_built_is_e204_naming_the_layout(tmp_path: Path) -> None:
+    argv = ["train", "--preset", "debug", "--train-data", TRAIN, "--max-steps", "1", "--seq-len", "64"]
+    failed = here(argv, cwd=tmp_path, faults="oom_init@0")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "[E204] out of memory building the model and its DeepSpeed engine (ZeRO-2, EP 1" in failed.stderr
+    assert "--zero-stage 3" in failed.stderr
