@@ -1,13 +1,14 @@
 # make demo: install, train the debug preset on the bundled chats, ask it one question
 # make test: install dev dependencies and Open MPI, lint, type-check, run the whole suite (what CI runs)
 # make test-fast: the suite without its `slow` tests (fresh-interpreter launches, benchmark smoke tests)
+# make test-nvme: the ZeRO-Infinity (NVMe offload) tests, after building DeepSpeed's AsyncIO op (CI runs it too)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO_DIR := runs/demo
 UV_VERSION := 0.13.10
 
-.PHONY: install dev system-deps demo test test-fast lint typecheck pytest ops clean
+.PHONY: install dev system-deps demo test test-fast test-nvme lint typecheck pytest ops clean
 
 $(VENV)/.installed: setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -22,14 +23,24 @@ install: $(VENV)/.installed
 dev: system-deps $(VENV)/.installed
 
 # Open MPI for the mpirun and `deepspeed --launcher openmpi` tests (mpi4py's wheel loads it at run time; `make demo`
-# does not need it). Debian/Ubuntu packages; sudo only when not root (CI runs as root).
+# does not need it), and libaio's header and library, which DeepSpeed's AsyncIO op (NVMe offload,
+# --offload-device nvme) is compiled against. Debian/Ubuntu packages; sudo only when not root (CI runs as root).
 system-deps:
-	@if command -v mpirun >/dev/null && command -v ompi_info >/dev/null; then \
+	@missing=""; \
+	if command -v mpirun >/dev/null && command -v ompi_info >/dev/null; then \
 		echo "system-deps: $$(mpirun --version | head -n 1)"; \
 	else \
+		missing="openmpi-bin libopenmpi-dev"; \
+	fi; \
+	if dpkg -s libaio-dev >/dev/null 2>&1 || [ -f /usr/include/libaio.h ]; then \
+		echo "system-deps: libaio-dev"; \
+	else \
+		missing="$$missing libaio-dev"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update && \
-		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 
 demo: $(VENV)/.installed
@@ -46,18 +57,34 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy lumina_ds
 
-# DeepSpeed JIT-builds its CPU Adam op (ZeRO-Offload's optimizer, C++) at first use: `make ops`
-# builds it ahead into torch's extension cache
+# DeepSpeed JIT-builds its CPU Adam op (ZeRO-Offload's optimizer, C++) and its AsyncIO op (NVMe offload, against
+# libaio; it loads the pin_memory op first) at first use: `make ops` builds both ahead into torch's extension cache.
+# `make test` builds CPU Adam only: the AsyncIO build alone takes 4-7 CPU minutes here, so the NVMe tests have their
+# own target (`make test-nvme`, which .ci/run also runs)
 BUILD_OPS := from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()
+BUILD_AIO := from deepspeed.ops.op_builder import AsyncIOBuilder; AsyncIOBuilder().load()
 ops: $(VENV)/.installed
-	DS_ACCELERATOR=cpu $(PY) -c "$(BUILD_OPS)"
+	DS_ACCELERATOR=cpu $(PY) -c "$(BUILD_OPS); $(BUILD_AIO)"
+
+# ds_configs/<preset>.json: every preset's DeepSpeed JSON on its reference cluster, rewritten from the planner after a
+# planner or preset change (tests/planning/test_ds_configs.py fails when one has drifted); not part of `make test`
+.PHONY: ds-configs
+ds-configs: $(VENV)/.installed
+	for preset in $$($(PY) -c "from lumina_ds.config.presets import PRESETS; print(*PRESETS)"); do \
+		$(BIN)/lumina-ds ds-config --preset $$preset --format deepspeed --output ds_configs/$$preset.json || exit 1; \
+	done
 
 # one worker per core; a test file's tests run together on one worker (its module and session fixtures built once)
 pytest: system-deps $(VENV)/.installed
-	$(BIN)/pytest -q -n auto --dist loadfile
+	$(BIN)/pytest -q -n auto --dist loadfile -m "not nvme"
 
 test-fast: system-deps $(VENV)/.installed
-	$(BIN)/pytest -q -n auto --dist loadfile -m "not slow"
+	$(BIN)/pytest -q -n auto --dist loadfile -m "not slow and not nvme"
+
+# ZeRO-Infinity on the CPU accelerator: DeepSpeed's AsyncIO op (built here on first use), then the NVMe tests
+test-nvme: system-deps $(VENV)/.installed
+	DS_ACCELERATOR=cpu $(PY) -c "$(BUILD_AIO)"
+	$(BIN)/pytest -q -m nvme
 
 # the op builds on one core while lint and mypy keep the other busy; the suite starts once all three are done
 test: system-deps $(VENV)/.installed

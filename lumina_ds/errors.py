@@ -7,7 +7,8 @@ ERROR_CODES: dict[str, str] = {
     "E001": "unknown preset (the message lists the presets)",
     "E002": "invalid or incompatible options, found from the config alone: heads vs KV heads, experts vs "
     "expert-parallel size, native MoE with ZeRO-3, `--seq-len` above the model's context, a bad YAML key, "
-    "a DeepSpeed JSON that sets a key the run config owns (the message names the flag to use), a LuminaAI flag "
+    "a DeepSpeed JSON that sets a key the run config owns to another value than the run's (the message names the flag "
+    "to use), a LuminaAI flag "
     "lumina-ds spells differently (the message says what to write)",
     "E003": "this machine cannot run the configuration: fp16 on CPU, bf16 on a GPU without it, a preset whose model "
     "states exceed GPU + host memory (`check-environment --preset`), `--attention-backend flash` without "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lumina_ds.config.presets import PRESETS, get_preset
@@ -45,11 +46,25 @@ def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) ->
                    help="memory per GPU in GiB as torch reports it, which is below the datasheet's GB (an 80 GB H100 "
                    "reports 79.1; check-environment shows yours) (default: the --gpu's)")  # fmt: skip
     p.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="host memory per node (default: 1024)")
+    add_headroom_arg(p)
     _gpu_arg(p)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's, max 4096)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto plans mixed bf16 (default: auto)")
     p.add_argument("--mfu", type=float, default=0.4,
                    help="assumed model FLOPs utilisation for the step time (default: 0.4)")  # fmt: skip
+
+
+def add_headroom_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-headroom", type=float, default=0.10, metavar="FRACTION",
+                   help="of GPU and host memory a layout must leave free, for what the memory model does not count "
+                   "(default: 0.10)")  # fmt: skip
+
+
+def headroom_of(args: argparse.Namespace) -> float:
+    if not 0.0 <= args.memory_headroom < 1.0:
+        raise ConfigError("E002", f"--memory-headroom {args.memory_headroom} is not a fraction in [0, 1)",
+                          "e.g. --memory-headroom 0.1 keeps 10% of each memory free")  # fmt: skip
+    return float(args.memory_headroom)
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:
@@ -60,7 +75,7 @@ def _cluster(args: argparse.Namespace) -> Cluster:
     memory = spec.memory_gib if args.gpu_mem_gb is None else args.gpu_mem_gb
     if args.nodes < 1 or args.gpus_per_node < 1 or memory <= 0:
         raise ConfigError("E002", "--nodes, --gpus-per-node and --gpu-mem-gb must be positive")
-    return Cluster(args.nodes, args.gpus_per_node, memory, args.cpu_mem_gb, spec.key)
+    return Cluster(args.nodes, args.gpus_per_node, memory, args.cpu_mem_gb, spec.key, headroom_of(args))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -153,19 +168,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
-    from lumina_ds.planning.layouts import REFERENCE_CLUSTERS, layout_for_plan
+    from lumina_ds.planning.layouts import REFERENCE_CLUSTERS, ds_config_for_plan, layout_for_plan
     from lumina_ds.planning.planner import plan
 
     run = get_preset(args.preset)
     cluster = REFERENCE_CLUSTERS[args.preset] if args.nodes is None else _cluster(args)
     result = plan(run, cluster, seq_len=args.seq_len, precision=args.precision, mfu=args.mfu)
-    print(json.dumps(layout_for_plan(run, result), indent=2))
+    document = ds_config_for_plan(run, result) if args.format == "deepspeed" else layout_for_plan(run, result)
+    text = json.dumps(document, indent=2) + "\n"
+    if args.output is None:
+        print(text, end="")
+        return 0
+    Path(args.output).write_text(text)
+    what = "DeepSpeed JSON" if args.format == "deepspeed" else "planned layout"
+    print(f"wrote {args.output}: the {what} of {args.preset} on {cluster.describe()}")
     return 0
 
 
 def _ds_config_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ds-config", help="the planned layout of a preset (the files in lumina_ds/planning/layouts/)")
+    p = sub.add_parser("ds-config", help="a preset's planned layout (lumina_ds/planning/layouts/) or its DeepSpeed "
+                       "JSON (ds_configs/)")  # fmt: skip
     _cluster_args(p, nodes_required=False)
+    p.add_argument("--format", choices=("layout", "deepspeed"), default="layout",
+                   help="layout: the plan's run-config values and the DeepSpeed keys they do not model, as `train "
+                   "--preset` adopts them; deepspeed: the complete DeepSpeed JSON a run of the plan gives DeepSpeed "
+                   "on that cluster, as in ds_configs/<preset>.json (default: layout)")  # fmt: skip
+    p.add_argument("--output", metavar="FILE", default=None, help="write the JSON to FILE (default: print it)")
     p.set_defaults(func=cmd_ds_config)
 
 

@@ -8,10 +8,11 @@ import os
 from typing import Any
 
 from lumina_ds.cli.luminaai import config_file_given_as_preset
+from lumina_ds.cli.plan import add_headroom_arg, headroom_of
 from lumina_ds.cli.train_flags import FLAG_FIELDS, add_train_arguments
 from lumina_ds.config.io import deep_merge, load_config
 from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import RunConfig, refuse_owned_keys
+from lumina_ds.config.run import RunConfig, without_owned_keys
 from lumina_ds.errors import ConfigError
 
 
@@ -57,15 +58,15 @@ def resolve_run(
     path (E104), before anything is built.
     """
     from lumina_ds.data import check_input_files
-    from lumina_ds.distributed.ds_config import load_deepspeed_json
+    from lumina_ds.distributed.ds_config import check_deepspeed_file, load_deepspeed_json
 
     run = run_config_from_args(args)
     if run.checkpoint.init_from:
         adopt_init_source(run, explicit_flags(args), announce=announce)
     if run.distributed.deepspeed_config:
         user = load_deepspeed_json(run.distributed.deepspeed_config)
-        refuse_owned_keys(user, source=f"--deepspeed-config {run.distributed.deepspeed_config}")  # before the layout
-        run.distributed.deepspeed = deep_merge(run.distributed.deepspeed, user)
+        # its keys over the layout's; the ones the run config owns are compared with the resolved run below
+        run.distributed.deepspeed = deep_merge(run.distributed.deepspeed, without_owned_keys(user))
     planned_for = None
     if not args.config_file and not run.checkpoint.init_from:
         planned_for = _adopt_preset_layout(run, explicit_flags(args), world_size=world_size, announce=announce)
@@ -75,9 +76,13 @@ def resolve_run(
             print(line, flush=True)
     if not args.skip_memory_check:
         gate_launch(run, explicit_flags(args), planned_for=planned_for, world_size=world_size,
-                    ranks_per_node=ranks_per_node, local_rank=local_rank, announce=announce)  # fmt: skip
+                    ranks_per_node=ranks_per_node, local_rank=local_rank, announce=announce,
+                    headroom=headroom_of(args))  # fmt: skip
     resolve_peak_tflops(run, local_rank=local_rank)
     run.validate()
+    notes = check_deepspeed_file(run, world_size=world_size)  # E002 when it changes what the flags decide
+    if announce and notes:
+        print("\n".join(notes), flush=True)
     check_input_files(run.data)
     run.freeze()
     return run
@@ -132,13 +137,14 @@ def _adopt_preset_layout(run: RunConfig, explicit: set[str], *, world_size: int,
 
 
 def gate_launch(run: RunConfig, explicit: set[str], *, planned_for: str | None, world_size: int, ranks_per_node: int,
-                local_rank: int, announce: bool) -> None:  # fmt: skip
+                local_rank: int, announce: bool, headroom: float) -> None:  # fmt: skip
     """The launch-time plan (planning/launch_gate.py): the run as resolved against the machine it starts on, before
     any tokenizer, data or model work; a re-plan is printed, nothing fitting is E201/E202."""
     from lumina_ds.distributed.ds_config import select_precision
     from lumina_ds.planning.launch_gate import check_launch, this_machine
 
-    machine = this_machine(world_size=world_size, ranks_per_node=ranks_per_node, local_rank=local_rank)
+    machine = this_machine(world_size=world_size, ranks_per_node=ranks_per_node, local_rank=local_rank,
+                           headroom=headroom)  # fmt: skip
     precision = select_precision(run.train.precision)  # E003 here rather than after the data work
     if "gradient_checkpointing" in explicit:
         explicit = explicit | {"activation_checkpointing"}
@@ -235,6 +241,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile-data-loading", type=int, nargs="?", const=200, default=0, metavar="BATCHES",
                    help="time the data pipeline for BATCHES micro-batches (200 when no number is given) without a "
                    "model, then exit (default: off)")  # fmt: skip
+    add_headroom_arg(p)
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start without the launch-time memory check (the run as resolved against this machine's GPU "
                    "and host memory, with plan's memory model), e.g. where the model is known to overestimate "

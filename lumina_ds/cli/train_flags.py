@@ -12,6 +12,7 @@ from lumina_ds.config.run import (
     ACTIVATION_CHECKPOINTING,
     DATA_FORMATS,
     DATA_STRATEGIES,
+    OFFLOAD_DEVICES,
     OFFLOAD_MODES,
     PRECISIONS,
     SCHEDULERS,
@@ -317,6 +318,21 @@ PARALLEL_FLAGS = [
         "ZeRO-Offload: optimizer states (and, at ZeRO-3, parameters) in host memory, stepped by DeepSpeed's CPU Adam",
         {"choices": OFFLOAD_MODES},
         "the preset's planned layout, else none",
+    ),
+    Flag(
+        ("--offload-device",),
+        "distributed.offload_device",
+        "where --offload puts the states: cpu (host memory) or nvme (ZeRO-Infinity: swap files under --nvme-path, "
+        "through DeepSpeed's AsyncIO op; ZeRO-3, needs libaio-dev)",
+        {"choices": OFFLOAD_DEVICES},
+    ),
+    Flag(
+        ("--nvme-path",),
+        "distributed.nvme_path",
+        "a directory on a local NVMe drive (same path on every node) for --offload-device nvme: each run swaps in "
+        "its own <experiment>-<token>/ there, removed when the run ends",
+        {"metavar": "DIR"},
+        "none",
     ),
     Flag(
         ("--dist-timeout-minutes",),

@@ -204,7 +204,8 @@ class LoggingConfig(Freezable):
 
 
 # DeepSpeed keys that are decisions of the run config (the loop and DeepSpeed must agree on them), with the flag
-# that sets each; a DeepSpeed JSON may only add what the run config does not model
+# that sets each; a --deepspeed-config file may repeat the run's values (ds_configs/<preset>.json do) but not change
+# them (distributed/ds_config.py checks them against the resolved run); a YAML's distributed.deepspeed may not set them
 OWNED_DEEPSPEED_KEYS: dict[str, str] = {
     "train_batch_size": "--micro-batch-size and --grad-accum (train_batch_size = micro x accum x processes)",
     "train_micro_batch_size_per_gpu": "--micro-batch-size",
@@ -220,11 +221,16 @@ OWNED_DEEPSPEED_KEYS: dict[str, str] = {
     "optimizer": "--learning-rate, --beta1, --beta2, --eps and --weight-decay (lumina-ds builds the AdamW)",
     "scheduler": "--lr-scheduler, --warmup-ratio and --min-lr",
     "seed": "--seed",
-    "zero_optimization.offload_optimizer": "--offload optimizer (lumina-ds then steps DeepSpeed's CPU Adam)",
-    "zero_optimization.offload_param": "--offload optimizer+params",
+    "zero_optimization.offload_optimizer": "--offload optimizer (lumina-ds then steps DeepSpeed's CPU Adam), "
+    "--offload-device and --nvme-path (device, nvme_path and the swap buffers are derived from the model)",
+    "zero_optimization.offload_param": "--offload optimizer+params, --offload-device and --nvme-path",
+    # what the NVMe buffer sizes are derived from (distributed/nvme.py); the other aio keys are free to tune
+    "aio.block_size": "--offload-device nvme (1 MiB, DeepSpeed's smallest swapped tensor)",
+    "aio.intra_op_parallelism": "--offload-device nvme (1 thread per handle; the swap buffers are aligned to it)",
     "zero_force_ds_cpu_optimizer": "--offload (the offloaded optimizer is always DeepSpeed's CPU Adam)",
 }
 OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
+OFFLOAD_DEVICES = ("cpu", "nvme")  # host memory (ZeRO-Offload) or NVMe swap files (ZeRO-Infinity)
 
 
 def owned_keys_in(extras: dict[str, Any]) -> list[str]:
@@ -236,6 +242,29 @@ def owned_keys_in(extras: dict[str, Any]) -> list[str]:
         if (inner and isinstance(value, dict) and inner in value) or (not inner and section in extras):
             present.append(key)
     return present
+
+
+def owned_value(config: dict[str, Any], key: str) -> Any:
+    """The value of an OWNED_DEEPSPEED_KEYS key (`section.key` nested) in a DeepSpeed JSON; None when absent."""
+    section, _, inner = key.partition(".")
+    value = config.get(section)
+    if not inner:
+        return value
+    return value.get(inner) if isinstance(value, dict) else None
+
+
+def without_owned_keys(extras: dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed JSON without the keys the run config owns (a section they empty is dropped too)."""
+    kept = {key: dict(value) if isinstance(value, dict) else value for key, value in extras.items()}
+    for key in owned_keys_in(extras):
+        section, _, inner = key.partition(".")
+        if not inner:
+            kept.pop(section)
+            continue
+        kept[section].pop(inner)
+        if not kept[section]:
+            kept.pop(section)
+    return kept
 
 
 def refuse_owned_keys(extras: dict[str, Any], *, source: str) -> None:
@@ -260,6 +289,8 @@ class DistributedConfig(Freezable):
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed keys the run config does not model
     deterministic_gating: bool = False  # native MoE: no Gumbel 2nd-expert sampling, no random token selection
     offload: str = "none"  # ZeRO-Offload to host memory: none | optimizer | optimizer+params (ZeRO-3)
+    offload_device: str = "cpu"  # where the offloaded states live: cpu (host memory) | nvme (files under nvme_path)
+    nvme_path: str | None = None  # a directory on a local NVMe drive of every node (each run swaps in its own subdir)
     # how long a collective may wait before the job is aborted: ranks wait at barriers while rank 0 trains the
     # tokenizer, local rank 0 builds shards or rank 0 writes weights (DeepSpeed's default is 10 minutes on NCCL)
     timeout_minutes: int = 120
@@ -287,6 +318,31 @@ class DistributedConfig(Freezable):
                 "E002",
                 f"offloading parameters needs ZeRO stage 3 (this run has {self.zero_stage})",
                 "use --zero-stage 3, or --offload optimizer",
+            )
+        self._validate_offload_device()
+
+    def _validate_offload_device(self) -> None:
+        if self.offload_device not in OFFLOAD_DEVICES:
+            raise ConfigError("E002", f"offload_device={self.offload_device!r} is not one of cpu, nvme")
+        if self.offload_device == "cpu":
+            if self.nvme_path:
+                raise ConfigError("E002", f"--nvme-path {self.nvme_path} is given but the offload device is cpu",
+                                  "add --offload-device nvme to swap to it, or drop --nvme-path")  # fmt: skip
+            return
+        if self.offload == "none":
+            raise ConfigError("E002", "--offload-device nvme needs something to offload (--offload is none)",
+                              "add --offload optimizer+params (or optimizer) with --zero-stage 3")  # fmt: skip
+        if not self.nvme_path:
+            raise ConfigError("E002", "--offload-device nvme needs --nvme-path",
+                              "give a directory on a local NVMe drive, at the same path on every node")  # fmt: skip
+        if self.zero_stage != 3:  # only DeepSpeed's stage-3 optimizer swaps (stage_1_and_2.py has no swapper)
+            raise ConfigError("E002", f"NVMe offload needs ZeRO stage 3 (this run has {self.zero_stage})",
+                              "use --zero-stage 3, or --offload-device cpu")  # fmt: skip
+        if self.moe_backend == "autoep" and self.expert_parallel_size > 1:  # DeepSpeed refuses it at the first save
+            raise ConfigError(
+                "E002",
+                "DeepSpeed cannot checkpoint AutoEP experts at ZeRO-3 with the optimizer on NVMe",
+                "use --expert-parallel-size 1 with --offload-device nvme, or --offload-device cpu",
             )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lumina_ds.distributed.collectives import create_control_group
+from lumina_ds.distributed.group_timeout import groups_wait
 from lumina_ds.distributed.launchers import LOCAL_WORLD_VARIABLES, detect_launch
 from lumina_ds.errors import ConfigError
 
@@ -94,12 +95,15 @@ def host_address(*, single_node: bool) -> str:
     return out[0] if out else socket.gethostbyname(socket.gethostname())
 
 
+def announced_local_world_size() -> int | None:
+    """Ranks on this host where torchrun, deepspeed or the translations above say so; None where none did."""
+    return next((int(os.environ[name]) for name in LOCAL_WORLD_VARIABLES if name in os.environ), None)
+
+
 def local_world_size() -> int:
     """Ranks on this host (torchrun, deepspeed and the translations above say so), else the whole world."""
-    for name in LOCAL_WORLD_VARIABLES:
-        if name in os.environ:
-            return int(os.environ[name])
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    announced = announced_local_world_size()
+    return announced if announced is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def limit_cpu_threads() -> None:
@@ -193,6 +197,48 @@ def skip_cpu_shm_allreduce() -> None:
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
+REAL_LOCAL_RANK = "LUMINA_DS_LOCAL_RANK"  # this rank's place on its node, where LOCAL_RANK was set to its GPU
+
+
+def choose_device(local_rank: int, local_world_size: int | None) -> torch.device:
+    """This rank's GPU: the local rank's when every rank sees all of the node's GPUs (torchrun, deepspeed, mpirun);
+    cuda:0 when it sees one (srun --gpus-per-task=1 gives each task its own CUDA_VISIBLE_DEVICES). Several GPUs but
+    fewer than the ranks on the node (`local_world_size`, None where no launcher said) would put ranks on one GPU,
+    which NCCL refuses: E003."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank < count and count >= (local_world_size or 0):
+        return torch.device("cuda", local_rank)
+    ranks_here = f"{local_world_size} ranks" if local_world_size else "the ranks"
+    raise ConfigError(
+        "E003",
+        f"local rank {local_rank} of {ranks_here} on this node sees {count} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): ranks would share a GPU",
+        "give each rank one GPU (srun --gpus-per-task=1) or every rank all of the node's GPUs, or start one rank per "
+        "GPU (`lumina-ds check-environment --json` shows what each rank resolves to)",
+    )
+
+
+def bind_device(local_rank: int, local_world_size: int | None) -> torch.device:
+    """Make this rank's GPU current, and the one DeepSpeed uses.
+
+    DeepSpeed takes LOCAL_RANK for the device index: `init_process_group` binds `device_id=cuda:LOCAL_RANK`
+    (deepspeed/comm/torch.py), the engine calls `set_device(LOCAL_RANK)` and zero.Init allocates there; under mpirun
+    the engine asserts that OMPI_COMM_WORLD_LOCAL_RANK equals it. Where the GPU is not the local rank's (one visible
+    per task), both become the GPU's index; lumina-ds keeps the real local rank in DistInfo.local_rank (node-local
+    data preparation) and in REAL_LOCAL_RANK (for a later call).
+    """
+    device = choose_device(local_rank, local_world_size)
+    torch.cuda.set_device(device)  # before the process group, so NCCL binds this GPU
+    if device.index != local_rank:
+        os.environ[REAL_LOCAL_RANK] = str(local_rank)
+        os.environ["LOCAL_RANK"] = str(device.index)
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+            os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(device.index)
+    return device
+
+
 def init_distributed(*, timeout_minutes: int = 120) -> DistInfo:
     """Start (or join) the default process group: NCCL on GPUs, gloo on CPU; collectives wait `timeout_minutes`."""
     configure_accelerator()
@@ -202,19 +248,17 @@ def init_distributed(*, timeout_minutes: int = 120) -> DistInfo:
     import torch.distributed as dist
 
     quiet_deepspeed()
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ.get(REAL_LOCAL_RANK, os.environ["LOCAL_RANK"]))
     device = torch.device("cpu")
     if cuda_available():
-        # before the process group, so NCCL binds this GPU; a launcher that gives each rank its own
-        # CUDA_VISIBLE_DEVICES (srun --gpus-per-task) leaves one device
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+        device = bind_device(local_rank, announced_local_world_size())
     else:
         skip_cpu_shm_allreduce()
-    if not dist.is_initialized():
-        backend = "nccl" if cuda_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    create_control_group()
+    with groups_wait(timeout_minutes):  # the control group too
+        if not dist.is_initialized():
+            backend = "nccl" if cuda_available() else "gloo"
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        create_control_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world_size(),
                     device=device)  # fmt: skip

@@ -87,7 +87,8 @@ def format_log_line(m: dict[str, Any]) -> str:
         f" | ETA {m['eta_s'] / 60:.1f} min",
         f"Loss: {m['loss']:.6g} | LM Loss: {m['lm_loss']:.6g} | PPL: {m['ppl']:.2f} | LR: {m['lr']:.2e} | "
         f"β: {m['beta2']}",
-        f"GradNorm: {m['grad_norm']:.4f} | Tokens/s: {_fmt_int(m['tokens_per_s'])}{_speed(m)} | Mem: {m['memory']}",
+        f"GradNorm: {m['grad_norm']:.4f} | Tokens/s: {_fmt_int(m['tokens_per_s'])}{_speed(m)} | Mem: {m['memory']}"
+        f"{_loss_scale(m)}",
     ]
     if m.get("num_experts"):
         lines.append(
@@ -102,6 +103,13 @@ def _speed(m: dict[str, Any]) -> str:
         return ""
     mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a (no known peak)"
     return f" ({_fmt_int(m['tokens_per_s_per_device'])}/device) | TFLOP/s: {m['tflops']:.3g} | MFU: {mfu}"
+
+
+def _loss_scale(m: dict[str, Any]) -> str:
+    """fp16 only: the dynamic loss scale and how many steps its overflows skipped so far (by design, no divergence)."""
+    if "loss_scale" not in m:
+        return ""
+    return f" | Loss scale: {m['loss_scale']:g} ({m.get('overflow_steps', 0)} overflow steps)"
 
 
 def _router_health(m: dict[str, Any]) -> str:

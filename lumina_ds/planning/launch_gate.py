@@ -21,6 +21,7 @@ from lumina_ds.errors import MemoryPlanError
 from lumina_ds.planning.hardware import gpu_spec_of_device
 from lumina_ds.planning.memory import GIB, Layout, MemoryEstimate, ParamInventory, estimate_memory, with_bucket_rules
 from lumina_ds.planning.planner import (
+    DEFAULT_HEADROOM,
     DEFAULT_MFU,
     Candidate,
     Cluster,
@@ -44,12 +45,14 @@ class Machine:
     device_gib: float | None
     host_gib: float
     gpu: str = "h100"  # the GPU table's key for the step-time model (h100's peak when the GPU is not in the table)
+    headroom: float = DEFAULT_HEADROOM  # of each memory left free (--memory-headroom)
 
     @property
     def cluster(self) -> Cluster:
         nodes = max(1, self.world_size // self.ranks_per_node)
         per_rank = self.device_gib if self.device_gib is not None else self.host_gib / self.ranks_per_node
-        return Cluster(nodes, min(self.ranks_per_node, self.world_size), per_rank, self.host_gib, self.gpu)
+        return Cluster(nodes, min(self.ranks_per_node, self.world_size), per_rank, self.host_gib, self.gpu,
+                       self.headroom)  # fmt: skip
 
     def describe(self) -> str:
         nodes = max(1, self.world_size // self.ranks_per_node)
@@ -60,15 +63,16 @@ class Machine:
         )
 
 
-def this_machine(*, world_size: int, ranks_per_node: int, local_rank: int) -> Machine:
+def this_machine(*, world_size: int, ranks_per_node: int, local_rank: int,
+                 headroom: float = DEFAULT_HEADROOM) -> Machine:  # fmt: skip
     """The machine this process runs on, read without starting anything (no process group, no CUDA context)."""
     host = psutil.virtual_memory().total / GIB  # the total, not what is free now: the same on every rank of a node
     if not torch.cuda.is_available():
-        return Machine(world_size, ranks_per_node, None, host, gpu="h100")
+        return Machine(world_size, ranks_per_node, None, host, "h100", headroom)
     device = local_rank % torch.cuda.device_count()
     props = torch.cuda.get_device_properties(device)
     spec = gpu_spec_of_device(props.name)
-    return Machine(world_size, ranks_per_node, props.total_memory / GIB, host, spec.key if spec else "h100")
+    return Machine(world_size, ranks_per_node, props.total_memory / GIB, host, spec.key if spec else "h100", headroom)
 
 
 def run_layout(run: RunConfig, machine: Machine, precision: str) -> Layout:
@@ -91,8 +95,9 @@ def rejection_on(machine: Machine) -> Callable[[MemoryEstimate, Cluster], str | 
 
     def on_cpu(estimate: MemoryEstimate, cluster: Cluster) -> str | None:
         need = estimate.gpu_total * cluster.gpus_per_node + estimate.host_total
-        if need > cluster.cpu_mem_gib * GIB:
-            return f"host {need / GIB:.1f} GiB/node > {cluster.cpu_mem_gib:.1f} GiB"
+        if need > cluster.usable_cpu_gib * GIB:
+            return (f"host {need / GIB:.1f} GiB/node > {cluster.usable_cpu_gib:.1f} GiB ({cluster.cpu_mem_gib:.1f} "
+                    f"less {cluster.headroom:.0%} headroom)")  # fmt: skip
         return None
 
     return on_cpu

@@ -62,7 +62,7 @@ def format_plan(plan: Plan) -> str:
         f"  checkpoints: {plan.checkpoint_bytes / GIB:,.1f} GB per tag (DeepSpeed states + consolidated weights); "
         f"--save-total-limit {plan.save_total_limit} keeps {kept / GIB:,.0f} GB",
         "",
-        format_breakdown(best.estimate, gpu_limit_gib=cluster.gpu_mem_gib),
+        format_breakdown(best.estimate, gpu_limit_gib=round(cluster.usable_gpu_gib, 1)),
         "",
         *alternative_lines(plan),
     ]
@@ -94,6 +94,7 @@ def plan_as_dict(plan: Plan) -> dict[str, Any]:
             "gpu_mem_gb": c.gpu_mem_gib,
             "cpu_mem_gb": c.cpu_mem_gib,
             "gpu": c.gpu,
+            "memory_headroom": c.headroom,
         },
         "seq_len": plan.seq_len,
         "precision": plan.precision,

@@ -40,6 +40,9 @@ RECOMPUTE_MODES = ("none", "attention", "moe", "full")  # TrainConfig.recompute
 OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
 
 
+DEFAULT_HEADROOM = 0.10  # of GPU and host memory the planner leaves free (--memory-headroom): the model's error
+
+
 @dataclass(frozen=True)
 class Cluster:
     nodes: int
@@ -47,10 +50,19 @@ class Cluster:
     gpu_mem_gib: float
     cpu_mem_gib: float = 1024.0
     gpu: str = "h100"
+    headroom: float = DEFAULT_HEADROOM  # a layout must fit in (1 - headroom) of each memory
 
     @property
     def gpus(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def usable_gpu_gib(self) -> float:
+        return self.gpu_mem_gib * (1.0 - self.headroom)
+
+    @property
+    def usable_cpu_gib(self) -> float:
+        return self.cpu_mem_gib * (1.0 - self.headroom)
 
     def describe(self) -> str:
         gpu = f"{self.gpu.upper()} {self.gpu_mem_gib:g} GiB"
@@ -214,10 +226,15 @@ def step_seconds(
 
 
 def rejection_of(estimate: MemoryEstimate, cluster: Cluster) -> str | None:
-    if estimate.gpu_total > cluster.gpu_mem_gib * GIB:
-        return f"GPU {estimate.gpu_total / GIB:.1f} GB > {cluster.gpu_mem_gib:g} GB"
-    if estimate.host_total > cluster.cpu_mem_gib * GIB:
-        return f"host {estimate.host_total / GIB:.0f} GB/node > {cluster.cpu_mem_gib:g} GB"
+    """Why an estimate does not fit the cluster with its headroom kept free, or None."""
+    kept = f" less {cluster.headroom:.0%} headroom" if cluster.headroom else ""
+    if estimate.gpu_total > cluster.usable_gpu_gib * GIB:
+        return (
+            f"GPU {estimate.gpu_total / GIB:.1f} GB > {cluster.usable_gpu_gib:.1f} GB ({cluster.gpu_mem_gib:g}{kept})"
+        )
+    if estimate.host_total > cluster.usable_cpu_gib * GIB:
+        return (f"host {estimate.host_total / GIB:.0f} GB/node > {cluster.usable_cpu_gib:.0f} GB "
+                f"({cluster.cpu_mem_gib:g}{kept})")  # fmt: skip
     return None
 
 
@@ -317,7 +334,7 @@ def nothing_fits(
     precision: str,
 ) -> MemoryPlanError:
     least = min(candidates, key=lambda c: c.estimate.gpu_total)
-    gpu_ok = [c for c in candidates if c.estimate.gpu_total <= cluster.gpu_mem_gib * GIB]
+    gpu_ok = [c for c in candidates if c.estimate.gpu_total <= cluster.usable_gpu_gib * GIB]
     hints = what_would_fit(run, cluster, inv, seq_len=seq_len, precision=precision)
     if gpu_ok:
         host = min(c.estimate.host_total for c in gpu_ok)
@@ -326,12 +343,14 @@ def nothing_fits(
         return MemoryPlanError(
             "E202",
             f"{run.preset} fits in GPU memory on {cluster.describe()} only with {what} needing "
-            f"{host / GIB:.0f} GB of host memory per node (> {cluster.cpu_mem_gib:g} GB)",
+            f"{host / GIB:.0f} GB of host memory per node (> {cluster.usable_cpu_gib:.0f} GB: "
+            f"{cluster.cpu_mem_gib:g} less {cluster.headroom:.0%} headroom)",
             "; or ".join(["more host memory (--cpu-mem-gb)", *hints]),
         )
     return MemoryPlanError(
         "E201",
-        f"{run.preset} does not fit in {cluster.gpu_mem_gib:g} GB per GPU on {cluster.describe()}: the smallest "
+        f"{run.preset} does not fit in {cluster.usable_gpu_gib:.1f} GB per GPU ({cluster.gpu_mem_gib:g} less "
+        f"{cluster.headroom:.0%} headroom) on {cluster.describe()}: the smallest "
         f"layout ({least.describe()}) needs {least.estimate.gpu_total / GIB:.1f} GB per GPU",
         "; or ".join(hints) if hints else "use GPUs with more memory, or a smaller preset",
     )

@@ -36,6 +36,7 @@ from lumina_ds.training.backup import backup_copier
 from lumina_ds.training.checkpoint_files import build_manifest, check_files, corrupt_checkpoint, weights_only_loads
 from lumina_ds.training.checkpoint_state import Resumed, read_json, read_resumed, save_rank_state, save_trainer_state
 from lumina_ds.training.engine import Engine
+from lumina_ds.training.nvme_resume import restore_swapped_optimizer
 
 STAGING = ".saving-"  # `.<tag>.saving-<token>`: a save in progress (or killed)
 REPLACED = ".replaced-"  # `.<tag>.replaced-<token>`: a complete tag being replaced by a newer save of the same step
@@ -74,6 +75,8 @@ class PlainLoader:
             raise corrupt_checkpoint(tag_dir, exc) from exc
         if path is None:
             raise CheckpointError("E303", f"DeepSpeed could not load checkpoint {tag_dir}")
+        with weights_only_loads():
+            restore_swapped_optimizer(engine, tag_dir)  # DeepSpeed skips it when the optimizer swaps to NVMe
         return read_resumed(tag_dir, rank=self.info.rank)
 
 

@@ -14,6 +14,7 @@ from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.distributed.expert_parallel import attach_router_hooks
+from lumina_ds.distributed.group_timeout import groups_wait
 from lumina_ds.distributed.parallelize import parallelize
 from lumina_ds.errors import ConfigError
 from lumina_ds.models.transformer import ModelOutput, Transformer
@@ -132,8 +133,9 @@ def build_model(run: RunConfig, *, world_size: int, precision: str) -> Transform
     import deepspeed
 
     ds_config = build_ds_config(run, world_size=world_size, precision=precision)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = Transformer(run.model)
+    deepspeed.zero.Init.param_id = 0  # NVMe swap files are named by these ids: number every model as a fresh process
+    with groups_wait(run.distributed.timeout_minutes), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Transformer(run.model)  # zero.Init creates the hpZ groups when the extras ask for them
     initialize_partitioned(model)
     return model
 
@@ -157,13 +159,14 @@ def build_engine(
     if load_universal:  # DeepSpeed reads it at initialize: the engine then loads only universal checkpoints
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     schedule = schedule_for(run.train, total_steps)
-    try:
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer_factory(model, run, precision=precision),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=ds_config,
-        )
+    try:  # DeepSpeed creates its data-, expert- and expert-data-parallel groups in there
+        with groups_wait(run.distributed.timeout_minutes):
+            engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                optimizer=optimizer_factory(model, run, precision=precision),
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+                config=ds_config,
+            )
     except (ValueError, AssertionError) as exc:
         raise ConfigError(
             "E002", f"DeepSpeed rejected the configuration: {exc}", f"generated config: {json.dumps(ds_config)}"

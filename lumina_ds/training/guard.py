@@ -6,6 +6,12 @@ The veto happens inside DeepSpeed's `engine.step()`: the guard wraps the `step` 
 drives (inside ZeRO's or the bf16 optimizer's wrapper, or bare at ZeRO-0 fp32). DeepSpeed calls it after reducing the
 gradients and computing their global norm, so both tests run on values every rank shares, and a skipped step leaves
 weights and Adam moments exactly as they were (the LR schedule still advances, as for OLMo-core's skip-step AdamW).
+
+Under fp16 DeepSpeed's dynamic loss scaler skips steps itself: it starts at 2^16 and lowers the scale on each overflow
+of the scaled gradients, by design several times at the start of a run and again whenever it has raised the scale.
+Such a step is an overflow, counted apart (`overflow_steps`), never a skip: only an overflow at the scale's minimum,
+where lowering the scale cannot help any more, is divergence. A step the guard itself vetoes (a non-finite or spiking
+loss, a spiking gradient norm) is a skip whatever the scaler did: the scale acts on the gradients, never on the loss.
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ from lumina_ds.config.run import GuardConfig
 
 if TYPE_CHECKING:
     from lumina_ds.training.engine import Engine
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """The dynamic fp16 loss scale DeepSpeed multiplies the loss by in backward, and the floor it cannot go below."""
+
+    scale: float
+    minimum: float
+
+    @property
+    def at_minimum(self) -> bool:
+        return self.scale <= self.minimum
 
 
 @dataclass(frozen=True)
@@ -57,9 +75,10 @@ class DivergenceGuard:
     def vetoed(self) -> bool:
         return self._reason is not None
 
-    def record(self, *, step: int, data_step: int, applied: bool) -> Skip | None:
-        """After engine.step(): the skip (None when applied). `applied` is False also when DeepSpeed skipped the
-        step itself (non-finite gradients under a loss scaler or its overflow check)."""
+    def record(self, *, step: int, data_step: int, applied: bool, overflow: LossScale | None = None) -> Skip | None:
+        """After engine.step(): the skip (None when applied, or when the loss scaler skipped it: see `_is_overflow`).
+        `applied` is False also when DeepSpeed skipped the step itself (non-finite gradients under a loss scaler or
+        its overflow check); `overflow`, the scale a loss-scaler overflow happened at."""
         while self.skips and self.skips[0].step <= step - self.config.window:
             self.skips.popleft()
         if applied and self._reason is None:
@@ -67,9 +86,19 @@ class DivergenceGuard:
             if self._norm is not None and math.isfinite(self._norm):
                 self.norms.append(self._norm)
             return None
-        skip = Skip(step, data_step, self._reason or "DeepSpeed found non-finite gradients")
+        if self._is_overflow(applied=applied, overflow=overflow):
+            return None
+        reason = self._reason or "DeepSpeed found non-finite gradients"
+        if self._reason is None and overflow is not None:
+            reason = f"gradients overflow at the minimum fp16 loss scale ({overflow.minimum:g})"
+        skip = Skip(step, data_step, reason)
         self.skips.append(skip)
         return skip
+
+    def _is_overflow(self, *, applied: bool, overflow: LossScale | None) -> bool:
+        """Whether the step just judged is the loss scaler's by-design overflow: not applied, not vetoed by the
+        guard, and skipped by the scaler at a scale it could still lower."""
+        return not applied and self._reason is None and overflow is not None and not overflow.at_minimum
 
     @property
     def rewind_due(self) -> bool:
@@ -167,3 +196,36 @@ def _record_clipping_norm(engine: Any) -> Callable[[], float | None]:
         return norm
 
     return read
+
+
+# ---- DeepSpeed's fp16 loss scaler, as the engine reports it ----------------------------------------------------
+def dynamic_loss_scale(optimizer: Any) -> LossScale | None:
+    """The dynamic loss scale of DeepSpeed's optimizer wrapper now; None without one (fp32, bf16, a static scale).
+
+    ZeRO 1-3 keep a `DynamicLossScaler` as `loss_scaler` (a static `LossScaler`, `dynamic` False, at fp32/bf16);
+    ZeRO-0's fp16 optimizers keep a `LossScaleConfig` as `loss_scale_config`."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is not None and getattr(scaler, "dynamic", False):
+        return LossScale(float(scaler.cur_scale), float(scaler.min_scale))
+    config = getattr(optimizer, "loss_scale_config", None)
+    if config is not None and getattr(config, "dynamic_loss_scale", False):
+        return LossScale(float(config.cur_scale), float(config.min_loss_scale))
+    return None
+
+
+def scaler_overflow(engine: Engine, before: LossScale | None) -> LossScale | None:
+    """`before` (the scale the step's backward used) when the loss scaler skipped the step just taken: the engine
+    did not apply it because its optimizer wrapper reported an overflow (`DeepSpeedEngine._take_model_step` sets
+    `was_step_applied()` from `optimizer.overflow`); None otherwise."""
+    if before is None or engine.was_step_applied():
+        return None
+    return before if getattr(engine.optimizer, "overflow", False) else None
+
+
+def leave_the_floor_to_the_guard(optimizer: Any) -> None:
+    """ZeRO's `DynamicLossScaler` raises a bare Exception ("Current loss scale already at minimum") on an overflow
+    at its minimum scale. The guard judges that step instead (a skip, then a rewind or E301), so the scaler only skips
+    it, as ZeRO-0's fp16 optimizers do."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is not None and getattr(scaler, "dynamic", False):
+        scaler.raise_error_at_min_scale = False

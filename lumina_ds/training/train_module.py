@@ -17,7 +17,14 @@ from lumina_ds.models.transformer import ModelOutput
 from lumina_ds.training.backoff import StepOutOfMemoryError
 from lumina_ds.training.engine import Engine
 from lumina_ds.training.faults import FaultPlan
-from lumina_ds.training.guard import DivergenceGuard, install_step_gate
+from lumina_ds.training.guard import (
+    DivergenceGuard,
+    LossScale,
+    dynamic_loss_scale,
+    install_step_gate,
+    leave_the_floor_to_the_guard,
+    scaler_overflow,
+)
 from lumina_ds.training.metrics import WindowMetrics
 
 PhaseWrapper = Callable[[str, Callable[..., Any]], Callable[..., Any]]  # (phase name, call) -> the call, measured
@@ -25,11 +32,13 @@ PhaseWrapper = Callable[[str, Callable[..., Any]], Callable[..., Any]]  # (phase
 
 @dataclass(frozen=True)
 class StepResult:
-    """What became of one optimizer step: applied, or skipped and why; `rewind` when the skips now call for one."""
+    """What became of one optimizer step: applied, or skipped and why; `rewind` when the skips now call for one.
+    `overflow`: not applied because fp16's loss scaler overflowed (by design; lowers the scale), which is no skip."""
 
     applied: bool
     skip_reason: str | None = None
     rewind: Rewind | None = None
+    overflow: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,16 +84,19 @@ class TrainModule:
         `data_step`); None when the data ran out. Running out of memory is E204 with what to lower."""
         started = time.perf_counter()
         try:
-            applied = self._run(batches, step=step)
+            ran = self._run(batches, step=step)
         finally:
             self._window.seconds += time.perf_counter() - started
-        if applied is None:
+        if ran is None:
             return None
-        return self._judge(applied, step=step, data_step=data_step)
+        applied, overflow = ran
+        return self._judge(applied, overflow, step=step, data_step=data_step)
 
-    def _run(self, batches: Iterator[Batch], *, step: int) -> bool | None:
+    def _run(self, batches: Iterator[Batch], *, step: int) -> tuple[bool, LossScale | None] | None:
+        """(applied, the loss scale it overflowed at if the loss scaler skipped it); None when the data ran out."""
         # DeepSpeed scales each micro-batch's loss by 1/accumulation in backward and steps the optimizer on the last
         outputs: list[tuple[ModelOutput, int]] = []
+        scale = self._loss_scale()
         accumulation = self.engine.gradient_accumulation_steps()
         for micro in range(accumulation):
             batch = next(batches, None)
@@ -106,7 +118,13 @@ class TrainModule:
         if applied or self._guard is None:
             for out, tokens in outputs:
                 self._window.add(out, tokens=tokens)
-        return applied
+        return applied, scaler_overflow(self.engine, scale)
+
+    def _loss_scale(self) -> LossScale | None:
+        """The fp16 loss scale this step's backward uses (read before it: an overflow lowers it)."""
+        if self._guard is not None:  # every step: a checkpoint load replaces ZeRO's scaler object
+            leave_the_floor_to_the_guard(self.engine.optimizer)
+        return dynamic_loss_scale(self.engine.optimizer)
 
     def _forward_backward(self, batch: Batch, *, first: bool, step: int) -> ModelOutput:
         if first:
@@ -121,12 +139,12 @@ class TrainModule:
         batch = batch.to(self.engine.device)
         return self.engine(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids)
 
-    def _judge(self, applied: bool, *, step: int, data_step: int) -> StepResult:
+    def _judge(self, applied: bool, overflow: LossScale | None, *, step: int, data_step: int) -> StepResult:
         if self._guard is None:
-            return StepResult(applied)
-        skip = self._guard.record(step=step, data_step=data_step, applied=applied)
-        if skip is None:
-            return StepResult(True)
+            return StepResult(applied, overflow=overflow is not None)
+        skip = self._guard.record(step=step, data_step=data_step, applied=applied, overflow=overflow)
+        if skip is None:  # applied, or the loss scaler's overflow
+            return StepResult(applied, overflow=not applied)
         guard = self._guard
         budget = f"{len(guard.skips)} of {guard.config.max_skips} skips allowed in {guard.config.window} steps"
         reason = f"{skip.reason} ({budget})"
@@ -175,11 +193,16 @@ class TrainModule:
         return metrics
 
     def optimizer_state(self) -> dict[str, Any]:
-        """Learning rate, gradient norm of the last step, and Adam's beta2, for the log line."""
+        """Learning rate, gradient norm of the last step, and Adam's beta2, for the log line; under fp16's dynamic
+        loss scaling also the loss scale."""
         grad_norm = self.engine.get_global_grad_norm()
         betas = self.engine.optimizer.param_groups[0].get("betas", (None, None))
         norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return {"lr": float(self.engine.get_lr()[0]), "grad_norm": norm, "beta2": betas[1]}
+        state = {"lr": float(self.engine.get_lr()[0]), "grad_norm": norm, "beta2": betas[1]}
+        scale = dynamic_loss_scale(self.engine.optimizer)
+        if scale is not None:
+            state["loss_scale"] = scale.scale
+        return state
 
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -40,6 +40,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation results
     data_steps: int = 0  # step-sized groups of batches drawn from the data: trained, skipped or left out
     skipped_steps: int = 0  # optimizer steps the divergence guard did not apply
+    overflow_steps: int = 0  # optimizer steps fp16's loss scaler skipped for an overflow (by design, not divergence)
     rewinds: int = 0
     left_out: list[int] = field(default_factory=list)  # data steps a rewind leaves out (the offending batches)
 
@@ -124,6 +125,8 @@ class Trainer:
                 return "data exhausted"
             self.state.data_steps += 1
             self.state.step += 1
+            if result.overflow:
+                self.state.overflow_steps += 1
             if result.skip_reason is not None:
                 self.state.skipped_steps += 1
                 self._say(f"warning: step {self.state.step} not applied: {result.skip_reason}")
@@ -165,6 +168,7 @@ class Trainer:
             raise TrainingError("E301", f"training diverged: {rewind.what} and no verified checkpoint to rewind to",
                                 hint)  # fmt: skip
         kept = {"rewinds": self.state.rewinds + 1, "skipped_steps": self.state.skipped_steps,
+                "overflow_steps": self.state.overflow_steps,
                 "left_out": sorted(set(self.state.left_out) | set(rewind.left_out))}  # fmt: skip
         self.module.rewound()  # before restore: the checkpoint's guard history is loaded next
         self.restore(resumed)
@@ -220,7 +224,7 @@ class Trainer:
             self.save()
         summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1),
                    "exit_code": self.exit_code, "skipped_steps": self.state.skipped_steps,
-                   "rewinds": self.state.rewinds}  # fmt: skip
+                   "overflow_steps": self.state.overflow_steps, "rewinds": self.state.rewinds}  # fmt: skip
         if self.state.history:
             summary["final_eval_loss"] = round(self.state.history[-1]["eval_loss"], 4)
         for cb in self.callbacks:
@@ -254,6 +258,7 @@ class Trainer:
             eta_s=self._eta(elapsed),
             memory=memory_summary(),
             skipped_steps=self.state.skipped_steps,
+            overflow_steps=self.state.overflow_steps,
             rewinds=self.state.rewinds,
         )
         for cb in self.callbacks:

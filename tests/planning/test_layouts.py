@@ -80,13 +80,13 @@ def test_deepspeed_accepts_config_at_its_reference_size(preset: str, monkeypatch
     assert meta["predicted_gb_per_gpu"] <= REFERENCE_CLUSTERS[preset].gpu_mem_gib
 
 
-def test_b300_file_adopted_on_fewer_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    config = load("b300")
-    run = get_preset("b300")
+def test_b200_file_adopted_on_fewer_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load("b200")
+    run = get_preset("b200")
     notes = adopt_layout(run, config, world_size=48, explicit=set())
     override = run.distributed.deepspeed
     assert run.distributed.zero_stage == 3
-    assert run.distributed.expert_parallel_size == 8  # divides 144 experts and 48 GPUs
+    assert run.distributed.expert_parallel_size == 8  # divides 128 experts and 48 GPUs
     assert (run.train.micro_batch_size, run.train.grad_accum) == (8, 8)  # the file's split, 64 rows per GPU
     assert run.train.gradient_checkpointing
     assert not {"train_batch_size", "bf16", METADATA_KEY, "seed"} & override.keys()

@@ -118,3 +118,20 @@ def test_precision_and_universal_rules(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ZeRO stage 1, 2 or 3"):
         run.validate()
     _run(deepspeed={"checkpoint": {"load_universal": True}}).validate()  # AutoEP experts load from universal ckpts
+
+
+def test_the_plan_keeps_its_headroom_free_and_zero_headroom_takes_the_old_choice() -> None:
+    """b300 on 32x8 H100 chose 78.3 of 79.1 GiB with no headroom: nothing left for what the model does not count."""
+    kept = plan(get_preset("b300"), Cluster(32, 8, 79.1))
+    assert kept.best.estimate.gpu_total <= 0.9 * 79.1 * GIB
+    assert all(c.rejection is not None for c in kept.candidates if c.estimate.gpu_total > 0.9 * 79.1 * GIB)
+    full = plan(get_preset("b300"), Cluster(32, 8, 79.1, headroom=0.0))
+    assert 0.9 * 79.1 * GIB < full.best.estimate.gpu_total <= 79.1 * GIB  # what the plan chose before headroom
+    assert full.best.step_seconds < kept.best.step_seconds  # the headroom costs some speed
+
+
+def test_memory_headroom_must_be_a_fraction(capsys: pytest.CaptureFixture[str]) -> None:
+    from lumina_ds.cli import main
+
+    assert main(["plan", "--preset", "debug", "--nodes", "1", "--memory-headroom", "1.5"]) == 1
+    assert "[E002] --memory-headroom 1.5 is not a fraction" in capsys.readouterr().err

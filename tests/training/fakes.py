@@ -105,6 +105,57 @@ class FakeEngine:
         return str(path.parent), {}
 
 
+class Fp16Optimizer(WrappedOptimizer):
+    """ZeRO's fp16 wrapper where the train module looks: DeepSpeed's own dynamic loss scaler as `loss_scaler`, built
+    as ZeRO builds it (CreateLossScaler with the config's fp16 section), and `overflow`, the last step's verdict.
+    The scaler logs through deepspeed.comm on an overflow: tests that use it need the `process_group` fixture."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, initial_scale_power: int, min_scale: float) -> None:
+        from deepspeed.runtime.fp16 import loss_scaler as ds
+
+        super().__init__(optimizer)
+        args = {ds.INITIAL_LOSS_SCALE: 2.0**initial_scale_power, ds.SCALE_WINDOW: 1000, ds.DELAYED_SHIFT: 2,
+                ds.CONSECUTIVE_HYSTERESIS: False, ds.MIN_LOSS_SCALE: min_scale}  # fmt: skip
+        self.loss_scaler = ds.CreateLossScaler(torch.half, 0, True, args)
+        self.overflow = False
+
+
+class FakeFp16Engine(FakeEngine):
+    """fp16 under ZeRO as the train module sees it: at an optimizer step whose gradients overflow (non-finite, or at
+    the steps in `overflow_at`, as a loss scale too high for fp16 makes them) the loss scaler lowers its scale and
+    the step is not applied (`was_step_applied()` False, `optimizer.overflow` True, as DeepSpeedEngine reports it)."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, overflow_at: set[int], initial_scale_power: int = 16, min_scale: float = 1,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(model, **kwargs)
+        self.fp16 = Fp16Optimizer(self.optimizer.optimizer, initial_scale_power=initial_scale_power,
+                                  min_scale=min_scale)  # fmt: skip
+        self.optimizer = self.fp16
+        self.overflow_at = overflow_at
+        self.applied = True
+
+    def step(self) -> None:
+        if (self.micro_steps + 1) % self.accum:  # not an accumulation boundary
+            super().step()
+            return
+        step = (self.micro_steps + 1) // self.accum
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        overflow = step in self.overflow_at or not all(bool(torch.isfinite(g).all()) for g in grads)
+        self.fp16.overflow, self.applied = overflow, not overflow
+        self.fp16.loss_scaler.update_scale(overflow)  # raises at the floor unless told not to
+        if not overflow:
+            super().step()
+            return
+        self.micro_steps += 1
+        self.optimizer._global_grad_norm = float("inf")
+        self.optimizer.optimizer.zero_grad()
+
+    def was_step_applied(self) -> bool:
+        return self.applied
+
+
 def docs(n: int, seq_len: int = 16, seed: int = 0) -> TokenizedDocs:
     """n random conversations of 5..seq_len-1 tokens, every next token a target."""
     rng = np.random.default_rng(seed)
@@ -147,11 +198,13 @@ def make_trainer(
     resume_from: Path | None = None,
     data: int = 60,
     callbacks: list[Callback] | None = None,
+    engine: FakeEngine | None = None,
 ) -> Trainer:
-    """A trainer of the tiny MoE on synthetic data with the fake engine, its checkpoints in run_dir/checkpoints;
-    with `guard`, the divergence guard; with `resume_from`, the tag it resumes from (loaded by `resume`)."""
+    """A trainer of the tiny MoE on synthetic data with the fake engine (or `engine`), its checkpoints in
+    run_dir/checkpoints; with `guard`, the divergence guard; with `resume_from`, the tag it resumes from (loaded by
+    `resume`)."""
     run_dir.mkdir(parents=True, exist_ok=True)  # the session creates it before anything is saved
-    module = TrainModule(FakeEngine(tiny_model(), lr=lr),
+    module = TrainModule(engine or FakeEngine(tiny_model(), lr=lr),
                          guard=DivergenceGuard(guard, vocab_size=64) if guard is not None else None,
                          faults=FaultPlan(parse_faults(faults), rank=0))  # fmt: skip
     checkpoint = CheckpointConfig(save_every_n_steps=save_every, save_total_limit=save_total_limit)

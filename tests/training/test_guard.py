@@ -16,7 +16,7 @@ from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import ConfigError
 from lumina_ds.training.engine import build_engine, build_model
 from lumina_ds.training.faults import Fault, FaultPlan, parse_faults
-from lumina_ds.training.guard import DivergenceGuard
+from lumina_ds.training.guard import DivergenceGuard, LossScale
 from lumina_ds.training.train_module import TrainModule
 
 
@@ -74,6 +74,21 @@ def test_deepspeed_skipping_a_step_itself_counts_as_a_skip() -> None:
     guard.judge_loss(2.0)
     skip = guard.record(step=1, data_step=1, applied=False)
     assert skip is not None and skip.reason == "DeepSpeed found non-finite gradients"
+
+
+def test_a_loss_scaler_overflow_is_no_skip_unless_the_guard_vetoed_it_or_the_scale_is_at_its_minimum() -> None:
+    """fp16's scaler skips steps by design while it lowers its scale; at its floor an overflow is divergence."""
+    guard = DivergenceGuard(GuardConfig(), vocab_size=64)
+    guard.judge_loss(2.0)
+    assert guard.record(step=1, data_step=1, applied=False, overflow=LossScale(65536.0, 1.0)) is None
+    assert not guard.skips and not guard.losses  # no skip, and no history: the step was not applied
+    guard.judge_loss(math.nan)  # the scaler overflows on a NaN's gradients too, but the guard judged the loss
+    skip = guard.record(step=2, data_step=2, applied=False, overflow=LossScale(32768.0, 1.0))
+    assert skip is not None and skip.reason == "loss is nan"
+    guard.judge_loss(2.0)
+    skip = guard.record(step=3, data_step=3, applied=False, overflow=LossScale(1.0, 1.0))
+    assert skip is not None and skip.reason == "gradients overflow at the minimum fp16 loss scale (1)"
+    assert [s.step for s in guard.skips] == [2, 3]
 
 
 def test_guard_settings_are_checked() -> None:
