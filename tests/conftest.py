@@ -33,12 +33,15 @@ def _rank_server() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _environment_as_found() -> Iterator[None]:
-    """Each test leaves os.environ as it found it: code under test sets rendezvous variables directly, which
-    monkeypatch would not take back, and a later run in this process would read them."""
-    saved = dict(os.environ)
+    """Each test leaves os.environ and torch's thread count as it found them: code under test sets rendezvous
+    variables directly, which monkeypatch would not take back, and a later run in this process would read them; and
+    starting several CPU ranks on a node divides the cores among them (distributed/env.py), which would change the
+    reduction order, and so the last bits of the losses, of a later in-process run."""
+    saved, threads = dict(os.environ), torch.get_num_threads()
     yield
     os.environ.clear()
     os.environ.update(saved)
+    torch.set_num_threads(threads)
 
 
 RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -15,13 +15,13 @@ from lumina_ds.data.loading.global_order import GlobalRows
 from lumina_ds.data.loading.mixture import Mixture
 from lumina_ds.data.loading.packing import PackedRows
 from lumina_ds.data.loading.stream import DocSource, PackedBatches, RankView, RowPacker
+from lumina_ds.data.prepare.content import source_content
 from lumina_ds.data.prepare.documents import JsonlDocs, TableDocs
 from lumina_ds.data.prepare.lengths import counted_sources
 from lumina_ds.data.prepare.tokenize import (
     EncodeSettings,
     PrepareReport,
     prepare_source,
-    source_content,
     tokenize_source,
 )
 from lumina_ds.data.records.files import is_gzip

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lumina_ds.data.prepare.content import temp_path
 from lumina_ds.data.prepare.documents import JsonlDocs, TableDocs
-from lumina_ds.data.prepare.tokenize import MAX_REPORTED_SKIPS, EncodeSettings, PrepareReport, cache_key, temp_path
+from lumina_ds.data.prepare.tokenize import MAX_REPORTED_SKIPS, EncodeSettings, PrepareReport, cache_key
 from lumina_ds.data.records.sources import SourceSpec
 from lumina_ds.data.records.types import SkippedLine
 from lumina_ds.errors import DataError

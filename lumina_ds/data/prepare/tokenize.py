@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import os
-import secrets
 import shutil
 import socket
 import sys
@@ -29,17 +28,15 @@ import numpy as np
 import psutil
 
 from lumina_ds.config.run import MAX_LINE_BYTES
+from lumina_ds.data.prepare.content import source_content, temp_path, write_json_atomic
 from lumina_ds.data.prepare.documents import DocEncoder, TokenizedDocs, TokenizedPart, token_dtype
 from lumina_ds.data.records.checks import LineLimit, RawRecord
 from lumina_ds.data.records.files import LongLine, is_gzip, iter_lines, read_line, reading, skip_line
 from lumina_ds.data.records.formats import AUTO, RecordFormat, Row
 from lumina_ds.data.records.sources import (
-    JSON,
-    JSONL,
     DataSource,
     OpenSource,
     open_source,
-    open_table,
     parse_source,
     source_bytes,
 )
@@ -371,35 +368,6 @@ def open_shards(directory: Path, *, name: str) -> TokenizedDocs:
     return TokenizedDocs(name, parts)
 
 
-def content_hash(path: Path, *, memo_dir: Path | None = None) -> str:
-    """blake2b of the file's bytes; remembered per (path, size, mtime) in `memo_dir` to skip re-reading big files."""
-    stat = path.stat()
-    memo_file = memo_dir / "hashes.json" if memo_dir else None
-    memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    memo = _read_json(memo_file) if memo_file else {}
-    if memo_key in memo:
-        return str(memo[memo_key])
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        while block := handle.read(8 << 20):
-            digest.update(block)
-    value = digest.hexdigest()
-    if memo_file is not None:
-        memo[memo_key] = value
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(memo_file, memo)
-    return value
-
-
-def source_content(location: str | Path | DataSource, *, memo_dir: Path | None = None) -> str:
-    """What a source holds, independent of how it is read: its files' content hashes (the compressed bytes of a .gz,
-    a table's files), or the dataset's own fingerprint when it has no files."""
-    source = parse_source(location)
-    table = None if source.kind in (JSONL, JSON) else open_table(source)
-    files = [source.local] if table is None else table.files
-    return "|".join(content_hash(f, memo_dir=memo_dir) for f in files) or (table.fingerprint if table else "")
-
-
 def cache_key(location: str | Path | DataSource, settings: EncodeSettings, *, memo_dir: Path | None = None) -> str:
     """Key of a prepared source: its content (the compressed bytes of a .gz, a table's files), the tokenizer, the
     template settings, the line limit, a non-default record format and the format version."""
@@ -412,25 +380,6 @@ def cache_key(location: str | Path | DataSource, settings: EncodeSettings, *, me
         digest.update(f"{fmt.name}:{fmt.fields}".encode())
     digest.update(str(FORMAT_VERSION).encode())
     return digest.hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
-def temp_path(target: Path) -> Path:
-    """A sibling temp name no other process picks: host, pid (for the abandoned-build cleanup) and a random token
-    (pids repeat across containers that share a file system, and so can host names)."""
-    return target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = temp_path(path)
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def prepare_source(
@@ -493,7 +442,7 @@ def _build(
         meta["skipped_examples"] = [[s.line_no, s.code, s.reason] for s in report.skipped_examples]
         meta["format_version"] = FORMAT_VERSION
         meta["train_on"] = settings.train_on
-        _write_json_atomic(tmp / META_FILE, meta)
+        write_json_atomic(tmp / META_FILE, meta)
         try:
             os.rename(tmp, target)
         except OSError:
