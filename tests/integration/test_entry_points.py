@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from lumina_ds.distributed.env import free_port
-from tests.runs import FAST, ROOT, TRAIN, Result, deepspeed_launch, here, read_metrics, run
+from tests.runs import FAST, ROOT, TRAIN, Result, child_env, deepspeed_launch, here, read_metrics, run
 
 TRAIN_PY = str(ROOT / "launch" / "train.py")
 NAME = "same"  # one experiment name: the run directories differ only by --output-dir
@@ -30,8 +31,13 @@ def start(entry: str, workdir: Path, tokenizer: Path) -> subprocess.CompletedPro
     """Train with FLAGS through one entry point, into runs_<entry>/. The console script's code runs in this process
     (its `python -m lumina_ds` start is test_cli's); the three launches each start their own interpreter."""
     args = [*FLAGS, "--output-dir", f"runs_{entry}", "--tokenizer", str(tokenizer)]
-    if entry == "cli":
-        return here(["train", *args], cwd=workdir)
+    if entry == "cli":  # with the launched entry points' thread count: another count sums in another order
+        threads = torch.get_num_threads()
+        torch.set_num_threads(int(child_env()["OMP_NUM_THREADS"]))
+        try:
+            return here(["train", *args], cwd=workdir)
+        finally:
+            torch.set_num_threads(threads)
     if entry == "plain":
         return run([sys.executable, TRAIN_PY, *args], cwd=workdir)
     if entry == "torchrun":
