@@ -141,13 +141,17 @@ AUTO_PRECISIONS = ("mixed_bf16", "mixed_fp16", "fp32")
 PRECISION_KEYS = ("bf16", "fp16", "amp", "torch_autocast", "data_types")
 
 
+MACHINE_CHOICES = frozenset({"async_split_plan"})  # what the machine decides (CUDA or not), not the run
+
+
 def agrees(theirs: Any, mine: Any) -> bool:
     """A file's value of an owned key against the run's: equal, `"auto"` (as Hugging Face's DeepSpeed files say
-    "whatever the run decides"), or a disabled section where the run writes none."""
+    "whatever the run decides"), or a disabled section where the run writes none; keys the machine decides aside."""
     if theirs == "auto":
         return True
     if isinstance(theirs, dict) and isinstance(mine, dict):
-        return theirs.keys() == mine.keys() and all(agrees(theirs[key], mine[key]) for key in theirs)
+        keys = theirs.keys() - MACHINE_CHOICES
+        return keys == mine.keys() - MACHINE_CHOICES and all(agrees(theirs[key], mine[key]) for key in keys)
     if mine is None and isinstance(theirs, dict):
         return theirs.get("enabled") is False
     return bool(theirs == mine)
@@ -166,7 +170,8 @@ def owned_values(run: RunConfig, *, world_size: int, precision: str, expert_para
 
         if uses_autoep(run):  # as parallelize() adds it at initialize
             ep = run.distributed.expert_parallel_size
-            config["expert_parallel"] = autoep_section(meta_transformer(run.model), ep_size=ep)
+            config["expert_parallel"] = autoep_section(meta_transformer(run.model), ep_size=ep,
+                                                       cuda=torch.cuda.is_available())  # fmt: skip
     return {key: owned_value(config, key) for key in OWNED_DEEPSPEED_KEYS}
 
 
@@ -246,7 +251,7 @@ def other_world_expert_parallel(check: FileCheck) -> str | None:
         return None
     if not (run.model.moe.enabled and run.distributed.moe_backend == "autoep"):
         return None
-    if not agrees(theirs, autoep_section(meta_transformer(run.model), ep_size=size)):
+    if not agrees(theirs, autoep_section(meta_transformer(run.model), ep_size=size, cuda=torch.cuda.is_available())):
         return None
     return (
         f"{check.source} was made for more processes: its AutoEP size {size} does not divide the "

@@ -23,8 +23,10 @@ def moe_layer_indices(model: Transformer) -> list[int]:
     return [i for i, layer in enumerate(model.layers) if isinstance(layer.ffn, MoEBlock)]
 
 
-def autoep_section(model: Transformer, *, ep_size: int) -> dict[str, Any]:
-    """DeepSpeed's `expert_parallel` config for our block names (only MoE layers match the pattern)."""
+def autoep_section(model: Transformer, *, ep_size: int, cuda: bool) -> dict[str, Any]:
+    """DeepSpeed's `expert_parallel` config for our block names (only MoE layers match the pattern). On CUDA with
+    experts spread over ranks, the split plan's device-to-host copy overlaps the token packing (`async_split_plan`):
+    without it AutoEP waits for the host once per MoE layer per pass; DeepSpeed refuses it on CPU tensors."""
     moe = model.config.moe
     indices = "|".join(str(i) for i in moe_layer_indices(model))
     section: dict[str, Any] = {
@@ -42,6 +44,8 @@ def autoep_section(model: Transformer, *, ep_size: int) -> dict[str, Any]:
         "has_shared_experts": moe.num_shared_experts > 0,
         "use_grouped_mm": True,
     }
+    if cuda and ep_size > 1:
+        section["async_split_plan"] = True
     if moe.num_shared_experts:  # naming a pattern without shared experts makes DeepSpeed warn on every rank
         section["shared_experts_pattern"] = "shared"
     if moe.shared_expert_gate:  # AutoEP scales the shared expert by sigmoid(shared_experts_gate(x)), as our block

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.expert_parallel import apply_native_moe, autoep_section
 from lumina_ds.models.transformer import Transformer
@@ -40,7 +42,8 @@ def parallelize(model: Transformer, run: RunConfig, *, rank: int) -> dict[str, A
             deterministic=dist.deterministic_gating,
         )
     elif uses_autoep(run):
-        sections["expert_parallel"] = autoep_section(model, ep_size=dist.expert_parallel_size)
+        sections["expert_parallel"] = autoep_section(model, ep_size=dist.expert_parallel_size,
+                                                     cuda=torch.cuda.is_available())  # fmt: skip
     apply_activation_checkpointing(model, mode=run.train.recompute)
     if run.train.compile:  # after expert placement: the native layer is in place; AutoEP only swaps MoE FFNs
         apply_compile(model)

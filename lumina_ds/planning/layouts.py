@@ -120,7 +120,7 @@ def ds_config_for_plan(run: RunConfig, plan: Plan) -> dict[str, Any]:
     ep = plan.best.layout.expert_parallel_size
     if ep > 1 and planned.distributed.moe_backend == "autoep":
         model = meta_transformer(planned.model)
-        config["expert_parallel"] = autoep_section(model, ep_size=ep)
+        config["expert_parallel"] = autoep_section(model, ep_size=ep, cuda=True)  # a plan is for GPUs
     return config
 
 

@@ -70,14 +70,22 @@ def test_bad_override_file_is_a_config_error(tmp_path: Path) -> None:
 def test_autoep_pattern_matches_only_moe_layers() -> None:
     run = get_preset("debug")
     run.model.num_layers, run.model.moe.moe_every = 4, 2
-    section = autoep_section(Transformer(run.model), ep_size=2)
+    section = autoep_section(Transformer(run.model), ep_size=2, cuda=False)
     assert section["moe_layer_pattern"] == r"layers\.(1|3)\.ffn"
     assert section["autoep_size"] == 2 and section["top_k"] == 2 and not section["has_shared_experts"]
     # naming a shared-experts pattern without shared experts makes DeepSpeed warn on every rank of every run
     assert "shared_experts_pattern" not in section
     run.model.moe.num_shared_experts, run.model.moe.shared_intermediate_size = 1, 32
-    shared = autoep_section(Transformer(run.model), ep_size=2)
+    shared = autoep_section(Transformer(run.model), ep_size=2, cuda=False)
     assert shared["has_shared_experts"] and shared["shared_experts_pattern"] == "shared"
+    assert "async_split_plan" not in shared  # DeepSpeed raises on CPU tensors with it
+
+
+def test_autoep_overlaps_its_split_plan_on_cuda_when_experts_are_spread() -> None:
+    """AutoEP otherwise waits for the host once per MoE layer per pass (the split sizes of its all-to-all)."""
+    model = Transformer(get_preset("debug").model)
+    assert autoep_section(model, ep_size=2, cuda=True)["async_split_plan"] is True
+    assert "async_split_plan" not in autoep_section(model, ep_size=1, cuda=True)  # nothing to exchange
 
 
 def test_parallelize_only_adds_autoep_when_experts_are_split() -> None:

@@ -26,11 +26,11 @@ def model_config(**moe: object) -> ModelConfig:
 
 
 def test_autoep_is_told_the_routing_norm_and_the_shared_gate() -> None:
-    plain = autoep_section(Transformer(model_config()), ep_size=2)
+    plain = autoep_section(Transformer(model_config()), ep_size=2, cuda=False)
     assert plain["route_norm"] is True and "shared_experts_gate_pattern" not in plain
     qwen2_moe = model_config(norm_topk_prob=False, num_shared_experts=1, shared_intermediate_size=24,
                              shared_expert_gate=True)  # fmt: skip
-    section = autoep_section(Transformer(qwen2_moe), ep_size=2)
+    section = autoep_section(Transformer(qwen2_moe), ep_size=2, cuda=False)
     assert section["route_norm"] is False
     assert section["shared_experts_pattern"] == "shared" and section["shared_experts_gate_pattern"] == "shared_gate"
 

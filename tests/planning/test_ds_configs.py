@@ -66,7 +66,7 @@ def run_on_reference_cluster(preset: str) -> tuple[Any, dict[str, Any]]:
     config = build_ds_config(run, world_size=gpus, precision="mixed_bf16")
     if uses_autoep(run):
         config["expert_parallel"] = autoep_section(
-            meta_transformer(run.model), ep_size=run.distributed.expert_parallel_size
+            meta_transformer(run.model), ep_size=run.distributed.expert_parallel_size, cuda=True
         )
     return run, config
 
