@@ -46,6 +46,16 @@ def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) ->
                    help="memory per GPU in GiB as torch reports it, which is below the datasheet's GB (an 80 GB H100 "
                    "reports 79.1; check-environment shows yours) (default: the --gpu's)")  # fmt: skip
     p.add_argument("--cpu-mem-gb", type=float, default=1024.0, help="host memory per node (default: 1024)")
+    p.add_argument("--nvme-gb", type=float, default=0.0,
+                   help="NVMe space per node for ZeRO-Infinity's swap files; > 0 lets the plan offload optimizer "
+                   "states (and parameters) there at ZeRO-3 (default: 0, no NVMe)")  # fmt: skip
+    p.add_argument("--nvme-gbps", type=float, default=25.0,
+                   help="NVMe reads + writes per node in GB/s, for the step time (default: 25)")  # fmt: skip
+    p.add_argument(
+        "--nvme-path",
+        default="/local_nvme",
+        help="the NVMe mount a planned layout swaps to (train's --nvme-path) (default: /local_nvme)",
+    )
     add_headroom_arg(p)
     _gpu_arg(p)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's, max 4096)")
@@ -75,7 +85,10 @@ def _cluster(args: argparse.Namespace) -> Cluster:
     memory = spec.memory_gib if args.gpu_mem_gb is None else args.gpu_mem_gb
     if args.nodes < 1 or args.gpus_per_node < 1 or memory <= 0:
         raise ConfigError("E002", "--nodes, --gpus-per-node and --gpu-mem-gb must be positive")
-    return Cluster(args.nodes, args.gpus_per_node, memory, args.cpu_mem_gb, spec.key, headroom_of(args))
+    if args.nvme_gb < 0 or args.nvme_gbps <= 0:
+        raise ConfigError("E002", "--nvme-gb must be >= 0 and --nvme-gbps positive")
+    return Cluster(args.nodes, args.gpus_per_node, memory, args.cpu_mem_gb, spec.key, headroom_of(args),
+                   nvme_gib=args.nvme_gb, nvme_gbps=args.nvme_gbps, nvme_path=args.nvme_path)  # fmt: skip
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -144,7 +144,7 @@ def gate_launch(run: RunConfig, explicit: set[str], *, planned_for: str | None, 
     from lumina_ds.planning.launch_gate import check_launch, this_machine
 
     machine = this_machine(world_size=world_size, ranks_per_node=ranks_per_node, local_rank=local_rank,
-                           headroom=headroom)  # fmt: skip
+                           headroom=headroom, nvme_path=run.distributed.nvme_path)  # fmt: skip
     precision = select_precision(run.train.precision)  # E003 here rather than after the data work
     if "gradient_checkpointing" in explicit:
         explicit = explicit | {"activation_checkpointing"}

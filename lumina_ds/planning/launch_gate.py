@@ -9,8 +9,10 @@ all live in host RAM: the gate counts them together against the host's memory.""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -46,13 +48,14 @@ class Machine:
     host_gib: float
     gpu: str = "h100"  # the GPU table's key for the step-time model (h100's peak when the GPU is not in the table)
     headroom: float = DEFAULT_HEADROOM  # of each memory left free (--memory-headroom)
+    nvme_gib: float = 0.0  # free space at --nvme-path (ZeRO-Infinity's swap files)
 
     @property
     def cluster(self) -> Cluster:
         nodes = max(1, self.world_size // self.ranks_per_node)
         per_rank = self.device_gib if self.device_gib is not None else self.host_gib / self.ranks_per_node
         return Cluster(nodes, min(self.ranks_per_node, self.world_size), per_rank, self.host_gib, self.gpu,
-                       self.headroom)  # fmt: skip
+                       self.headroom, nvme_gib=self.nvme_gib)  # fmt: skip
 
     def describe(self) -> str:
         nodes = max(1, self.world_size // self.ranks_per_node)
@@ -63,16 +66,19 @@ class Machine:
         )
 
 
-def this_machine(*, world_size: int, ranks_per_node: int, local_rank: int,
-                 headroom: float = DEFAULT_HEADROOM) -> Machine:  # fmt: skip
-    """The machine this process runs on, read without starting anything (no process group, no CUDA context)."""
+def this_machine(*, world_size: int, ranks_per_node: int, local_rank: int, headroom: float = DEFAULT_HEADROOM,
+                 nvme_path: str | None = None) -> Machine:  # fmt: skip
+    """The machine this process runs on, read without starting anything (no process group, no CUDA context); with
+    `nvme_path`, the free space there for ZeRO-Infinity's swap files."""
     host = psutil.virtual_memory().total / GIB  # the total, not what is free now: the same on every rank of a node
+    nvme = shutil.disk_usage(nvme_path).free / GIB if nvme_path and Path(nvme_path).is_dir() else 0.0
     if not torch.cuda.is_available():
-        return Machine(world_size, ranks_per_node, None, host, "h100", headroom)
+        return Machine(world_size, ranks_per_node, None, host, "h100", headroom, nvme)
     device = local_rank % torch.cuda.device_count()
     props = torch.cuda.get_device_properties(device)
     spec = gpu_spec_of_device(props.name)
-    return Machine(world_size, ranks_per_node, props.total_memory / GIB, host, spec.key if spec else "h100", headroom)
+    gpu = spec.key if spec else "h100"
+    return Machine(world_size, ranks_per_node, props.total_memory / GIB, host, gpu, headroom, nvme)
 
 
 def run_layout(run: RunConfig, machine: Machine, precision: str) -> Layout:
@@ -83,6 +89,7 @@ def run_layout(run: RunConfig, machine: Machine, precision: str) -> Layout:
                     expert_parallel_size=dist.expert_parallel_size, micro_batch_size=train.micro_batch_size,
                     seq_len=run.seq_len, recompute=train.recompute, precision=precision,
                     offload_optimizer=dist.offload != "none", offload_param=dist.offload == "optimizer+params",
+                    offload_device=dist.offload_device,
                     grad_accum_fp32=fp32_grad_accumulation(precision, dist.zero_stage, train.grad_accum))  # fmt: skip
     return with_bucket_rules(layout, run.model)
 

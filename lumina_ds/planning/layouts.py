@@ -42,11 +42,14 @@ def planned_run(run: RunConfig, plan: Plan) -> RunConfig:
     """A copy of `run` with the plan's ZeRO stage, EP size, batch split, recompute and sequence length."""
     best = plan.best
     planned = copy.deepcopy(run)
+    nvme = best.layout.offload_device == "nvme"
     planned.distributed = replace(
         run.distributed,
         zero_stage=best.layout.zero_stage,
         expert_parallel_size=best.layout.expert_parallel_size,
         offload=best.offload,
+        offload_device=best.layout.offload_device,
+        nvme_path=plan.cluster.nvme_path if nvme else None,
     )
     planned.train = replace(
         run.train,
@@ -85,9 +88,10 @@ def layout_for_plan(run: RunConfig, plan: Plan) -> dict[str, Any]:
     """The layout file of a plan: its run-config values, where it came from, and its DeepSpeed-only keys."""
     best, cluster = plan.best, plan.cluster
     extras = planned_extras(best.layout)
+    nvme = {"offload_device": "nvme", "nvme_path": cluster.nvme_path} if best.layout.offload_device == "nvme" else {}
     planned = {
         "distributed": {"zero_stage": best.layout.zero_stage, "expert_parallel_size": best.layout.expert_parallel_size,
-                        "offload": best.offload},
+                        "offload": best.offload, **nvme},
         "train": {"micro_batch_size": best.layout.micro_batch_size, "grad_accum": best.grad_accum,
                   "activation_checkpointing": best.layout.recompute},
     }  # fmt: skip

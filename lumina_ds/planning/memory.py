@@ -121,6 +121,7 @@ class Layout:
     precision: str = "mixed_bf16"
     offload_optimizer: bool = False
     offload_param: bool = False
+    offload_device: str = "cpu"  # where offloaded states live: host memory, or NVMe files (ZeRO-Infinity)
     reduce_bucket_size: int = 500_000_000
     prefetch_bucket_size: int = 50_000_000
     persistence_threshold: int = 100_000
@@ -168,6 +169,7 @@ class MemoryEstimate:
 
     gpu: dict[str, float] = field(default_factory=dict)
     host: dict[str, float] = field(default_factory=dict)
+    nvme: float = 0.0  # per node: the swap files of states offloaded to NVMe
 
     @property
     def model_states(self) -> float:
@@ -186,7 +188,8 @@ class MemoryEstimate:
         gib = {k: round(v / GIB, 3) for k, v in self.gpu.items()}
         host = {k: round(v / GIB, 3) for k, v in self.host.items()}
         return {"gpu_gib": gib, "gpu_total_gib": round(self.gpu_total / GIB, 3), "host_gib_per_node": host,
-                "host_total_gib_per_node": round(self.host_total / GIB, 3)}  # fmt: skip
+                "host_total_gib_per_node": round(self.host_total / GIB, 3),
+                "nvme_gib_per_node": round(self.nvme / GIB, 3)}  # fmt: skip
 
 
 def sharded_elements(inv: ParamInventory, layout: Layout) -> float:
@@ -369,15 +372,43 @@ def host_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
     partitioned_build = layout.zero_stage == 3 and layout.zero_init
     built = max(inv.largest_dense_module, inv.largest_expert_module) if partitioned_build else inv.total
     offloaded = 0.0
-    if layout.offload_optimizer:
+    if layout.offload_device == "nvme":  # the states are in files; the host holds pinned swap buffers
+        offloaded = nvme_pinned_bytes(inv, layout) / HOST_BUFFER_FACTOR  # pinned already: no extra factor
+    elif layout.offload_optimizer:
         offloaded += sharded_elements(inv, layout) * b.optimizer_side
-    if layout.offload_param:
+    if layout.offload_param and layout.offload_device != "nvme":
         offloaded += sharded_elements(inv, layout) * b.param
     # consolidated weights at a save: rank 0 fills one safetensors shard (5 GiB by default) while the largest tensor
     # (a layer's gathered experts) is in flight with its copy; the other ranks hold nothing on the host
     largest = max((*inv.dense_sizes, *inv.expert_sizes), default=0) * b.param
     checkpoint = min(WEIGHTS_SHARD_BYTES, inv.total * b.param) + 2 * largest
     return {"construction": built * 4 * per_node, "offloaded_states": offloaded * per_node, "checkpoint": checkpoint}
+
+
+NVME_PARAM_BUFFERS = 8  # parameter swap buffers per rank (distributed/nvme.py derives 7 for b100 on 8 ranks)
+
+
+def nvme_pinned_bytes(inv: ParamInventory, layout: Layout) -> float:
+    """Pinned host bytes per rank of ZeRO-Infinity's swap buffers (distributed/nvme.py): four optimizer buffers of the
+    largest sub-group (fp32 master, two moments, the gradient) and, with parameters on NVMe, NVME_PARAM_BUFFERS of
+    the larger of that sub-group and the largest parameter partition, plus the parameters' write-back."""
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    shard = sharded_elements(inv, layout)
+    sub_group = min(shard, layout.sub_group_size)
+    pinned = 4 * sub_group * b.master
+    if layout.offload_param:
+        largest = max((*inv.dense_sizes, *inv.expert_sizes), default=0) / layout.gpus
+        pinned += NVME_PARAM_BUFFERS * max(largest, sub_group) * b.param + sub_group * b.param
+    return float(pinned)
+
+
+def nvme_bytes(inv: ParamInventory, layout: Layout) -> float:
+    """Per node, the swap files of ZeRO-Infinity: each rank's optimizer states and gradients (and parameters)."""
+    if layout.offload_device != "nvme":
+        return 0.0
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    per_rank = sharded_elements(inv, layout) * (b.optimizer_side + (b.param if layout.offload_param else 0))
+    return float(per_rank * min(layout.gpus, layout.gpus_per_node))
 
 
 def checkpoint_tag_bytes(inv: ParamInventory, *, precision: str, zero_stage: int) -> float:
@@ -395,7 +426,7 @@ def estimate_memory(config: ModelConfig, layout: Layout, inventory: ParamInvento
     gpu["comm_buffers"] = comm_buffer_bytes(inv, layout)
     gpu["fragmentation"] = FRAGMENTATION_MARGIN * sum(gpu.values())
     gpu["runtime"] = layout.gpu_runtime_overhead
-    return MemoryEstimate(gpu=gpu, host=host_bytes(inv, layout))
+    return MemoryEstimate(gpu=gpu, host=host_bytes(inv, layout), nvme=nvme_bytes(inv, layout))
 
 
 def format_breakdown(estimate: MemoryEstimate, *, gpu_limit_gib: float | None = None) -> str:

@@ -50,6 +50,14 @@ def alternative_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def nvme_lines(plan: Plan) -> list[str]:
+    nvme, path = plan.best.estimate.nvme, plan.cluster.nvme_path
+    if not nvme:
+        return []
+    return [f"  NVMe: {nvme / GIB:,.0f} GB of swap files per node under {path} (train with --offload-device nvme "
+            f"--nvme-path {path})"]  # fmt: skip
+
+
 def format_plan(plan: Plan) -> str:
     best, cluster = plan.best, plan.cluster
     tokens = plan.global_batch * plan.seq_len
@@ -61,6 +69,7 @@ def format_plan(plan: Plan) -> str:
         f"modelled step time {best.step_seconds:.3g} s",
         f"  checkpoints: {plan.checkpoint_bytes / GIB:,.1f} GB per tag (DeepSpeed states + consolidated weights); "
         f"--save-total-limit {plan.save_total_limit} keeps {kept / GIB:,.0f} GB",
+        *nvme_lines(plan),
         "",
         format_breakdown(best.estimate, gpu_limit_gib=round(cluster.usable_gpu_gib, 1)),
         "",

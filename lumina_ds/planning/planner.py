@@ -40,6 +40,8 @@ RECOMPUTE_MODES = ("none", "attention", "moe", "full")  # TrainConfig.recompute
 OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
 
 
+NVME_GBPS = 25.0  # GB/s of NVMe reads + writes per node (a DGX H100's 8 U.2 drives sustain more; swaps are 1 MiB)
+NVME_PATH = "/local_nvme"  # where a plan puts ZeRO-Infinity's swap files unless --nvme-path says
 DEFAULT_HEADROOM = 0.10  # of GPU and host memory the planner leaves free (--memory-headroom): the model's error
 
 
@@ -51,6 +53,9 @@ class Cluster:
     cpu_mem_gib: float = 1024.0
     gpu: str = "h100"
     headroom: float = DEFAULT_HEADROOM  # a layout must fit in (1 - headroom) of each memory
+    nvme_gib: float = 0.0  # NVMe space per node for ZeRO-Infinity's swap files (0: no NVMe offload)
+    nvme_gbps: float = NVME_GBPS
+    nvme_path: str = NVME_PATH
 
     @property
     def gpus(self) -> int:
@@ -63,6 +68,10 @@ class Cluster:
     @property
     def usable_cpu_gib(self) -> float:
         return self.cpu_mem_gib * (1.0 - self.headroom)
+
+    @property
+    def usable_nvme_gib(self) -> float:
+        return self.nvme_gib * (1.0 - self.headroom)
 
     def describe(self) -> str:
         gpu = f"{self.gpu.upper()} {self.gpu_mem_gib:g} GiB"
@@ -81,7 +90,8 @@ class Candidate:
     def describe(self) -> str:
         lay = self.layout
         ckpt = f"recompute {lay.recompute}"
-        return (f"ZeRO-{lay.zero_stage} EP {lay.expert_parallel_size} offload {self.offload} "
+        where = " to NVMe" if lay.offload_device == "nvme" else ""
+        return (f"ZeRO-{lay.zero_stage} EP {lay.expert_parallel_size} offload {self.offload}{where} "
                 f"micro-batch {lay.micro_batch_size} x accum {self.grad_accum} {ckpt}")  # fmt: skip
 
 
@@ -126,16 +136,25 @@ def layout_space(run: RunConfig, cluster: Cluster, *, seq_len: int, precision: s
     for stage in stages:
         offloads = {0: ["none"], 1: ["none"], 2: ["none", "optimizer"], 3: list(OFFLOAD_MODES)}[stage]
         for ep in expert_parallel_sizes(run.model, cluster.gpus):
-            for offload in offloads:
+            for offload, device in offload_choices(offloads, stage=stage, ep=ep, cluster=cluster):
                 for micro in divisors(rows_per_gpu):
                     for ckpt in RECOMPUTE_MODES:
                         accum = rows_per_gpu // micro
                         layout = replace(base, zero_stage=stage, expert_parallel_size=ep, micro_batch_size=micro,
                                          recompute=ckpt, offload_optimizer=offload != "none",
-                                         offload_param=offload == "optimizer+params",
+                                         offload_param=offload == "optimizer+params", offload_device=device,
                                          grad_accum_fp32=fp32_grad_accumulation(precision, stage, accum))  # fmt: skip
                         space.append((layout, offload, accum))
     return space
+
+
+def offload_choices(offloads: list[str], *, stage: int, ep: int, cluster: Cluster) -> list[tuple[str, str]]:
+    """(offload mode, device) pairs: host memory, and with NVMe space at ZeRO-3 the same modes on NVMe, where
+    DeepSpeed 0.19.8 cannot checkpoint AutoEP experts spread over ranks (expert-parallel size 1 only)."""
+    choices = [(mode, "cpu") for mode in offloads]
+    if stage == 3 and cluster.nvme_gib > 0 and ep == 1:
+        choices += [(mode, "nvme") for mode in offloads if mode != "none"]
+    return choices
 
 
 def collective_bw(group: int, cluster: Cluster) -> float:
@@ -204,6 +223,21 @@ def offload_seconds(inv: ParamInventory, layout: Layout, grad_accum: int) -> flo
     return seconds
 
 
+def nvme_seconds(inv: ParamInventory, layout: Layout, grad_accum: int, cluster: Cluster) -> float:
+    """ZeRO-Infinity's file traffic per step at this rank's share of the node's NVMe bandwidth: the optimizer states
+    and gradients read and written once, the parameters read at every gather and written once."""
+    if layout.offload_device != "nvme":
+        return 0.0
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    shard = sharded_elements(inv, layout)
+    moved = 2 * shard * b.optimizer_side
+    if layout.offload_param:
+        gathers = 3 if layout.gradient_checkpointing else 2
+        moved += (grad_accum * gathers + 1) * shard * b.param
+    per_rank = cluster.nvme_gbps * 1e9 / min(layout.gpus, layout.gpus_per_node)
+    return moved / per_rank
+
+
 def step_seconds(
     model: ModelConfig,
     inv: ParamInventory,
@@ -222,7 +256,7 @@ def step_seconds(
     seconds += zero_comm_bytes(inv, layout, grad_accum) / collective_bw(layout.gpus, cluster)
     a2a = all_to_all_bytes(model, layout, grad_accum)
     seconds += a2a / collective_bw(layout.expert_parallel_size, cluster)
-    return seconds + offload_seconds(inv, layout, grad_accum)
+    return seconds + offload_seconds(inv, layout, grad_accum) + nvme_seconds(inv, layout, grad_accum, cluster)
 
 
 def rejection_of(estimate: MemoryEstimate, cluster: Cluster) -> str | None:
@@ -235,6 +269,10 @@ def rejection_of(estimate: MemoryEstimate, cluster: Cluster) -> str | None:
     if estimate.host_total > cluster.usable_cpu_gib * GIB:
         return (f"host {estimate.host_total / GIB:.0f} GB/node > {cluster.usable_cpu_gib:.0f} GB "
                 f"({cluster.cpu_mem_gib:g}{kept})")  # fmt: skip
+    if estimate.nvme > cluster.usable_nvme_gib * GIB:
+        return (
+            f"NVMe {estimate.nvme / GIB:,.0f} GB/node > {cluster.usable_nvme_gib:,.0f} GB ({cluster.nvme_gib:g}{kept})"
+        )
     return None
 
 

@@ -135,3 +135,31 @@ def test_memory_headroom_must_be_a_fraction(capsys: pytest.CaptureFixture[str]) 
 
     assert main(["plan", "--preset", "debug", "--nodes", "1", "--memory-headroom", "1.5"]) == 1
     assert "[E002] --memory-headroom 1.5 is not a fraction" in capsys.readouterr().err
+
+
+def test_b100_fits_one_8_gpu_node_with_its_optimizer_states_on_nvme() -> None:
+    """ZeRO-Infinity: the host cannot hold b100's offloaded states (E202), 30 TB of NVMe per node can."""
+    from lumina_ds.planning.layouts import ds_config_for_plan
+
+    node = Cluster(1, 8, 79.1, 1024.0)
+    with pytest.raises(MemoryPlanError) as err:
+        plan(get_preset("b100"), node)
+    assert err.value.code == "E202"
+    result = plan(get_preset("b100"), replace(node, nvme_gib=30000.0))
+    best = result.best
+    assert best.layout.offload_device == "nvme" and best.layout.zero_stage == 3
+    assert best.layout.expert_parallel_size == 1  # DeepSpeed cannot checkpoint AutoEP experts spread with NVMe
+    assert best.estimate.gpu_total <= 0.9 * 79.1 * GIB and best.estimate.host_total <= 0.9 * 1024 * GIB
+    shard = ParamInventory.of(get_preset("b100").model).total / 8
+    per_node = 8 * shard * (4 + 4 + 8 + (2 if best.offload == "optimizer+params" else 0))  # master, grad, moments
+    assert best.estimate.nvme == pytest.approx(per_node) and best.estimate.nvme <= 0.9 * 30000 * GIB
+    assert best.step_seconds > 0 and "NVMe:" in format_plan(result)
+    zero = ds_config_for_plan(get_preset("b100"), result)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "nvme" and zero["offload_optimizer"]["nvme_path"] == "/local_nvme"
+
+
+def test_nvme_is_considered_only_where_a_node_has_nvme_space() -> None:
+    result = plan(get_preset("b14"), Cluster(1, 8, 79.1, 1024.0))
+    assert all(c.layout.offload_device == "cpu" for c in result.candidates)
+    slow_disks = plan(get_preset("b14"), Cluster(1, 8, 79.1, 1024.0, nvme_gib=30000.0, nvme_gbps=0.001))
+    assert slow_disks.best.layout.offload_device == "cpu"  # a layout that fits without NVMe is faster than 1 MB/s
