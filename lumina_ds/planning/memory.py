@@ -362,7 +362,18 @@ def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
     dispatch = 0.0
     if any(moe_layers) and layout.expert_parallel_size > 1:  # AutoEP all-to-all send + receive, one layer at a time
         dispatch = 2 * config.moe.top_k * max(1.0, config.moe.capacity_factor) * s * mb * h * b.act
-    return {"activations": float(stored), "logits": float(logits), "moe_dispatch": float(dispatch)}
+    return {"activations": float(stored), "logits": float(logits), "moe_dispatch": float(dispatch),
+            "router": router_kept_bytes(config, layout)}  # fmt: skip
+
+
+def router_kept_bytes(config: ModelConfig, layout: Layout) -> float:
+    """Every MoE layer's fp32 router logits and softmax, which the router losses hold from the layer's forward to the
+    end of the step (training/engine.py's router hooks), outside any recompute: with the FFN recomputed (full, moe)
+    they are not among its stored tensors, yet stay (without recompute ffn_elements_per_token counts them)."""
+    if layout.recompute not in ("full", "moe"):
+        return 0.0
+    moe_layers = sum(config.moe.is_moe_layer(i) for i in range(config.num_layers))
+    return float(moe_layers * layout.micro_batch_size * layout.seq_len * config.moe.num_experts * 4 * 2)
 
 
 def host_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:

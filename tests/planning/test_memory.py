@@ -201,3 +201,17 @@ def test_checkpoint_tag_size_and_the_disk_warning(
     err = capsys.readouterr().err
     assert "warning: each checkpoint takes about 9.7 MB and --save-total-limit 5 keeps 48.6 MB" in err
     assert "9.5 MB free" in err
+
+
+def test_router_logits_and_softmax_stay_for_the_step_under_recompute() -> None:
+    """The router losses keep every MoE layer's fp32 logits and softmax from its forward to the end of the step, even
+    when the FFN's own tensors are recomputed (about 2.4 GB at b300 before they were counted)."""
+    from lumina_ds.planning.memory import Layout, estimate_memory, with_bucket_rules
+
+    run = get_preset("b300")
+    moe_layers = sum(run.model.moe.is_moe_layer(i) for i in range(run.model.num_layers))
+    base = with_bucket_rules(Layout(zero_stage=3, gpus=256, expert_parallel_size=8, micro_batch_size=8), run.model)
+    for recompute in ("full", "moe"):
+        router = estimate_memory(run.model, replace(base, recompute=recompute)).gpu["router"]
+        assert router == 8 * 4096 * moe_layers * run.model.moe.num_experts * 4 * 2
+    assert estimate_memory(run.model, replace(base, recompute="none")).gpu["router"] == 0  # in the FFN's tensors
