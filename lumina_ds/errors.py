@@ -13,7 +13,9 @@ ERROR_CODES: dict[str, str] = {
     "E003": "this machine cannot run the configuration: fp16 on CPU, bf16 on a GPU without it, a preset whose model "
     "states exceed GPU + host memory (`check-environment --preset`), `--attention-backend flash` without "
     "flash-attn / CUDA / bf16, `flex` for training on CPU, `mpirun` without mpi4py or `-x MASTER_ADDR/MASTER_PORT`, "
-    "`--wandb` without the wandb package (`pip install lumina-ds[wandb]`)",
+    "`--wandb` without the wandb package (`pip install lumina-ds[wandb]`), `--offload-device nvme` where DeepSpeed's "
+    "AsyncIO op cannot be built (libaio missing) or `--nvme-path` is not a directory, parameters on NVMe in a single "
+    "CPU process, fewer visible GPUs than ranks on a node",
     "E005": "a Hugging Face architecture or option lumina-ds cannot represent exactly, on import or export (the "
     "message names it and lists what is supported)",
     "E101": "a data line is not valid JSON, not a conversation, has an unknown role or roles out of order "
@@ -59,9 +61,9 @@ ERROR_CODES: dict[str, str] = {
     "E301": "training diverged: the divergence guard kept skipping steps after its rewinds (or had no checkpoint to "
     "rewind to); with the guard off, a non-finite loss at a log line or before a checkpoint. No diverged weights are "
     "saved",
-    "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, tokenizer, ZeRO stage; a native-MoE "
-    "or ZeRO-0 checkpoint on another number of processes or expert-parallel size) or could not be saved (a full disk) "
-    "or converted",
+    "E303": "checkpoint missing, incomplete, corrupt, incompatible (architecture, tokenizer, ZeRO stage; a native-MoE, "
+    "ZeRO-0 or NVMe-swapped checkpoint on another number of processes or expert-parallel size) or could not be saved "
+    "(a full disk) or converted",
     "E304": "a file of the run directory cannot be written (disk full, permissions): metrics.jsonl, TensorBoard events",
     "E305": "another run is using this run directory: its lock (host, process, heartbeat) is a lease the run renews "
     "every 30 s; a lock whose heartbeat is older than the 5-minute lease, whose process is gone from this host or "

@@ -45,6 +45,7 @@ class Layout:
     native_moe: bool
     micro_batch_size: int
     grad_accum: int
+    swapped_to_nvme: bool = False  # ZeRO-Infinity: the optimizer states live in the tag's swap files
 
     @property
     def global_batch(self) -> int:
@@ -71,6 +72,7 @@ class Layout:
             native,
             train["micro_batch_size"],
             train["grad_accum"],
+            dist.get("offload_device") == "nvme" and dist["offload"] != "none",
         )
 
 
@@ -119,6 +121,13 @@ def refuse_unloadable(saved: Layout, now: Layout, tag_dir: Path) -> None:
             f"{change}: the experts of the native DeepSpeed MoE layer (--moe-backend native) cannot be converted to a "
             "universal checkpoint (DeepSpeed's converter fails to reshape them)",
             f"{same}; train with --moe-backend autoep to resume on other sizes",
+        )
+    if saved.swapped_to_nvme:
+        raise CheckpointError(
+            "E303",
+            f"{change}: its optimizer states were swapped to NVMe (--offload-device nvme); DeepSpeed's ZeRO files then "
+            "hold empty tensors for the swapped groups, which a universal checkpoint would carry over as zeros",
+            f"{same}, or train with --offload-device cpu to resume on other sizes",
         )
     if saved.zero_stage == 0:
         raise CheckpointError(

@@ -100,3 +100,14 @@ def test_a_conversion_deepspeed_refuses_is_one_e303_on_every_rank(tmp_path: Path
         _plan(_run(tmp_path, zero_stage=2), tag, world_size=1)
     assert err.value.code == "E303" and "could not convert" in err.value.message
     assert not list((tmp_path / "runs" / "new" / "checkpoints" / ".universal").glob("step_*"))  # nothing half-made
+
+
+def test_a_checkpoint_swapped_to_nvme_is_refused_on_other_sizes(tmp_path: Path) -> None:
+    """Its ZeRO files hold empty tensors for the swapped groups: a universal conversion would resume on zeros."""
+    nvme = {"zero_stage": 3, "offload": "optimizer", "offload_device": "nvme", "nvme_path": str(tmp_path)}
+    tag = _saved_tag(tmp_path, _run(tmp_path, **nvme), world_size=2)
+    with pytest.raises(CheckpointError) as err:
+        _plan(_run(tmp_path, **nvme), tag, world_size=1)
+    assert err.value.code == "E303" and "swapped to NVMe" in err.value.message
+    assert "--offload-device cpu" in err.value.hint
+    assert _plan(_run(tmp_path, **nvme), tag, world_size=2) == (None, [])  # the same sizes: DeepSpeed's own load
