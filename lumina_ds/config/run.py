@@ -267,16 +267,20 @@ def without_owned_keys(extras: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def owned_key_flags(keys: list[str]) -> str:
+    """The flag that sets each owned DeepSpeed key, for an E002's hint."""
+    return "; ".join(f"{key}: use {OWNED_DEEPSPEED_KEYS[key]}" for key in keys)
+
+
 def refuse_owned_keys(extras: dict[str, Any], *, source: str) -> None:
     """E002 naming the flags to use when a DeepSpeed JSON sets what the run config decides."""
     owned = owned_keys_in(extras)
     if owned:
-        flags = "; ".join(f"{key}: use {OWNED_DEEPSPEED_KEYS[key]}" for key in owned)
         raise ConfigError(
             "E002",
             f"{source} sets {', '.join(owned)}, which lumina-ds decides from its own flags",
-            f"{flags}. A DeepSpeed JSON may only add what lumina-ds does not decide (buckets, overlap, "
-            "communication, offload, ...)",
+            f"{owned_key_flags(owned)}. A DeepSpeed JSON may only add what lumina-ds does not decide (buckets, "
+            "overlap, communication, offload, ...)",
         )
 
 

@@ -289,14 +289,13 @@ def _show(value: Any) -> str:
 
 def owned_key_conflict(check: FileCheck, differ: list[str], mine: dict[str, Any]) -> ConfigError:
     """E002: each differing key with the file's value and the run's, and the flag that sets it."""
-    from lumina_ds.config.run import OWNED_DEEPSPEED_KEYS, owned_value
+    from lumina_ds.config.run import owned_key_flags, owned_value
 
     values = ", ".join(f"{key} {_show(owned_value(check.user, key))} (this run: {_show(mine[key])})" for key in differ)
-    flags = "; ".join(f"{key}: use {OWNED_DEEPSPEED_KEYS[key]}" for key in differ)
     return ConfigError(
         "E002",
         f"{check.source} sets {values}, which lumina-ds decides from its own flags",
-        f"{flags}.{_world_hint(check, differ)} A DeepSpeed JSON may repeat what lumina-ds decides "
+        f"{owned_key_flags(differ)}.{_world_hint(check, differ)} A DeepSpeed JSON may repeat what lumina-ds decides "
         "(ds_configs/<preset>.json do) but not change it; drop the key or give the flag",
     )
 

@@ -39,6 +39,7 @@ class ChatTokenizer:
         generation_stops: Iterable[int] = (),
     ) -> None:
         self._tok = tokenizer
+        self._identity: str | None = None  # identity(), once asked (nothing changes the tokenizer after this)
         # the model's generation_config.json eos ids: chat stops there too, as transformers' generate does
         self.generation_stops = frozenset(i for i in generation_stops if i < tokenizer.get_vocab_size(True))
         if chat_template is not None and chat_template.source == NATIVE_CHAT_TEMPLATE:
@@ -173,8 +174,11 @@ class ChatTokenizer:
 
     def identity(self) -> str:
         """A content hash of the tokenizer (vocabulary, merges, special tokens, chat template): what a checkpoint
-        records, so that a resume with any other tokenizer is refused."""
-        return hashlib.blake2b(self.to_str().encode("utf-8"), digest_size=16).hexdigest()
+        records, so that a resume with any other tokenizer is refused. Computed once: every save records it, and
+        serialising a large vocabulary is not free."""
+        if self._identity is None:
+            self._identity = hashlib.blake2b(self.to_str().encode("utf-8"), digest_size=16).hexdigest()
+        return self._identity
 
     @classmethod
     def from_str(cls, text: str) -> ChatTokenizer:
