@@ -16,6 +16,10 @@ ERROR_CODES: dict[str, str] = {
     "`--wandb` without the wandb package (`pip install lumina-ds[wandb]`), `--offload-device nvme` where DeepSpeed's "
     "AsyncIO op cannot be built (libaio missing) or `--nvme-path` is not a directory, parameters on NVMe in a single "
     "CPU process, fewer visible GPUs than ranks on a node",
+    "E004": "`--model PATH` (`plan`, `analyze-memory`, `dry-run`, `estimate-time`, `ds-config`, "
+    "`estimate-parameters`) names no model lumina-ds can plan: the path does not exist, its config.json is not a JSON "
+    "object, or it is none of a Hugging Face model directory or config.json, a lumina-ds run directory, checkpoints "
+    "directory or tag, a YAML run config (the hint lists them)",
     "E005": "a Hugging Face architecture or option lumina-ds cannot represent exactly, on import or export (the "
     "message names it and lists what is supported)",
     "E101": "a data line is not valid JSON, not a conversation, has an unknown role or roles out of order "

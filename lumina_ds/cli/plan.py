@@ -1,19 +1,20 @@
-"""Sizing verbs: `estimate-parameters`, `plan`, `analyze-memory`, `dry-run`, `estimate-time`, `ds-config`."""
+"""Sizing verbs: `estimate-parameters`, `plan`, `analyze-memory`, `dry-run`, `estimate-time`, `ds-config`; each for a
+preset (`--preset`) or a model given by path (`--model`: lumina_ds/hf/model_path.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lumina_ds.config.presets import PRESETS, get_preset
-from lumina_ds.config.run import ACTIVATION_CHECKPOINTING, PRECISIONS
+from lumina_ds.config.presets import DEFAULT_PRESET, PRESETS, get_preset
+from lumina_ds.config.run import ACTIVATION_CHECKPOINTING, PRECISIONS, RunConfig
 from lumina_ds.errors import ConfigError
 from lumina_ds.planning.hardware import GPU_KEYS
 
 if TYPE_CHECKING:
-    from lumina_ds.planning.planner import Cluster
+    from lumina_ds.planning.planner import Cluster, Plan
 
 
 def _gpu_arg(p: argparse.ArgumentParser) -> None:
@@ -32,9 +33,44 @@ def _json_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _preset_arg(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    default = "required" if required else "default: debug"
-    p.add_argument("--preset", "--config", dest="preset", metavar="PRESET", required=required,
-                   default=None if required else "debug", help=f"one of {', '.join(PRESETS)} ({default})")  # fmt: skip
+    default = "this or --model is required" if required else f"default: {DEFAULT_PRESET}"
+    p.add_argument("--preset", "--config", dest="preset", metavar="PRESET", default=None,
+                   help=f"one of {', '.join(PRESETS)} ({default})")  # fmt: skip
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="in place of --preset, a model by path: a Hugging Face model directory or its config.json, a "
+                   "lumina-ds run directory or checkpoint tag, or a YAML run config; only config files are read, the "
+                   "model is built on the meta device, and it is planned as `train --init-from PATH` fine-tunes it "
+                   "(a YAML config: with its own settings) (default: none)")  # fmt: skip
+    p.set_defaults(preset_required=required)
+
+
+def run_of(args: argparse.Namespace, *, seq_len: int | None = None) -> RunConfig:
+    """The run a command plans: --preset's (E001 when unknown), or --model's (E004/E005), whose --seq-len is checked
+    against the model's context (E002)."""
+    if args.preset is not None and args.model is not None:
+        raise ConfigError("E002", "--preset and --model both given",
+                          "give one: --preset NAME plans a preset, --model PATH a model by its path")  # fmt: skip
+    if args.model is None:
+        if args.preset is None and args.preset_required:
+            raise ConfigError("E002", "no model to plan", f"give --preset ({', '.join(PRESETS)}) or --model PATH")
+        return get_preset(args.preset or DEFAULT_PRESET)
+    from lumina_ds.hf.model_path import run_for_model
+
+    run = run_for_model(args.model)
+    if seq_len is not None:
+        run.data.seq_len = seq_len
+        run.validate()  # E002 past the model's context, as `train` refuses it
+    return run
+
+
+def subject(args: argparse.Namespace) -> dict[str, Any]:
+    """What a command's JSON names as planned: {"preset": NAME} or {"model": PATH}."""
+    return {"model": args.model} if args.model is not None else {"preset": args.preset or DEFAULT_PRESET}
+
+
+def named(document: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A plan's JSON with its "preset" key replaced by `subject` (a model's path is no preset)."""
+    return {**subject(args), **{k: v for k, v in document.items() if k != "preset"}}
 
 
 def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) -> None:
@@ -91,13 +127,38 @@ def _cluster(args: argparse.Namespace) -> Cluster:
                    nvme_gib=args.nvme_gb, nvme_gbps=args.nvme_gbps, nvme_path=args.nvme_path)  # fmt: skip
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from lumina_ds.planning.plan_report import format_plan, plan_as_dict
+def plan_of(args: argparse.Namespace, run: RunConfig | None = None) -> Plan:
+    """`lumina-ds plan`'s answer for its arguments (MemoryPlanError E201/E202 when nothing fits)."""
     from lumina_ds.planning.planner import plan
 
-    result = plan(get_preset(args.preset), _cluster(args), seq_len=args.seq_len, precision=args.precision,
-                  mfu=args.mfu)  # fmt: skip
-    print(json.dumps(plan_as_dict(result), indent=2) if args.json else format_plan(result))
+    run = run or run_of(args, seq_len=args.seq_len)
+    return plan(run, _cluster(args), seq_len=args.seq_len, precision=args.precision, mfu=args.mfu)
+
+
+def fine_tuning_note(args: argparse.Namespace, run: RunConfig) -> str:
+    """For a model path: which run is planned (the batch the planner splits comes from it)."""
+    from lumina_ds.hf.model_path import YAML_SUFFIXES
+
+    rows = run.train.micro_batch_size * run.train.grad_accum
+    if Path(args.model).suffix in YAML_SUFFIXES:
+        return f"model of {args.model}, planned as `train --config-file {args.model}` runs it: {rows} rows per GPU"
+    return (
+        f"model {args.model}, planned as `train --init-from {args.model}` fine-tunes it (all weights, with their "
+        f"gradients and AdamW states): {rows} rows per GPU per optimizer step, as `train` has without --preset"
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lumina_ds.planning.plan_report import format_plan, plan_as_dict
+
+    run = run_of(args, seq_len=args.seq_len)
+    result = plan_of(args, run)
+    if args.json:
+        print(json.dumps(named(plan_as_dict(result), args), indent=2))
+        return 0
+    if args.model is not None:
+        print(fine_tuning_note(args, run))
+    print(format_plan(result))
     return 0
 
 
@@ -107,7 +168,7 @@ def cmd_analyze_memory(args: argparse.Namespace) -> int:
     from lumina_ds.distributed.preflight import preflight
     from lumina_ds.planning.memory import Layout, estimate_memory, format_breakdown, with_bucket_rules
 
-    run = get_preset(args.preset)
+    run = run_of(args, seq_len=args.sequence_length)
     run.distributed.zero_stage, run.distributed.expert_parallel_size = args.zero_stage, args.expert_parallel_size
     run.distributed.moe_backend, run.train.precision = args.moe_backend, args.precision
     run.validate()
@@ -126,9 +187,9 @@ def cmd_analyze_memory(args: argparse.Namespace) -> int:
         layout = replace(layout, precision="mixed_bf16")
     estimate = estimate_memory(run.model, layout)
     if args.json:
-        print(json.dumps({"preset": args.preset, **estimate.as_dict()}, indent=2))
+        print(json.dumps({**subject(args), **estimate.as_dict()}, indent=2))
         return 0
-    print(f"{args.preset}: ZeRO-{layout.zero_stage}, {layout.gpus} GPUs, EP {layout.expert_parallel_size}, "
+    print(f"{run.preset}: ZeRO-{layout.zero_stage}, {layout.gpus} GPUs, EP {layout.expert_parallel_size}, "
           f"micro-batch {layout.micro_batch_size} x seq {layout.seq_len}, {layout.precision}, "
           f"recompute {layout.recompute}")  # fmt: skip
     print(format_breakdown(estimate))
@@ -184,23 +245,38 @@ def cmd_ds_config(args: argparse.Namespace) -> int:
     from lumina_ds.planning.layouts import REFERENCE_CLUSTERS, ds_config_for_plan, layout_for_plan
     from lumina_ds.planning.planner import plan
 
-    run = get_preset(args.preset)
-    cluster = REFERENCE_CLUSTERS[args.preset] if args.nodes is None else _cluster(args)
+    run = run_of(args, seq_len=args.seq_len)
+    if args.nodes is None and args.model is not None:
+        raise ConfigError("E002", "ds-config --model needs --nodes (only a preset has a reference cluster)",
+                          f"e.g. lumina-ds ds-config --model {args.model} --nodes 1 --gpus-per-node 8")  # fmt: skip
+    cluster = REFERENCE_CLUSTERS[run.preset] if args.nodes is None else _cluster(args)
     result = plan(run, cluster, seq_len=args.seq_len, precision=args.precision, mfu=args.mfu)
     document = ds_config_for_plan(run, result) if args.format == "deepspeed" else layout_for_plan(run, result)
+    if args.model is not None and args.format == "layout":
+        document = model_layout(document, args, cluster)
     text = json.dumps(document, indent=2) + "\n"
     if args.output is None:
         print(text, end="")
         return 0
     Path(args.output).write_text(text)
     what = "DeepSpeed JSON" if args.format == "deepspeed" else "planned layout"
-    print(f"wrote {args.output}: the {what} of {args.preset} on {cluster.describe()}")
+    print(f"wrote {args.output}: the {what} of {run.preset} on {cluster.describe()}")
     return 0
 
 
+def model_layout(document: dict[str, Any], args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
+    """A model's layout file names its path and the command that wrote it (layout_for_plan writes a preset's)."""
+    from lumina_ds.planning.layouts import METADATA_KEY
+
+    meta = named(document[METADATA_KEY], args)
+    meta["generated_by"] = (f"lumina-ds ds-config --model {args.model} --nodes {cluster.nodes} --gpus-per-node "
+                            f"{cluster.gpus_per_node} --gpu-mem-gb {cluster.gpu_mem_gib:g}")  # fmt: skip
+    return {**document, METADATA_KEY: meta}
+
+
 def _ds_config_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ds-config", help="a preset's planned layout (lumina_ds/planning/layouts/) or its DeepSpeed "
-                       "JSON (ds_configs/)")  # fmt: skip
+    p = sub.add_parser("ds-config", help="a preset's (or --model's) planned layout (lumina_ds/planning/layouts/) or "
+                       "its DeepSpeed JSON (ds_configs/)")  # fmt: skip
     _cluster_args(p, nodes_required=False)
     p.add_argument("--format", choices=("layout", "deepspeed"), default="layout",
                    help="layout: the plan's run-config values and the DeepSpeed keys they do not model, as `train "
@@ -213,9 +289,12 @@ def _ds_config_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_dry_run(args: argparse.Namespace) -> int:
     from lumina_ds.planning.dry_run import dry_run, format_dry_run
 
-    result = dry_run(get_preset(args.preset), _cluster(args), seq_len=args.seq_len, precision=args.precision,
-                     mfu=args.mfu)  # fmt: skip
-    print(json.dumps(result.as_dict(), indent=2) if args.json else format_dry_run(result))
+    result = dry_run(run_of(args, seq_len=args.seq_len), _cluster(args), seq_len=args.seq_len,
+                     precision=args.precision, mfu=args.mfu)  # fmt: skip
+    if args.json:
+        print(json.dumps({**subject(args), **result.as_dict()}, indent=2))
+        return 0
+    print(format_dry_run(result))
     return 0
 
 
@@ -223,7 +302,7 @@ def cmd_estimate_time(args: argparse.Namespace) -> int:
     from lumina_ds.models.counting import count_parameters
     from lumina_ds.planning.estimate_time import count_tokens, estimate_time
 
-    run = get_preset(args.preset)
+    run = run_of(args, seq_len=args.seq_len)
     seq_len = args.seq_len or run.seq_len
     tokens = count_tokens(args.train_data, tokenizer=args.tokenizer)
     flops = count_parameters(run.model, seq_len=seq_len).flops_per_token
@@ -232,9 +311,9 @@ def cmd_estimate_time(args: argparse.Namespace) -> int:
                         precision=args.precision, mfu=args.mfu)  # fmt: skip
     if args.json:
         fields = {"tokens": est.tokens, "epochs": epochs, "flops_per_token": flops, "total_flops": est.total_flops}
-        print(json.dumps({"preset": args.preset, **fields, "seconds": est.seconds, "token_count": tokens.method}))
+        print(json.dumps({**subject(args), **fields, "seconds": est.seconds, "token_count": tokens.method}))
         return 0
-    print(f"{args.preset}: {est.tokens:,.0f} tokens ({tokens.method}) x {epochs} epoch(s)")
+    print(f"{run.preset}: {est.tokens:,.0f} tokens ({tokens.method}) x {epochs} epoch(s)")
     print(f"  {flops:.3e} FLOPs/token (6*N_active + attention at seq {seq_len}) -> {est.total_flops:.3e} FLOPs")
     seconds = f"{est.seconds:.3g}" if est.seconds < 100 else f"{est.seconds:,.0f}"
     when = f"{seconds} s = {est.hours:,.2f} hours = {est.hours / 24:,.2f} days"
@@ -269,13 +348,14 @@ def _estimate_time_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_estimate_parameters(args: argparse.Namespace) -> int:
     from lumina_ds.models.counting import count_parameters
 
-    run = get_preset(args.preset)
+    run = run_of(args, seq_len=args.seq_len)
     seq_len = args.seq_len or run.seq_len
     count = count_parameters(run.model, seq_len=seq_len)
     if args.json:
-        print(json.dumps({"preset": args.preset, **count.as_dict()}))
+        print(json.dumps({**subject(args), **count.as_dict()}))
         return 0
-    print(f"preset {args.preset}: {count.total:,} parameters, {count.active:,} active per token")
+    what = "model" if args.model is not None else "preset"
+    print(f"{what} {run.preset}: {count.total:,} parameters, {count.active:,} active per token")
     for name, n in count.by_component.items():
         if n:
             print(f"  {name:<15} {n:>18,}  {100 * n / count.total:5.1f}%")
@@ -284,7 +364,7 @@ def cmd_estimate_parameters(args: argparse.Namespace) -> int:
 
 
 def _estimate_parameters_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("estimate-parameters", help="total and active parameters of a preset, by component")
+    p = sub.add_parser("estimate-parameters", help="total and active parameters of a preset (or --model), by component")
     _preset_arg(p, required=False)
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for the FLOPs estimate (default: the preset's, max 4096)")  # fmt: skip

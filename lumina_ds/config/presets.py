@@ -10,6 +10,7 @@ from lumina_ds.errors import ConfigError
 from lumina_ds.models.config import ModelConfig, MoEConfig
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {}
+DEFAULT_PRESET = "debug"  # what `train` builds on without --preset or --config-file (an --init-from run too)
 
 
 def register(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
