@@ -11,7 +11,7 @@ from lumina_ds.cli.luminaai import config_file_given_as_preset
 from lumina_ds.cli.plan import add_headroom_arg, headroom_of
 from lumina_ds.cli.train_flags import FLAG_FIELDS, add_train_arguments
 from lumina_ds.config.io import deep_merge, load_config
-from lumina_ds.config.presets import PRESETS, get_preset
+from lumina_ds.config.presets import DEFAULT_PRESET, PRESETS, get_preset
 from lumina_ds.config.run import RunConfig, without_owned_keys
 from lumina_ds.errors import ConfigError
 
@@ -37,7 +37,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
             f"--config {args.preset}: --config names a preset here ({', '.join(PRESETS)})",
             f"LuminaAI's --config FILE.yaml is --config-file {args.preset}",
         )
-    run = load_config(args.config_file) if args.config_file else get_preset(args.preset or "debug")
+    run = load_config(args.config_file) if args.config_file else get_preset(args.preset or DEFAULT_PRESET)
     if {"activation_checkpointing", "gradient_checkpointing"} <= explicit_flags(args):
         raise ConfigError("E002", "--gradient-checkpointing and --activation-checkpointing both given",
                           "--gradient-checkpointing is --activation-checkpointing full; give one")  # fmt: skip
@@ -75,9 +75,10 @@ def resolve_run(
         if announce:
             print(line, flush=True)
     if not args.skip_memory_check:
+        model_path = run.checkpoint.init_from if not args.config_file else None  # planned as `plan --model` plans it
         gate_launch(run, explicit_flags(args), planned_for=planned_for, world_size=world_size,
                     ranks_per_node=ranks_per_node, local_rank=local_rank, announce=announce,
-                    headroom=headroom_of(args))  # fmt: skip
+                    headroom=headroom_of(args), model_path=model_path)  # fmt: skip
     resolve_peak_tflops(run, local_rank=local_rank)
     run.validate()
     notes = check_deepspeed_file(run, world_size=world_size)  # E002 when it changes what the flags decide
@@ -137,18 +138,26 @@ def _adopt_preset_layout(run: RunConfig, explicit: set[str], *, world_size: int,
 
 
 def gate_launch(run: RunConfig, explicit: set[str], *, planned_for: str | None, world_size: int, ranks_per_node: int,
-                local_rank: int, announce: bool, headroom: float) -> None:  # fmt: skip
+                local_rank: int, announce: bool, headroom: float, model_path: str | None = None) -> None:  # fmt: skip
     """The launch-time plan (planning/launch_gate.py): the run as resolved against the machine it starts on, before
-    any tokenizer, data or model work; a re-plan is printed, nothing fitting is E201/E202."""
+    any tokenizer, data or model work; a re-plan is printed, nothing fitting is E201/E202. With `model_path` (an
+    --init-from run, which has no preset layout) the layout is planned for this machine as `plan --model` plans it
+    (planning/model_launch.py)."""
     from lumina_ds.distributed.ds_config import select_precision
     from lumina_ds.planning.launch_gate import check_launch, this_machine
+    from lumina_ds.planning.model_launch import plan_model_at_launch
 
     machine = this_machine(world_size=world_size, ranks_per_node=ranks_per_node, local_rank=local_rank,
                            headroom=headroom, nvme_path=run.distributed.nvme_path)  # fmt: skip
     precision = select_precision(run.train.precision)  # E003 here rather than after the data work
     if "gradient_checkpointing" in explicit:
         explicit = explicit | {"activation_checkpointing"}
-    line = check_launch(run, machine, precision=precision, explicit=explicit, planned_for=planned_for)
+    if model_path is not None:
+        if run.train.auto_batch_size:  # --auto-batch-size sized the micro-batch for this GPU: the plan keeps it
+            explicit = explicit | {"micro_batch_size", "grad_accum"}
+        line = plan_model_at_launch(run, machine, precision=precision, explicit=explicit, name=model_path)
+    else:
+        line = check_launch(run, machine, precision=precision, explicit=explicit, planned_for=planned_for)
     if line and announce:
         print(line, flush=True)
 
