@@ -53,6 +53,9 @@ def run_of(args: argparse.Namespace, *, seq_len: int | None = None) -> RunConfig
     if args.model is None:
         if args.preset is None and args.preset_required:
             raise ConfigError("E002", "no model to plan", f"give --preset ({', '.join(PRESETS)}) or --model PATH")
+        if args.preset is not None and args.preset not in PRESETS and Path(args.preset).expanduser().exists():
+            raise ConfigError("E001", f"unknown preset {args.preset!r}",
+                              f"{args.preset} is a path: --model {args.preset} plans the model there")  # fmt: skip
         return get_preset(args.preset or DEFAULT_PRESET)
     from lumina_ds.hf.model_path import run_for_model
 

@@ -187,6 +187,8 @@ def test_preset_and_model_are_one_or_the_other(capsys: pytest.CaptureFixture[str
     assert code == 1 and "[E002] --preset and --model both given" in err
     code, _, err = lumina(["plan", *H100_NODE], capsys)
     assert code == 1 and "[E002] no model to plan" in err and "--model PATH" in err
+    code, _, err = lumina(["plan", "--preset", str(OLMOE), *H100_NODE], capsys)  # a path where a preset goes
+    assert code == 1 and "[E001] unknown preset" in err and f"--model {OLMOE} plans the model there" in err
     code, _, err = lumina(["ds-config", "--model", str(OLMOE)], capsys)
     assert code == 1 and "[E002] ds-config --model needs --nodes" in err
     code, out, _ = lumina(["estimate-parameters", "--json"], capsys)
