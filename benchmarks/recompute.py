@@ -57,8 +57,9 @@ def one_row(args: argparse.Namespace, mode: str, compiled: bool) -> dict[str, fl
     layout = Layout(zero_stage=0, gpus=1, micro_batch_size=args.batch_size, seq_len=args.seq_len, precision="fp32",
                     recompute=mode)  # fmt: skip
     predicted = activation_bytes(config, layout)
-    return {"seconds": statistics.median(times[-args.steps :]), "peak": peak - before,
-            "model": predicted["activations"] + predicted["logits"], "threads": torch.get_num_threads()}  # fmt: skip
+    model = predicted["activations"] + predicted["recompute"] + predicted["logits"]
+    return {"seconds": statistics.median(times[-args.steps :]), "peak": peak - before, "model": model,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def interleaved_seconds(args: argparse.Namespace) -> dict[tuple[str, bool], float]:

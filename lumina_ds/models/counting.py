@@ -37,6 +37,9 @@ class ModuleSizes:
 
     params: tuple[tuple[str, int], ...]  # (parameter name, numel)
     modules: tuple[tuple[str, int], ...]  # (module name, numel of the parameters it holds itself)
+    # each module's own parameters by their name in `params`, in registration order, which is the order forward
+    # calls them (models/transformer.py builds modules as it calls them): the trace ZeRO-3 records
+    owned: tuple[tuple[str, ...], ...]
 
 
 _SIZES: dict[str, ModuleSizes] = {}
@@ -52,7 +55,9 @@ def module_sizes(config: ModelConfig) -> ModuleSizes:
         modules = tuple(
             (name, sum(p.numel() for p in m.parameters(recurse=False))) for name, m in model.named_modules()
         )
-        _SIZES[key] = ModuleSizes(params, modules)
+        name_of = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name
+        owned = tuple(tuple(name_of[id(p)] for p in m.parameters(recurse=False)) for m in model.modules())
+        _SIZES[key] = ModuleSizes(params, modules, owned)
     return _SIZES[key]
 
 

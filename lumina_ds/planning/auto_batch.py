@@ -30,7 +30,8 @@ def layout_of(run: RunConfig, *, micro_batch_size: int, world_size: int, ranks_p
                     expert_parallel_size=dist.expert_parallel_size, micro_batch_size=micro_batch_size,
                     seq_len=run.seq_len, recompute=run.train.recompute,
                     precision=precision, offload_optimizer=dist.offload != "none",
-                    offload_param=dist.offload == "optimizer+params")  # fmt: skip
+                    offload_param=dist.offload == "optimizer+params",
+                    grad_accum=run.train.micro_batch_size * run.train.grad_accum // micro_batch_size)  # fmt: skip
     return with_bucket_rules(layout, run.model)
 
 

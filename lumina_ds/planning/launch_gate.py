@@ -82,14 +82,18 @@ def this_machine(*, world_size: int, ranks_per_node: int, local_rank: int, headr
 
 
 def run_layout(run: RunConfig, machine: Machine, precision: str) -> Layout:
-    """The memory model's layout of a run as resolved, on `machine`."""
+    """The memory model's layout of a run as resolved, on `machine`, with the ZeRO keys of its DeepSpeed JSON that
+    the model counts (hpZ's secondary copy, ZeRO-3's reuse window)."""
     dist, train = run.distributed, run.train
+    zero = dist.deepspeed.get("zero_optimization", {})
     layout = Layout(zero_stage=dist.zero_stage, gpus=machine.world_size,
                     gpus_per_node=min(machine.ranks_per_node, machine.world_size),
                     expert_parallel_size=dist.expert_parallel_size, micro_batch_size=train.micro_batch_size,
                     seq_len=run.seq_len, recompute=train.recompute, precision=precision,
                     offload_optimizer=dist.offload != "none", offload_param=dist.offload == "optimizer+params",
-                    offload_device=dist.offload_device,
+                    offload_device=dist.offload_device, device="cpu" if machine.device_gib is None else "gpu",
+                    grad_accum=train.grad_accum, hpz_partition_size=int(zero.get("zero_hpz_partition_size", 1)),
+                    max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1_000_000_000)),
                     grad_accum_fp32=fp32_grad_accumulation(precision, dist.zero_stage, train.grad_accum))  # fmt: skip
     return with_bucket_rules(layout, run.model)
 

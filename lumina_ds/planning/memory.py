@@ -31,11 +31,15 @@ from lumina_ds.errors import ConfigError
 from lumina_ds.models.config import ModelConfig
 from lumina_ds.models.counting import component_of, count_parameters, module_sizes
 from lumina_ds.models.loss import chunk_tokens_for
+from lumina_ds.models.moe import DROPLESS_IMBALANCE, worst_rank_load
 
 GIB = 1024**3
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory (pinned buffers)
 FRAGMENTATION_MARGIN = 0.08  # caching-allocator fragmentation on top of everything counted
-GPU_RUNTIME_OVERHEAD = 2.0 * GIB  # CUDA context, NCCL communicators, cuBLAS workspaces (not in torch's allocator)
+# outside torch's allocator, per process (runtime_bytes): to be confirmed on a GPU (benchmarks/gpu_check.sh)
+CUDA_CONTEXT_BYTES = 0.75 * GIB  # the CUDA context with its kernels loaded, cuBLAS and cuDNN workspaces
+NCCL_COMMUNICATOR_BYTES = 0.65 * GIB  # one communicator's channel buffers (NVIDIA/nccl#964: 544-688 MB a group)
+CPU_PROCESS_BYTES = 0.5 * GIB  # a CPU rank: torch, DeepSpeed, its engine, gloo (memory_check.py: ~0.4 GiB RSS)
 WEIGHTS_SHARD_BYTES = 5 * GIB  # CheckpointConfig.weights_shard_mb's default
 
 
@@ -77,6 +81,9 @@ class ParamInventory:
     expert_sizes: tuple[int, ...]  # numel of every routed-expert parameter, all experts of a layer together
     largest_dense_module: int  # most non-expert params one module holds directly (what ZeRO-3 gathers at once)
     largest_expert_module: int  # params of one layer's experts (all E; divide by ep for one rank's share)
+    # per module in forward order, its own parameters as (parameter id, numel, is expert); empty: the ZeRO-3 working
+    # set is the largest module alone
+    trace: tuple[tuple[tuple[int, int, bool], ...], ...] = ()
 
     @property
     def dense(self) -> int:
@@ -104,7 +111,9 @@ class ParamInventory:
                 largest_expert = max(largest_expert, own)
             else:
                 largest_dense = max(largest_dense, own)
-        return cls(tuple(dense), tuple(experts), largest_dense, largest_expert)
+        index = {name: (i, numel, component_of(name) == "experts") for i, (name, numel) in enumerate(sizes.params)}
+        trace = tuple(tuple(index[name] for name in names) for names in sizes.owned if names)
+        return cls(tuple(dense), tuple(experts), largest_dense, largest_expert, trace)
 
 
 @dataclass(frozen=True)
@@ -128,9 +137,13 @@ class Layout:
     overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only)
     attention_scores_stored: bool = False  # True for eager attention; SDPA/flash kernels recompute them
     sub_group_size: int = 1_000_000_000  # ZeRO-3 converts gradients to fp32 one sub-group at a time
+    max_reuse_distance: int = 1_000_000_000  # ZeRO-3 keeps a parameter gathered if used again within this many
     zero_init: bool = True  # ZeRO-3 builds the model partitioned (deepspeed.zero.Init)
-    gpu_runtime_overhead: float = GPU_RUNTIME_OVERHEAD
+    device: str = "gpu"  # gpu, or cpu: the process cost runtime_bytes counts
+    grad_accum: int = 1  # micro-batches per optimizer step: gradients then outlive a backward
     grad_accum_fp32: bool = False  # mixed_bf16 with accumulation at ZeRO 1-3: gradients summed in fp32
+    hpz_partition_size: int = 1  # ZeRO++ hpZ: a secondary copy of the parameters sharded within each node
+    routed_load: float = 0.0  # EP > 1: a measured rank load (MoESummary's expert_rank_load); 0: the plan's allowance
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -209,9 +222,29 @@ def persistent_elements(inv: ParamInventory, layout: Layout) -> float:
     return dense + sum(n / ep for n in inv.expert_sizes if n / ep <= limit)
 
 
-def zero3_live_elements(inv: ParamInventory, layout: Layout) -> float:
-    """Parameters gathered at once under ZeRO-3: the largest module (experts as this rank holds them)."""
+def largest_module_elements(inv: ParamInventory, layout: Layout) -> float:
+    """The most parameters one module gathers under ZeRO-3 (experts as this rank holds them)."""
     return max(inv.largest_dense_module, inv.largest_expert_module / layout.expert_parallel_size)
+
+
+def zero3_live_elements(inv: ParamInventory, layout: Layout) -> float:
+    """Parameters gathered at once under ZeRO-3, at its peak: the turn from forward to backward.
+
+    DeepSpeed 0.19.8 releases a module's parameters after use only if they are not used again within
+    `stage3_max_reuse_distance` elements of its recorded trace (partitioned_param_coordinator.__params_to_release).
+    The trace runs forward, then backward in reverse: a module's next use is 2 x the elements of the modules after it
+    away. So every module within half the distance of the end of forward stays gathered into backward; at the default
+    1e9 that is the last 5e8 elements, the whole of a small model (the 29-36% ZeRO-3 underestimate of
+    benchmarks/NOTES.md). Persistent parameters are counted apart (persistent_elements)."""
+    ep, limit = layout.expert_parallel_size, layout.persistence_threshold
+    held: dict[int, float] = {}
+    after = 0.0  # elements of the modules after this one in forward, as this rank holds them
+    for module in reversed(inv.trace):
+        sizes = [(i, n / ep if expert else float(n)) for i, n, expert in module]
+        if 2 * after < layout.max_reuse_distance:
+            held.update((i, n) for i, n in sizes if n > limit)
+        after += sum(n for _, n in sizes)
+    return max(sum(held.values()), largest_module_elements(inv, layout))
 
 
 def model_state_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
@@ -227,6 +260,8 @@ def model_state_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
     if stage == 3:
         gpu_params = 0.0 if layout.offload_param else shard * b.param
         params = gpu_params + persistent_elements(inv, layout) * b.param
+        if layout.hpz_partition_size > 1:  # the secondary partition backward gathers from within the node
+            params += local * b.param / layout.hpz_partition_size
     else:
         params = local * b.param
     if layout.offload_optimizer:
@@ -246,6 +281,27 @@ def model_state_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:
     return {"parameters": params, "gradients": grads, "optimizer": optim}
 
 
+def backward_gradient_bytes(inv: ParamInventory, layout: Layout) -> float:
+    """The gradient bytes of model_state_bytes that exist only from backward to the optimizer step, not during
+    forward: they take the place of the activations backward frees. ZeRO 0-2 create the gradients (and ZeRO-2 its
+    partition, `grads_in_partition`) in backward and free them after the step (`_release_ipg_buffers`); the fp32
+    gradient copy the optimizer steps from likewise. ZeRO-3 keeps its flat 16-bit gradient partition for good
+    (`grad_partitions_flat_buffer`), and DeepSpeed's BF16 optimizer its fp32 gradient copy (grad_accum_fp32). With
+    accumulation the gradients are summed across micro-batches: they live through the next ones' forward."""
+    if layout.offload_optimizer or (layout.grad_accum_fp32 and layout.zero_stage == 1):
+        return 0.0
+    b = precision_bytes(layout.precision, layout.zero_stage)
+    if layout.grad_accum_fp32:
+        b = replace(b, grad=4)
+    states = model_state_bytes(inv, layout)
+    shard = sharded_elements(inv, layout)
+    if layout.zero_stage == 3:
+        return min(shard, layout.sub_group_size) * b.master_grad
+    same_dtype_view = layout.zero_stage in (1, 2) and b.grad == b.master_grad and layout.gpus > 1
+    master_grads = 0.0 if same_dtype_view or layout.zero_stage == 0 else shard * b.master_grad
+    return master_grads if layout.grad_accum > 1 else states["gradients"] + master_grads
+
+
 def comm_buffer_bytes(inv: ParamInventory, layout: Layout) -> float:
     """Gradient reduction buckets (two with overlap_comm) and, for ZeRO-3, the gathered working set."""
     if layout.zero_stage == 0:
@@ -256,23 +312,33 @@ def comm_buffer_bytes(inv: ParamInventory, layout: Layout) -> float:
     buckets = layout.reduce_bucket_size * bucket_dtype * (2 if layout.overlap else 1)
     if layout.zero_stage < 3:
         return float(buckets)
-    live = zero3_live_elements(inv, layout) * (b.param + b.grad) + layout.prefetch_bucket_size * b.param
-    return float(buckets + live)
+    gathered = zero3_live_elements(inv, layout) * b.param + largest_module_elements(inv, layout) * b.grad
+    return float(buckets + gathered + layout.prefetch_bucket_size * b.param)
 
 
-def ffn_elements_per_token(config: ModelConfig, *, moe_layer: bool, capacity_factor: float) -> float:
+def ffn_elements_per_token(config: ModelConfig, *, moe_layer: bool, load: float) -> float:
     """Stored feed-forward activations per token: SwiGLU keeps its input, w1 and w3 outputs, silu and product.
 
-    A MoE layer adds fp32 router logits and probabilities, and per routed copy (top_k, times the capacity
-    allowance for uneven routing) the dispatched token, the expert's SwiGLU tensors and the weighted output.
+    A MoE layer adds fp32 router logits and probabilities, and per routed copy (top_k, times `load`, the most
+    copies a rank computes over the mean) the dispatched token, the expert's SwiGLU tensors and the weighted output.
     """
     h = config.hidden_size
     if not moe_layer:
         return h + 4 * config.intermediate_size
     moe = config.moe
-    routed = moe.top_k * capacity_factor * (3 * h + 4 * moe.expert_intermediate_size)
+    routed = moe.top_k * load * (3 * h + 4 * moe.expert_intermediate_size)
     shared = 4 * moe.shared_intermediate_size * moe.num_shared_experts
     return h + 2 * moe.num_experts * 2 + routed + shared  # router logits + probs in fp32 = 2 x 16-bit each
+
+
+def routed_load(config: ModelConfig, layout: Layout) -> float:
+    """Routed copies one rank computes, over top_k x its tokens. With every expert local (EP 1) exactly 1: the block
+    gathers the top_k copies of each token, a capacity limit only drops some. Across ranks (AutoEP, dropless) a rank
+    computes whatever its experts are sent: DROPLESS_IMBALANCE, or less where no routing can reach it."""
+    ep = layout.expert_parallel_size
+    if ep == 1 or not config.moe.enabled:
+        return 1.0
+    return layout.routed_load or min(DROPLESS_IMBALANCE, worst_rank_load(config.moe.num_experts, config.moe.top_k, ep))
 
 
 def attention_subblock_bytes(config: ModelConfig, layout: Layout) -> float:
@@ -290,8 +356,7 @@ def ffn_subblock_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) 
     """The FFN (MoE or dense) sub-block's saved tensors: its input norm's 2sbh and our SwiGLU/MoE terms."""
     b = precision_bytes(layout.precision, layout.zero_stage)
     sb = layout.seq_len * layout.micro_batch_size
-    capacity = max(1.0, config.moe.capacity_factor)
-    ffn = ffn_elements_per_token(config, moe_layer=moe_layer, capacity_factor=capacity) * sb * b.act
+    ffn = ffn_elements_per_token(config, moe_layer=moe_layer, load=routed_load(config, layout)) * sb * b.act
     return 2 * sb * config.hidden_size * b.act / 2 + ffn
 
 
@@ -338,11 +403,14 @@ def recompute_peak_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool
 
 
 def chunked_loss_bytes(config: ModelConfig, *, tokens: int, act: int) -> float:
-    """The LM head's loss in training (models/loss.py): one chunk's logits, their fp32 copy and gradient, and the
-    gradients it keeps for backward (hidden states at `act` bytes, the head's weight in fp32)."""
+    """The LM head's loss in training (models/loss.py's ChunkBuffers): one chunk's logits in the weight's dtype and,
+    for a 16-bit weight, their fp32 copy (the softmax and its gradient are computed in place), a 16-bit scratch for
+    the head's weight gradient; and what backward receives: the hidden states' gradient at `act` bytes and the head
+    weight's gradient summed in fp32."""
     chunk = min(tokens, chunk_tokens_for(config.vocab_size))
-    chunk_logits = chunk * config.vocab_size * (2 * act + 4)  # bf16 logits, fp32 copy, bf16 gradient
-    return chunk_logits + tokens * config.hidden_size * act + config.vocab_size * config.hidden_size * 4
+    vh = config.vocab_size * config.hidden_size
+    scratch = chunk * config.vocab_size * (act + 4) + vh * act if act < 4 else chunk * config.vocab_size * act
+    return scratch + tokens * config.hidden_size * act + vh * 4
 
 
 def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
@@ -351,7 +419,7 @@ def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
     s, mb, h = layout.seq_len, layout.micro_batch_size, config.hidden_size
     moe_layers = [config.moe.is_moe_layer(i) for i in range(config.num_layers)]
     stored = sum(stored_layer_bytes(config, layout, moe_layer=m) for m in moe_layers)
-    stored += max(recompute_peak_bytes(config, layout, moe_layer=m) for m in moe_layers)
+    recompute = max(recompute_peak_bytes(config, layout, moe_layer=m) for m in moe_layers)
     if config.attention_backend == "sdpa":
         # the dense document mask, bool [B, 1, S, S], and the bias SDPA turns it into in every layer on a GPU, saved
         # for backward (when attention is recomputed only the layer being recomputed holds one); auto runs flash-attn
@@ -361,9 +429,9 @@ def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
     logits = chunked_loss_bytes(config, tokens=mb * s, act=b.act)
     dispatch = 0.0
     if any(moe_layers) and layout.expert_parallel_size > 1:  # AutoEP all-to-all send + receive, one layer at a time
-        dispatch = 2 * config.moe.top_k * max(1.0, config.moe.capacity_factor) * s * mb * h * b.act
-    return {"activations": float(stored), "logits": float(logits), "moe_dispatch": float(dispatch),
-            "router": router_kept_bytes(config, layout)}  # fmt: skip
+        dispatch = (1 + routed_load(config, layout)) * config.moe.top_k * s * mb * h * b.act
+    return {"activations": float(stored), "recompute": float(recompute), "logits": float(logits),
+            "moe_dispatch": float(dispatch), "router": router_kept_bytes(config, layout)}  # fmt: skip
 
 
 def router_kept_bytes(config: ModelConfig, layout: Layout) -> float:
@@ -429,14 +497,37 @@ def checkpoint_tag_bytes(inv: ParamInventory, *, precision: str, zero_stage: int
     return float(inv.total * (2 * b.param + b.master + b.optim))
 
 
+def nccl_communicators(layout: Layout) -> int:
+    """Communicators a rank creates (torch makes one per group at its first collective): the data-parallel group of
+    ZeRO's reductions; with EP > 1 the expert-parallel group, counted twice for the per-peer buffers of its
+    all-to-all, and the expert-data-parallel group of the expert gradients where it has more than one rank."""
+    if layout.gpus == 1:
+        return 0
+    ep = layout.expert_parallel_size
+    if ep == 1:
+        return 1
+    return 3 + (layout.gpus // ep > 1)
+
+
+def runtime_bytes(layout: Layout) -> float:
+    """What a process holds outside torch's allocator: the CUDA context and its NCCL communicators on a GPU."""
+    if layout.device == "cpu":
+        return CPU_PROCESS_BYTES
+    return CUDA_CONTEXT_BYTES + nccl_communicators(layout) * NCCL_COMMUNICATOR_BYTES
+
+
 def estimate_memory(config: ModelConfig, layout: Layout, inventory: ParamInventory | None = None) -> MemoryEstimate:
     """Per-GPU and per-node bytes of one training configuration."""
     inv = inventory or ParamInventory.of(config)
     gpu = model_state_bytes(inv, layout)
     gpu.update(activation_bytes(config, layout))
     gpu["comm_buffers"] = comm_buffer_bytes(inv, layout)
+    # the peak is at the end of forward or in backward, never both: gradients replace the activations backward frees
+    # (a layer recomputed in backward meets the gradients: it is not among them)
+    forward_only = gpu["activations"] + gpu["logits"] + gpu["moe_dispatch"]
+    gpu["backward_reuse"] = -min(forward_only, backward_gradient_bytes(inv, layout))
     gpu["fragmentation"] = FRAGMENTATION_MARGIN * sum(gpu.values())
-    gpu["runtime"] = layout.gpu_runtime_overhead
+    gpu["runtime"] = runtime_bytes(layout)
     return MemoryEstimate(gpu=gpu, host=host_bytes(inv, layout), nvme=nvme_bytes(inv, layout))
 
 

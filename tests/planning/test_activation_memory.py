@@ -50,7 +50,8 @@ def predicted(mode: str) -> tuple[float, float]:
     layout = Layout(zero_stage=0, gpus=1, micro_batch_size=BATCH, seq_len=SEQ, precision="fp32", recompute=mode)
     layers = [config.moe.is_moe_layer(i) for i in range(config.num_layers)]
     stored = sum(stored_layer_bytes(config, layout, moe_layer=m) for m in layers)
-    return stored, activation_bytes(config, layout)["activations"]
+    acts = activation_bytes(config, layout)
+    return stored, acts["activations"] + acts["recompute"]
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
