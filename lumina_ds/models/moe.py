@@ -84,6 +84,30 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+# Dropless expert parallelism (AutoEP) sends a rank every copy routed to its experts: the most copies one rank's
+# experts receive, over the mean (top_k x its own tokens), that memory plans allow. The router's load-balancing loss
+# keeps it near 1 in trained models; the `debug` runs log up to 1.8 at EP 2 (tests/monitor/test_rank_load.py), and a
+# run that exceeds it is told so (monitor/callbacks.py MoESummary).
+DROPLESS_IMBALANCE = 2.0
+
+
+def rank_load_imbalance(counts: list[list[float]], expert_parallel_size: int) -> float:
+    """The largest, over layers, of the tokens routed to one rank's experts over the mean per rank, with experts
+    placed in contiguous blocks of E / ep as expert parallelism places them; counts [layers][E]."""
+    worst = 0.0
+    for layer in counts:
+        block = len(layer) // expert_parallel_size
+        loads = [sum(layer[r * block : (r + 1) * block]) for r in range(expert_parallel_size)]
+        mean = sum(loads) / expert_parallel_size
+        worst = max(worst, max(loads) / mean if mean > 0 else 0.0)
+    return worst
+
+
+def worst_rank_load(num_experts: int, top_k: int, expert_parallel_size: int) -> float:
+    """The bound of rank_load_imbalance: every token sends min(top_k, E / ep) copies to the same rank."""
+    return expert_parallel_size * min(top_k, num_experts // expert_parallel_size) / top_k
+
+
 EXPERTS_PATH = "auto"  # auto | grouped | loop: benchmarks/moe_paths.py times each path; training keeps auto
 
 

@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,14 +51,23 @@ class MoESummary(Callback):
     Balance = mean over layers of the coefficient of variation of tokens per expert (0 = perfectly even); experts
     used = the fewest experts that received tokens in any layer; idle share = experts of a layer that received no
     token in the logging window; drop rate = routes dropped by the capacity limit over routes (tokens x top-k).
-    Give it before the loggers: it edits the record.
+    With expert parallelism, `expert_rank_load`: the most tokens one rank's experts received over the mean per rank
+    (`rank_load`, models/moe.py's rank_load_imbalance); once it passes `planned_load`, what the memory plan allowed,
+    the run says so once on stderr. Give it before the loggers: it edits the record.
     """
+
+    def __init__(self, *, expert_parallel_size: int = 1, planned_load: float = float("inf"),
+                 rank_load: Callable[[list[list[float]], int], float] | None = None) -> None:  # fmt: skip
+        self.expert_parallel_size, self.planned_load, self.rank_load = expert_parallel_size, planned_load, rank_load
+        self.warned = False
 
     def on_log(self, metrics: dict[str, Any]) -> None:
         counts = metrics.get("expert_counts")
         if not counts:
             return
         per_layer = [[float(c) for c in layer] for layer in counts]
+        if self.rank_load is not None and self.expert_parallel_size > 1:
+            self.check_rank_load(metrics, self.rank_load(per_layer, self.expert_parallel_size))
         cvs = []
         for layer in per_layer:
             mean = sum(layer) / len(layer)
@@ -74,6 +83,15 @@ class MoESummary(Callback):
         if dropped is not None:
             routes = [sum(layer) for layer in per_layer]
             metrics["drop_rate"] = [d / max(r, 1.0) for d, r in zip(dropped, routes, strict=True)]
+
+    def check_rank_load(self, metrics: dict[str, Any], load: float) -> None:
+        metrics["expert_rank_load"] = load
+        if load > self.planned_load and not self.warned:
+            self.warned = True
+            print(f"warning: at step {metrics.get('step')} one rank's experts received {load:.2f}x the mean load; "
+                  f"the memory plan allows {self.planned_load:g}x (models/moe.py DROPLESS_IMBALANCE): raise "
+                  "--load-balancing-weight or lower --micro-batch-size if memory runs short",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _fmt_int(x: float) -> str:

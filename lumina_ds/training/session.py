@@ -35,6 +35,7 @@ from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError, DataError, LuminaError, MemoryPlanError
 from lumina_ds.hf.source import open_model_source
 from lumina_ds.models.counting import count_parameters
+from lumina_ds.models.moe import DROPLESS_IMBALANCE, rank_load_imbalance
 from lumina_ds.models.transformer import Transformer
 from lumina_ds.monitor.callbacks import Callback, ConsoleLogger, JsonlLogger, MoESummary, TensorBoardLogger
 from lumina_ds.monitor.report import RunReport
@@ -156,7 +157,11 @@ def build_callbacks(run: RunConfig, *, world_size: int) -> list[Callback]:
     run_dir, logging = run.logging.run_dir, run.logging
     flops_per_token = count_parameters(run.model, seq_len=run.seq_len).flops_per_token  # as benchmarks/throughput.py
     callbacks: list[Callback] = [
-        MoESummary(),  # first: they add the figures the loggers show
+        MoESummary(
+            expert_parallel_size=run.distributed.expert_parallel_size,
+            planned_load=DROPLESS_IMBALANCE,
+            rank_load=rank_load_imbalance,
+        ),  # first: they add the figures the loggers show
         Throughput(flops_per_token=flops_per_token, world_size=world_size, peak_tflops=logging.peak_tflops),
         ConsoleLogger(progress_bar=logging.progress_bar),
         JsonlLogger(run_dir / METRICS_FILE),
