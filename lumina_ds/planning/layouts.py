@@ -77,6 +77,8 @@ def zero_section(layout: Layout) -> dict[str, Any]:
             stage3_param_persistence_threshold=layout.persistence_threshold,
             sub_group_size=layout.sub_group_size,
         )
+        if layout.hpz_partition_size > 1:
+            section["zero_hpz_partition_size"] = layout.hpz_partition_size
     if layout.offload_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if layout.offload_param:

@@ -35,6 +35,8 @@ PCIE_BW = 20e9  # bytes/s host<->GPU per GPU for offload (PCIe Gen4/Gen5 x16 in 
 CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeedCPUAdam updates per rank (AVX-512, a few cores per rank)
 DEFAULT_MFU = 0.4
 MICRO_STEP_OVERHEAD = 0.01  # seconds of launch latency and framework work per micro-step (favours fuller batches)
+# a GPU->host sync drains the launch queue: the GPU idles until the host has queued the next kernels again
+HOST_SYNC_SECONDS = 100e-6
 RECOMPUTE_FACTOR = 8 / 6  # full activation recompute adds one forward pass to forward + backward
 RECOMPUTE_MODES = ("none", "attention", "moe", "full")  # TrainConfig.recompute
 OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
@@ -137,15 +139,25 @@ def layout_space(run: RunConfig, cluster: Cluster, *, seq_len: int, precision: s
         offloads = {0: ["none"], 1: ["none"], 2: ["none", "optimizer"], 3: list(OFFLOAD_MODES)}[stage]
         for ep in expert_parallel_sizes(run.model, cluster.gpus):
             for offload, device in offload_choices(offloads, stage=stage, ep=ep, cluster=cluster):
-                for micro in divisors(rows_per_gpu):
-                    for ckpt in RECOMPUTE_MODES:
-                        accum = rows_per_gpu // micro
-                        layout = replace(base, zero_stage=stage, expert_parallel_size=ep, micro_batch_size=micro,
-                                         recompute=ckpt, offload_optimizer=offload != "none",
-                                         offload_param=offload == "optimizer+params", offload_device=device,
-                                         grad_accum_fp32=fp32_grad_accumulation(precision, stage, accum))  # fmt: skip
-                        space.append((layout, offload, accum))
+                for hpz in hpz_choices(stage=stage, ep=ep, offload=offload, cluster=cluster):
+                    for micro in divisors(rows_per_gpu):
+                        for ckpt in RECOMPUTE_MODES:
+                            accum = rows_per_gpu // micro
+                            layout = replace(base, zero_stage=stage, expert_parallel_size=ep, micro_batch_size=micro,
+                                             recompute=ckpt, offload_optimizer=offload != "none",
+                                             offload_param=offload == "optimizer+params", offload_device=device,
+                                             grad_accum_fp32=fp32_grad_accumulation(precision, stage, accum),
+                                             hpz_partition_size=hpz, grad_accum=accum)  # fmt: skip
+                            space.append((layout, offload, accum))
     return space
+
+
+def hpz_choices(*, stage: int, ep: int, offload: str, cluster: Cluster) -> list[int]:
+    """ZeRO++ hierarchical partitioning (a secondary parameter copy per node, gathered over NVLink in backward) at
+    ZeRO-3 across nodes: DeepSpeed 0.19.8 refuses it with AutoEP (EP > 1) and has it keep the parameters on the GPU."""
+    if stage == 3 and ep == 1 and offload != "optimizer+params" and cluster.nodes > 1:
+        return [1, cluster.gpus_per_node]
+    return [1]
 
 
 def offload_choices(offloads: list[str], *, stage: int, ep: int, cluster: Cluster) -> list[tuple[str, str]]:
@@ -161,21 +173,37 @@ def collective_bw(group: int, cluster: Cluster) -> float:
     return INTRA_NODE_BW if group <= cluster.gpus_per_node else INTER_NODE_BW
 
 
-def zero_comm_bytes(inv: ParamInventory, layout: Layout, grad_accum: int) -> float:
-    """Bytes each GPU moves per optimizer step for ZeRO's collectives (ring: ~1x the buffer per pass)."""
+def zero_comm_seconds(inv: ParamInventory, layout: Layout, grad_accum: int, cluster: Cluster) -> float:
+    """ZeRO's collectives per optimizer step, each GPU moving ~1x the buffer per ring pass, over the fabric its group
+    spans. ZeRO-3 gathers the parameters in forward, backward (and the recompute's forward) of every micro-step;
+    with hpZ only the forward gather crosses nodes, the others read the node's secondary copy."""
     b = precision_bytes(layout.precision, layout.zero_stage)
     local = local_elements(inv, layout)
-    stage = layout.zero_stage
+    stage, world = layout.zero_stage, collective_bw(layout.gpus, cluster)
     if layout.gpus == 1:
         return 0.0
     if stage == 0:
-        return 2 * local * b.grad  # all-reduce once per step
+        return 2 * local * b.grad / world  # all-reduce once per step
     if stage == 1:
-        return local * (b.grad + b.param)  # reduce-scatter once, all-gather the updated params once
+        return local * (b.grad + b.param) / world  # reduce-scatter once, all-gather the updated params once
     if stage == 2:
-        return grad_accum * local * b.grad + local * b.param  # gradients reduced every micro-step
-    gathers = 3 if layout.gradient_checkpointing else 2  # forward, backward (+ the recompute's forward)
-    return grad_accum * local * (gathers * b.param + b.grad)
+        return (grad_accum * local * b.grad + local * b.param) / world  # gradients reduced every micro-step
+    later_gathers = 2 if layout.gradient_checkpointing else 1  # backward (+ the recompute's forward)
+    within_node = layout.hpz_partition_size > 1
+    gathers = grad_accum * local * b.param
+    seconds = gathers / world + grad_accum * local * b.grad / world
+    later = gathers * later_gathers
+    return seconds + later / (collective_bw(layout.hpz_partition_size, cluster) if within_node else world)
+
+
+def host_syncs(model: ModelConfig, layout: Layout, grad_accum: int, *, async_split_plan: bool) -> int:
+    """GPU->host syncs per step: AutoEP reads each MoE layer's split plan back in every pass (forward, backward, the
+    recompute's forward) unless `async_split_plan` overlaps the copy with the token packing (set on CUDA, EP > 1)."""
+    if layout.expert_parallel_size == 1 or async_split_plan:
+        return 0
+    moe_layers = sum(model.moe.is_moe_layer(i) for i in range(model.num_layers))
+    passes = 3 if layout.recompute in ("full", "moe") else 2
+    return grad_accum * passes * moe_layers
 
 
 def all_to_all_bytes(model: ModelConfig, layout: Layout, grad_accum: int) -> float:
@@ -247,13 +275,15 @@ def step_seconds(
     cluster: Cluster,
     flops: float,
     mfu: float,
+    async_split_plan: bool = True,
 ) -> float:
-    """Compute at `mfu` of the GPU's peak, a fixed cost per micro-step, ZeRO and all-to-all traffic and offload,
-    without overlap."""
+    """Compute at `mfu` of the GPU's peak, a fixed cost per micro-step and per host sync, ZeRO and all-to-all traffic
+    and offload, without overlap. `async_split_plan`: as runs set it on CUDA (False: before they did)."""
     tokens = layout.micro_batch_size * grad_accum * layout.seq_len
     compute = flops * tokens * recompute_factor(model, layout)
     seconds = compute / (peak_flops(cluster.gpu, layout.precision) * mfu) + grad_accum * MICRO_STEP_OVERHEAD
-    seconds += zero_comm_bytes(inv, layout, grad_accum) / collective_bw(layout.gpus, cluster)
+    seconds += zero_comm_seconds(inv, layout, grad_accum, cluster)
+    seconds += host_syncs(model, layout, grad_accum, async_split_plan=async_split_plan) * HOST_SYNC_SECONDS
     a2a = all_to_all_bytes(model, layout, grad_accum)
     seconds += a2a / collective_bw(layout.expert_parallel_size, cluster)
     return seconds + offload_seconds(inv, layout, grad_accum) + nvme_seconds(inv, layout, grad_accum, cluster)

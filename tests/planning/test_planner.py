@@ -11,15 +11,21 @@ import pytest
 from lumina_ds.config.presets import get_preset
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import ConfigError, MemoryPlanError
-from lumina_ds.planning.memory import GIB, Layout, ParamInventory
+from lumina_ds.planning.layouts import zero_section
+from lumina_ds.planning.memory import GIB, Layout, ParamInventory, estimate_memory
 from lumina_ds.planning.plan_report import format_plan, plan_as_dict
 from lumina_ds.planning.planner import (
+    HOST_SYNC_SECONDS,
+    INTER_NODE_BW,
+    INTRA_NODE_BW,
     RECOMPUTE_FACTOR,
     Cluster,
     expert_parallel_sizes,
+    host_syncs,
+    hpz_choices,
     plan,
     step_seconds,
-    zero_comm_bytes,
+    zero_comm_seconds,
 )
 
 
@@ -75,9 +81,47 @@ def test_cost_model_recompute_and_zero3_traffic() -> None:
     compute = 1e9 * 2 * 4 * 4096 / (989e12 * 0.4)
     assert slow - fast == pytest.approx(compute * (RECOMPUTE_FACTOR - 1))
     # ZeRO-3 gathers params twice and reduces grads every micro-step; ZeRO-2 gathers once per step
-    z2, z3 = zero_comm_bytes(inv, base, 4), zero_comm_bytes(inv, replace(base, zero_stage=3), 4)
-    assert z2 == 4 * inv.total * 2 + inv.total * 2
-    assert z3 == 4 * inv.total * (2 * 2 + 2)
+    z2, z3 = zero_comm_seconds(inv, base, 4, cluster), zero_comm_seconds(inv, replace(base, zero_stage=3), 4, cluster)
+    assert z2 == pytest.approx((4 * inv.total * 2 + inv.total * 2) / INTRA_NODE_BW)
+    assert z3 == pytest.approx(4 * inv.total * (2 * 2 + 2) / INTRA_NODE_BW)
+
+
+def test_hpz_moves_the_backward_gathers_into_the_node_and_costs_a_secondary_copy() -> None:
+    """ZeRO++ hpZ on 4 nodes: the forward gather and the gradient reduction still cross nodes, the backward gather
+    and the recompute's read the node's copy over NVLink; each GPU holds 1/8 of the parameters more."""
+    run = get_preset("b7")
+    inv = ParamInventory.of(run.model)
+    cluster = Cluster(nodes=4, gpus_per_node=8, gpu_mem_gib=80)
+    z3 = Layout(zero_stage=3, gpus=32, seq_len=4096, micro_batch_size=2, recompute="full")
+    hpz = replace(z3, hpz_partition_size=8)
+    per_pass = 4 * inv.total * 2  # 4 micro-steps of 16-bit parameters
+    assert zero_comm_seconds(inv, z3, 4, cluster) == pytest.approx(4 * per_pass / INTER_NODE_BW)
+    assert zero_comm_seconds(inv, hpz, 4, cluster) == pytest.approx(2 * per_pass / INTER_NODE_BW
+                                                                     + 2 * per_pass / INTRA_NODE_BW)  # fmt: skip
+    extra = (
+        estimate_memory(run.model, hpz, inv).gpu["parameters"] - estimate_memory(run.model, z3, inv).gpu["parameters"]
+    )
+    assert extra == pytest.approx(inv.total * 2 / 8)
+    assert zero_section(hpz)["zero_hpz_partition_size"] == 8 and "zero_hpz_partition_size" not in zero_section(z3)
+    # offered at ZeRO-3 across nodes with EP 1 only: DeepSpeed 0.19.8 refuses it with AutoEP
+    assert hpz_choices(stage=3, ep=1, offload="none", cluster=cluster) == [1, 8]
+    assert hpz_choices(stage=3, ep=2, offload="none", cluster=cluster) == [1]
+    assert hpz_choices(stage=3, ep=1, offload="none", cluster=replace(cluster, nodes=1)) == [1]
+
+
+def test_autoep_host_syncs_cost_a_drain_per_moe_layer_and_pass_unless_the_split_plan_is_async() -> None:
+    run = get_preset("b100")
+    inv = ParamInventory.of(run.model)
+    cluster = Cluster(nodes=16, gpus_per_node=8, gpu_mem_gib=80)
+    layout = Layout(zero_stage=3, gpus=128, expert_parallel_size=8, seq_len=4096, recompute="full")
+    moe_layers = sum(run.model.moe.is_moe_layer(i) for i in range(run.model.num_layers))
+    assert host_syncs(run.model, layout, 4, async_split_plan=False) == 4 * 3 * moe_layers
+    assert host_syncs(run.model, layout, 4, async_split_plan=True) == 0
+    assert host_syncs(run.model, replace(layout, expert_parallel_size=1), 4, async_split_plan=False) == 0
+    args = dict(grad_accum=4, cluster=cluster, flops=1e9, mfu=0.4)
+    before = step_seconds(run.model, inv, layout, async_split_plan=False, **args)  # type: ignore[arg-type]
+    after = step_seconds(run.model, inv, layout, **args)  # type: ignore[arg-type]
+    assert before - after == pytest.approx(4 * 3 * moe_layers * HOST_SYNC_SECONDS)
 
 
 def _run(**dist: object):  # type: ignore[no-untyped-def]
