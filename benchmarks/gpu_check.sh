@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU paths that a CPU cannot run, in one pass of at most 8 minutes on one H100/H200 (each step has a time limit;
-# the limits add up to 475 s): training throughput and MFU against HF Mixtral in bf16 at a ~1B MoE and a ~1B dense
+# The GPU paths that a CPU cannot run, in one pass of at most 10 minutes on one H100/H200 (each step has a time limit;
+# the limits add up to 595 s): training throughput and MFU against HF Mixtral in bf16 at a ~1B MoE and a ~1B dense
 # configuration; flash-attn varlen against SDPA on document-masked packed rows; fp16 with loss scaling (50 steps, all
 # finite); the grouped-GEMM expert path against the loop (equality and speed); the memory model against
 # torch.cuda.max_memory_allocated for four ZeRO/recompute layouts; NCCL start-up, training + chat from its checkpoint,
-# and ZeRO-3 with optimizer offload. Each step reports FAILED and the next one still runs. At the end
+# ZeRO-3 with optimizer offload; the launch gate refusing b100 on the real GPU memory (E202, nothing written);
+# ZeRO-3 with optimizer and parameters on NVMe (ZeRO-Infinity). Each step reports FAILED and the next one still runs. At the end
 # gpu_check.json and gpu_check.md (benchmarks/gpu_check_steps.py report) summarise every step.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]             # OUT_DIR gets log.txt, the JSON, the table and each step's data
@@ -112,9 +113,17 @@ cuda_step train-debug 40 $PY -m lumina_ds train --preset debug "${DATA[@]}" "${C
 keep debug_auto
 cuda_step chat 20 $PY -m lumina_ds chat --checkpoint "$RUNS/debug_auto" --prompt "Explain RoPE briefly." \
     --max-tokens 48 --temperature 0.2 --seed 0
+# the launch-time plan on this machine's real memory: b100 refused (E202) in seconds, before any tokenizer or data
+step launch-gate 30 $PY $TOOLS refuses --limit-s 30 --output-dir "$RUNS/b100" E202 -- $PY -m lumina_ds train \
+    --preset b100 "${DATA[@]}" --output-dir "$RUNS" --experiment-name b100
 cuda_step zero3-offload-accum 40 $PY -m lumina_ds train --preset debug "${DATA[@]}" "${COMMON[@]}" --max-steps 12 \
     --experiment-name z3_offload --zero-stage 3 --offload optimizer --grad-accum 4 --eval-every-n-steps 12
 keep z3_offload
+# ZeRO-Infinity: optimizer states and parameters swapped to NVMe (here a directory) through DeepSpeed's AsyncIO op
+cuda_step zero3-nvme 90 $PY -m lumina_ds train --preset debug "${DATA[@]}" "${COMMON[@]}" --max-steps 12 \
+    --experiment-name z3_nvme --zero-stage 3 --offload optimizer+params --offload-device nvme \
+    --nvme-path "$OUT_DIR/nvme" --eval-every-n-steps 12
+keep z3_nvme
 if [ $DRY = 1 ]; then
     step validate-gpu-commands 0 $PY $TOOLS validate -- "${CUDA_ONLY[@]}"
 fi

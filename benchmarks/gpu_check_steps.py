@@ -143,7 +143,7 @@ def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     for layout in args.layout:
         checks, case = memory_case(layout, tiny=args.tiny)
         checks.run_config(case)  # validates the layout as training would
-        predicted = checks.predict(case)
+        predicted = checks.predict(case, 1.0, backend="auto" if torch.cuda.is_available() else "sdpa")
         row: dict[str, Any] = {"layout": layout, "case": dataclasses.asdict(case)}
         row.update(predicted_bytes=predicted["overall"], predicted_states_bytes=predicted["states"])
         if not args.validate_only:
@@ -171,7 +171,8 @@ def measure_memory(checks: ModuleType, case: Any, *, steps: int) -> dict[str, An
     engine = build_engine(model, run, info=info, total_steps=steps, precision=case.precision).engine
     losses = []
     for step in range(steps):
-        ids, labels, pos = (t.to(info.device) for t in checks.batch(case, run.model.vocab_size, step))
+        batch = checks.batch(case, run.model.vocab_size, step, micro=case.micro, seq=case.seq)
+        ids, labels, pos = (t.to(info.device) for t in batch)
         out = engine(ids, labels=labels, position_ids=pos)
         engine.backward(out["loss"])
         engine.step()
@@ -225,8 +226,28 @@ def fp16_summary(out: Path) -> dict[str, Any]:
     if not records:
         return {"ran": False}
     values = [r[k] for r in records for k in ("loss", "grad_norm") if isinstance(r.get(k), (int, float))]
-    return {"ran": True, "last_step": records[-1]["step"], "records": len(records),
-            "all_finite": all(math.isfinite(v) for v in values), "last_loss": records[-1]["loss"]}  # fmt: skip
+    last = records[-1]
+    return {"ran": True, "last_step": last["step"], "records": len(records),
+            "all_finite": all(math.isfinite(v) for v in values), "last_loss": last["loss"],
+            "overflow_steps": last.get("overflow_steps"), "loss_scale": last.get("loss_scale")}  # fmt: skip
+
+
+def refuses(code: str, argv: list[str], *, limit_s: float, out_dir: Path) -> dict[str, Any]:
+    """Run `argv`; it must exit 1 with `[code]` within `limit_s`, writing nothing under `out_dir` (the launch gate's
+    promise: a refusal before any tokenizer, data or model work). Raises SystemExit otherwise."""
+    import subprocess
+    import time
+
+    start = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=limit_s)
+    seconds = time.monotonic() - start
+    written = sorted(str(p) for p in out_dir.rglob("*")) if out_dir.exists() else []
+    row = {"code": code, "exit": done.returncode, "seconds": round(seconds, 1), "written": written,
+           "message": next((line for line in done.stderr.splitlines() if f"[{code}]" in line), "")[:300]}  # fmt: skip
+    print(json.dumps(row))
+    if done.returncode != 1 or f"[{code}]" not in done.stderr or written:
+        raise SystemExit(f"expected exit 1 with [{code}] and nothing written: {json.dumps(row)}")
+    return row
 
 
 def memory_rows(out: Path) -> list[dict[str, Any]]:
@@ -305,6 +326,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mem.add_argument("--tiny", action="store_true", help="the debug model at 2 x 64 (the dry run's size)")
     mem.add_argument("--validate-only", action="store_true", help="the prediction only, no run")
     mem.add_argument("--output", required=True, help="append the row here (JSON lines)")
+    ref = sub.add_parser("refuses", help="a command (after --) must exit 1 with [CODE], leaving --output-dir empty")
+    ref.add_argument("code")
+    ref.add_argument("--limit-s", type=float, default=30.0)
+    ref.add_argument("--output-dir", required=True, help="the command's output dir: must stay empty")
+    ref.add_argument("argv", nargs=argparse.REMAINDER)
     r = sub.add_parser("report", help="OUT_DIR/gpu_check.json and gpu_check.md from the steps' outputs")
     r.add_argument("out_dir")
     r.add_argument("--dry-run", action="store_true")
@@ -319,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
         moe_check(args)
     elif args.command == "memory":
         memory(args)
+    elif args.command == "refuses":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        refuses(args.code, argv, limit_s=args.limit_s, out_dir=Path(args.output_dir))
     else:
         report(args.out_dir, dry_run=args.dry_run)
 

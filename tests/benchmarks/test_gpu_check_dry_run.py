@@ -16,7 +16,7 @@ import pytest
 from tests.benchmarks.conftest import BENCHMARKS, load_benchmark
 
 STEPS = ["versions", "throughput-moe-1b", "throughput-dense-1b", "attention-varlen", "moe-paths", "memory-layouts",
-         "memory-z3-recompute-bf16", "validate-gpu-commands"]  # fmt: skip
+         "memory-z3-recompute-bf16", "launch-gate", "validate-gpu-commands"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,12 @@ def test_every_step_runs_and_passes(dry_run: Path) -> None:
     log = (dry_run / "log.txt").read_text()
     # the GPU-only commands went through lumina-ds's parser and config resolution, each with its own settings
     for line in ("valid: train fp16: precision fp16, ZeRO 1, 50 steps", "valid: chat",
-                 "valid: train z3_offload: precision auto, ZeRO 3, 12 steps"):  # fmt: skip
+                 "valid: train z3_offload: precision auto, ZeRO 3, 12 steps",
+                 "valid: train z3_nvme: precision auto, ZeRO 3, 12 steps"):  # fmt: skip
         assert line in log
+    # the launch gate refused b100 on this machine's memory, with nothing written
+    gate = next(json.loads(line) for line in log.splitlines() if line.startswith('{"code": "E202"'))
+    assert gate["exit"] == 1 and gate["written"] == [] and "E202" in gate["message"]
 
 
 @pytest.mark.slow
