@@ -98,9 +98,11 @@ def test_every_preset_run_adopts_its_planned_layout_and_flags_win() -> None:
     assert run.distributed.zero_stage == 2 and run.distributed.deepspeed["zero_optimization"]["reduce_bucket_size"]
     run = resolve(["--preset", "debug", "--train-data", TRAIN, "--zero-stage", "1"])
     assert run.distributed.zero_stage == 1 and "zero_optimization" not in run.distributed.deepspeed
-    run = resolve(["--preset", "b7", "--train-data", TRAIN], world_size=4)
-    assert (run.distributed.zero_stage, run.distributed.expert_parallel_size) == (1, 2)
-    assert (run.train.micro_batch_size, run.train.grad_accum) == (2, 16)
+    # b14's layout (ZeRO-1, EP 8, 1 x 32 rows per GPU for 8 GPUs) on 4: EP 8 does not divide 4, the largest that
+    # divides both the 8 experts and the 4 processes is taken; the rows per GPU stay
+    run = resolve(["--preset", "b14", "--train-data", TRAIN], world_size=4)
+    assert (run.distributed.zero_stage, run.distributed.expert_parallel_size) == (1, 4)
+    assert (run.train.micro_batch_size, run.train.grad_accum) == (1, 32)
 
 
 def test_a_yaml_config_is_taken_as_resolved(tmp_path: Path) -> None:

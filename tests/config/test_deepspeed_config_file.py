@@ -108,31 +108,31 @@ def test_auto_and_disabled_sections_agree(tmp_path: Path) -> None:
     assert run.distributed.deepspeed_config == str(path) and not owned_keys_in(run.distributed.deepspeed)
 
 
-def b7_run(world_size: int, *, expert_parallel_size: int | None = None) -> RunConfig:
-    """b7 (AutoEP size 2 planned for 8 GPUs) as `train --preset b7 --deepspeed-config ds_configs/b7.json` resolves it:
-    a 7B model's launch-time memory check is not the question here, so the layout is adopted directly."""
-    run = get_preset("b7")
+def b14_run(world_size: int, *, expert_parallel_size: int | None = None) -> RunConfig:
+    """b14 (AutoEP size 8 planned for 8 GPUs) as `train --preset b14 --deepspeed-config ds_configs/b14.json` resolves
+    it: a 14B model's launch-time memory check is not the question here, so the layout is adopted directly."""
+    run = get_preset("b14")
     explicit = set()
     if expert_parallel_size is not None:
         run.distributed.expert_parallel_size, explicit = expert_parallel_size, {"expert_parallel_size"}
-    layout = load_layout("b7")
+    layout = load_layout("b14")
     assert layout is not None
     adopt_layout(run, layout, world_size=world_size, explicit=explicit)
     run.train.precision = "mixed_bf16"
-    run.distributed.deepspeed_config = str(ROOT / "ds_configs" / "b7.json")
+    run.distributed.deepspeed_config = str(ROOT / "ds_configs" / "b14.json")
     return run
 
 
 def test_an_autoep_size_that_does_not_divide_the_world_is_a_note() -> None:
-    run = b7_run(world_size=3)
+    run = b14_run(world_size=3)
     assert run.distributed.expert_parallel_size == 1
     notes = check_deepspeed_file(run, world_size=3)
-    assert any("AutoEP size 2 does not divide the 3 here" in note for note in notes)
+    assert any("AutoEP size 8 does not divide the 3 here" in note for note in notes)
     assert any("made for 8 processes" in note for note in notes)
 
 
 def test_an_expert_parallel_flag_against_the_file_is_e002() -> None:
-    run = b7_run(world_size=8, expert_parallel_size=1)  # the file's 2 divides 8: the flag disagrees with it
+    run = b14_run(world_size=8, expert_parallel_size=1)  # the file's 8 divides 8: the flag disagrees with it
     with pytest.raises(LuminaError) as err:
         check_deepspeed_file(run, world_size=8)
     assert err.value.code == "E002" and "(this run: not set)" in err.value.message
