@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lumina_ds.distributed.collectives import create_control_group
+from lumina_ds.distributed.gloo_interface import choose_gloo_interface
 from lumina_ds.distributed.group_timeout import groups_wait
 from lumina_ds.distributed.launchers import LOCAL_WORLD_VARIABLES, detect_launch
 from lumina_ds.errors import ConfigError
@@ -243,6 +244,7 @@ def init_distributed(*, timeout_minutes: int = 120) -> DistInfo:
     """Start (or join) the default process group: NCCL on GPUs, gloo on CPU; collectives wait `timeout_minutes`."""
     configure_accelerator()
     ensure_rendezvous_env()
+    choose_gloo_interface()
     limit_cpu_threads()
     import deepspeed
     import torch.distributed as dist
