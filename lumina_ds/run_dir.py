@@ -322,12 +322,23 @@ def _heartbeat_age(holder: dict[str, Any], now: float) -> float | None:
     return now - float(beat) if isinstance(beat, int | float) and not isinstance(beat, bool) else None
 
 
+def launcher_job() -> str | None:
+    """The launcher's name for this job, the same in each of its relaunches: SLURM's job id (kept when the job is
+    requeued), else the run id the launcher was given (LUMINA_RUN_ID, or torchrun's --rdzv-id: TORCHELASTIC_RUN_ID,
+    "none" unless set; --standalone draws a new one per launch). None when there is none."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm job {os.environ['SLURM_JOB_ID']}"
+    run_id = os.environ.get("LUMINA_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return None if run_id == "none" else f"run id {run_id}"
+
+
 def _who(holder: dict[str, Any] | None, now: float) -> str:
     if holder is None:
         return "an unreadable lock (empty or not a lock)"
     age = _heartbeat_age(holder, now)
     beat = "no heartbeat" if age is None else f"heartbeat {max(age, 0.0):.0f} s old"
-    return f"pid {holder['pid']} on {holder['host']}, {beat}"
+    job = f", {holder['job']}" if holder.get("job") else ""
+    return f"pid {holder['pid']} on {holder['host']}{job}, {beat}"
 
 
 def _stale_reason(holder: dict[str, Any] | None, now: float) -> str | None:
@@ -337,6 +348,10 @@ def _stale_reason(holder: dict[str, Any] | None, now: float) -> str | None:
     age = _heartbeat_age(holder, now)
     if age is not None and age > LOCK_LEASE_S:
         return f"its heartbeat is older than the {LOCK_LEASE_S:.0f} s lease"
+    job = launcher_job()
+    if job is not None and holder.get("job") == job and holder.get("token") not in _HELD_TOKENS:
+        # a launcher starts a job's next launch only once the last one is gone: its lock is that launch's leftover
+        return f"it was left by an earlier launch of this job ({job})"
     if holder["host"] != socket.gethostname():
         return None  # its process cannot be checked from here: only the lease ends it
     if holder["pid"] == os.getpid():
@@ -349,8 +364,9 @@ class RunLock:
     """One run per run directory: two runs writing one directory interleave their metrics and mix checkpoints.
 
     The lock is a lease: while held, a daemon thread rewrites its heartbeat every LOCK_HEARTBEAT_S; a lock whose
-    heartbeat is older than LOCK_LEASE_S, that names a process gone from this host, or that cannot be read, is
-    stale and taken over with a warning. `force` breaks any lock."""
+    heartbeat is older than LOCK_LEASE_S, that an earlier launch of the same job left (launcher_job: a SLURM requeue,
+    a relaunch with the same run id, on any host), that names a process gone from this host, or that cannot be read,
+    is stale and taken over with a warning. `force` breaks any lock."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK_FILE
@@ -364,7 +380,8 @@ class RunLock:
         or, with `force`, broken."""
         now = time.time()
         token = uuid.uuid4().hex
-        self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "started": now}
+        self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "started": now,
+                        "job": launcher_job()}  # fmt: skip
         warning = None
         for _ in range(3):
             if self._create():

@@ -148,6 +148,39 @@ def test_a_lock_whose_heartbeat_is_older_than_the_lease_is_taken_over(tmp_path: 
     assert lock_content(tmp_path)["pid"] == os.getpid()
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "job"),
+    [("SLURM_JOB_ID", "4711", "slurm job 4711"), ("TORCHELASTIC_RUN_ID", "j42", "run id j42")],
+)
+def test_a_lock_an_earlier_launch_of_this_job_left_on_another_host_is_taken_over(
+    tmp_path: Path, lock: RunLock, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, job: str
+) -> None:
+    """A requeued SLURM job (same job id) or a relaunch with the same run id whose rank 0 lands on another node: the
+    lock its killed predecessor left has a fresh heartbeat and a process this host cannot check."""
+    for name in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LUMINA_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    write_lock(tmp_path, host="another-node", pid=1, job=job)
+    warning = lock.acquire()
+    assert warning is not None and f"pid 1 on another-node, {job}" in warning
+    assert f"left by an earlier launch of this job ({job})" in warning
+    assert lock_content(tmp_path)["job"] == job and lock_content(tmp_path)["pid"] == os.getpid()
+
+
+def test_a_lock_of_another_job_or_of_no_job_is_not_taken_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LUMINA_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    write_lock(tmp_path, host="another-node", pid=1, job="slurm job 4700")  # another job: its lease decides
+    with pytest.raises(CheckpointError, match=r"in use by another run \(pid 1 on another-node, slurm job 4700"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default run id names no job
+    write_lock(tmp_path, host="another-node", pid=1, job=None)
+    with pytest.raises(CheckpointError, match="in use by another run"):
+        RunLock(tmp_path).acquire()
+
+
 def test_a_lock_renewed_while_judged_stale_is_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Between our read (an old heartbeat) and our rename, its holder beat: the lock is put back, and E305."""
     fresh = write_lock(tmp_path)
