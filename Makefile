@@ -2,13 +2,14 @@
 # make test: install dev dependencies and Open MPI, lint, type-check, run the whole suite (what CI runs)
 # make test-fast: the suite without its `slow` tests (fresh-interpreter launches, benchmark smoke tests)
 # make test-nvme: the ZeRO-Infinity (NVMe offload) tests, after building DeepSpeed's AsyncIO op (CI runs it too)
+# make test-cluster: multi-host launches on hosts made of Linux namespaces, as root (CI runs it too)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO_DIR := runs/demo
 UV_VERSION := 0.13.10
 
-.PHONY: install dev system-deps demo test test-fast test-nvme lint typecheck pytest ops clean
+.PHONY: install dev system-deps demo test test-fast test-nvme test-cluster lint typecheck pytest ops clean
 
 $(VENV)/.installed: setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -36,6 +37,11 @@ system-deps:
 		echo "system-deps: libaio-dev"; \
 	else \
 		missing="$$missing libaio-dev"; \
+	fi; \
+	if command -v ip >/dev/null && command -v unshare >/dev/null; then \
+		echo "system-deps: iproute2, util-linux"; \
+	else \
+		missing="$$missing iproute2 util-linux"; \
 	fi; \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -76,12 +82,16 @@ ds-configs: $(VENV)/.installed
 
 # one worker per core; a test file's tests run together on one worker (its module and session fixtures built once)
 pytest: system-deps $(VENV)/.installed
-	$(BIN)/pytest -q -n auto --dist loadfile -m "not nvme"
+	$(BIN)/pytest -q -n auto --dist loadfile -m "not nvme and not cluster"
 
 test-fast: system-deps $(VENV)/.installed
-	$(BIN)/pytest -q -n auto --dist loadfile -m "not slow and not nvme"
+	$(BIN)/pytest -q -n auto --dist loadfile -m "not slow and not nvme and not cluster"
 
 # ZeRO-Infinity on the CPU accelerator: DeepSpeed's AsyncIO op (built here on first use), then the NVMe tests
+# hosts as network, UTS and mount namespaces (tests/cluster/harness.py); four ranks at a time: one worker
+test-cluster: system-deps $(VENV)/.installed
+	$(BIN)/pytest -q -m cluster tests/cluster
+
 test-nvme: system-deps $(VENV)/.installed
 	DS_ACCELERATOR=cpu $(PY) -c "$(BUILD_AIO)"
 	$(BIN)/pytest -q -m nvme
