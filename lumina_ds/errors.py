@@ -76,6 +76,8 @@ ERROR_CODES: dict[str, str] = {
     "more than 1e-4 on the probe batch (the export is left in place for inspection)",
     "E307": "`report`: a run has no metrics to draw: no metrics.jsonl at the path given, or not one complete training "
     "record in it (the run stopped before its first log line)",
+    "E308": "a rank lost contact with another mid-collective (its process or host stopped): the message names the lost "
+    "ranks and their host; the job stops on every rank, and a relaunch resumes from the last complete checkpoint",
 }
 
 

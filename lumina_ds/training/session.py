@@ -31,6 +31,7 @@ from lumina_ds.distributed.collectives import any_rank, min_over_ranks, shared_b
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.nvme import swap_space
+from lumina_ds.distributed.peers import lost_peer_error, where_ranks_run
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import CheckpointError, ConfigError, DataError, LuminaError, MemoryPlanError
 from lumina_ds.hf.source import open_model_source
@@ -199,11 +200,18 @@ def train(run: RunConfig, *, force_unlock: bool = False) -> dict[str, Any]:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir_shared(run_dir, info)  # collective: every rank raises together
-    with (
-        run_lock(run_dir, info, force=force_unlock),
-        swap_space(run.distributed, experiment=run.logging.experiment_name, rank=info.rank),
-    ):
-        summary = train_in(run, info, precision)
+    peers = where_ranks_run()  # so that a lost connection names the ranks it lost (E308)
+    try:
+        with (
+            run_lock(run_dir, info, force=force_unlock),
+            swap_space(run.distributed, experiment=run.logging.experiment_name, rank=info.rank),
+        ):
+            summary = train_in(run, info, precision)
+    except RuntimeError as exc:
+        lost = lost_peer_error(exc, peers, rank=info.rank)
+        if lost is None:
+            raise
+        raise lost from exc
     summary["run_dir"] = str(run_dir)
     return summary
 

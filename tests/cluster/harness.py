@@ -9,6 +9,7 @@ here; everything is torn down at exit, and every wait is bounded. Needs root and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -59,10 +60,13 @@ class Host:
         return proc
 
     def kill(self) -> None:
-        """What a node failure does to its processes: SIGKILL, no cleanup."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        """What a node failure does to its processes: SIGKILL to every process in the host's network namespace (a
+        launcher's workers may be in sessions of their own), no cleanup."""
+        for _ in range(3):  # a process forking meanwhile is caught by the next pass
+            pids = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True, timeout=30)
+            for pid in map(int, pids.stdout.split()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for proc in self.procs:
             proc.wait(timeout=30)
 
