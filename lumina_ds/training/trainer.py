@@ -141,19 +141,21 @@ class Trainer:
         return "max_steps"
 
     def _after_step(self, start: float) -> str | None:
-        """Log, evaluate, save and check signals after step `state.step`; a reason to stop, if any."""
+        """Log, check signals, evaluate and save after step `state.step`; a reason to stop, if any. A stop signal is
+        checked before the evaluation: the time a scheduler's warning leaves goes to the checkpoint (saved by
+        _finish), not to an evaluation."""
         for cb in self.callbacks:
             cb.on_step(self.state.step)
         if self.state.step % self.logging.log_every_n_steps == 0 or self.state.step == self.total_steps:
             self._log(time.time() - start)
+        if self._signalled():
+            return f"signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
         evaluate_now = self.eval_data is not None and self.state.step % self.train_config.eval_every_n_steps == 0
         if evaluate_now and self._evaluate_and_check_patience():
             return "early stopping"
         if self.checkpoints.due(self.state.step):
             self.save()
             self._last_saved = self.state.step
-        if self._signalled():
-            return f"signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
         return None
 
     # ---- divergence: rewind or stop ----------------------------------------------------------------
@@ -218,7 +220,8 @@ class Trainer:
         return 128 + int(self._stop_signal) if self._stop_signal is not None else 0
 
     def _finish(self, stop_reason: str, elapsed: float) -> dict[str, Any]:
-        if self.eval_data is not None and (not self.state.history or self.state.history[-1]["step"] != self.state.step):
+        evaluated = bool(self.state.history) and self.state.history[-1]["step"] == self.state.step
+        if self.eval_data is not None and not evaluated and self._stop_signal is None:
             self._evaluate_and_check_patience()
         if self._last_saved != self.state.step:
             self.save()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lumina_ds.training.checkpoint_files import file_digest
-from tests.runs import FAST, TRAIN, here, read_metrics, start_ranks
+from tests.runs import EVAL, FAST, TRAIN, here, read_metrics, start_ranks
 
 
 class RunsCode:
@@ -65,10 +65,11 @@ def test_a_signal_to_one_of_two_ranks_stops_both_with_a_checkpoint_and_exit_128_
     workdir: Path, tokenizer_file: Path, sig: signal.Signals
 ) -> None:
     """SLURM's usual warning signal (sbatch --signal=USR1@120) used to kill the run without a checkpoint, and a run
-    stopped by SIGTERM exited 0, like a finished one."""
+    stopped by SIGTERM exited 0, like a finished one. The stop saves without evaluating first (an evaluation spent
+    the time the warning leaves for the checkpoint)."""
     group = start_ranks(["train", *FAST, "--train-data", TRAIN, "--tokenizer", str(tokenizer_file), "--max-steps",
-                         "10000", "--save-every-n-steps", "100000", "--experiment-name", "sig", "--no-progress-bar"],
-                        cwd=workdir)  # fmt: skip
+                         "10000", "--save-every-n-steps", "100000", "--experiment-name", "sig", "--no-progress-bar",
+                         "--eval-data", EVAL, "--eval-every-n-steps", "100000"], cwd=workdir)  # fmt: skip
     metrics = workdir / "runs" / "sig" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.monotonic() < deadline:
@@ -78,8 +79,10 @@ def test_a_signal_to_one_of_two_ranks_stops_both_with_a_checkpoint_and_exit_128_
     assert done.returncode == 128 + sig, done.stderr[-3000:]
     assert all(p.exitcode == 128 + sig for p in group.processes)  # both ranks stopped at the same step boundary
     assert f"stop_reason=signal {sig.name}" in done.stdout
-    last = read_metrics(workdir / "runs" / "sig")[0][-1]["step"]
+    logs, evaluations = read_metrics(workdir / "runs" / "sig")
+    last = logs[-1]["step"]
     assert (workdir / "runs" / "sig" / "checkpoints" / f"step_{last:08d}" / "complete.json").exists()
+    assert evaluations == []  # a finished run evaluates at its end; a signalled one only saves
     assert (workdir / "runs" / "sig" / "report.png").stat().st_size > 0  # rank 0 draws it at a signal stop
 
 
