@@ -2,7 +2,7 @@
 # make test: install dev dependencies and Open MPI, lint, type-check, run the whole suite (what CI runs)
 # make test-fast: the suite without its `slow` tests (fresh-interpreter launches, benchmark smoke tests)
 # make test-nvme: the ZeRO-Infinity (NVMe offload) tests, after building DeepSpeed's AsyncIO op (CI runs it too)
-# make test-cluster: multi-host launches on hosts made of Linux namespaces, as root (CI runs it too)
+# make test-cluster: multi-host launches (torchrun, SLURM) on hosts made of Linux namespaces, as root (CI runs it too)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -42,6 +42,11 @@ system-deps:
 		echo "system-deps: iproute2, util-linux"; \
 	else \
 		missing="$$missing iproute2 util-linux"; \
+	fi; \
+	if command -v slurmctld >/dev/null && command -v munged >/dev/null; then \
+		echo "system-deps: $$(slurmctld -V), munge"; \
+	else \
+		missing="$$missing slurm-wlm munge"; \
 	fi; \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \

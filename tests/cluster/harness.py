@@ -43,11 +43,14 @@ class Host:
     address: str
     scratch: Path  # what this host sees at the cluster's node-local path
     node_local: Path
+    hosts_file: Path  # bound over /etc/hosts inside the host
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def command(self, argv: list[str]) -> list[str]:
-        """`argv` run as this host: in its network namespace, with its hostname and its node-local scratch."""
-        setup = f'hostname {self.name} && mount --bind "{self.scratch}" "{self.node_local}" && exec "$@"'
+        """`argv` run as this host: in its network namespace, with its hostname, its node-local scratch, and the
+        cluster's names in /etc/hosts (as a cluster's DNS resolves its nodes)."""
+        setup = (f'hostname {self.name} && mount --bind "{self.scratch}" "{self.node_local}" && '
+                 f'mount --bind "{self.hosts_file}" /etc/hosts && exec "$@"')  # fmt: skip
         return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--mount", "--propagation", "private",
                 "sh", "-c", setup, "sh", *argv]  # fmt: skip
 
@@ -81,10 +84,13 @@ class LocalCluster:
         self.root = root
         node_local = root / NODE_LOCAL
         node_local.mkdir(parents=True, exist_ok=True)
+        hosts_file = root / "etc_hosts"
         self.hosts = [
-            Host(f"host{i}", f"lh{tag}x{i}", f"{subnet}.{i + 1}", root / f"scratch_host{i}", node_local)
+            Host(f"host{i}", f"lh{tag}x{i}", f"{subnet}.{i + 1}", root / f"scratch_host{i}", node_local, hosts_file)
             for i in range(n)
         ]
+        names = "".join(f"{h.address} {h.name}\n" for h in self.hosts)
+        hosts_file.write_text(f"127.0.0.1 localhost\n{names}")
 
     def __enter__(self) -> LocalCluster:
         try:
