@@ -43,7 +43,11 @@ def test_a_slurm_job_warned_before_its_time_limit_checkpoints_requeues_and_resum
             slurm.run("scancel", "--signal=USR1", str(job))  # the time limit's warning: to the job's steps
             requeued = lambda: "JobState=PENDING" in slurm.run("scontrol", "show", "job", str(job))  # noqa: E731
             slurm.wait(requeued, "the script's requeue", 120)
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # SLURM holds a requeued job ~2 min
+            # SLURM holds a requeued job ~2 minutes; lifted once the first launch has left both nodes (lifted while
+            # its batch script was still ending, the next launch failed at once)
+            idle = lambda: slurm.run("sinfo", "-h", "-o", "%t").split() == ["idle"]  # noqa: E731
+            slurm.wait(idle, "the first launch to leave the nodes", 120)
+            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
             done = lambda: max(losses(run_dir), default=0) == STEPS  # noqa: E731
             slurm.wait(done, "the requeued job's last step", 300)
             slurm.wait(lambda: "COMPLETED" in slurm.run("scontrol", "show", "job", str(job)), "the job's end", 60)
