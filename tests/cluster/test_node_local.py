@@ -6,31 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lumina_ds.distributed.env import free_port
-from tests.cluster.harness import NODE_LOCAL, LocalCluster, wait_all
-from tests.cluster.test_two_hosts import RUN_TIMEOUT_S, torchrun, train_argv
-from tests.runs import child_env
-
-
-def on_two_hosts(root: Path, argv: list[str], name: str) -> tuple[list[int], str]:
-    with LocalCluster(2, root=root) as cluster:
-        master, port = cluster.hosts[0].address, free_port()
-        procs = [host.start([*torchrun(nodes=2, node_rank=i, master=master, port=port, run_id=name), *argv],
-                            env=child_env(2), log=root / f"{name}.{host.name}.log", cwd=root)
-                 for i, host in enumerate(cluster.hosts)]  # fmt: skip
-        codes = wait_all(procs, timeout=RUN_TIMEOUT_S)
-    return codes, "\n".join((root / f"{name}.host{i}.log").read_text() for i in range(2))
+from tests.cluster.harness import NODE_LOCAL
+from tests.cluster.test_two_hosts import on_two_hosts, train_argv
 
 
 def test_a_run_directory_on_node_local_disks_is_refused_and_shards_there_work(tmp_path: Path, shared_run: Path) -> None:
     tokenizer, local = shared_run / "tokenizer.json", tmp_path / NODE_LOCAL
     argv = train_argv(tokenizer, "local", ["--output-dir", str(local / "runs")])
-    codes, logs = on_two_hosts(tmp_path, argv, "local")
+    codes, logs = on_two_hosts(tmp_path, argv, run_id="local")
     assert codes == [1, 1], logs[-3000:]
     assert f"[E003] the run directory {local / 'runs' / 'local'} is not shared by the 4 ranks" in logs
     assert not (tmp_path / "scratch_host0" / "runs" / "local" / "checkpoints").exists()  # nothing trained
     argv = train_argv(tokenizer, "shards", ["--data-strategy", "sharded", "--prepared-dir", str(local / "prepared")])
-    codes, logs = on_two_hosts(tmp_path, argv, "shards")
+    codes, logs = on_two_hosts(tmp_path, argv, run_id="shards")
     assert codes == [0, 0], logs[-3000:]
     for host in ("host0", "host1"):  # each host built its own shards on its own disk
         assert list((tmp_path / f"scratch_{host}" / "prepared").rglob("part-*.tokens.npy")), host

@@ -30,15 +30,15 @@ def torchrun(*, nodes: int, node_rank: int, master: str, port: int, run_id: str)
             "--master-port", str(port), "--rdzv-id", run_id]  # fmt: skip
 
 
-def on_two_hosts(root: Path, argv: list[str], *, run_id: str) -> None:
+def on_two_hosts(root: Path, argv: list[str], *, run_id: str) -> tuple[list[int], str]:
+    """torchrun on two new hosts (host0 the master); every host's exit code and both logs (`<run_id>.<host>.log`)."""
     with LocalCluster(2, root=root) as cluster:
         master, port = cluster.hosts[0].address, free_port()
         procs = [host.start([*torchrun(nodes=2, node_rank=i, master=master, port=port, run_id=run_id), *argv],
-                            env=child_env(2), log=root / f"{host.name}.log", cwd=root)
+                            env=child_env(2), log=root / f"{run_id}.{host.name}.log", cwd=root)
                  for i, host in enumerate(cluster.hosts)]  # fmt: skip
         codes = wait_all(procs, timeout=RUN_TIMEOUT_S)
-    logs = "\n".join((root / f"host{i}.log").read_text()[-3000:] for i in range(2))
-    assert codes == [0, 0], logs
+    return codes, "\n".join((root / f"{run_id}.host{i}.log").read_text() for i in range(2))
 
 
 def on_one_host(root: Path, argv: list[str]) -> None:
@@ -56,7 +56,8 @@ def test_two_hosts_of_two_ranks_train_like_four_ranks_on_one(
     tmp_path: Path, shared_run: Path, layout: list[str]
 ) -> None:
     tokenizer = shared_run / "tokenizer.json"
-    on_two_hosts(tmp_path, train_argv(tokenizer, "two_hosts", layout), run_id="two-hosts")
+    codes, logs = on_two_hosts(tmp_path, train_argv(tokenizer, "two_hosts", layout), run_id="two-hosts")
+    assert codes == [0, 0], logs[-6000:]
     on_one_host(tmp_path, train_argv(tokenizer, "one_host", layout))
     got, expected = losses(tmp_path / "runs" / "two_hosts"), losses(tmp_path / "runs" / "one_host")
     assert sorted(got) == list(range(1, 7))
