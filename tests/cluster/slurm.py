@@ -15,6 +15,9 @@ from pathlib import Path
 from tests.cluster.harness import LocalCluster
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+# a job step credential's lifetime (SLURM's default 120 s): slurmd refuses a requeued job until the credentials it
+# revoked for the last launch expire, and slurmctld holds a requeued job that long
+CRED_EXPIRE_S = 10
 
 
 def slurm_unavailable() -> str | None:
@@ -30,7 +33,7 @@ SlurmctldHost={head.name}({head.address})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={socket}
+AuthInfo=socket={socket},cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -1,7 +1,9 @@
 """SLURM between two namespace hosts: `sbatch launch/slurm/train.sbatch` as a user submits it (2 nodes x 2 tasks,
-plain srun), pre-empted by the warning signal SLURM sends before a time limit (`scancel --signal=USR1`, what
-`--signal=USR1@LEAD` does): every rank saves and exits 138, the script requeues the job, and the requeued job resumes
-and trains the losses of an uninterrupted run."""
+plain srun), stopped two ways, then resumed with the losses of an uninterrupted run:
+- the warning SLURM sends before a time limit (`scancel --signal=USR1`, what `--signal=USR1@LEAD` does): every rank
+  saves and exits 138, and the script requeues the job;
+- pre-emption (`scontrol requeue`): SLURM sends SIGTERM to the job and requeues it; every rank saves and exits 143
+  within the KillWait grace."""
 
 from __future__ import annotations
 
@@ -19,10 +21,15 @@ from tests.runs import FAST, ROOT, TRAIN, child_env, losses
 pytestmark = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
 
 STEPS = 100
+STOPS = {  # how the first launch is stopped: the command, and what its output then says
+    "time-limit-warning": (["scancel", "--signal=USR1"], ["stop_reason=signal SIGUSR1", "requeueing job"]),
+    "scontrol-requeue": (["scontrol", "requeue"], ["stop_reason=signal SIGTERM"]),
+}
 
 
-def test_a_slurm_job_warned_before_its_time_limit_checkpoints_requeues_and_resumes_exactly(
-    tmp_path: Path, shared_run: Path
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_stopped_slurm_job_checkpoints_is_requeued_and_resumes_exactly(
+    tmp_path: Path, shared_run: Path, stop: str
 ) -> None:
     tokenizer = shared_run / "tokenizer.json"
     flags = [*FAST, "--train-data", TRAIN, "--tokenizer", str(tokenizer), "--precision", "fp32", "--zero-stage", "2",
@@ -40,21 +47,17 @@ def test_a_slurm_job_warned_before_its_time_limit_checkpoints_requeues_and_resum
                                 "slurm"], env=env, cwd=ROOT)  # fmt: skip
             tag = run_dir / "checkpoints" / "step_00000008" / "complete.json"
             slurm.wait(tag.exists, "the first checkpoints", 240)
-            slurm.run("scancel", "--signal=USR1", str(job))  # the time limit's warning: to the job's steps
+            command, expected_lines = STOPS[stop]
+            slurm.run(*command, str(job))
             requeued = lambda: "JobState=PENDING" in slurm.run("scontrol", "show", "job", str(job))  # noqa: E731
-            slurm.wait(requeued, "the script's requeue", 120)
-            # SLURM holds a requeued job ~2 minutes; lifted once the first launch has left both nodes (lifted while
-            # its batch script was still ending, the next launch failed at once)
-            idle = lambda: slurm.run("sinfo", "-h", "-o", "%t").split() == ["idle"]  # noqa: E731
-            slurm.wait(idle, "the first launch to leave the nodes", 120)
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            slurm.wait(requeued, "the requeue", 120)
             done = lambda: max(losses(run_dir), default=0) == STEPS  # noqa: E731
             slurm.wait(done, "the requeued job's last step", 300)
             slurm.wait(lambda: "COMPLETED" in slurm.run("scontrol", "show", "job", str(job)), "the job's end", 60)
             out = (tmp_path / f"slurm-{job}.out").read_text()
         finally:
             slurm.stop()
-    assert "stop_reason=signal SIGUSR1" in out and f"requeueing job {job}" in out, out[-4000:]
+    assert all(line in out for line in expected_lines), out[-4000:]
     assert out.count("lumina-ds: 2 node(s) x 2 GPUs") == 2  # the script ran twice: once, then requeued
     on_one_host(tmp_path, train_argv(tokenizer, "uninterrupted", ["--zero-stage", "2", "--expert-parallel-size", "2",
                                                                   "--max-steps", str(STEPS)]))  # fmt: skip
