@@ -45,7 +45,8 @@ from lumina_ds.distributed.ds_config import fp32_grad_accumulation
 from lumina_ds.models.config import ModelConfig, MoEConfig
 from lumina_ds.models.moe import rank_load_imbalance
 from lumina_ds.planning.layouts import planned_extras
-from lumina_ds.planning.memory import Layout, estimate_memory, precision_bytes, with_bucket_rules
+from lumina_ds.planning.memory import estimate_memory
+from lumina_ds.planning.memory_inputs import Layout, precision_bytes, with_bucket_rules
 
 STEPS = 3
 MMAP_THRESHOLD = 1 << 16  # bytes: larger allocations are mmapped and returned to the system when freed

@@ -35,7 +35,8 @@ def one_row(args: argparse.Namespace, mode: str, compiled: bool) -> dict[str, fl
     import torch
 
     from lumina_ds.config.presets import get_preset
-    from lumina_ds.planning.memory import Layout, activation_bytes
+    from lumina_ds.planning.activations import activation_bytes
+    from lumina_ds.planning.memory_inputs import Layout
 
     torch.manual_seed(0)
     config = get_preset(args.preset).model

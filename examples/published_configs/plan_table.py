@@ -32,7 +32,7 @@ def row(model: Path, nodes: int) -> str:
     from lumina_ds.cli.plan import plan_of, run_of
     from lumina_ds.errors import MemoryPlanError
     from lumina_ds.models.counting import count_parameters
-    from lumina_ds.planning.memory import GIB
+    from lumina_ds.planning.memory_inputs import GIB
 
     given = str(model.relative_to(ROOT))
     args = parse(["plan", "--model", given, "--nodes", str(nodes), "--gpus-per-node", "8", "--gpu", "h100"])

@@ -169,7 +169,8 @@ def cmd_analyze_memory(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from lumina_ds.distributed.preflight import preflight
-    from lumina_ds.planning.memory import Layout, estimate_memory, format_breakdown, with_bucket_rules
+    from lumina_ds.planning.memory import estimate_memory, format_breakdown
+    from lumina_ds.planning.memory_inputs import Layout, with_bucket_rules
 
     run = run_of(args, seq_len=args.sequence_length)
     run.distributed.zero_stage, run.distributed.expert_parallel_size = args.zero_stage, args.expert_parallel_size

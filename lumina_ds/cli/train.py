@@ -220,7 +220,8 @@ def warn_if_checkpoints_outgrow_disk(run: RunConfig) -> None:
 
     from lumina_ds.distributed.ds_config import select_precision
     from lumina_ds.planning.environment import existing_parent
-    from lumina_ds.planning.memory import GIB, ParamInventory, checkpoint_tag_bytes
+    from lumina_ds.planning.memory import checkpoint_tag_bytes
+    from lumina_ds.planning.memory_inputs import GIB, ParamInventory
 
     tag = checkpoint_tag_bytes(ParamInventory.of(run.model), precision=select_precision(run.train.precision),
                                zero_stage=run.distributed.zero_stage)  # fmt: skip

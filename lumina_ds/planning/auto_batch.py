@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lumina_ds.config.run import RunConfig
-from lumina_ds.planning.memory import GIB, Layout, estimate_memory, with_bucket_rules
+from lumina_ds.planning.memory import estimate_memory
+from lumina_ds.planning.memory_inputs import GIB, Layout, with_bucket_rules
 
 
 @dataclass(frozen=True)

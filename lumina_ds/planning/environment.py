@@ -254,7 +254,8 @@ class PresetCheck:
 def model_states_bytes(run: Any, *, precision: str, ranks: int) -> tuple[int, float]:
     """(parameters, bytes of parameters + gradients + optimizer states on all ranks of this machine) at ZeRO-3:
     the least any layout holds (ZeRO-3 shards every state; activations and buffers come on top)."""
-    from lumina_ds.planning.memory import Layout, ParamInventory, model_state_bytes
+    from lumina_ds.planning.memory import model_state_bytes
+    from lumina_ds.planning.memory_inputs import Layout, ParamInventory
 
     inventory = ParamInventory.of(run.model)
     memory_precision = "mixed_bf16" if precision == "auto" else precision

@@ -21,7 +21,8 @@ from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.ds_config import fp32_grad_accumulation
 from lumina_ds.errors import MemoryPlanError
 from lumina_ds.planning.hardware import gpu_spec_of_device
-from lumina_ds.planning.memory import GIB, Layout, MemoryEstimate, ParamInventory, estimate_memory, with_bucket_rules
+from lumina_ds.planning.memory import MemoryEstimate, estimate_memory
+from lumina_ds.planning.memory_inputs import GIB, Layout, ParamInventory, with_bucket_rules
 from lumina_ds.planning.planner import (
     DEFAULT_HEADROOM,
     DEFAULT_MFU,

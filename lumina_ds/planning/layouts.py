@@ -20,7 +20,7 @@ from lumina_ds.distributed.ds_config import build_ds_config
 from lumina_ds.distributed.expert_parallel import autoep_section
 from lumina_ds.models.transformer import meta_transformer
 from lumina_ds.planning.hardware import gpu_spec
-from lumina_ds.planning.memory import GIB, Layout
+from lumina_ds.planning.memory_inputs import GIB, Layout
 from lumina_ds.planning.planner import Cluster, Plan
 
 # The cluster each checked-in layout is planned for: H100 SXM 80 GB (79.1 GiB as torch reports it), 1 TB host per node

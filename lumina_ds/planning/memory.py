@@ -1,179 +1,37 @@
-"""Per-GPU memory model: model states under ZeRO 0-3 with expert parallelism and offload, activations, buffers.
+"""Per-GPU memory model: model states under ZeRO 0-3 with expert parallelism and offload, activations
+(planning/activations.py), buffers, what a process holds outside torch's allocator, and host and NVMe per node.
 
-Pure arithmetic on a meta-device build (nothing is allocated). Model states follow what DeepSpeed 0.19.8 holds:
+Pure arithmetic on a meta-device build (nothing is allocated). Model states follow what DeepSpeed 0.19.8 holds
+(bytes per precision: planning/memory_inputs.py):
 
 - ZeRO shards non-expert ("dense") parameters over all ranks and expert parameters over the expert-data-parallel
   group (world / ep) after expert parallelism gave each rank 1/ep of the experts. Either way every rank owns
   (dense + experts) / world of the sharded states.
-- Mixed precision (mixed_bf16, mixed_fp16, fp16): 16-bit params (2) and grads (2), plus for the optimizer an fp32
-  master copy (4), an fp32 gradient partition (4) and Adam's m and v (8): 2 + 2 + 16 bytes/param, the "18" of
-  DeepSpeed's estimators being 2 (16-bit grads) + 16 once gradients are sharded. Pure bf16 keeps master, master
-  grads and Adam states in bf16 (2 + 2 + 8). fp32 keeps 4-byte params and grads; ZeRO >= 1 still clones an fp32
-  master partition (4) and flattens an fp32 gradient partition (4); ZeRO-0 fp32 is plain torch AdamW (4 + 4 + 8).
-- ZeRO-3 keeps parameters below the persistence threshold whole on every rank, and gathers one module at a time:
-  the largest module's 16-bit params and grads are live at once (the `4 * largest_layer_params` of DeepSpeed's
-  ZeRO-3 estimator), plus the prefetch bucket. Its optimizer converts the 16-bit gradient partition to fp32 one
-  sub-group (<= 1e9 elements) at a time, so ZeRO-3 holds 2 + 2 + 12 bytes/param plus 4 per sub-group element
-  (DeepSpeed's ZeRO-3 estimator counts 18 bytes/param and leaves out the 16-bit gradient partition).
-
-Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"):
-attention + norms store 15·sbh bytes at 16 bits plus 5·a·s²·b when attention scores are materialised (our SDPA
-kernels do not store them on GPU); the feed-forward term is counted for our SwiGLU/MoE layers instead of their
-19·sbh GELU MLP. With full recompute each layer keeps only its 2·sbh-byte input, plus one layer's activations
-while it is recomputed.
+- ZeRO-3 keeps parameters below the persistence threshold whole on every rank, and keeps gathered what its trace
+  uses again within `stage3_max_reuse_distance` (zero3_live_elements), plus the prefetch bucket. Its optimizer
+  converts the 16-bit gradient partition to fp32 one sub-group (<= 1e9 elements) at a time, so ZeRO-3 holds
+  2 + 2 + 12 bytes/param plus 4 per sub-group element (DeepSpeed's ZeRO-3 estimator counts 18 bytes/param and
+  leaves out the 16-bit gradient partition).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from lumina_ds.errors import ConfigError
 from lumina_ds.models.config import ModelConfig
-from lumina_ds.models.counting import component_of, count_parameters, module_sizes
-from lumina_ds.models.loss import chunk_tokens_for
-from lumina_ds.models.moe import DROPLESS_IMBALANCE, worst_rank_load
-
-GIB = 1024**3
-HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor for host memory (pinned buffers)
-FRAGMENTATION_MARGIN = 0.08  # caching-allocator fragmentation on top of everything counted
-# outside torch's allocator, per process (runtime_bytes): to be confirmed on a GPU (benchmarks/gpu_check.sh)
-CUDA_CONTEXT_BYTES = 0.75 * GIB  # the CUDA context with its kernels loaded, cuBLAS and cuDNN workspaces
-NCCL_COMMUNICATOR_BYTES = 0.65 * GIB  # one communicator's channel buffers (NVIDIA/nccl#964: 544-688 MB a group)
-CPU_PROCESS_BYTES = 0.5 * GIB  # a CPU rank: torch, DeepSpeed, its engine, gloo (memory_check.py: ~0.4 GiB RSS)
-WEIGHTS_SHARD_BYTES = 5 * GIB  # CheckpointConfig.weights_shard_mb's default
-
-
-@dataclass(frozen=True)
-class PrecisionBytes:
-    """Bytes per parameter of each model state, and per stored activation element."""
-
-    param: int
-    grad: int
-    master: int  # the optimizer's copy of the weights (0: the optimizer updates the params in place)
-    master_grad: int  # gradients handed to the optimizer in the master dtype
-    optim: int  # Adam exp_avg + exp_avg_sq
-    act: int
-
-    @property
-    def optimizer_side(self) -> int:
-        return self.master + self.master_grad + self.optim
-
-
-def precision_bytes(precision: str, zero_stage: int) -> PrecisionBytes:
-    """What DeepSpeed holds per parameter for a precision mode (`auto` plans for a bf16 GPU: mixed_bf16)."""
-    if precision in ("auto", "mixed_bf16", "mixed_fp16", "fp16"):
-        return PrecisionBytes(param=2, grad=2, master=4, master_grad=4, optim=8, act=2)
-    if precision == "bf16":
-        assert zero_stage > 0, "pure bf16 needs ZeRO 1-3 (RunConfig.validate refuses it; the planner skips it)"
-        return PrecisionBytes(param=2, grad=2, master=2, master_grad=2, optim=4, act=2)
-    if precision == "fp32":
-        if zero_stage == 0:
-            return PrecisionBytes(param=4, grad=4, master=0, master_grad=0, optim=8, act=4)
-        return PrecisionBytes(param=4, grad=4, master=4, master_grad=4, optim=8, act=4)
-    raise ConfigError("E002", f"unknown precision {precision!r}")
-
-
-@dataclass(frozen=True)
-class ParamInventory:
-    """Parameter numels of a model, split into routed-expert and other ("dense") parameters."""
-
-    dense_sizes: tuple[int, ...]  # numel of every non-expert parameter (tied weights once)
-    expert_sizes: tuple[int, ...]  # numel of every routed-expert parameter, all experts of a layer together
-    largest_dense_module: int  # most non-expert params one module holds directly (what ZeRO-3 gathers at once)
-    largest_expert_module: int  # params of one layer's experts (all E; divide by ep for one rank's share)
-    # per module in forward order, its own parameters as (parameter id, numel, is expert); empty: the ZeRO-3 working
-    # set is the largest module alone
-    trace: tuple[tuple[tuple[int, int, bool], ...], ...] = ()
-
-    @property
-    def dense(self) -> int:
-        return sum(self.dense_sizes)
-
-    @property
-    def experts(self) -> int:
-        return sum(self.expert_sizes)
-
-    @property
-    def total(self) -> int:
-        return self.dense + self.experts
-
-    @classmethod
-    def of(cls, config: ModelConfig) -> ParamInventory:
-        """From a meta-device build: the module tree training uses."""
-        sizes = module_sizes(config)
-        dense: list[int] = []
-        experts: list[int] = []
-        for name, numel in sizes.params:
-            (experts if component_of(name) == "experts" else dense).append(numel)
-        largest_dense, largest_expert = 0, 0
-        for name, own in sizes.modules:
-            if name.endswith(".experts"):
-                largest_expert = max(largest_expert, own)
-            else:
-                largest_dense = max(largest_dense, own)
-        index = {name: (i, numel, component_of(name) == "experts") for i, (name, numel) in enumerate(sizes.params)}
-        trace = tuple(tuple(index[name] for name in names) for names in sizes.owned if names)
-        return cls(tuple(dense), tuple(experts), largest_dense, largest_expert, trace)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a run is laid out on the cluster; the bucket sizes are DeepSpeed's config keys (elements)."""
-
-    zero_stage: int
-    gpus: int
-    gpus_per_node: int = 8
-    expert_parallel_size: int = 1
-    micro_batch_size: int = 1
-    seq_len: int = 4096
-    recompute: str = "none"  # activation checkpointing: none, full, attention or moe (TrainConfig.recompute)
-    precision: str = "mixed_bf16"
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    offload_device: str = "cpu"  # where offloaded states live: host memory, or NVMe files (ZeRO-Infinity)
-    reduce_bucket_size: int = 500_000_000
-    prefetch_bucket_size: int = 50_000_000
-    persistence_threshold: int = 100_000
-    overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only)
-    attention_scores_stored: bool = False  # True for eager attention; SDPA/flash kernels recompute them
-    sub_group_size: int = 1_000_000_000  # ZeRO-3 converts gradients to fp32 one sub-group at a time
-    max_reuse_distance: int = 1_000_000_000  # ZeRO-3 keeps a parameter gathered if used again within this many
-    zero_init: bool = True  # ZeRO-3 builds the model partitioned (deepspeed.zero.Init)
-    device: str = "gpu"  # gpu, or cpu: the process cost runtime_bytes counts
-    grad_accum: int = 1  # micro-batches per optimizer step: gradients then outlive a backward
-    grad_accum_fp32: bool = False  # mixed_bf16 with accumulation at ZeRO 1-3: gradients summed in fp32
-    hpz_partition_size: int = 1  # ZeRO++ hpZ: a secondary copy of the parameters sharded within each node
-    routed_load: float = 0.0  # EP > 1: a measured rank load (MoESummary's expert_rank_load); 0: the plan's allowance
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.recompute != "none"
-
-    @property
-    def nodes(self) -> int:
-        return max(1, self.gpus // self.gpus_per_node)
-
-    @property
-    def overlap(self) -> bool:
-        return self.zero_stage == 3 if self.overlap_comm is None else self.overlap_comm
-
-
-REDUCE_BUCKET_FLOOR = 1 << 22  # elements (16 MiB in fp32): a small model's gradients in one or a few collectives
-
-
-def with_bucket_rules(layout: Layout, model: ModelConfig) -> Layout:
-    """The bucket rules of Hugging Face's DeepSpeed integration ("auto"): scale with h², not fixed at 5e8; the
-    gradient bucket is at least REDUCE_BUCKET_FLOOR elements, or the whole model where it is smaller. h² alone is
-    16K elements at h128: the `debug` model's gradients took 32 collectives per step, and two ranks ran at 0.74x
-    one process (0.92x in one bucket; benchmarks/scaling.py)."""
-    h = model.hidden_size
-    floor = min(REDUCE_BUCKET_FLOOR, count_parameters(model).total)
-    return replace(
-        layout,
-        reduce_bucket_size=max(floor, h * h),
-        prefetch_bucket_size=int(0.9 * h * h),
-        persistence_threshold=10 * h,
-    )
+from lumina_ds.planning.activations import activation_bytes
+from lumina_ds.planning.memory_inputs import (
+    CPU_PROCESS_BYTES,
+    CUDA_CONTEXT_BYTES,
+    FRAGMENTATION_MARGIN,
+    GIB,
+    HOST_BUFFER_FACTOR,
+    NCCL_COMMUNICATOR_BYTES,
+    WEIGHTS_SHARD_BYTES,
+    Layout,
+    ParamInventory,
+    precision_bytes,
+)
 
 
 @dataclass
@@ -314,134 +172,6 @@ def comm_buffer_bytes(inv: ParamInventory, layout: Layout) -> float:
         return float(buckets)
     gathered = zero3_live_elements(inv, layout) * b.param + largest_module_elements(inv, layout) * b.grad
     return float(buckets + gathered + layout.prefetch_bucket_size * b.param)
-
-
-def ffn_elements_per_token(config: ModelConfig, *, moe_layer: bool, load: float) -> float:
-    """Stored feed-forward activations per token: SwiGLU keeps its input, w1 and w3 outputs, silu and product.
-
-    A MoE layer adds fp32 router logits and probabilities, and per routed copy (top_k, times `load`, the most
-    copies a rank computes over the mean) the dispatched token, the expert's SwiGLU tensors and the weighted output.
-    """
-    h = config.hidden_size
-    if not moe_layer:
-        return h + 4 * config.intermediate_size
-    moe = config.moe
-    routed = moe.top_k * load * (3 * h + 4 * moe.expert_intermediate_size)
-    shared = 4 * moe.shared_intermediate_size * moe.num_shared_experts
-    return h + 2 * moe.num_experts * 2 + routed + shared  # router logits + probs in fp32 = 2 x 16-bit each
-
-
-def routed_load(config: ModelConfig, layout: Layout) -> float:
-    """Routed copies one rank computes, over top_k x its tokens. With every expert local (EP 1) exactly 1: the block
-    gathers the top_k copies of each token, a capacity limit only drops some. Across ranks (AutoEP, dropless) a rank
-    computes whatever its experts are sent: DROPLESS_IMBALANCE, or less where no routing can reach it."""
-    ep = layout.expert_parallel_size
-    if ep == 1 or not config.moe.enabled:
-        return 1.0
-    return layout.routed_load or min(DROPLESS_IMBALANCE, worst_rank_load(config.moe.num_experts, config.moe.top_k, ep))
-
-
-def attention_subblock_bytes(config: ModelConfig, layout: Layout) -> float:
-    """The attention sub-block's saved tensors: Korthikanti's 11sbh (+5as^2b eager scores) and its input norm's 2sbh."""
-    b = precision_bytes(layout.precision, layout.zero_stage)
-    sb = layout.seq_len * layout.micro_batch_size
-    scale = b.act / 2  # Korthikanti's constants are bytes at 16 bits
-    attention = 13 * sb * config.hidden_size * scale
-    if layout.attention_scores_stored:
-        attention += 5 * config.num_heads * layout.seq_len * sb * scale
-    return attention
-
-
-def ffn_subblock_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
-    """The FFN (MoE or dense) sub-block's saved tensors: its input norm's 2sbh and our SwiGLU/MoE terms."""
-    b = precision_bytes(layout.precision, layout.zero_stage)
-    sb = layout.seq_len * layout.micro_batch_size
-    ffn = ffn_elements_per_token(config, moe_layer=moe_layer, load=routed_load(config, layout)) * sb * b.act
-    return 2 * sb * config.hidden_size * b.act / 2 + ffn
-
-
-def layer_activation_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
-    """One layer without recompute: Korthikanti's attention + norm terms, our SwiGLU/MoE feed-forward."""
-    return attention_subblock_bytes(config, layout) + ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
-
-
-def stored_layer_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
-    """What one layer holds from its forward to its backward under `layout.recompute`.
-
-    A checkpointed (sub-)block keeps only its input, the [B, S, H] residual stream; the other sub-block keeps all.
-    """
-    b = precision_bytes(layout.precision, layout.zero_stage)
-    checkpoint_input = layout.seq_len * layout.micro_batch_size * config.hidden_size * b.act
-    attention = attention_subblock_bytes(config, layout)
-    ffn = ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
-    mode = layout.recompute
-    assert mode in ("none", "full", "attention", "moe"), mode
-    if mode == "full":
-        return checkpoint_input
-    if mode == "attention":
-        return checkpoint_input + ffn
-    if mode == "moe":
-        return attention + checkpoint_input
-    return attention + ffn
-
-
-def recompute_peak_bytes(config: ModelConfig, layout: Layout, *, moe_layer: bool) -> float:
-    """What one recompute adds in backward over what the forward left stored, one (sub-)block at a time.
-
-    Backward reaches a block's FFN before its attention: under attention recompute the FFN's stored tensors are
-    freed before the attention sub-block is materialised again (measured on CPU, tests/planning).
-    """
-    mode = layout.recompute
-    if mode == "full":
-        return layer_activation_bytes(config, layout, moe_layer=moe_layer)
-    if mode == "attention":
-        freed = ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
-        return max(0.0, attention_subblock_bytes(config, layout) - freed)
-    if mode == "moe":
-        return ffn_subblock_bytes(config, layout, moe_layer=moe_layer)
-    return 0.0
-
-
-def chunked_loss_bytes(config: ModelConfig, *, tokens: int, act: int) -> float:
-    """The LM head's loss in training (models/loss.py's ChunkBuffers): one chunk's logits in the weight's dtype and,
-    for a 16-bit weight, their fp32 copy (the softmax and its gradient are computed in place), a 16-bit scratch for
-    the head's weight gradient; and what backward receives: the hidden states' gradient at `act` bytes and the head
-    weight's gradient summed in fp32."""
-    chunk = min(tokens, chunk_tokens_for(config.vocab_size))
-    vh = config.vocab_size * config.hidden_size
-    scratch = chunk * config.vocab_size * (act + 4) + vh * act if act < 4 else chunk * config.vocab_size * act
-    return scratch + tokens * config.hidden_size * act + vh * 4
-
-
-def activation_bytes(config: ModelConfig, layout: Layout) -> dict[str, float]:
-    """Stored activations of one micro-batch, logits and cross-entropy, MoE all-to-all buffers."""
-    b = precision_bytes(layout.precision, layout.zero_stage)
-    s, mb, h = layout.seq_len, layout.micro_batch_size, config.hidden_size
-    moe_layers = [config.moe.is_moe_layer(i) for i in range(config.num_layers)]
-    stored = sum(stored_layer_bytes(config, layout, moe_layer=m) for m in moe_layers)
-    recompute = max(recompute_peak_bytes(config, layout, moe_layer=m) for m in moe_layers)
-    if config.attention_backend == "sdpa":
-        # the dense document mask, bool [B, 1, S, S], and the bias SDPA turns it into in every layer on a GPU, saved
-        # for backward (when attention is recomputed only the layer being recomputed holds one); auto runs flash-attn
-        # or flex there, whose masks are cu_seqlens or a BlockMask of (S/128)^2 blocks
-        layers_holding_bias = 1 if layout.recompute in ("full", "attention") else config.num_layers
-        stored += mb * s * s * (1 + layers_holding_bias * b.act)
-    logits = chunked_loss_bytes(config, tokens=mb * s, act=b.act)
-    dispatch = 0.0
-    if any(moe_layers) and layout.expert_parallel_size > 1:  # AutoEP all-to-all send + receive, one layer at a time
-        dispatch = (1 + routed_load(config, layout)) * config.moe.top_k * s * mb * h * b.act
-    return {"activations": float(stored), "recompute": float(recompute), "logits": float(logits),
-            "moe_dispatch": float(dispatch), "router": router_kept_bytes(config, layout)}  # fmt: skip
-
-
-def router_kept_bytes(config: ModelConfig, layout: Layout) -> float:
-    """Every MoE layer's fp32 router logits and softmax, which the router losses hold from the layer's forward to the
-    end of the step (training/engine.py's router hooks), outside any recompute: with the FFN recomputed (full, moe)
-    they are not among its stored tensors, yet stay (without recompute ffn_elements_per_token counts them)."""
-    if layout.recompute not in ("full", "moe"):
-        return 0.0
-    moe_layers = sum(config.moe.is_moe_layer(i) for i in range(config.num_layers))
-    return float(moe_layers * layout.micro_batch_size * layout.seq_len * config.moe.num_experts * 4 * 2)
 
 
 def host_bytes(inv: ParamInventory, layout: Layout) -> dict[str, float]:

@@ -15,7 +15,7 @@ from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import MemoryPlanError
 from lumina_ds.planning.launch_gate import PLANNED_FIELDS, Machine, apply_candidate, check_launch, keeps
 from lumina_ds.planning.layouts import planned_extras
-from lumina_ds.planning.memory import GIB, ParamInventory
+from lumina_ds.planning.memory_inputs import GIB, ParamInventory
 from lumina_ds.planning.planner import DEFAULT_MFU, Candidate, evaluate, nothing_fits
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from lumina_ds.planning.memory import GIB, format_breakdown
+from lumina_ds.planning.memory import format_breakdown
+from lumina_ds.planning.memory_inputs import GIB
 from lumina_ds.planning.planner import OFFLOAD_MODES, Candidate, Plan
 
 

@@ -17,17 +17,13 @@ from lumina_ds.models.config import ModelConfig
 from lumina_ds.models.counting import count_parameters
 from lumina_ds.planning.hardware import peak_flops
 from lumina_ds.planning.memory import (
-    GIB,
-    Layout,
     MemoryEstimate,
-    ParamInventory,
     checkpoint_tag_bytes,
     estimate_memory,
     local_elements,
-    precision_bytes,
     sharded_elements,
-    with_bucket_rules,
 )
+from lumina_ds.planning.memory_inputs import GIB, Layout, ParamInventory, precision_bytes, with_bucket_rules
 
 INTRA_NODE_BW = 300e9  # bytes/s per GPU in NCCL collectives over NVLink (H100 SXM busbw is ~350-450 GB/s)
 INTER_NODE_BW = 40e9  # bytes/s per GPU across nodes (one 400 Gb/s NIC per GPU, ~80% efficiency)

@@ -8,7 +8,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from lumina_ds.config.presets import get_preset
 from lumina_ds.models.transformer import Transformer
-from lumina_ds.planning.memory import Layout, activation_bytes, stored_layer_bytes
+from lumina_ds.planning.activations import activation_bytes, stored_layer_bytes
+from lumina_ds.planning.memory_inputs import Layout
 
 MODES = ("none", "attention", "moe", "full")
 BATCH, SEQ = 2, 128

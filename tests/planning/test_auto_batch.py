@@ -10,7 +10,8 @@ import torch
 from lumina_ds.cli.train import size_micro_batch
 from lumina_ds.config.presets import get_preset
 from lumina_ds.planning.auto_batch import layout_of, pick_micro_batch
-from lumina_ds.planning.memory import GIB, estimate_memory
+from lumina_ds.planning.memory import estimate_memory
+from lumina_ds.planning.memory_inputs import GIB
 
 
 def predicted(run, micro: int) -> float:  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ from lumina_ds.config.run import RunConfig
 from lumina_ds.errors import MemoryPlanError
 from lumina_ds.planning.launch_gate import Machine, check_launch, run_layout
 from lumina_ds.planning.layouts import METADATA_KEY, adopt_layout, load_layout
-from lumina_ds.planning.memory import GIB, estimate_memory
+from lumina_ds.planning.memory import estimate_memory
+from lumina_ds.planning.memory_inputs import GIB
 from tests.runs import TRAIN, here
 
 A100_40 = 39.4  # GiB as torch reports an A100 40 GB

@@ -9,18 +9,9 @@ import pytest
 
 from lumina_ds.config.presets import get_preset
 from lumina_ds.models.counting import count_parameters
-from lumina_ds.planning.memory import (
-    HOST_BUFFER_FACTOR,
-    Layout,
-    ParamInventory,
-    activation_bytes,
-    comm_buffer_bytes,
-    estimate_memory,
-    host_bytes,
-    layer_activation_bytes,
-    model_state_bytes,
-    precision_bytes,
-)
+from lumina_ds.planning.activations import activation_bytes, layer_activation_bytes
+from lumina_ds.planning.memory import comm_buffer_bytes, estimate_memory, host_bytes, model_state_bytes
+from lumina_ds.planning.memory_inputs import HOST_BUFFER_FACTOR, Layout, ParamInventory, precision_bytes
 
 P = 1_000_000_000  # a dense 1B model
 LARGEST = 50_000_000
@@ -213,7 +204,8 @@ def test_checkpoint_tag_size_and_the_disk_warning(
 def test_router_logits_and_softmax_stay_for_the_step_under_recompute() -> None:
     """The router losses keep every MoE layer's fp32 logits and softmax from its forward to the end of the step, even
     when the FFN's own tensors are recomputed (about 2.4 GB at b300 before they were counted)."""
-    from lumina_ds.planning.memory import Layout, estimate_memory, with_bucket_rules
+    from lumina_ds.planning.memory import estimate_memory
+    from lumina_ds.planning.memory_inputs import Layout, with_bucket_rules
 
     run = get_preset("b300")
     moe_layers = sum(run.model.moe.is_moe_layer(i) for i in range(run.model.num_layers))

@@ -9,18 +9,15 @@ import pytest
 
 from lumina_ds.config.presets import get_preset
 from lumina_ds.models.moe import DROPLESS_IMBALANCE
-from lumina_ds.planning.memory import (
+from lumina_ds.planning.activations import activation_bytes, routed_load
+from lumina_ds.planning.memory import nccl_communicators, runtime_bytes, zero3_live_elements
+from lumina_ds.planning.memory_inputs import (
     CPU_PROCESS_BYTES,
     CUDA_CONTEXT_BYTES,
     GIB,
     NCCL_COMMUNICATOR_BYTES,
     Layout,
     ParamInventory,
-    activation_bytes,
-    nccl_communicators,
-    routed_load,
-    runtime_bytes,
-    zero3_live_elements,
 )
 
 # three modules in forward order, each owning one parameter (id, numel, expert); the head's weight is tied to the

@@ -12,7 +12,8 @@ from lumina_ds.config.presets import get_preset
 from lumina_ds.distributed.preflight import preflight
 from lumina_ds.errors import ConfigError, MemoryPlanError
 from lumina_ds.planning.layouts import zero_section
-from lumina_ds.planning.memory import GIB, Layout, ParamInventory, estimate_memory
+from lumina_ds.planning.memory import estimate_memory
+from lumina_ds.planning.memory_inputs import GIB, Layout, ParamInventory
 from lumina_ds.planning.plan_report import format_plan, plan_as_dict
 from lumina_ds.planning.planner import (
     HOST_SYNC_SECONDS,
