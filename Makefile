@@ -2,7 +2,8 @@
 # make test: install dev dependencies and Open MPI, lint, type-check, run the whole suite (what CI runs)
 # make test-fast: the suite without its `slow` tests (fresh-interpreter launches, benchmark smoke tests)
 # make test-nvme: the ZeRO-Infinity (NVMe offload) tests, after building DeepSpeed's AsyncIO op (CI runs it too)
-# make test-cluster: multi-host launches (torchrun, SLURM) on hosts made of Linux namespaces, as root (CI runs it too)
+# make test-cluster: multi-host launches (torchrun, SLURM, deepspeed/mpirun --hostfile over ssh) on hosts made of Linux
+#   namespaces, as root (CI runs it too)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -25,7 +26,9 @@ dev: system-deps $(VENV)/.installed
 
 # Open MPI for the mpirun and `deepspeed --launcher openmpi` tests (mpi4py's wheel loads it at run time; `make demo`
 # does not need it), and libaio's header and library, which DeepSpeed's AsyncIO op (NVMe offload,
-# --offload-device nvme) is compiled against. Debian/Ubuntu packages; sudo only when not root (CI runs as root).
+# --offload-device nvme) is compiled against; for `make test-cluster`: iproute2 and util-linux (the hosts), SLURM and
+# munge, and sshd, ssh and pdsh (`deepspeed --hostfile` and `mpirun --hostfile` between the hosts). Debian/Ubuntu
+# packages; sudo only when not root (CI runs as root).
 system-deps:
 	@missing=""; \
 	if command -v mpirun >/dev/null && command -v ompi_info >/dev/null; then \
@@ -47,6 +50,11 @@ system-deps:
 		echo "system-deps: $$(slurmctld -V), munge"; \
 	else \
 		missing="$$missing slurm-wlm munge"; \
+	fi; \
+	if command -v sshd >/dev/null && command -v ssh >/dev/null && command -v pdsh >/dev/null; then \
+		echo "system-deps: $$(ssh -V 2>&1), pdsh"; \
+	else \
+		missing="$$missing openssh-server openssh-client pdsh"; \
 	fi; \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
