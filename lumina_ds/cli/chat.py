@@ -26,7 +26,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    bundle = load_for_inference(args.checkpoint, device=device, dtype=dtype)
+    from lumina_ds.training.tag_weights import ensure_weights
+
+    bundle = load_for_inference(ensure_weights(args.checkpoint), device=device, dtype=dtype)
     session = ChatSession(bundle, sampling, system_prompt=args.system_prompt)
     if args.prompt is not None:
         one_shot(session, args.prompt, stream=lambda text: print(text, end="", flush=True))

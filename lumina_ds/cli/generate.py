@@ -13,9 +13,11 @@ def generation_check(checkpoint: str, *, prompts_file: str | None = None, compar
     import torch
 
     from lumina_ds.generation.check import DEFAULT_PROMPTS, format_report, read_prompts, run_check
+    from lumina_ds.training.tag_weights import ensure_weights
 
     prompts = read_prompts(prompts_file) if prompts_file else list(DEFAULT_PROMPTS)
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ensure_weights(checkpoint)
     generations, path = run_check(checkpoint, prompts=prompts, max_new_tokens=max_tokens,
                                   compare_precisions=compare_precisions, device=where)  # fmt: skip
     print(format_report(generations, path), flush=True)

@@ -28,9 +28,10 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lumina_ds.hf.export import export_run, parse_size
     from lumina_ds.hf.verify import TOLERANCE
+    from lumina_ds.training.tag_weights import ensure_weights
 
     report = export_run(
-        args.checkpoint,
+        ensure_weights(args.checkpoint),
         args.output,
         arch=args.arch,
         dtype=args.dtype,

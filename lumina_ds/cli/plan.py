@@ -90,6 +90,8 @@ def _cluster_args(p: argparse.ArgumentParser, *, nodes_required: bool = True) ->
                    "states (and parameters) there at ZeRO-3 (default: 0, no NVMe)")  # fmt: skip
     p.add_argument("--nvme-gbps", type=float, default=25.0,
                    help="NVMe reads + writes per node in GB/s, for the step time (default: 25)")  # fmt: skip
+    p.add_argument("--fs-write-gbps", type=float, default=2.0,
+                   help="GB/s one node writes to the shared filesystem, for the save time (default: 2)")  # fmt: skip
     p.add_argument(
         "--nvme-path",
         default="/local_nvme",
@@ -124,10 +126,11 @@ def _cluster(args: argparse.Namespace) -> Cluster:
     memory = spec.memory_gib if args.gpu_mem_gb is None else args.gpu_mem_gb
     if args.nodes < 1 or args.gpus_per_node < 1 or memory <= 0:
         raise ConfigError("E002", "--nodes, --gpus-per-node and --gpu-mem-gb must be positive")
-    if args.nvme_gb < 0 or args.nvme_gbps <= 0:
-        raise ConfigError("E002", "--nvme-gb must be >= 0 and --nvme-gbps positive")
+    if args.nvme_gb < 0 or args.nvme_gbps <= 0 or args.fs_write_gbps <= 0:
+        raise ConfigError("E002", "--nvme-gb must be >= 0, --nvme-gbps and --fs-write-gbps positive")
     return Cluster(args.nodes, args.gpus_per_node, memory, args.cpu_mem_gb, spec.key, headroom_of(args),
-                   nvme_gib=args.nvme_gb, nvme_gbps=args.nvme_gbps, nvme_path=args.nvme_path)  # fmt: skip
+                   nvme_gib=args.nvme_gb, nvme_gbps=args.nvme_gbps, nvme_path=args.nvme_path,
+                   fs_write_gbps=args.fs_write_gbps)  # fmt: skip
 
 
 def plan_of(args: argparse.Namespace, run: RunConfig | None = None) -> Plan:

@@ -96,13 +96,14 @@ def adopt_init_source(run: RunConfig, explicit: set[str], *, announce: bool) -> 
     """--init-from: the model (and, unless --tokenizer is given, the tokenizer) come from the source; a flag that
     would change the architecture is E002."""
     from lumina_ds.hf.source import check_tokenizer_fits, open_model_source
+    from lumina_ds.training.tag_weights import ensure_weights
 
     assert run.checkpoint.init_from is not None
     changed = sorted(f"--{d.replace('_', '-')}" for d in explicit if d in ARCHITECTURE_FLAGS)
     if changed:
         raise ConfigError("E002", f"{', '.join(changed)} cannot change a model given by --init-from",
                           "the architecture comes from the source; drop the flag")  # fmt: skip
-    source = open_model_source(run.checkpoint.init_from)
+    source = open_model_source(ensure_weights(run.checkpoint.init_from, log=print if announce else lambda _: None))
     if announce and source.warning:
         print(source.warning, flush=True)
     flags_set = {name: getattr(run.model.moe, name) for name in ("capacity_factor", "load_balancing_weight",

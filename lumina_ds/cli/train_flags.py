@@ -202,6 +202,20 @@ RUN_FLAGS = [
     ),
     Flag(("--save-total-limit",), "checkpoint.save_total_limit", "newest checkpoints kept", {"type": int}),
     Flag(
+        ("--save-every-minutes",),
+        "checkpoint.save_every_minutes",
+        "also save when this many minutes have passed since the last save (rank 0's clock, agreed by every rank)",
+        {"type": float, "metavar": "M"},
+        "off",
+    ),
+    Flag(
+        ("--consolidate",),
+        "checkpoint.consolidate",
+        "which tags get consolidated safetensors weights: final (the run's last tag; export, chat and --init-from "
+        "write them into any other tag when first asked), every (each tag: slower saves), never",
+        {"choices": ["final", "every", "never"]},
+    ),
+    Flag(
         ("--resume",),
         "checkpoint.resume",
         "run dir, checkpoints dir or checkpoint tag to resume from",

@@ -10,6 +10,8 @@ from lumina_ds.errors import ConfigError
 from lumina_ds.frozen import Freezable
 from lumina_ds.models.config import ModelConfig
 
+CONSOLIDATE_CHOICES = ("final", "every", "never")  # CheckpointConfig.consolidate
+SIGNAL_MARGIN_S = 30.0  # a stop signal's lead beyond a step and a save: process exit, teardown, the last sync
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "mixed_fp16", "mixed_bf16")
 SCHEDULERS = ("cosine", "linear", "onecycle", "none")
 # what backward recomputes: every block (full), only each block's attention sub-block or only its MoE/FFN sub-block
@@ -163,10 +165,17 @@ class CheckpointConfig(Freezable):
     backup_dir: str | None = None  # verified copies of tags go to <backup_dir>/<experiment_name>/<tag>
     backup_every_n_hours: float = 0.0  # hours since the last backup before the next checkpoint is copied (0 = each)
     backup_total_limit: int = 2  # newest backups kept in the backup dir (and the best evaluation's)
+    save_every_minutes: float = 0.0  # minutes since the last save (rank 0's clock) before the next one (0 = off)
+    consolidate: str = "final"  # which tags get consolidated weights: the run's last (final), every tag, or none
 
     def validate(self) -> None:
         if self.save_every_n_steps < 1 or self.save_total_limit < 1 or self.weights_shard_mb < 1:
             raise ConfigError("E002", "save_every_n_steps, save_total_limit and weights_shard_mb must be >= 1")
+        if self.save_every_minutes < 0:
+            raise ConfigError("E002", f"save_every_minutes={self.save_every_minutes} must be >= 0 (0 turns it off)")
+        if self.consolidate not in CONSOLIDATE_CHOICES:
+            raise ConfigError("E002", f"unknown consolidate {self.consolidate!r}",
+                              f"choose one of {', '.join(CONSOLIDATE_CHOICES)}")  # fmt: skip
         if self.backup_every_n_hours < 0 or self.backup_total_limit < 1:
             raise ConfigError("E002", "backup_every_n_hours must be >= 0 and backup_total_limit >= 1")
 

@@ -223,8 +223,23 @@ def nvme_bytes(inv: ParamInventory, layout: Layout) -> float:
 def checkpoint_tag_bytes(inv: ParamInventory, *, precision: str, zero_stage: int) -> float:
     """Disk one checkpoint tag takes, all ranks together: DeepSpeed's module weights and optimizer states (fp32
     master and Adam moments, over all partitions) plus the consolidated weights in the module dtype."""
+    return checkpoint_state_bytes(inv, precision=precision, zero_stage=zero_stage) + consolidated_bytes(
+        inv, precision=precision, zero_stage=zero_stage
+    )
+
+
+def checkpoint_state_bytes(inv: ParamInventory, *, precision: str, zero_stage: int) -> float:
+    """A tag without consolidated weights (every save but the run's last, with `--consolidate final`): the module's
+    weights, the fp32 master weights and Adam's moments, over all partitions."""
     b = precision_bytes(precision, max(zero_stage, 1) if precision == "bf16" else zero_stage)
-    return float(inv.total * (2 * b.param + b.master + b.optim))
+    return float(inv.total * (b.param + b.master + b.optim))
+
+
+def consolidated_bytes(inv: ParamInventory, *, precision: str, zero_stage: int) -> float:
+    """The consolidated safetensors weights, in the module's dtype."""
+    return float(
+        inv.total * precision_bytes(precision, max(zero_stage, 1) if precision == "bf16" else zero_stage).param
+    )
 
 
 def nccl_communicators(layout: Layout) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from lumina_ds.config.run import SIGNAL_MARGIN_S
 from lumina_ds.planning.memory import format_breakdown
 from lumina_ds.planning.memory_inputs import GIB
 from lumina_ds.planning.planner import OFFLOAD_MODES, Candidate, Plan
@@ -62,14 +63,19 @@ def nvme_lines(plan: Plan) -> list[str]:
 def format_plan(plan: Plan) -> str:
     best, cluster = plan.best, plan.cluster
     tokens = plan.global_batch * plan.seq_len
-    kept = plan.save_total_limit * plan.checkpoint_bytes
+    kept = plan.save_total_limit * plan.checkpoint_bytes + plan.weights_bytes
     lines = [
         f"plan for {plan.preset} on {cluster.describe()} ({cluster.gpus} GPUs), seq {plan.seq_len}, {plan.precision}",
         f"chosen: {best.describe()}",
         f"  global batch {plan.global_batch} rows = {tokens / 1e6:.2f}M tokens per step; "
         f"modelled step time {best.step_seconds:.3g} s",
-        f"  checkpoints: {plan.checkpoint_bytes / GIB:,.1f} GB per tag (DeepSpeed states + consolidated weights); "
-        f"--save-total-limit {plan.save_total_limit} keeps {kept / GIB:,.0f} GB",
+        f"  checkpoints: {plan.checkpoint_bytes / GIB:,.1f} GB per tag (DeepSpeed states), and the run's last tag "
+        f"{plan.weights_bytes / GIB:,.1f} GB of consolidated weights; --save-total-limit {plan.save_total_limit} "
+        f"keeps {kept / GIB:,.0f} GB",
+        f"  save: about {plan.save_seconds:,.0f} s per tag ({cluster.nodes} node(s) writing {cluster.fs_write_gbps:g} "
+        f"GB/s each, --fs-write-gbps), the last tag's weights {plan.weights_seconds:,.0f} s more (rank 0 alone); "
+        f"a stop signal must come {plan.signal_lead_seconds:,} s before the kill (a step + a save + "
+        f"{SIGNAL_MARGIN_S:.0f} s): #SBATCH --signal=USR1@{plan.signal_lead_seconds}",
         *nvme_lines(plan),
         "",
         format_breakdown(best.estimate, gpu_limit_gib=round(cluster.usable_gpu_gib, 1)),
@@ -115,5 +121,8 @@ def plan_as_dict(plan: Plan) -> dict[str, Any]:
         ],
         "ruled_out": plan.excluded,
         "checkpoint_gb_per_tag": round(plan.checkpoint_bytes / GIB, 1),
+        "consolidated_weights_gb": round(plan.weights_bytes / GIB, 1),
+        "save_seconds": round(plan.save_seconds, 1),
+        "signal_lead_seconds": plan.signal_lead_seconds,
         "save_total_limit": plan.save_total_limit,
     }

@@ -7,10 +7,11 @@ host<->GPU traffic and CPU Adam time of offload. Communication is not assumed to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from lumina_ds.config.run import RunConfig
+from lumina_ds.config.run import SIGNAL_MARGIN_S, RunConfig
 from lumina_ds.distributed.ds_config import fp32_grad_accumulation
 from lumina_ds.errors import MemoryPlanError
 from lumina_ds.models.config import ModelConfig
@@ -18,7 +19,8 @@ from lumina_ds.models.counting import count_parameters
 from lumina_ds.planning.hardware import peak_flops
 from lumina_ds.planning.memory import (
     MemoryEstimate,
-    checkpoint_tag_bytes,
+    checkpoint_state_bytes,
+    consolidated_bytes,
     estimate_memory,
     local_elements,
     sharded_elements,
@@ -39,6 +41,7 @@ OFFLOAD_MODES = ("none", "optimizer", "optimizer+params")
 
 
 NVME_GBPS = 25.0  # GB/s of NVMe reads + writes per node (a DGX H100's 8 U.2 drives sustain more; swaps are 1 MiB)
+FS_WRITE_GBPS = 2.0  # GB/s one node writes to the shared filesystem (a parallel FS client; --fs-write-gbps)
 NVME_PATH = "/local_nvme"  # where a plan puts ZeRO-Infinity's swap files unless --nvme-path says
 DEFAULT_HEADROOM = 0.10  # of GPU and host memory the planner leaves free (--memory-headroom): the model's error
 
@@ -54,6 +57,7 @@ class Cluster:
     nvme_gib: float = 0.0  # NVMe space per node for ZeRO-Infinity's swap files (0: no NVMe offload)
     nvme_gbps: float = NVME_GBPS
     nvme_path: str = NVME_PATH
+    fs_write_gbps: float = FS_WRITE_GBPS
 
     @property
     def gpus(self) -> int:
@@ -102,8 +106,24 @@ class Plan:
     best: Candidate
     candidates: list[Candidate] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)  # layouts ruled out before any arithmetic
-    checkpoint_bytes: float = 0.0  # one checkpoint tag on disk, all ranks together
+    checkpoint_bytes: float = 0.0  # one checkpoint tag on disk without consolidated weights, all ranks together
     save_total_limit: int = 1  # tags kept (the run's --save-total-limit)
+    weights_bytes: float = 0.0  # the consolidated weights the run's last tag adds (--consolidate final)
+
+    @property
+    def save_seconds(self) -> float:
+        """One tag's DeepSpeed states, every node writing its ranks' share at once."""
+        return self.checkpoint_bytes / (self.cluster.nodes * self.cluster.fs_write_gbps * 1e9)
+
+    @property
+    def weights_seconds(self) -> float:
+        """The last tag's consolidated weights: rank 0 writes them alone."""
+        return self.weights_bytes / (self.cluster.fs_write_gbps * 1e9)
+
+    @property
+    def signal_lead_seconds(self) -> int:
+        """How early a stop signal must come: the step in progress, a save, the margin."""
+        return math.ceil(self.best.step_seconds + self.save_seconds + SIGNAL_MARGIN_S)
 
     @property
     def global_batch(self) -> int:
@@ -352,9 +372,11 @@ def plan(
     fitting = [c for c in candidates if c.rejection is None]
     if not fitting:
         raise nothing_fits(run, cluster, candidates, inv, seq_len=seq, precision=prec)
-    tag = checkpoint_tag_bytes(inv, precision=prec, zero_stage=fitting[0].layout.zero_stage)
-    return Plan(run.preset, cluster, seq, prec, fitting[0], candidates, excluded_layouts(run, cluster), tag,
-                run.checkpoint.save_total_limit)  # fmt: skip
+    stage = fitting[0].layout.zero_stage
+    states = checkpoint_state_bytes(inv, precision=prec, zero_stage=stage)
+    weights = consolidated_bytes(inv, precision=prec, zero_stage=stage)
+    return Plan(run.preset, cluster, seq, prec, fitting[0], candidates, excluded_layouts(run, cluster), states,
+                run.checkpoint.save_total_limit, weights)  # fmt: skip
 
 
 def smallest_footprint(

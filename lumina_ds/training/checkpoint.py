@@ -33,7 +33,16 @@ from lumina_ds.run_dir import (
 )
 from lumina_ds.tokenizer import ChatTokenizer
 from lumina_ds.training.backup import backup_copier
-from lumina_ds.training.checkpoint_files import build_manifest, check_files, corrupt_checkpoint, weights_only_loads
+from lumina_ds.training.checkpoint_files import (
+    WEIGHTS_STAGING,
+    build_manifest,
+    check_files,
+    corrupt_checkpoint,
+    hashed_while_written,
+    install_weights,
+    weights_only_loads,
+    write_marker,
+)
 from lumina_ds.training.checkpoint_state import Resumed, read_json, read_resumed, save_rank_state, save_trainer_state
 from lumina_ds.training.engine import Engine
 from lumina_ds.training.nvme_resume import restore_swapped_optimizer
@@ -165,6 +174,9 @@ def recover_interrupted_saves(checkpoints: Path) -> None:
                 os.replace(path, target)
         elif STAGING in path.name:
             shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir():  # consolidated weights a kill left on their way into a tag
+            for staging in path.glob(f"{WEIGHTS_STAGING}*"):
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- the manager -------------------------------------------------------------------------------------------------
@@ -181,6 +193,7 @@ class CheckpointManager:
         loader: TagLoader,
         resume_from: Path | None = None,
         tokenizer: ChatTokenizer | None = None,
+        weights_later: bool = True,
     ) -> None:
         self.dir = run_dir / CHECKPOINTS_DIR
         self.tokenizer = tokenizer  # each tag keeps a copy of it and its identity (training/resume_checks.py)
@@ -189,21 +202,34 @@ class CheckpointManager:
         self.loader = loader
         self.resume_from = resume_from
         self.backups = backup_copier(config, run_dir) if info.is_main else None  # copies to --backup-dir, if given
+        # `weights_later`: the run's tags can get consolidated weights after the run (training/tag_weights.py)
+        self.weights_every_save = config.consolidate == "every" or (config.consolidate == "final" and not weights_later)
+        self.last_save_at = time.monotonic()  # rank 0's clock decides --save-every-minutes
+        self.last_save_seconds: float | None = None
 
     def due(self, step: int) -> bool:
-        """Whether the cadence asks for a checkpoint after optimizer step `step`."""
-        return step % self.config.save_every_n_steps == 0
+        """Whether the cadence asks for a checkpoint after optimizer step `step`: every `save_every_n_steps`, or once
+        `save_every_minutes` have passed on rank 0's clock (collective then: every rank gets rank 0's answer)."""
+        if step % self.config.save_every_n_steps == 0:
+            return True
+        if self.config.save_every_minutes <= 0:
+            return False
+        waited = time.monotonic() - self.last_save_at
+        return any_rank(self.info.is_main and waited >= self.config.save_every_minutes * 60)
 
     # ---- saving --------------------------------------------------------------------------------------------
     def save(self, engine: Engine, step: int, *, state: dict[str, Any], data: dict[str, Any],
-             keep_step: int | None = None) -> Path:  # fmt: skip
+             keep_step: int | None = None, final: bool = False) -> Path:  # fmt: skip
         """Every rank calls this; `state` is rank 0's JSON state (trainer, module, config). The tag appears under its
-        name only once complete (never half-written)."""
+        name only once complete (never half-written). Consolidated weights go in when `final` (the run's natural end)
+        and `consolidate` is final, or with `consolidate` every."""
+        started = time.monotonic()
         tag = tag_for_step(step)
         self._check_free_space()
         staging = self.dir / f".{tag}{STAGING}{broadcast_token(self.info.rank)}"
+        weights = self.weights_every_save or (final and self.config.consolidate == "final")
         try:
-            self._write(engine, staging, state=state, data=data, step=step)
+            self._write(engine, staging, state=state, data=data, step=step, weights=weights)
         except Exception as exc:  # any writer's own type: safetensors' SafetensorError, torch's RuntimeError, OSError
             if not is_disk_full(exc):
                 raise
@@ -220,23 +246,36 @@ class CheckpointManager:
             if self.backups is not None:
                 self.backups.after_install(self.dir / tag, best_step=keep_step)
         barrier()
+        self.last_save_at = time.monotonic()
+        self.last_save_seconds = self.last_save_at - started
         return self.dir / tag
 
     def _write(self, engine: Engine, staging: Path, *, state: dict[str, Any], data: dict[str, Any],
-               step: int) -> None:  # fmt: skip
-        engine.save_checkpoint(str(self.dir), staging.name, client_state={}, save_latest=False)
+               step: int, weights: bool) -> None:  # fmt: skip
+        with hashed_while_written(engine) as written:
+            engine.save_checkpoint(str(self.dir), staging.name, client_state={}, save_latest=False)
         save_rank_state(staging, rank=self.info.rank, world_size=self.info.world_size, data=data)
         if self.info.is_main:
             save_trainer_state(staging, **state, tokenizer=self.tokenizer)
-        write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
+        if weights:
+            write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
         barrier()  # every rank's files are written before they are listed
-        files = build_manifest(staging, rank=self.info.rank, world_size=self.info.world_size)
+        files = build_manifest(staging, rank=self.info.rank, world_size=self.info.world_size, written=written)
+        if self.info.is_main:  # last: the tag is complete once complete.json exists
+            write_marker(staging, {"step": step, "world_size": self.info.world_size, "time": time.time(),
+                                   "files": files})  # fmt: skip
+
+    def add_weights(self, engine: Engine, step: int) -> None:
+        """At the run's natural end with `consolidate` final, when the last tag (this step's) was saved without its
+        consolidated weights: they are written into it. Collective."""
+        tag_dir = self.dir / tag_for_step(step)
+        if self.config.consolidate != "final" or self.weights_every_save or not tag_dir.is_dir():
+            return
+        staging = tag_dir / f"{WEIGHTS_STAGING}{broadcast_token(self.info.rank)}"
+        write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
         if self.info.is_main:
-            meta = {"step": step, "world_size": self.info.world_size, "time": time.time(), "files": files}
-            with (staging / COMPLETE_MARKER).open("w") as handle:  # last: the tag is complete once this exists
-                json.dump(meta, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
+            install_weights(tag_dir, staging)
+        barrier()
 
     def _install(self, staging: Path, target: Path) -> None:
         """Rename the complete staging dir into place; a complete tag of the same step moves aside first, so a kill

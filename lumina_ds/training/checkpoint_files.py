@@ -4,19 +4,24 @@ with weights only (no code runs from a checkpoint, whoever wrote it)."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import pickle
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 import xxhash
 
 from lumina_ds.distributed.collectives import all_gather_object
 from lumina_ds.errors import CheckpointError
-from lumina_ds.run_dir import COMPLETE_MARKER
+from lumina_ds.run_dir import COMPLETE_MARKER, INDEX_FILE, fsync_path
 
 CHUNK = 8 << 20
+WEIGHTS_STAGING = ".weights.saving-"  # `<tag>/.weights.saving-<token>`: consolidated weights on their way into a tag
+Manifest = dict[str, dict[str, Any]]  # {path relative to the tag: {size, xxh3}}
 # the only classes DeepSpeed 0.19.8 puts in its model- and optimizer-state pickles (ZeRO 0-3, native MoE, AutoEP,
 # bf16, offload, fp16's dynamic loss scaler); anything else is refused by name
 DEEPSPEED_GLOBALS = (
@@ -41,18 +46,98 @@ def tag_files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
 
 
-def build_manifest(tag_dir: Path, *, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, xxh3}} of every file; each rank hashes its share (collective)."""
-    files = tag_files(tag_dir)
+class HashingFile:
+    """A file torch.save writes through: its checksum is computed from the bytes on their way to the disk, so a save
+    is never read back to list it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115  # closed by close(), after torch.save's last write
+        self._digest = xxhash.xxh3_128()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._digest.update(view)
+        self.size += view.nbytes
+        return self._file.write(view)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> dict[str, Any]:
+        self._file.close()
+        return {"size": self.size, "xxh3": str(self._digest.hexdigest())}
+
+
+@contextlib.contextmanager
+def hashed_while_written(engine: Any) -> Iterator[dict[str, dict[str, Any]]]:
+    """Within the block, every file DeepSpeed's checkpoint engine saves (model, optimizer and expert states) is
+    checksummed as it is written: {absolute path: {size, xxh3}}. An engine without DeepSpeed's `checkpoint_engine`
+    records nothing (its files are hashed by reading)."""
+    written: dict[str, dict[str, Any]] = {}
+    checkpoint_engine: Any = getattr(engine, "checkpoint_engine", None)
+    original = getattr(checkpoint_engine, "save", None)
+    if original is None or type(checkpoint_engine).__name__ != "TorchCheckpointEngine":
+        yield written
+        return
+    serialization = checkpoint_engine.zipfile_serialization
+
+    def save(state_dict: Any, path: str) -> None:
+        out = HashingFile(path)
+        try:
+            torch.save(state_dict, cast(IO[bytes], out), _use_new_zipfile_serialization=serialization)
+        finally:
+            written[os.path.abspath(path)] = out.close()
+
+    checkpoint_engine.save = save
+    try:
+        yield written
+    finally:
+        checkpoint_engine.save = original
+
+
+def build_manifest(tag_dir: Path, *, rank: int, world_size: int, written: Manifest | None = None) -> Manifest:
+    """{relative path: {size, xxh3}} of every file (collective). `written` holds this rank's files checksummed while
+    written (by absolute path); every other file is read and hashed by one rank, each rank a share."""
+    own = {str(Path(p).relative_to(tag_dir.resolve())): v for p, v in (written or {}).items()}
+    manifest: Manifest = {}
+    for part in all_gather_object(own):
+        manifest.update(part)
+    rest = [p for p in tag_files(tag_dir) if str(p.relative_to(tag_dir)) not in manifest]
     mine = {
         str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "xxh3": file_digest(p)}
-        for i, p in enumerate(files)
+        for i, p in enumerate(rest)
         if i % world_size == rank
     }
-    manifest: dict[str, dict[str, Any]] = {}
     for part in all_gather_object(mine):
         manifest.update(part)
     return manifest
+
+
+def write_marker(tag_dir: Path, meta: dict[str, Any]) -> None:
+    """`complete.json`, whole or not at all: a temporary file renamed into place and synced."""
+    tmp = tag_dir / f".{COMPLETE_MARKER}.tmp"
+    with tmp.open("w") as handle:
+        json.dump(meta, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, tag_dir / COMPLETE_MARKER)
+    fsync_path(tag_dir)
+
+
+def install_weights(tag_dir: Path, staging: Path) -> None:
+    """Move the consolidated weights written in `staging` (inside the complete tag) into place, the index last, and
+    list them in its `complete.json`. A kill in between leaves whole files the manifest does not list yet: the tag
+    still verifies, and a reader finds whole weights or none."""
+    files = sorted(staging.iterdir(), key=lambda p: (p.name == INDEX_FILE, p.name))
+    marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    for path in files:
+        marker["files"][path.name] = {"size": path.stat().st_size, "xxh3": file_digest(path)}
+    for path in files:
+        os.replace(path, tag_dir / path.name)
+    write_marker(tag_dir, marker)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_files(tag_dir: Path, manifest: dict[str, dict[str, Any]], *, rank: int, world_size: int) -> str | None:

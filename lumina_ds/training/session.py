@@ -56,7 +56,7 @@ from lumina_ds.tokenizer import ChatTokenizer, train_bpe_tokenizer
 from lumina_ds.training.backoff import StepOutOfMemoryError, apply_recorded_backoff, back_off
 from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader, TagLoader, choose_resume_tag
 from lumina_ds.training.checkpoint_state import load_rank_state
-from lumina_ds.training.elastic import check_layout, tag_loader_for
+from lumina_ds.training.elastic import Layout, check_layout, tag_loader_for
 from lumina_ds.training.engine import EngineBundle, build_engine, build_model, optimizer_name
 from lumina_ds.training.faults import FaultPlan
 from lumina_ds.training.guard import DivergenceGuard
@@ -64,6 +64,7 @@ from lumina_ds.training.init_from import load_initial_weights
 from lumina_ds.training.profiling import profiling_callbacks
 from lumina_ds.training.resume import apply_changed_settings
 from lumina_ds.training.resume_checks import check_architecture, check_tokenizer, resume_tokenizer, saved_state
+from lumina_ds.training.tag_weights import writes_weights_later
 from lumina_ds.training.train_module import TrainModule, is_out_of_memory
 from lumina_ds.training.trainer import Trainer
 
@@ -312,8 +313,10 @@ def train_attempt(run: RunConfig, info: DistInfo, precision: str, faults: FaultP
     dist_cfg = run.distributed
     log(info, f"precision {precision} | ZeRO {dist_cfg.zero_stage} | EP {dist_cfg.expert_parallel_size} | "
               f"offload {dist_cfg.offload} | optimizer {optimizer} | {data.total_steps} steps")  # fmt: skip
+    later = writes_weights_later(Layout.of(config_to_dict(run), info.world_size))
     checkpoints = CheckpointManager(run.logging.run_dir, run.checkpoint, info, loader=opened.loader,
-                                    resume_from=resume_tag, tokenizer=opened.tokenizer)  # fmt: skip
+                                    resume_from=resume_tag, tokenizer=opened.tokenizer,
+                                    weights_later=later)  # fmt: skip
     trainer = build_trainer(run, info, data, TrainModule(bundle.engine, guard=guard_of(run), faults=faults),
                             checkpoints)  # fmt: skip
     resume(trainer, checkpoints, run, info)

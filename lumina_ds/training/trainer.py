@@ -25,6 +25,7 @@ from lumina_ds.monitor.callbacks import Callback
 from lumina_ds.training.checkpoint import CheckpointManager
 from lumina_ds.training.checkpoint_state import Resumed
 from lumina_ds.training.metrics import memory_summary, perplexity
+from lumina_ds.training.signal_lead import SignalLead
 from lumina_ds.training.train_module import Rewind, TrainModule
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -77,6 +78,7 @@ class Trainer:
         self._start_step = 0
         self._last_saved = -1
         self._previous_handlers: dict[int, Any] = {}
+        self.signal_lead = SignalLead()  # printed after the first save: how early a stop signal must come
 
     # ---- checkpoint state -------------------------------------------------------------------------
     def restore(self, resumed: Resumed) -> None:
@@ -84,12 +86,15 @@ class Trainer:
         self.module.load_state_dict(resumed.module)
         self.batches.load_state_dict(resumed.data)
 
-    def save(self) -> None:
+    def save(self, *, final: bool = False) -> None:
         self._check_finite()  # never checkpoint diverged weights
         best = self.state.best_step if self.state.history else None  # kept out of rotation
         state = {"trainer": self.state.as_dict(), "module": self.module.state_dict(), "config": self.config_record}
+        first = self.checkpoints.last_save_seconds is None
         self.checkpoints.save(self.module.engine, self.state.step, state=state, data=self.batches.state_dict(),
-                              keep_step=best)  # fmt: skip
+                              keep_step=best, final=final)  # fmt: skip
+        if first and not final:
+            self._say(self.signal_lead.advice(save_s=self.checkpoints.last_save_seconds or 0.0))
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -120,7 +125,9 @@ class Trainer:
                 if not self.module.skip_step(iterator):
                     return "data exhausted"
                 continue
+            began = time.perf_counter()
             result = self.module.train_step(iterator, step=self.state.step + 1, data_step=self.state.data_steps + 1)
+            self.signal_lead.step_done(time.perf_counter() - began)
             if result is None:
                 return "data exhausted"
             self.state.data_steps += 1
@@ -223,8 +230,11 @@ class Trainer:
         evaluated = bool(self.state.history) and self.state.history[-1]["step"] == self.state.step
         if self.eval_data is not None and not evaluated and self._stop_signal is None:
             self._evaluate_and_check_patience()
+        natural_end = self._stop_signal is None  # a signal stop saves only what the next launch needs
         if self._last_saved != self.state.step:
-            self.save()
+            self.save(final=natural_end)
+        elif natural_end:
+            self.checkpoints.add_weights(self.module.engine, self.state.step)
         summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1),
                    "exit_code": self.exit_code, "skipped_steps": self.state.skipped_steps,
                    "overflow_steps": self.state.overflow_steps, "rewinds": self.state.rewinds}  # fmt: skip

@@ -29,21 +29,30 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_planted_pickle_runs_neither_on_resume_nor_in_chat(copied_run: Path, workdir: Path) -> None:
-    tag = copied_run / "checkpoints" / "step_00000002"
-    marker = workdir / "code-ran"
+def plant(tag: Path, marker: Path) -> None:
+    """Every DeepSpeed pickle of `tag` replaced by one that runs code, and the manifest rewritten to match (a thorough
+    attacker)."""
     meta = json.loads((tag / "complete.json").read_text())
     planted = list(tag.glob("*.pt"))
     assert planted
-    for path in planted:  # every DeepSpeed pickle, and the manifest rewritten to match (a thorough attacker)
+    for path in planted:
         path.write_bytes(pickle.dumps(RunsCode(marker)))
         meta["files"][path.name] = {"size": path.stat().st_size, "xxh3": file_digest(path)}
     (tag / "complete.json").write_text(json.dumps(meta))
-    resume = here(["train", *FAST, "--train-data", TRAIN, "--experiment-name", "p", "--max-steps", "4", "--resume",
-                   str(tag)], cwd=workdir)  # fmt: skip
+
+
+def test_a_planted_pickle_runs_neither_on_resume_nor_in_chat(copied_run: Path, workdir: Path) -> None:
+    last, middle = (copied_run / "checkpoints" / name for name in ("step_00000012", "step_00000002"))
+    marker = workdir / "code-ran"
+    plant(last, marker)
+    resume = here(["train", *FAST, "--train-data", TRAIN, "--experiment-name", "p", "--max-steps", "14", "--resume",
+                   str(last)], cwd=workdir)  # fmt: skip
     assert resume.returncode == 1 and "[E303]" in resume.stderr and "refused without running them" in resume.stderr
-    chat = here(["chat", "--checkpoint", str(tag), "--prompt", "hi", "--max-tokens", "4", "--seed", "0"], cwd=workdir)
-    assert chat.returncode == 0, chat.stderr[-3000:]
+    chat = here(["chat", "--checkpoint", str(last), "--prompt", "hi", "--max-tokens", "4", "--seed", "0"], cwd=workdir)
+    assert chat.returncode == 0, chat.stderr[-3000:]  # the consolidated weights are safetensors
+    plant(middle, marker)  # a tag without them: chat writes them from DeepSpeed's pickles, with weights-only loads
+    chat = here(["chat", "--checkpoint", str(middle), "--prompt", "hi", "--max-tokens", "4"], cwd=workdir)
+    assert chat.returncode == 1 and "[E303]" in chat.stderr and "refused without running them" in chat.stderr
     assert not marker.exists()
 
 
@@ -144,7 +153,8 @@ def test_a_disk_that_fills_while_the_weights_are_written_is_e303_not_a_retry(
 
     monkeypatch.setattr(checkpoint, "write_consolidated", fill_then_write)
     args = ["train", *FAST, "--train-data", TRAIN, "--output-dir", str(small_disk), "--experiment-name", "full",
-            "--tokenizer", str(tokenizer_file), "--save-every-n-steps", "2", "--max-steps", "4"]  # fmt: skip
+            "--tokenizer", str(tokenizer_file), "--save-every-n-steps", "2", "--max-steps", "4",
+            "--consolidate", "every"]  # fmt: skip
     proc = here(args, cwd=workdir)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "[E303] saving checkpoint step_00000002 failed" in proc.stderr and "No space left" in proc.stderr

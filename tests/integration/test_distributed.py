@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lumina_ds.data.loading.pipeline import eval_rows
 from lumina_ds.data.prepare.tokenize import EncodeSettings
 from lumina_ds.generation import load_for_inference
+from lumina_ds.run_dir import WEIGHTS_FILE, list_complete_tags
+from lumina_ds.training.tag_weights import ensure_weights
 from lumina_ds.training.universal import reusable
 from tests.integration.conftest import two_rank_run
 from tests.runs import EVAL, FAST, TRAIN, here, losses, ranks, read_metrics
@@ -171,3 +175,22 @@ def test_one_process_resumes_on_two_ranks_with_ep_2_at_zero_3(workdir: Path, tok
     assert_follows(workdir / "runs" / "b", workdir / "runs" / "a")
     final = json.loads((workdir / "runs" / "b" / "checkpoints" / "step_00000008" / "complete.json").read_text())
     assert final["world_size"] == 2  # the resumed run saves ordinary tags of its own size
+
+
+@pytest.mark.parametrize("run", ["zero0", "zero2_ep2", "zero3_ep2"])
+def test_the_last_tags_weights_written_again_from_its_deepspeed_files_are_identical(
+    run: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """What chat, export and --init-from do with a tag saved without consolidated weights (--consolidate final):
+    ZeRO-0 reads DeepSpeed's model states, ZeRO-2/3 with AutoEP experts on two ranks its universal conversion; the
+    result equals the consolidation the save itself wrote, tensor for tensor."""
+    source: Path = request.getfixturevalue(run)
+    copy = tmp_path / run
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns(".run.lock", ".universal"))
+    tag = copy / "checkpoints" / list_complete_tags(copy / "checkpoints")[-1]
+    expected = load_file(str(tag / WEIGHTS_FILE))
+    (tag / WEIGHTS_FILE).unlink()
+    ensure_weights(tag, log=lambda _: None)
+    got = load_file(str(tag / WEIGHTS_FILE))
+    assert list(got) == list(expected)
+    assert all(got[n].dtype == t.dtype and torch.equal(got[n], t) for n, t in expected.items())

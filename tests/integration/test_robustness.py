@@ -25,7 +25,10 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(workdir: Path, token
     assert "stop_reason=signal SIGTERM" in done.stdout
     logs, _ = read_metrics(workdir / "runs" / "sig")
     last = logs[-1]["step"]
-    assert (workdir / "runs" / "sig" / "checkpoints" / f"step_{last:08d}" / "complete.json").exists()
+    tag = workdir / "runs" / "sig" / "checkpoints" / f"step_{last:08d}"
+    assert (tag / "complete.json").exists()
+    assert not (tag / "model.safetensors").exists()  # the signal's time goes to what the next launch needs
+    assert "a stop signal must come at least" in done.stdout  # the lead it measured, printed after that save
     assert (workdir / "runs" / "sig" / "report.png").stat().st_size > 0  # a signal stop draws the run report too
 
 
