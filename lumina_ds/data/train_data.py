@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -16,6 +17,7 @@ from lumina_ds.data.loading.packing import PackedDataset
 from lumina_ds.data.loading.pipeline import SourceSet, build_batches, eval_rows, micro_batches_for_epochs, open_sources
 from lumina_ds.data.loading.profile import LoaderRate, measure_batches
 from lumina_ds.data.loading.stream import PackedBatches
+from lumina_ds.data.prepare.team import SOLO, Team, team_of
 from lumina_ds.data.prepare.tokenize import EncodeSettings, PrepareReport
 from lumina_ds.data.records.checks import LineLimit
 from lumina_ds.data.records.reader import sample_texts
@@ -54,7 +56,8 @@ class DataWorld:
     """This process's place among the ranks, and the collectives data preparation needs (all no-ops in one process).
 
     `least_free_ram(bytes)` returns the smallest value over ranks (every rank must choose the same strategy);
-    `shared(path)` says whether every rank sees the same directory (collective)."""
+    `shared(path)` says whether every rank sees the same directory (collective); `all_gather(value)` returns every
+    rank's small picklable value in rank order (collective), with which the ranks share out data preparation."""
 
     rank: int = 0
     world_size: int = 1
@@ -64,6 +67,7 @@ class DataWorld:
     least_free_ram: Callable[[int], int] = lambda free: free
     shared: Callable[[Path], bool] = lambda _path: True
     log: Callable[[str], None] = print
+    all_gather: Callable[[Any], list[Any]] | None = None  # None: every rank prepares alone (no division)
 
     @property
     def is_main(self) -> bool:
@@ -94,7 +98,8 @@ def build_train_data(
     data: DataConfig, tokenizer: ChatTokenizer, batching: Batching, *, prepared_dir: Path, world: DataWorld
 ) -> TrainData:
     """Tokenize or open every training source with the strategy their size asks for, then this rank's batches, the
-    evaluation rows and the optimizer steps. Every rank calls it (preparation waits in `world.barrier`)."""
+    evaluation rows and the optimizer steps. Every rank calls it: the ranks share out the preparation (each hashes,
+    scans, counts or tokenizes a share of the bytes) through `world.all_gather`."""
     assert data.train_data is not None
     encode = encode_settings(data, tokenizer)
     sources = open_sources(
@@ -102,11 +107,10 @@ def build_train_data(
         encode,
         data,
         prepared_dir=prepared_dir,
+        team=preparing_team(prepared_dir, world),
         local_world_size=world.local_world_size,
         is_local_main=world.local_rank == 0,
         available_ram=world.least_free_ram(psutil.virtual_memory().available),
-        shard_builder=lambda: shard_builder(prepared_dir, world),
-        barrier=world.barrier,
     )
     if world.is_main:
         world.log(f"data strategy: {sources.strategy} ({sources.reason})")
@@ -124,6 +128,21 @@ def build_train_data(
     files = ", ".join(f"{spec.source.stem} x{spec.weight:g}" for spec in sources.specs)
     description = f"{files} | {batches.view.mixture.docs_per_epoch:,} lines/epoch | {steps_text}"
     return TrainData(batches=batches, eval_data=eval_data, total_steps=total_steps, description=description)
+
+
+def preparing_team(prepared_dir: Path, world: DataWorld) -> Team:
+    """The ranks that prepare the data in `prepared_dir` together: every rank when every rank sees that directory,
+    else the ranks of each node (node-local disks each need their copy; ranks are numbered node by node, as the
+    launchers do). Collective."""
+    if world.local_rank == 0:
+        prepared_dir.mkdir(parents=True, exist_ok=True)
+    shared = world.shared(prepared_dir)
+    if world.all_gather is None:
+        return SOLO
+    nodes = world.all_gather(world.rank - world.local_rank)  # a node's first rank names it
+    if not shared and world.is_main:
+        world.log(f"{prepared_dir} is not shared by every node: the ranks of each node prepare their own copy")
+    return team_of(world.rank, nodes, shared=shared, all_gather=world.all_gather)
 
 
 def shard_builder(prepared_dir: Path, world: DataWorld) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lumina_ds.data.prepare import meter
 from lumina_ds.data.prepare.documents import DocEncoder, JsonlDocs
 from lumina_ds.data.prepare.lengths import count_tokens, counted_sources
 from lumina_ds.data.prepare.tokenize import EncodeSettings, tokenize_source
@@ -31,18 +32,17 @@ def test_counts_equal_the_tokenized_lengths_with_workers(tokenizer: ChatTokenize
     )
 
 
-def test_one_process_counts_and_the_others_read_the_cache(
+def test_counts_are_cached_and_a_second_run_reads_them(
     tokenizer: ChatTokenizer, examples_dir: Path, tmp_path: Path
 ) -> None:
     specs = parse_train_data(str(examples_dir / "conversations_eval.jsonl"))
     settings = EncodeSettings.of(tokenizer)
-    waiting = [JsonlDocs(specs[0].source.local, DocEncoder(tokenizer))]
-    with pytest.raises(DataError) as err:  # the builder failed (or never ran): the others stop instead of hanging
-        counted_sources(specs, waiting, settings, prepared_dir=tmp_path, builds=False, barrier=lambda: None)
-    assert err.value.code == "E109"
-    builder = [JsonlDocs(specs[0].source.local, DocEncoder(tokenizer))]
-    (built,) = counted_sources(specs, builder, settings, prepared_dir=tmp_path, builds=True, barrier=lambda: None)
-    (read,) = counted_sources(specs, waiting, settings, prepared_dir=tmp_path, builds=False, barrier=lambda: None)
+    first = [JsonlDocs(specs[0].source.local, DocEncoder(tokenizer))]
+    (built,) = counted_sources(specs, first, settings, prepared_dir=tmp_path)
+    again = [JsonlDocs(specs[0].source.local, DocEncoder(tokenizer))]
+    meter.take()
+    (read,) = counted_sources(specs, again, settings, prepared_dir=tmp_path)
+    assert meter.take().tokens_encoded == 0  # nothing tokenized the second time
     assert not built.cached and read.cached and read.tokens == built.tokens
-    assert np.array_equal(waiting[0].lengths, builder[0].lengths)  # type: ignore[arg-type]
+    assert np.array_equal(again[0].lengths, first[0].lengths)  # type: ignore[arg-type]
     assert "token counts reused" in read.summary()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,15 +15,13 @@ from lumina_ds.data.loading.global_order import GlobalRows
 from lumina_ds.data.loading.mixture import Mixture
 from lumina_ds.data.loading.packing import PackedRows
 from lumina_ds.data.loading.stream import DocSource, PackedBatches, RankView, RowPacker
-from lumina_ds.data.prepare.content import source_content
+from lumina_ds.data.prepare.build import build_sources
+from lumina_ds.data.prepare.content import source_content, source_files
 from lumina_ds.data.prepare.documents import JsonlDocs, TableDocs
 from lumina_ds.data.prepare.lengths import counted_sources
-from lumina_ds.data.prepare.tokenize import (
-    EncodeSettings,
-    PrepareReport,
-    prepare_source,
-    tokenize_source,
-)
+from lumina_ds.data.prepare.survey import Facts, survey
+from lumina_ds.data.prepare.team import SOLO, Team
+from lumina_ds.data.prepare.tokenize import EncodeSettings, PrepareReport, tokenize_source
 from lumina_ds.data.records.files import is_gzip
 from lumina_ds.data.records.sources import JSONL, DataSource, SourceSpec, open_source, parse_source, source_bytes
 from lumina_ds.errors import ConfigError, DataError
@@ -68,95 +66,89 @@ def open_sources(
     data: DataConfig,
     *,
     prepared_dir: Path,
+    team: Team = SOLO,
     local_world_size: int = 1,
     is_local_main: bool = True,
     available_ram: int | None = None,
-    shard_builder: Callable[[], bool] | None = None,
-    barrier: Callable[[], None] = lambda: None,
 ) -> SourceSet:
-    """Open every source with the chosen strategy; with shards, one process builds a missing cache while the others
-    wait. `available_ram` must be the same on every rank (the least free RAM of any node), so that all ranks choose
-    the same strategy; `shard_builder` (called by every rank, it may be collective) says whether this one builds."""
+    """Open every source with the chosen strategy. What the sources hold (content hashes, line offsets, token counts,
+    shards) is found once: the ranks of `team` (those sharing `prepared_dir`) each do a share and the rest comes from
+    the cache. `available_ram` must be the same on every rank (the least free RAM of any node), so that all ranks
+    choose the same strategy and make the same collective calls. Collective."""
     total = sum(source_bytes(s.source) for s in specs)  # a .gz: its (estimated) JSONL size; a table: uncompressed
     ram = psutil.virtual_memory().available if available_ram is None else available_ram
     strategy, reason = choose_strategy(total, requested=data.strategy, available_ram=ram)
     result = SourceSet(list(specs), [], strategy=strategy, reason=reason)
-    workers = max(1, data.num_workers // max(local_world_size, 1))
-    if strategy == "streaming":  # gzip has no random access: .gz files are prepared as shards, the others streamed
-        gzipped = [s for s in specs if not s.source.random_access]
-        builds = shard_builder() if shard_builder is not None else is_local_main
-        if gzipped:
-            _open_shards(gzipped, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
-            result.reason += "; .gz files prepared as shards (gzip has no random access)"
-        prepared = iter(result.sources)
-        result.sources = [streamed(s.source, encode) if s.source.random_access else next(prepared) for s in specs]
-        _count_streamed(result, encode, data, prepared_dir, builds=builds, barrier=barrier)
-    elif strategy == "memory":
+    streaming = strategy == "streaming"
+    offsets_of = {str(s.source.local) for s in specs if streaming and s.source.kind == JSONL and s.source.random_access}
+    files = [path for spec in specs for path in source_files(spec.source)[0]]
+    facts = survey(files, offsets_of, team, memo_dir=prepared_dir)
+    # a checkpoint's data position is only valid on the same content (an edit in place keeps the line count)
+    result.contents = [source_content(spec.source, known=facts.contents) for spec in specs]
+    # the ranks of a node share its cores: together they start about num_workers processes
+    workers = data.num_workers // max(local_world_size, 1)
+    if streaming:
+        _open_streamed(result, encode, data, prepared_dir, team, facts, workers)
+    elif strategy == "memory" and team.world_size == 1:
         for spec in specs:
-            docs, report = tokenize_source(spec.source, encode, num_workers=workers, progress=is_local_main)
+            docs, report = tokenize_source(spec.source, encode, num_workers=max(workers, 1), progress=is_local_main)
             result.sources.append(docs)
             result.reports.append(report)
-    else:
-        builds = shard_builder() if shard_builder is not None else is_local_main
-        _open_shards(specs, encode, data, prepared_dir, builds=builds, barrier=barrier, result=result)
-    # a checkpoint's data position is only valid on the same content (an edit in place keeps the line count)
-    result.contents = [source_content(spec.source, memo_dir=prepared_dir) for spec in specs]
+    else:  # several ranks share out the tokenizing; with the memory strategy each then reads the shards into RAM
+        built_list = build_sources(specs, encode, team, prepared_dir=prepared_dir, contents=result.contents,
+                                   num_workers=max(workers, 1), shard_bytes=data.shard_size_mb << 20,
+                                   in_memory=strategy == "memory")  # fmt: skip
+        result.sources = [docs for docs, _ in built_list]
+        result.reports = [report for _, report in built_list]
     return result
 
 
-def streamed(source: DataSource, encode: EncodeSettings) -> JsonlDocs | TableDocs:
-    """A source read on demand: a plain JSONL file by line offsets, a table by row index."""
+def _open_streamed(
+    result: SourceSet,
+    encode: EncodeSettings,
+    data: DataConfig,
+    prepared_dir: Path,
+    team: Team,
+    facts: Facts,
+    workers: int,
+) -> None:
+    """Plain JSONL files and tables streamed, .gz files prepared as shards (gzip has no random access)."""
+    specs = result.specs
+    gzipped = [i for i, s in enumerate(specs) if not s.source.random_access]
+    built = iter(build_sources([specs[i] for i in gzipped], encode, team, prepared_dir=prepared_dir,
+                               contents=[result.contents[i] for i in gzipped], num_workers=max(workers, 1),
+                               shard_bytes=data.shard_size_mb << 20))  # fmt: skip
+    if gzipped:
+        result.reason += "; .gz files prepared as shards (gzip has no random access)"
+    for spec in specs:
+        if spec.source.random_access:
+            result.sources.append(streamed(spec.source, encode, facts))
+            continue
+        docs, report = next(built)
+        result.sources.append(docs)
+        result.reports.append(report)
+    _count_streamed(result, encode, prepared_dir, team, workers)
+
+
+def streamed(source: DataSource, encode: EncodeSettings, facts: Facts | None = None) -> JsonlDocs | TableDocs:
+    """A source read on demand: a plain JSONL file by line offsets (surveyed in `facts`), a table by row index."""
     opened = open_source(source, encode.record_format)
     encoder = encode.for_source(opened).encoder()
     if opened.table is None:
         assert source.kind == JSONL and not is_gzip(source.local), source
-        return JsonlDocs(source.local, encoder)
+        offsets = facts.offsets.get(str(source.local)) if facts is not None else None
+        return JsonlDocs(source.local, encoder, offsets=offsets)
     return TableDocs(str(source), opened.table, encoder)
 
 
-def _open_shards(
-    specs: Sequence[SourceSpec],
-    encode: EncodeSettings,
-    data: DataConfig,
-    prepared_dir: Path,
-    *,
-    builds: bool,
-    barrier: Callable[[], None],
-    result: SourceSet,
-) -> None:
-    shard_bytes = data.shard_size_mb << 20
-    built = []
-    if builds:
-        for spec in specs:
-            _, report = prepare_source(spec.source, encode, prepared_dir=prepared_dir, num_workers=data.num_workers,
-                                       shard_bytes=shard_bytes, progress=True)  # fmt: skip
-            built.append(report)
-    barrier()
-    for spec in specs:
-        docs, report = prepare_source(spec.source, encode, prepared_dir=prepared_dir, shard_bytes=shard_bytes)
-        result.sources.append(docs)
-        result.reports.append(report)
-    result.reports = built or result.reports  # the builder's reports say whether the cache was reused
-
-
-def _count_streamed(
-    sources: SourceSet,
-    encode: EncodeSettings,
-    data: DataConfig,
-    prepared_dir: Path,
-    *,
-    builds: bool,
-    barrier: Callable[[], None],
-) -> None:
+def _count_streamed(sources: SourceSet, encode: EncodeSettings, prepared_dir: Path, team: Team, workers: int) -> None:
     """Token counts of the streamed files (global row order needs every length), reported with the shards'."""
-    pairs = zip(sources.specs, sources.sources, strict=True)
-    on_demand = [(spec, s) for spec, s in pairs if isinstance(s, JsonlDocs | TableDocs)]
-    if on_demand:
-        specs, docs = [spec for spec, _ in on_demand], [s for _, s in on_demand]
-        counted = counted_sources(
-            specs, docs, encode, prepared_dir=prepared_dir, builds=builds, barrier=barrier, num_workers=data.num_workers
-        )
-        sources.reports = [*sources.reports, *counted]
+    on_demand = [i for i, s in enumerate(sources.sources) if isinstance(s, JsonlDocs | TableDocs)]
+    docs = [s for s in sources.sources if isinstance(s, JsonlDocs | TableDocs)]
+    counted = counted_sources([sources.specs[i] for i in on_demand], docs, encode, prepared_dir=prepared_dir,
+                              team=team, contents=[sources.contents[i] for i in on_demand],
+                              num_workers=workers)  # fmt: skip
+    sources.reports = [*sources.reports, *counted]
 
 
 def mixture_of(sources: SourceSet, *, seed: int) -> Mixture:

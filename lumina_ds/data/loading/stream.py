@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lumina_ds.batch import IGNORE_INDEX, Batch
 from lumina_ds.data.loading.global_order import GlobalRows, RowPosition
 from lumina_ds.data.loading.mixture import Mixture
+from lumina_ds.data.prepare.content import PIECES_PREFIX
 from lumina_ds.data.prepare.documents import EncodedDoc, labels_of
 from lumina_ds.data.records.types import SkippedLine
 from lumina_ds.errors import DataError
@@ -30,7 +31,12 @@ from lumina_ds.errors import DataError
 Position = tuple[int, int]  # (epoch, index of a document in the packer's input)
 Chunk = tuple[int, int, list[EncodedDoc | SkippedLine | None]]  # (epoch, index of the first item, items)
 MAX_LOGGED_SKIPS = 5
-ROW_ORDER = "global rows"  # how a saved position is to be read (per-rank document indices before)
+ROW_ORDER = "global rows"
+# a checkpoint from before files were hashed by pieces has another hash for an unchanged file over one piece
+_REHASHED = (
+    "; the checkpoint's lumina-ds hashed files over 1 MiB whole, this one by pieces: if the file is unchanged, "
+    "--allow-changed-data resumes exactly"
+)  # how a saved position is to be read (per-rank document indices before)
 
 
 class DocSource(Protocol):
@@ -315,7 +321,8 @@ def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
     are matched by position, so a file moved or renamed with the same content is the same source."""
     before, after = saved.get("content", []), now.get("content", [])
     changes = [
-        f"{source} differs from the checkpoint's {old_source} (content {old[:12]} -> {content[:12]})"
+        f"{source} differs from the checkpoint's {old_source} (content {old[:12]} -> {content[:12]}"
+        + (f"{_REHASHED})" if PIECES_PREFIX in content and PIECES_PREFIX not in old else ")")
         for (old_source, old), (source, content) in zip(before, after, strict=False)
         if old != content
     ]

@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from lumina_ds.batch import IGNORE_INDEX
+from lumina_ds.data.prepare import meter
 from lumina_ds.data.records.checks import DEFAULT_LIMIT, LineLimit, RawRecord
 from lumina_ds.data.records.files import HEAD_BYTES, LongLine, is_gzip
 from lumina_ds.data.records.formats import Row
@@ -54,6 +55,11 @@ class DocEncoder:
 
     def encode_lines(self, lines: Sequence[tuple[int, RawRecord]]) -> list[EncodedDoc | SkippedLine | None]:
         """`(line_no, raw)` pairs (lines, or a table's rows) -> a document, a SkippedLine, or None (blank) per line."""
+        out = self._encode_lines(lines)
+        meter.encoded(sum(len(item[0]) for item in out if isinstance(item, tuple)))
+        return out
+
+    def _encode_lines(self, lines: Sequence[tuple[int, RawRecord]]) -> list[EncodedDoc | SkippedLine | None]:
         parsed = [parse_line(line_no, raw, self.limit) for line_no, raw in lines]
         if self.codec is not None:
             numbers = [n for (n, _), item in zip(lines, parsed, strict=True) if isinstance(item, list)]
@@ -146,6 +152,7 @@ def scan_line_offsets(path: Path, *, block_bytes: int = 1 << 24) -> np.ndarray:
     size = 0
     with path.open("rb") as handle:
         while block := handle.read(block_bytes):
+            meter.read(len(block))
             newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64)
             starts.append(newlines + size + 1)
             size += len(block)
@@ -156,18 +163,19 @@ def scan_line_offsets(path: Path, *, block_bytes: int = 1 << 24) -> np.ndarray:
 
 
 class JsonlDocs:
-    """Documents of one source read from the JSONL file on demand (streaming strategy); nothing is cached.
+    """Documents of one source read from the JSONL file on demand (streaming strategy); only the line offsets are
+    cached (prepare/survey.py).
 
     A line longer than the encoder's limit is never read (its size is known from the offsets) unless it is to be cut.
     A .gz file cannot be read at an offset: the pipeline prepares it as shards instead.
     """
 
-    def __init__(self, path: Path, encoder: DocEncoder) -> None:
+    def __init__(self, path: Path, encoder: DocEncoder, *, offsets: np.ndarray | None = None) -> None:
         assert not is_gzip(path), "gzip has no random access: .gz sources are prepared as shards"
         self.name = str(path)
         self.path = path
         self.encoder = encoder
-        self.offsets = scan_line_offsets(path)
+        self.offsets = scan_line_offsets(path) if offsets is None else offsets  # given: surveyed (prepare/survey.py)
         with path.open("rb") as handle:  # only the last line may lack its "\n"
             handle.seek(max(int(self.offsets[-1]) - 1, 0))
             self._ends_with_newline = handle.read(1) == b"\n"
@@ -193,8 +201,10 @@ class JsonlDocs:
             self._handle.seek(start)
             if size > limit.max_bytes and not limit.truncate:
                 out.append((index + 1, LongLine(size=size, head=self._handle.read(min(size, HEAD_BYTES)))))
+                meter.read(min(size, HEAD_BYTES))
             else:
                 out.append((index + 1, self._handle.read(stop - start)))
+                meter.read(stop - start)
         return out
 
     def fetch(self, indices: Sequence[int]) -> list[EncodedDoc | SkippedLine | None]:

@@ -2,9 +2,10 @@
 
 Rows are ordered globally (data/global_order.py), so every rank must know where every row starts, which takes every
 conversation's length. Tokenized sources know their lengths; a streamed file learns them only by tokenizing, and each
-rank tokenizing every line would multiply that work by the number of ranks. So one process per shared cache counts
-them once (with the loader workers), stores 4 bytes per line, and every rank reads the counts; training then
-tokenizes each rank's own rows only.
+rank tokenizing every line would multiply that work by the number of ranks. So the ranks that share a cache directory
+(data/prepare/team.py) each count a consecutive share of the records' bytes once (with the loader workers), the
+counts are exchanged and cached (4 bytes per line), and a later run reads them; training then tokenizes each rank's
+own rows only.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lumina_ds.data.prepare.content import temp_path
 from lumina_ds.data.prepare.documents import JsonlDocs, TableDocs
+from lumina_ds.data.prepare.team import SOLO, Team, checked, exchange, together
 from lumina_ds.data.prepare.tokenize import MAX_REPORTED_SKIPS, EncodeSettings, PrepareReport, cache_key
 from lumina_ds.data.records.sources import SourceSpec
 from lumina_ds.data.records.types import SkippedLine
@@ -46,16 +48,16 @@ class CountReport(PrepareReport):
 
 
 class _CountTasks(IterableDataset[Counted]):
-    """Worker w of W counts line ranges k with k % W == w; the loader returns them in order."""
+    """Worker w of W counts line ranges k with k % W == w of the lines [lo, hi); the loader returns them in order."""
 
-    def __init__(self, source: Streamed) -> None:
-        self.source = source
+    def __init__(self, source: Streamed, lo: int, hi: int) -> None:
+        self.source, self.lo, self.hi = source, lo, hi
 
     def __iter__(self) -> Iterator[Counted]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for first in range(worker * LINES_PER_TASK, len(self.source), workers * LINES_PER_TASK):
-            items = self.source.fetch(range(first, min(first + LINES_PER_TASK, len(self.source))))
+        for first in range(self.lo + worker * LINES_PER_TASK, self.hi, workers * LINES_PER_TASK):
+            items = self.source.fetch(range(first, min(first + LINES_PER_TASK, self.hi)))
             counts = np.array([len(item[0]) if isinstance(item, tuple) else 0 for item in items], dtype=np.int32)
             yield first, counts, [item for item in items if isinstance(item, SkippedLine)]
 
@@ -64,27 +66,48 @@ def _keep(item: Any) -> Any:
     return item
 
 
-def count_tokens(source: Streamed, *, num_workers: int = 0, strict: bool = False) -> CountReport:
-    """Tokenize every record of `source` once (in `num_workers` processes) and set `source.lengths`."""
-    started = time.perf_counter()
-    size = source.nbytes if isinstance(source, TableDocs) else source.path.stat().st_size
-    report = CountReport(source=source.name, bytes=size)
-    counts = np.zeros(len(source), dtype=np.int32)
-    tasks = _CountTasks(source)
-    results: Any = tasks
-    if num_workers > 0:
+@dataclass
+class _Counted:
+    """Token counts of the lines [lo, hi) of a source, with the lines skipped (the first MAX_REPORTED_SKIPS)."""
+
+    counts: np.ndarray
+    skipped: int = 0
+    examples: list[SkippedLine] = field(default_factory=list)
+
+
+def _count_range(source: Streamed, lo: int, hi: int, *, num_workers: int, strict: bool) -> _Counted:
+    """Tokenize the records [lo, hi) once (in `num_workers` processes); strict: stop at the first skipped one."""
+    done = _Counted(np.zeros(hi - lo, dtype=np.int32))
+    results: Any = _CountTasks(source, lo, hi)
+    if num_workers > 0 and hi > lo:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not reuse tokenizer threads
-        results = DataLoader(tasks, batch_size=None, num_workers=num_workers, collate_fn=_keep)
+        results = DataLoader(results, batch_size=None, num_workers=num_workers, collate_fn=_keep)
     for first, part, skipped in results:
-        counts[first : first + len(part)] = part
-        report.skipped += len(skipped)
-        room = MAX_REPORTED_SKIPS - len(report.skipped_examples)
-        report.skipped_examples.extend(skipped[: max(room, 0)])
+        done.counts[first - lo : first - lo + len(part)] = part
+        done.skipped += len(skipped)
+        room = MAX_REPORTED_SKIPS - len(done.examples)
+        done.examples.extend(skipped[: max(room, 0)])
         if skipped and strict:
-            line, unit = skipped[0], "row" if isinstance(source, TableDocs) else "line"
-            hint = f"fix the {unit} or drop --strict to skip it"
-            raise DataError(line.code, f"{source.name} {unit} {line.line_no}: {line.reason}", hint)
-    report.lines = len(counts)
+            break
+    return done
+
+
+def _strict_error(source: Streamed, line: SkippedLine) -> DataError:
+    unit = "row" if isinstance(source, TableDocs) else "line"
+    hint = f"fix the {unit} or drop --strict to skip it"
+    return DataError(line.code, f"{source.name} {unit} {line.line_no}: {line.reason}", hint)
+
+
+def _size(source: Streamed) -> int:
+    return source.nbytes if isinstance(source, TableDocs) else source.path.stat().st_size
+
+
+def _report(source: Streamed, parts: Sequence[_Counted], started: float) -> CountReport:
+    """The report of a source counted in consecutive parts (sets `source.lengths`)."""
+    counts = np.concatenate([p.counts for p in parts]) if parts else np.zeros(0, np.int32)
+    report = CountReport(source=source.name, bytes=_size(source), lines=len(counts))
+    report.skipped = sum(p.skipped for p in parts)
+    report.skipped_examples = [line for p in parts for line in p.examples][:MAX_REPORTED_SKIPS]
     report.conversations = int((counts > 0).sum())
     report.tokens = int(counts.sum(dtype=np.int64))
     report.seconds = time.perf_counter() - started
@@ -92,8 +115,19 @@ def count_tokens(source: Streamed, *, num_workers: int = 0, strict: bool = False
     return report
 
 
-def _cache_files(spec: SourceSpec, settings: EncodeSettings, prepared_dir: Path) -> tuple[Path, Path]:
-    key = cache_key(spec.source, settings, memo_dir=prepared_dir)
+def count_tokens(source: Streamed, *, num_workers: int = 0, strict: bool = False) -> CountReport:
+    """Tokenize every record of `source` once (in `num_workers` processes) and set `source.lengths`."""
+    started = time.perf_counter()
+    counted = _count_range(source, 0, len(source), num_workers=num_workers, strict=strict)
+    if counted.examples and strict:
+        raise _strict_error(source, counted.examples[0])
+    return _report(source, [counted], started)
+
+
+def _cache_files(
+    spec: SourceSpec, settings: EncodeSettings, prepared_dir: Path, content: str | None
+) -> tuple[Path, Path]:
+    key = cache_key(spec.source, settings, memo_dir=prepared_dir, content=content)
     base = prepared_dir / COUNTS_DIR / f"{spec.source.stem}-{key}"
     return base.with_suffix(".npy"), base.with_suffix(".json")
 
@@ -121,40 +155,86 @@ def _load(source: Streamed, counts_file: Path, meta_file: Path) -> CountReport:
     return CountReport(source=source.name, cached=True, skipped_examples=examples, **meta)
 
 
+def _spans(source: Streamed) -> np.ndarray:
+    """Where each record starts [n + 1], in bytes (a table's estimated) plus one per record, so that every record
+    has a weight and an empty source still divides."""
+    n = len(source)
+    starts = source.offsets if isinstance(source, JsonlDocs) else np.linspace(0, source.nbytes, n + 1).astype(np.int64)
+    return np.asarray(starts, dtype=np.int64) + np.arange(n + 1, dtype=np.int64)
+
+
+def shares(spans: Sequence[np.ndarray], size: int, rank: int) -> list[tuple[int, int]]:
+    """Member `rank`'s records [lo, hi) of each source: those whose start falls in its share of all their bytes."""
+    bases = np.concatenate([[0], np.cumsum([int(s[-1]) for s in spans], dtype=np.int64)])
+    total = int(bases[-1])
+    lo, hi = total * rank // size, total * (rank + 1) // size
+    ranges = []
+    for base, span in zip(bases.tolist(), spans, strict=False):
+        starts = span[:-1] + base
+        ranges.append((int(np.searchsorted(starts, lo)), int(np.searchsorted(starts, hi))))
+    return ranges
+
+
 def counted_sources(
     specs: Sequence[SourceSpec],
     sources: Sequence[Streamed],
     settings: EncodeSettings,
     *,
     prepared_dir: Path,
-    builds: bool,
-    barrier: Callable[[], None],
+    team: Team = SOLO,
+    contents: Sequence[str | None] | None = None,
     num_workers: int = 0,
 ) -> list[CountReport]:
-    """Token counts of every streamed source: from the cache, else counted by the building process while the others
-    wait; a rank that finds no counts after the barrier stops with E109 (the builder names the real problem)."""
-    files = [_cache_files(spec, settings, prepared_dir) for spec in specs]
-    fresh: dict[int, CountReport] = {}
-    problem: DataError | None = None
-    if builds:
-        try:
-            for i, (source, (counts_file, meta_file)) in enumerate(zip(sources, files, strict=True)):
-                if not meta_file.is_file():
-                    fresh[i] = count_tokens(source, num_workers=num_workers, strict=settings.strict)
-                    assert source.lengths is not None
-                    _save(counts_file, meta_file, fresh[i], source.lengths)
-        except DataError as exc:
-            problem = exc  # raised after the barrier, so the waiting ranks are not left behind
-    barrier()
-    if problem is not None:
-        raise problem
-    reports = []
-    for i, (source, (counts_file, meta_file)) in enumerate(zip(sources, files, strict=True)):
-        if i in fresh:
-            reports.append(fresh[i])
-            continue
-        if not meta_file.is_file():
-            hint = "the process that counts them failed: see its error above"
-            raise DataError("E109", f"no token counts for {source.name} in {prepared_dir}", hint)
-        reports.append(_load(source, counts_file, meta_file))
-    return reports
+    """Token counts of every streamed source: from the cache, else each member of the team counts its share of the
+    records, the counts are exchanged and the writer caches them. A bad record under --strict is the same error on
+    every rank. Collective."""
+    files = [
+        _cache_files(spec, settings, prepared_dir, (contents or [None] * len(specs))[i]) for i, spec in enumerate(specs)
+    ]
+    cached = team.agree(lambda: [meta.is_file() for _, meta in files])
+    todo = [i for i, hit in enumerate(cached) if not hit]
+    spans = [_spans(sources[i]) for i in todo]
+    started = time.perf_counter()
+    mine = shares(spans, team.size, team.rank)
+    counted = checked(team, lambda: [_count_range(sources[i], lo, hi, num_workers=num_workers, strict=settings.strict)
+                                     for i, (lo, hi) in zip(todo, mine, strict=True)])  # fmt: skip
+    summaries = together(team, lambda: [(c.skipped, c.examples) for c in counted])
+    packed = exchange(team, prepared_dir, [np.concatenate([c.counts for c in counted] or [np.zeros(0, np.int32)])])
+
+    def finish() -> list[CountReport]:
+        reports = {i: _assembled(sources[i], j, spans, summaries, packed, settings.strict, started)
+                   for j, i in enumerate(todo)}  # fmt: skip
+        if team.writer:
+            for i, report in reports.items():
+                _save(*files[i], report, report_lengths(sources[i]))
+        return [reports[i] if i in reports else _load(sources[i], *files[i]) for i in range(len(sources))]
+
+    return checked(team, finish)  # a bad line under --strict: every rank of the job raises its error
+
+
+def report_lengths(source: Streamed) -> np.ndarray:
+    assert source.lengths is not None
+    return source.lengths
+
+
+def _assembled(
+    source: Streamed,
+    j: int,
+    spans: Sequence[np.ndarray],
+    summaries: Sequence[list[tuple[int, list[SkippedLine]]]],
+    packed: Sequence[list[np.ndarray]],
+    strict: bool,
+    started: float,
+) -> CountReport:
+    """The report of the j-th counted source from every member's part, in order (sets `source.lengths`)."""
+    parts = []
+    for member, ((array,), summary) in enumerate(zip(packed, summaries, strict=True)):
+        ranges = shares(spans, len(packed), member)
+        first = sum(hi - lo for lo, hi in ranges[:j])
+        lo, hi = ranges[j]
+        skipped, examples = summary[j]
+        parts.append(_Counted(array[first : first + hi - lo], skipped, examples))
+    report = _report(source, parts, started)
+    if strict and report.skipped_examples:
+        raise _strict_error(source, report.skipped_examples[0])
+    return report

@@ -22,12 +22,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import psutil
 
 from lumina_ds.config.run import MAX_LINE_BYTES
+from lumina_ds.data.prepare import meter
 from lumina_ds.data.prepare.content import source_content, temp_path, write_json_atomic
 from lumina_ds.data.prepare.documents import DocEncoder, TokenizedDocs, TokenizedPart, token_dtype
 from lumina_ds.data.records.checks import LineLimit, RawRecord
@@ -135,10 +136,11 @@ class _TaskResult:
     first_error: tuple[int, str, str] | None
 
 
-def byte_ranges(path: Path, *, target_bytes: int) -> list[tuple[int, int]]:
-    """Split a file into ranges of about `target_bytes`, each starting at a line start."""
-    size = path.stat().st_size
-    bounds = [0]
+def byte_ranges(path: Path, *, target_bytes: int, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+    """Split a file (or its bytes [start, stop), both line starts) into ranges of about `target_bytes`, each starting
+    at a line start."""
+    size = path.stat().st_size if stop is None else stop
+    bounds = [start]
     with path.open("rb") as handle:
         while bounds[-1] + target_bytes < size:
             handle.seek(bounds[-1] + target_bytes)
@@ -148,6 +150,17 @@ def byte_ranges(path: Path, *, target_bytes: int) -> list[tuple[int, int]]:
             bounds.append(handle.tell())
     bounds.append(size)
     return list(itertools.pairwise(bounds))
+
+
+def line_start_at(path: Path, position: int) -> int:
+    """The first line start at or after byte `position` of a file (its size past the last line)."""
+    size = path.stat().st_size
+    if position <= 0 or position >= size:
+        return min(max(position, 0), size)
+    with path.open("rb") as handle:
+        handle.seek(position - 1)  # a line starts at `position` when the byte before it ends a line
+        skip_line(handle)
+        return min(handle.tell(), size)
 
 
 def _task_lines(task: _Task) -> Iterator[RawRecord]:
@@ -162,7 +175,9 @@ def _task_lines(task: _Task) -> Iterator[RawRecord]:
             yield raw
 
 
-def _gzip_tasks(path: Path, settings: EncodeSettings, *, target_bytes: int, out_dir: Path | None) -> Iterator[_Task]:
+def _gzip_tasks(
+    path: Path, settings: EncodeSettings, *, target_bytes: int, out_dir: Path | None, tag: str = ""
+) -> Iterator[_Task]:
     """Consecutive chunks of about `target_bytes` of a .gz file's lines: it can only be read from the start."""
     limit = settings.limit
     lines: list[RawRecord] = []
@@ -175,7 +190,7 @@ def _gzip_tasks(path: Path, settings: EncodeSettings, *, target_bytes: int, out_
                 if stop - start < target_bytes:
                     continue
             if lines or index == 0:
-                prefix = str(out_dir / f"part-{index:05d}") if out_dir else None
+                prefix = str(out_dir / f"part-{tag}{index:05d}") if out_dir else None
                 yield _Task(str(path), start, stop, settings, prefix, lines)
             lines, start, index = [], stop, index + 1
 
@@ -237,6 +252,7 @@ def _results(tasks: Iterable[_Task], num_workers: int) -> Iterator[tuple[_Task, 
     `num_workers` > 1, with at most `num_workers + 1` tasks in flight (a .gz task holds its lines)."""
     if num_workers <= 1:
         for task in tasks:
+            meter.read(task.stop - task.start)
             yield task, _run_task(task)
             task.lines = None
         return
@@ -247,8 +263,10 @@ def _results(tasks: Iterable[_Task], num_workers: int) -> Iterator[tuple[_Task, 
                 pending.append((item, pool.submit(_run_task, item)))
             while pending and (item is None or len(pending) > num_workers):
                 done, future = pending.popleft()
-                done.lines = None
-                yield done, future.result()
+                done.lines, result = None, future.result()
+                meter.read(done.stop - done.start)
+                meter.encoded(int(result.lengths.sum()))  # the worker's own counters do not come back
+                yield done, result
 
 
 def _progress(total_bytes: int, label: str, enabled: bool) -> Any:
@@ -327,18 +345,26 @@ def tokenize_source(
 
 
 def _table_tasks(
-    opened: OpenSource, settings: EncodeSettings, *, target_bytes: int, out_dir: Path | None
+    opened: OpenSource,
+    settings: EncodeSettings,
+    *,
+    target_bytes: int,
+    out_dir: Path | None,
+    rows: tuple[int, int] | None = None,
+    tag: str = "",
 ) -> Iterator[_Task]:
-    """Consecutive chunks of about `target_bytes` of a table's rows, read here (start/stop: estimated bytes)."""
+    """Consecutive chunks of about `target_bytes` of a table's rows (all, or `rows` [first, last)), read here
+    (start/stop: estimated bytes)."""
     table = opened.table
     assert table is not None
-    rows = len(table)
-    per_task = max(1, rows * target_bytes // max(table.nbytes, 1))
-    for index, first in enumerate(range(0, max(rows, 1), per_task)):
-        last = min(first + per_task, rows)
+    total = len(table)
+    begin, end = rows if rows is not None else (0, total)
+    per_task = max(1, total * target_bytes // max(table.nbytes, 1))
+    for index, first in enumerate(range(begin, max(end, begin + (rows is None)), per_task)):
+        last = min(first + per_task, end)
         records: list[RawRecord] = [Row(r) for r in table.read(first, last)]
-        prefix = str(out_dir / f"part-{index:05d}") if out_dir else None
-        start, stop = table.nbytes * first // max(rows, 1), table.nbytes * last // max(rows, 1)
+        prefix = str(out_dir / f"part-{tag}{index:05d}") if out_dir else None
+        start, stop = table.nbytes * first // max(total, 1), table.nbytes * last // max(total, 1)
         yield _Task(str(opened.source), start, stop, settings, prefix, records, unit="row")
 
 
@@ -349,15 +375,16 @@ def _part(tokens: np.ndarray | None, targets: np.ndarray | None, lengths: np.nda
     return TokenizedPart(tokens=tokens, targets=targets, offsets=offsets)
 
 
-def open_shards(directory: Path, *, name: str) -> TokenizedDocs:
-    """Memory-map the parts of a prepared directory; E109 if a file is missing or inconsistent."""
+def open_shards(directory: Path, *, name: str, in_memory: bool = False) -> TokenizedDocs:
+    """Memory-map (or read into RAM) the parts of a prepared directory; E109 if a file is missing or inconsistent."""
     parts = []
     for lengths_file in sorted(directory.glob("part-*.lengths.npy")):
         prefix = str(lengths_file)[: -len(".lengths.npy")]
         try:
             lengths = np.load(lengths_file)
-            tokens = np.load(prefix + ".tokens.npy", mmap_mode="r")
-            targets = np.load(prefix + ".targets.npy", mmap_mode="r")
+            mode: Literal["r"] | None = None if in_memory else "r"
+            tokens = np.load(prefix + ".tokens.npy", mmap_mode=mode)
+            targets = np.load(prefix + ".targets.npy", mmap_mode=mode)
             parts.append(_part(tokens, targets, lengths))
         except (OSError, ValueError, AssertionError) as exc:
             raise DataError(
@@ -368,12 +395,20 @@ def open_shards(directory: Path, *, name: str) -> TokenizedDocs:
     return TokenizedDocs(name, parts)
 
 
-def cache_key(location: str | Path | DataSource, settings: EncodeSettings, *, memo_dir: Path | None = None) -> str:
+def cache_key(
+    location: str | Path | DataSource,
+    settings: EncodeSettings,
+    *,
+    memo_dir: Path | None = None,
+    content: str | None = None,
+) -> str:
     """Key of a prepared source: its content (the compressed bytes of a .gz, a table's files), the tokenizer, the
-    template settings, the line limit, a non-default record format and the format version."""
+    template settings, the line limit, a non-default record format and the format version. `content`: the source's
+    content hash when it is known already (data/prepare/survey.py)."""
     digest = hashlib.blake2b(digest_size=8)
     limit = f"{settings.max_line_bytes}:{settings.truncate_long}"
-    for piece in (source_content(location, memo_dir=memo_dir), settings.tokenizer_json, settings.train_on, limit):
+    content = source_content(location, memo_dir=memo_dir) if content is None else content
+    for piece in (content, settings.tokenizer_json, settings.train_on, limit):
         digest.update(piece.encode())
     fmt = settings.record_format
     if not fmt.plain:  # keys of plain messages sources stay those of before formats existed
