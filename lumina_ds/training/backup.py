@@ -200,6 +200,14 @@ class BackupCopier:
         self._thread = threading.Thread(target=self._run, args=(tag_dir, best_step), name="lumina-ds-backup")
         self._thread.start()
 
+    def refresh(self, tag_dir: Path, *, best_step: int | None) -> None:
+        """Copy `tag_dir` again if it was backed up before it changed (consolidated weights added at the run's end),
+        whatever the cadence: the backup's manifest must be the tag's (rank 0, main thread, no copy running)."""
+        if (self.root / tag_dir.name).is_dir():
+            self.copying = tag_dir.name
+            self._thread = threading.Thread(target=self._run, args=(tag_dir, best_step), name="lumina-ds-backup")
+            self._thread.start()
+
     def wait(self) -> None:
         """Block until the copy in progress is finished and verified (end of run, signal stop)."""
         thread = self._thread

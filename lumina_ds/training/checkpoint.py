@@ -265,16 +265,20 @@ class CheckpointManager:
             write_marker(staging, {"step": step, "world_size": self.info.world_size, "time": time.time(),
                                    "files": files})  # fmt: skip
 
-    def add_weights(self, engine: Engine, step: int) -> None:
+    def add_weights(self, engine: Engine, step: int, *, keep_step: int | None = None) -> None:
         """At the run's natural end with `consolidate` final, when the last tag (this step's) was saved without its
-        consolidated weights: they are written into it. Collective."""
+        consolidated weights: they are written into it, and a backup of it is copied again. Collective."""
         tag_dir = self.dir / tag_for_step(step)
         if self.config.consolidate != "final" or self.weights_every_save or not tag_dir.is_dir():
             return
         staging = tag_dir / f"{WEIGHTS_STAGING}{broadcast_token(self.info.rank)}"
         write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
         if self.info.is_main:
+            if self.backups is not None:
+                self.backups.wait()  # its copy of the tag is finished before the tag changes
             install_weights(tag_dir, staging)
+            if self.backups is not None:
+                self.backups.refresh(tag_dir, best_step=keep_step)
         barrier()
 
     def _install(self, staging: Path, target: Path) -> None:

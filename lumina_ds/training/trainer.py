@@ -234,7 +234,8 @@ class Trainer:
         if self._last_saved != self.state.step:
             self.save(final=natural_end)
         elif natural_end:
-            self.checkpoints.add_weights(self.module.engine, self.state.step)
+            best = self.state.best_step if self.state.history else None
+            self.checkpoints.add_weights(self.module.engine, self.state.step, keep_step=best)
         summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1),
                    "exit_code": self.exit_code, "skipped_steps": self.state.skipped_steps,
                    "overflow_steps": self.state.overflow_steps, "rewinds": self.state.rewinds}  # fmt: skip

@@ -393,16 +393,18 @@ def test_sbatch_gives_srun_the_allocations_cpus_per_task(workdir: Path, slurm_jo
 
 
 def test_sbatch_requeues_a_run_stopped_by_usr1_or_sigterm(workdir: Path, slurm_job: dict[str, str]) -> None:
-    """A rank stopped by SIGUSR1 (--signal=USR1@120) exits 138 after its checkpoint: the job goes back in the queue."""
+    """A rank stopped by SIGUSR1 (--signal=USR1@600) exits 138 after its checkpoint: the job goes back in the queue;
+    the script passes its signal lead on (LUMINA_SIGNAL_LEAD), which the run checks against what it measured."""
     record = workdir / "scontrol.calls"
-    fake_command(workdir / "bin", "deepspeed", "exit 138")
+    fake_command(workdir / "bin", "deepspeed", f'echo "$LUMINA_SIGNAL_LEAD" > {workdir / "lead"}; exit 138')
     fake_command(workdir / "bin", "scontrol", f'[[ "$1" == show ]] && printf "gpu-07\\n" || echo "$@" > {record}')
     env_vars = {**os.environ, **slurm_job, "PATH": f"{workdir / 'bin'}:{os.environ['PATH']}"}
     proc = subprocess.run(["bash", str(SBATCH), "--preset", "b1", "--auto-resume"], cwd=workdir, env=env_vars,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 138 and record.read_text().strip() == "requeue 4242"
     header = [line.split()[1] for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
-    assert {"--signal=USR1@120", "--requeue"} <= set(header)
+    assert {"--signal=USR1@600", "--requeue"} <= set(header)
+    assert (workdir / "lead").read_text().strip() == "600"
 
 
 def test_mpirun_example_on_a_hostfile_passes_the_rendezvous_variables(workdir: Path) -> None:

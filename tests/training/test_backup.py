@@ -24,6 +24,7 @@ from tests.training.fakes import INFO, STATE_FILE, FakeEngine
 
 
 def manager_with_backups(tmp_path: Path, **options: object) -> CheckpointManager:
+    options.setdefault("consolidate", "every")  # tags with weights: the largest file a copy can get wrong
     config = CheckpointConfig(backup_dir=str(tmp_path / "backup"), **options)  # type: ignore[arg-type]
     (tmp_path / "demo").mkdir(exist_ok=True)  # the run dir exists before any save
     return CheckpointManager(tmp_path / "demo", config, INFO, loader=PlainLoader(INFO))
@@ -241,6 +242,8 @@ def test_the_cli_backs_up_and_resumes_from_a_backup_when_the_run_checkpoints_are
     assert f"backup: step_00000006 -> {backups / 'a' / 'step_00000006'} verified" in first.stdout
     assert sorted(p.name for p in (backups / "a").iterdir()) == ["config.yaml", "step_00000004", "step_00000006",
                                                                   "tokenizer.json"]  # fmt: skip
+    assert "model.safetensors" in json.loads((backups / "a" / "step_00000006" / COMPLETE_MARKER).read_text())["files"]
+    assert not (backups / "a" / "step_00000004" / "model.safetensors").exists()  # the last tag's weights only
     saved_before = json.loads((backups / "a" / "step_00000006" / COMPLETE_MARKER).read_text())["time"]
     trained_with = ChatTokenizer.from_file(tmp_path / "runs" / "a" / "tokenizer.json").identity()
     first_logs, _ = read_metrics(tmp_path / "runs" / "a")
