@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lumina_ds.config.io import config_to_dict
 from lumina_ds.config.run import RunConfig
@@ -30,9 +31,26 @@ from lumina_ds.training.checkpoint import Log, PlainLoader, TagLoader
 from lumina_ds.training.checkpoint_files import corrupt_checkpoint
 from lumina_ds.training.checkpoint_state import Resumed, load_trainer_state, read_json, read_resumed
 from lumina_ds.training.engine import Engine
-from lumina_ds.training.universal import adapted_load, convert, remove_others, reusable
+from lumina_ds.training.universal import (
+    adapted_load,
+    convert,
+    convert_share,
+    finish,
+    prepare,
+    remove_others,
+    reusable,
+    staging,
+)
 
 UNIVERSAL_DIR = ".universal"
+_T = TypeVar("_T")
+# peak bytes of a conversion (output and temporary fragments) per byte of the tag, measured (benchmarks/NOTES.md,
+# "Elastic resume: the universal conversion split across ranks") and rounded up
+SPACE_FACTOR = 2.0
+# DeepSpeed's single-process converter, for layouts the split does not cover: its measured rate, and the largest tag
+# it is left to (above it, the other ranks would wait for hours)
+SINGLE_PROCESS_RATE = 50 * 2**20
+SINGLE_PROCESS_LIMIT = 200 * 2**30
 
 
 @dataclass(frozen=True)
@@ -166,46 +184,108 @@ class UniversalLoader:
         return read_resumed(self.tag_dir, rank=self.info.rank % self.saved.world_size)
 
 
-def _universal(tag_dir: Path, run_dir: Path, info: DistInfo, log: Log) -> Path:
-    """Rank 0 converts (or reuses a verified conversion); every rank gets the path or the same E303."""
-    target = run_dir / CHECKPOINTS_DIR / UNIVERSAL_DIR / tag_dir.name
-    problem: CheckpointError | None = None
-    if info.is_main:
-        try:
-            why = reusable(target, tag_dir)
-            if why is None:
-                log(f"elastic resume: reusing the verified universal checkpoint {target}")
-            else:
-                _check_space(tag_dir, target.parent)
-                started = time.perf_counter()
-                convert(tag_dir, target)
-                log(
-                    f"elastic resume: converted {tag_dir.name} to a universal checkpoint in "
-                    f"{time.perf_counter() - started:.1f}s -> {target}"
-                )
-            remove_others(target)
-        except CheckpointError as exc:
-            problem = exc
-        except OSError as exc:
-            problem = CheckpointError(
-                "E303",
-                f"cannot write the universal checkpoint {target}: {exc}",
-                "free disk space, or resume on the sizes that saved the checkpoint",
-            )
+def _attempt(step: Callable[[], _T], target: Path) -> tuple[_T | None, CheckpointError | None]:
+    """Run one rank's part of the conversion; its failure as the E303 every rank raises together."""
+    try:
+        return step(), None
+    except CheckpointError as exc:
+        return None, exc
+    except OSError as exc:
+        return None, CheckpointError(
+            "E303",
+            f"cannot write the universal checkpoint {target}: {exc}",
+            "free disk space, or resume on the sizes that saved the checkpoint",
+        )
+
+
+def _together(problem: CheckpointError | None, tag_dir: Path) -> None:
+    """Every rank raises when one failed (a rank that went on alone would wait in the next collective forever)."""
     if any_rank(problem is not None):
-        raise problem or CheckpointError("E303", f"rank 0 could not convert {tag_dir}", "see rank 0's error")
+        raise problem or CheckpointError("E303", f"another rank could not convert {tag_dir}", "see rank 0's error")
+
+
+def _decide(tag_dir: Path, target: Path, info: DistInfo, log: Log) -> bool:
+    """Rank 0: reuse a verified conversion, or check the space and prepare a fresh one. Whether to convert, on
+    every rank."""
+    convert_now, problem = False, None
+    if info.is_main:
+        why = reusable(target, tag_dir)
+        if why is None:
+            log(f"elastic resume: reusing the verified universal checkpoint {target}")
+        else:
+            _, problem = _attempt(lambda: _start(tag_dir, target), target)
+            convert_now = True
+    _together(problem, tag_dir)
+    return any_rank(convert_now)
+
+
+def _start(tag_dir: Path, target: Path) -> None:
+    _check_space(tag_dir, target.parent)
+    prepare(target)
+
+
+def _universal(tag_dir: Path, run_dir: Path, info: DistInfo, log: Log) -> Path:
+    """Every rank converts its share of the parameters (or reuses a verified conversion); rank 0 finishes it;
+    every rank gets the path or the same E303."""
+    target = run_dir / CHECKPOINTS_DIR / UNIVERSAL_DIR / tag_dir.name
+    try:
+        if _decide(tag_dir, target, info, log):
+            _convert(tag_dir, target, info, log)
+    except CheckpointError:
+        if info.is_main:
+            shutil.rmtree(staging(target), ignore_errors=True)
+        raise
+    if info.is_main:
+        remove_others(target)
     return target
 
 
+def _convert(tag_dir: Path, target: Path, info: DistInfo, log: Log) -> None:
+    """Every rank converts its share; rank 0 finishes (or, for a layout the split does not cover, converts alone)."""
+    started = time.perf_counter()
+    split, problem = _attempt(lambda: convert_share(tag_dir, target, rank=info.rank, world=info.world_size), target)
+    _together(problem, tag_dir)
+    if info.is_main:
+        _, problem = _attempt(lambda: _complete(tag_dir, target, split=bool(split)), target)
+    _together(problem, tag_dir)
+    how = f"split across {info.world_size} process(es)" if split else "in one process (DeepSpeed's converter)"
+    log(
+        f"elastic resume: converted {tag_dir.name} to a universal checkpoint {how} in "
+        f"{time.perf_counter() - started:.1f}s -> {target}"
+    )
+
+
+def _complete(tag_dir: Path, target: Path, *, split: bool) -> None:
+    if split:
+        finish(tag_dir, target)
+        return
+    size = _tag_bytes(tag_dir)
+    if size > SINGLE_PROCESS_LIMIT:
+        hours = size / SINGLE_PROCESS_RATE / 3600
+        raise CheckpointError(
+            "E303",
+            f"{tag_dir.name} ({size / 2**30:.1f} GB) needs DeepSpeed's converter in one process, which converted "
+            f"{SINGLE_PROCESS_RATE / 2**20:.0f} MB/s here: about {hours:.1f} h while every other rank waits",
+            "resume on the sizes that saved it",
+        )
+    convert(tag_dir, target)
+
+
+def _tag_bytes(tag_dir: Path) -> int:
+    return sum(int(f["size"]) for f in read_json(tag_dir / COMPLETE_MARKER).get("files", {}).values())
+
+
 def _check_space(tag_dir: Path, folder: Path) -> None:
-    """A conversion takes about the tag's size (fp32 weights and the optimizer's moments)."""
-    need = sum(f["size"] for f in read_json(tag_dir / COMPLETE_MARKER).get("files", {}).values())
+    """A conversion needs SPACE_FACTOR x the tag at its peak (the temporary fragments included), before anything
+    is written."""
+    need = int(_tag_bytes(tag_dir) * SPACE_FACTOR)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if need > free:
         raise CheckpointError(
             "E303",
-            f"converting {tag_dir.name} needs about {need / 2**30:.2f} GB in {folder}, {free / 2**30:.2f} GB are free",
+            f"converting {tag_dir.name} needs about {need / 2**30:.2f} GB in {folder} ({SPACE_FACTOR} x the tag, its "
+            f"temporary fragments included), {free / 2**30:.2f} GB are free",
             "free disk space",
         )
 

@@ -38,6 +38,7 @@ from lumina_ds.training.engine import Engine
 
 MARKER = "lumina_universal.json"
 EXPERT_WEIGHT = re.compile(r"layers\.\d+\.ffn\.experts\.w[123]")
+MMAP_LOADS = True  # benchmarks/universal_scaling.py turns it off to measure the reads without
 CONVERT_WORKERS = 2  # DeepSpeed's extract/merge processes (forked: they inherit the weights-only loads)
 
 
@@ -76,51 +77,115 @@ def reusable(target: Path, tag_dir: Path) -> str | None:
     return None
 
 
+def staging(target: Path) -> Path:
+    """Where a conversion is built, at the same path on every rank (the ranks write into it together)."""
+    return target.parent / f".{target.name}.converting"
+
+
+def prepare(target: Path) -> None:
+    """Rank 0, before any rank converts: an empty staging folder."""
+    shutil.rmtree(staging(target), ignore_errors=True)
+    (staging(target) / target.name).mkdir(parents=True)
+
+
+def _refused(tag_dir: Path, done: subprocess.CompletedProcess[str]) -> CheckpointError:
+    lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+    return CheckpointError(
+        "E303",
+        f"DeepSpeed could not convert {tag_dir} to a universal checkpoint: {lines[-1] if lines else '?'}",
+        "resume on the number of processes and expert-parallel size that saved it",
+    )
+
+
+def convert_share(tag_dir: Path, target: Path, *, rank: int, world: int) -> bool:
+    """This rank's share of the conversion (training/universal_split.py); False when the layout needs DeepSpeed's
+    single-process converter (the same answer on every rank)."""
+    from lumina_ds.training.universal_split import UNSPLITTABLE
+
+    out = staging(target) / target.name
+    command = [sys.executable, "-m", "lumina_ds.training.universal_split", "--input", str(tag_dir),
+               "--output", str(out), "--rank", str(rank), "--world", str(world)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode == UNSPLITTABLE:
+        return False
+    if done.returncode != 0:
+        raise _refused(tag_dir, done)
+    return True
+
+
+def finish(tag_dir: Path, target: Path) -> None:
+    """Rank 0, after every rank's share: the files of no parameter, the marker from every part's checksums (each
+    file listed exactly once, and nothing on disk unlisted), then the staging folder renamed into place."""
+    out = staging(target) / target.name
+    command = [sys.executable, "-m", "lumina_ds.training.universal_split", "--input", str(tag_dir),
+               "--output", str(out), "--finish"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise _refused(tag_dir, done)
+    files, problem = _gathered(staging(target), out)
+    if problem:
+        raise CheckpointError("E303", f"the universal conversion of {tag_dir} is incomplete: {problem}")
+    _seal(tag_dir, out, target, dict(sorted(files.items())))
+
+
+def _gathered(folder: Path, out: Path) -> tuple[dict[str, Any], str | None]:
+    """Every part's checksums in one list, and what is wrong with them: a rank's share missing, a file listed twice
+    or not at all, or a merge pattern no parameter matched (DeepSpeed's strict check, over all ranks)."""
+    parts = [json.loads(p.read_text()) for p in sorted(folder.glob("digests.*.json"))]
+    shares = [p for p in parts if p["rank"] is not None]
+    world = shares[0]["world"] if shares else 0
+    files: dict[str, Any] = {}
+    unmatched: set[str] | None = None
+    for part in parts:
+        if files.keys() & part["files"].keys():
+            return files, f"files listed twice: {sorted(files.keys() & part['files'].keys())[:3]}"
+        files.update(part["files"])
+        if part["unmatched"] is not None:
+            unmatched = set(part["unmatched"]) if unmatched is None else unmatched & set(part["unmatched"])
+    ranks = sorted(p["rank"] for p in shares)
+    if ranks != list(range(world)) or len(parts) != world + 1:
+        return files, f"found the shares of ranks {ranks} of {world} and {len(parts) - len(shares)} finish"
+    if unmatched:
+        return files, f"unused patterns {sorted(unmatched)}"
+    if set(files) != {str(p.relative_to(out)) for p in tag_files(out)}:
+        return files, "the files on disk are not those the ranks listed"
+    return dict(sorted(files.items())), None
+
+
+def _seal(tag_dir: Path, out: Path, target: Path, files: dict[str, Any]) -> None:
+    marker = {
+        "source": str(tag_dir.resolve()),
+        "source_digest": _source_digest(tag_dir),
+        "deepspeed": _deepspeed_version(),
+        "files": files,
+    }
+    (out / MARKER).write_text(json.dumps(marker))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(out, target)
+    shutil.rmtree(staging(target), ignore_errors=True)
+
+
 def convert(tag_dir: Path, target: Path) -> None:
-    """Convert `tag_dir` into `target` (replacing it): staged beside it, checksummed, then renamed into place."""
-    work = target.parent / f".{target.name}.converting-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    """DeepSpeed's own converter in one process (rank 0), for what the split does not cover: staged, checksummed,
+    then renamed into place."""
+    prepare(target)
+    out = staging(target) / target.name  # DeepSpeed writes `latest_universal` beside its output folder
     try:
-        out = work / target.name  # DeepSpeed writes `latest_universal` beside its output folder
-        command = [
-            sys.executable,
-            "-m",
-            "lumina_ds.training.universal",
-            "--input_folder",
-            str(tag_dir),
-            "--output_folder",
-            str(out),
-            "--inject_missing_state",
-            "--num_extract_workers",
-            str(CONVERT_WORKERS),
-            "--num_merge_workers",
-            str(CONVERT_WORKERS),
-        ]
+        command = [sys.executable, "-m", "lumina_ds.training.universal", "--input_folder", str(tag_dir),
+                   "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers",
+                   str(CONVERT_WORKERS), "--num_merge_workers", str(CONVERT_WORKERS)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
-            raise CheckpointError(
-                "E303",
-                f"DeepSpeed could not convert {tag_dir} to a universal checkpoint: {lines[-1] if lines else '?'}",
-                "resume on the number of processes and expert-parallel size that saved it",
-            )
+            raise _refused(tag_dir, done)
         files = {str(p.relative_to(out)): {"size": p.stat().st_size, "xxh3": file_digest(p)} for p in tag_files(out)}
-        marker = {
-            "source": str(tag_dir.resolve()),
-            "source_digest": _source_digest(tag_dir),
-            "deepspeed": _deepspeed_version(),
-            "files": files,
-        }
-        (out / MARKER).write_text(json.dumps(marker))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(out, target)
+        _seal(tag_dir, out, target, files)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging(target), ignore_errors=True)
 
 
 def remove_others(target: Path) -> None:
-    """Keep one conversion (each is about a tag's size): the others under the same folder go."""
+    """Keep one conversion (each is about a tag's size): the others under the same folder go, an abandoned staging
+    folder too."""
     for path in target.parent.iterdir():
         if path != target and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -190,6 +255,8 @@ def adapted_load(engine: Engine, universal: Path, *, autoep_target: bool, num_ex
         safe_load = torch.load
 
         def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+            if MMAP_LOADS and isinstance(f, str | os.PathLike) and Path(f).is_relative_to(universal):
+                kwargs["mmap"] = True  # DeepSpeed slices this rank's part: the other pages are never read
             return adapter(str(f), safe_load(f, *args, **kwargs))
 
         torch.load = load
