@@ -24,7 +24,9 @@ from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
+    INDEX_FILE,
     TAG_PATTERN,
+    WEIGHTS_FILE,
     fsync_path,
     is_weights_only,
     list_complete_tags,
@@ -270,6 +272,8 @@ class CheckpointManager:
         consolidated weights: they are written into it, and a backup of it is copied again. Collective."""
         tag_dir = self.dir / tag_for_step(step)
         if self.config.consolidate != "final" or self.weights_every_save or not tag_dir.is_dir():
+            return
+        if (tag_dir / WEIGHTS_FILE).is_file() or (tag_dir / INDEX_FILE).is_file():  # a resume of a finished run
             return
         staging = tag_dir / f"{WEIGHTS_STAGING}{broadcast_token(self.info.rank)}"
         write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)
