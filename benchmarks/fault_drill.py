@@ -166,6 +166,16 @@ def numeric_gap(a: Any, b: Any) -> float:
     return 0.0 if a == b else float("inf")
 
 
+def tag_position_gap(ours: Path, theirs: Path, tag: str) -> tuple[float, int]:
+    """The per-rank data positions saved in one tag of two checkpoints dirs: sum |diff|, rank states compared."""
+    gap, compared = 0.0, 0
+    for state in sorted((theirs / tag / "lumina_state").glob("rank*.json")):
+        mine = json.loads((ours / tag / "lumina_state" / state.name).read_text())["data"]
+        gap += numeric_gap(mine, json.loads(state.read_text())["data"])
+        compared += 1
+    return gap, compared
+
+
 class Drill:
     """The reference run, then the drill run: launch with --auto-resume, kill, repeat; then one launch to the end."""
 
@@ -301,12 +311,8 @@ class Drill:
         """Saved data positions against the reference's at the same steps, and tokens per step of the final lineage."""
         ours, theirs = self.run_dir / "checkpoints", self.reference_dir / "checkpoints"
         common = sorted(set(list_complete_tags(ours)) & set(list_complete_tags(theirs)))
-        position_gap, compared = 0.0, 0
-        for tag in common:
-            for state in sorted((theirs / tag / "lumina_state").glob("rank*.json")):
-                mine = json.loads((ours / tag / "lumina_state" / state.name).read_text())["data"]
-                position_gap += numeric_gap(mine, json.loads(state.read_text())["data"])
-                compared += 1
+        gaps = [tag_position_gap(ours, theirs, tag) for tag in common]
+        position_gap, compared = sum(gap for gap, _ in gaps), sum(n for _, n in gaps)
         final = {}
         for segment in self.segments:  # a later launch's record of a step replaces an earlier one's
             final.update({r["step"]: r["tokens"] for r in segment.records})
