@@ -203,11 +203,13 @@ def build_sources(
     everyone = together(team, lambda: done)
 
     def finish() -> dict[int, PrepareReport]:
+        by_source: dict[int, list[_Done]] = {}
+        for task in (task for member in everyone for task in member):  # in order: members, then their tasks
+            by_source.setdefault(task.source, []).append(task)
         reports = {}
         for i, plan in enumerate(plans):
             if plan.tmp is not None:
-                tasks = [task for member in everyone for task in member if task.source == i]
-                reports[i] = _merged(str(specs[i].source), tasks, settings.strict)
+                reports[i] = _merged(str(specs[i].source), by_source.get(i, []), settings.strict)
                 reports[i].seconds = time.perf_counter() - started
         if team.writer:
             for i, report in reports.items():

@@ -202,7 +202,8 @@ def counted_sources(
     packed = exchange(team, prepared_dir, [np.concatenate([c.counts for c in counted] or [np.zeros(0, np.int32)])])
 
     def finish() -> list[CountReport]:
-        reports = {i: _assembled(sources[i], j, spans, summaries, packed, settings.strict, started)
+        ranges = [shares(spans, team.size, member) for member in range(team.size)]
+        reports = {i: _assembled(sources[i], j, ranges, summaries, packed, settings.strict, started)
                    for j, i in enumerate(todo)}  # fmt: skip
         if team.writer:
             for i, report in reports.items():
@@ -220,18 +221,18 @@ def report_lengths(source: Streamed) -> np.ndarray:
 def _assembled(
     source: Streamed,
     j: int,
-    spans: Sequence[np.ndarray],
+    ranges: Sequence[Sequence[tuple[int, int]]],
     summaries: Sequence[list[tuple[int, list[SkippedLine]]]],
     packed: Sequence[list[np.ndarray]],
     strict: bool,
     started: float,
 ) -> CountReport:
-    """The report of the j-th counted source from every member's part, in order (sets `source.lengths`)."""
+    """The report of the j-th counted source from every member's part (`ranges[member][j]`), in order (sets
+    `source.lengths`)."""
     parts = []
     for member, ((array,), summary) in enumerate(zip(packed, summaries, strict=True)):
-        ranges = shares(spans, len(packed), member)
-        first = sum(hi - lo for lo, hi in ranges[:j])
-        lo, hi = ranges[j]
+        first = sum(hi - lo for lo, hi in ranges[member][:j])  # the member's parts of the sources before
+        lo, hi = ranges[member][j]
         skipped, examples = summary[j]
         parts.append(_Counted(array[first : first + hi - lo], skipped, examples))
     report = _report(source, parts, started)

@@ -104,8 +104,11 @@ def survey(files: Sequence[Path], streamed: Collection[str], team: Team, *, memo
         for index, digest, part in zip(indices, member_digests, np.split(rest, np.cumsum(counts)[:-1]), strict=False):
             digests[index], starts[index] = digest, part
     facts = Facts({}, {})
+    by_file: dict[int, list[int]] = {}
+    for p, piece in enumerate(pieces):
+        by_file.setdefault(piece[0], []).append(p)
     for i, plan in enumerate(plans):
-        file_pieces = [p for p, piece in enumerate(pieces) if piece[0] == i]
+        file_pieces = by_file.get(i, [])
         if plan.scan:
             facts.contents[plan.key] = combine_pieces(plan.size, [digests[p] for p in file_pieces])
         else:
