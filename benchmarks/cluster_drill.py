@@ -52,8 +52,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))  # scripts, not a package (tests/benchmarks is the package of that name)
 
-from benchmarks.fault_drill import (  # noqa: E402
+from fault_drill import (  # noqa: E402
     POLL_S,
     TOLERANCE,
     Drill,
@@ -65,6 +66,7 @@ from benchmarks.fault_drill import (  # noqa: E402
     summarize,
     tag_position_gap,
 )
+
 from lumina_ds.distributed.env import free_port  # noqa: E402
 from lumina_ds.run_dir import TAG_PATTERN, list_complete_tags  # noqa: E402
 from tests.cluster.harness import LocalCluster, cluster_unavailable, wait_all  # noqa: E402
@@ -95,6 +97,7 @@ class Launch(Segment):
     launcher: str = "torchrun"
     order: tuple[int, ...] = (0, 1)  # the host of node rank 0, 1
     out_offset: int = 0  # SLURM: where this run's part of the job's output file starts
+    force_unlock: bool = False
 
 
 def tag_step(tag: str) -> int:
@@ -161,15 +164,16 @@ class ClusterDrill(Drill):
         if self.slurm is None:
             self.slurm = Slurm(self.cluster, self.workdir).start()
             self.stack.callback(self.slurm.stop)
-        flags = self.flags("drill")
-        if (self.run_dir / ".run.lock").exists():
-            flags.append("--force-unlock")  # the torchrun job's lock, left by its SIGKILLed rank 0 (see the docstring)
+        flags, stale = self.flags("drill"), (self.run_dir / ".run.lock").exists()
+        # the torchrun job's lock, left by its SIGKILLed rank 0 (see the docstring)
+        flags += ["--force-unlock"] if stale else []
         env = {**child_env(2), "LUMINA_LAUNCHER": "srun", "GPUS_PER_NODE": "2",
                "HOSTFILE": str(self.workdir / "hostfile"),
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
         sbatch = ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--open-mode=append",
                   f"--output={self.workdir}/slurm-%j.out", str(ROOT / "launch" / "slurm" / "train.sbatch")]  # fmt: skip
         launch = self.new_launch("slurm")
+        launch.force_unlock = stale
         self.job = self.slurm.sbatch([*sbatch, *flags], env=env, cwd=ROOT)
         return launch
 
@@ -318,7 +322,9 @@ def data_lost(drill: ClusterDrill, event: Event, launch: Launch) -> float:
 
 def relaunch(event: Event, launch: Launch) -> str:
     if launch.launcher == "slurm":
-        return "requeued" if event.kind in SLURM_KINDS else "sbatch"
+        if event.kind in SLURM_KINDS:
+            return "requeued"
+        return "sbatch --force-unlock" if launch.force_unlock else "sbatch"
     return "torchrun, ranks swapped" if launch.order != (0, 1) else "torchrun"
 
 
