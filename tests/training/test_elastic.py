@@ -4,6 +4,7 @@ continuation cannot be exact, and when the universal path is taken. The loads th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lumina_ds.config.presets import get_preset
 from lumina_ds.config.run import RunConfig
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError
+from lumina_ds.training import elastic
 from lumina_ds.training.checkpoint import PlainLoader
 from lumina_ds.training.elastic import Layout, continuation_note, tag_loader_for
 
@@ -111,3 +113,40 @@ def test_a_checkpoint_swapped_to_nvme_is_refused_on_other_sizes(tmp_path: Path) 
     assert err.value.code == "E303" and "swapped to NVMe" in err.value.message
     assert "--offload-device cpu" in err.value.hint
     assert _plan(_run(tmp_path, **nvme), tag, world_size=2) == (None, [])  # the same sizes: DeepSpeed's own load
+
+
+def _sized(tag: Path, size: int) -> None:
+    """The tag's complete.json lists files of `size` bytes in all (what the space check and the refusal read)."""
+    marker = json.loads((tag / "complete.json").read_text())
+    marker["files"] = {"zero_pp_rank_0_mp_rank_00_optim_states.pt": {"size": size, "xxh3": "0"}}
+    (tag / "complete.json").write_text(json.dumps(marker))
+
+
+def test_the_conversion_is_refused_before_anything_is_written_when_its_peak_does_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check counts SPACE_FACTOR x the tag (the temporary fragments included), not the tag alone."""
+    tag = _saved_tag(tmp_path, _run(tmp_path, zero_stage=2), world_size=2)
+    _sized(tag, 10 * 2**30)
+    free = int(10 * 2**30 * (elastic.SPACE_FACTOR - 0.1))  # more than the tag, less than the peak
+    monkeypatch.setattr(elastic.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(free, 0, free))
+    with pytest.raises(CheckpointError) as err:
+        _plan(_run(tmp_path, zero_stage=2), tag, world_size=1)
+    assert err.value.code == "E303" and "temporary fragments included" in err.value.message
+    assert f"{10 * elastic.SPACE_FACTOR:.2f} GB" in err.value.message
+    assert not [p for p in (tmp_path / "runs" / "new" / "checkpoints" / ".universal").iterdir()]  # nothing written
+
+
+def test_a_layout_the_split_does_not_cover_is_refused_above_the_size_with_the_time_it_would_take(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = _saved_tag(tmp_path, _run(tmp_path, zero_stage=2), world_size=2)
+    _sized(tag, elastic.SINGLE_PROCESS_LIMIT + 2**30)
+    monkeypatch.setattr(elastic.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(2**60, 0, 2**60))
+    monkeypatch.setattr(elastic, "convert_share", lambda *a, **k: False)  # as for tensor or pipeline parallelism
+    with pytest.raises(CheckpointError) as err:
+        _plan(_run(tmp_path, zero_stage=2), tag, world_size=1)
+    hours = (elastic.SINGLE_PROCESS_LIMIT + 2**30) / elastic.SINGLE_PROCESS_RATE / 3600
+    assert err.value.code == "E303" and "DeepSpeed's converter in one process" in err.value.message
+    assert f"about {hours:.1f} h while every other rank waits" in err.value.message
+    assert not [p for p in (tmp_path / "runs" / "new" / "checkpoints" / ".universal").iterdir()]  # staging removed
