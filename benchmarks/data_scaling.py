@@ -6,7 +6,8 @@ Every rank counts the input bytes it reads (hashing, line offsets, tokenizing; n
 lumina_ds/data/prepare/meter.py), all the bytes it reads through read() calls (/proc/self/io rchar: inputs, caches,
 shards read into RAM; memory-mapped pages are not counted) and the tokens it encodes (a wrapper around
 DocEncoder.encode_lines). The table shows, per strategy and W, the largest rank's counts against the fair share
-total/W, and the wall time of the slowest rank; then the same run again on the warm cache. --code runs the ranks on
+total/W, the CPU seconds of the busiest rank (all its threads) and of all ranks, and the wall time of the slowest
+rank; then the same run again on the warm cache. --code runs the ranks on
 another checkout (an older commit, for a before/after comparison: it has no meter, the other columns work). A table
 goes to stdout, the rows as JSON to --output. See benchmarks/NOTES.md for results.
 
@@ -130,11 +131,11 @@ def rank_main(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     for _ in ("cold", "warm"):
         dist.barrier()
         input_bytes()
-        tokens[0], read_before, started = 0, rchar(), time.perf_counter()
+        tokens[0], read_before, started, cpu = 0, rchar(), time.perf_counter(), time.process_time()
         train = build_train_data(data, tokenizer, batching, prepared_dir=Path(job["prepared"]), world=world_of)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu  # cpu: all threads of this rank
         results.append({"bytes": input_bytes(), "rchar": rchar() - read_before, "tokens": tokens[0],
-                        "seconds": seconds, "steps": train.total_steps})  # fmt: skip
+                        "seconds": seconds, "cpu": cpu, "steps": train.total_steps})  # fmt: skip
     Path(job["out"], f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -163,6 +164,7 @@ def measure(world: int, job: dict[str, Any]) -> list[dict[str, Any]]:
             row |= {f"{key}_total": total, f"{key}_max": max(r[key] or 0 for r in ranks)}
             row[f"{key}_ratio"] = row[f"{key}_max"] / (total / world) if total else 0.0
         row["seconds"] = max(r["seconds"] for r in ranks)
+        row["cpu_max"], row["cpu_total"] = max(r["cpu"] for r in ranks), sum(r["cpu"] for r in ranks)
         rows.append(row)
     return rows
 
@@ -172,7 +174,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     head = f"{'strategy':<10} {'W':>3} {'run':<5}"
     for label in ("input MB", "rchar MB"):
         head += f" {'max ' + label:>12} {'total/W':>8} {'ratio':>5}"
-    print(head + f" {'max tokens':>11} {'total/W':>11} {'ratio':>5} {'wall s':>7}")
+    print(head + f" {'max tokens':>11} {'total/W':>11} {'ratio':>5} {'max cpu s':>9} {'total':>6} {'wall s':>7}")
     for r in rows:
         line = f"{r['strategy']:<10} {r['ranks']:>3} {r['run']:<5}"
         for key in ("bytes", "rchar"):
@@ -182,7 +184,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 continue
             line += f" {r[f'{key}_max'] / 1e6:>12.2f} {fair:>8.2f} {r[f'{key}_ratio']:>5.2f}"
         fair_t = r["tokens_total"] / r["ranks"]
-        print(line + f" {r['tokens_max']:>11,} {fair_t:>11,.0f} {r['tokens_ratio']:>5.2f} {r['seconds']:>7.1f}")
+        line += f" {r['tokens_max']:>11,} {fair_t:>11,.0f} {r['tokens_ratio']:>5.2f}"
+        print(line + f" {r['cpu_max']:>9.1f} {r['cpu_total']:>6.1f} {r['seconds']:>7.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
