@@ -44,12 +44,15 @@ from lumina_ds.training.universal import (
 
 UNIVERSAL_DIR = ".universal"
 _T = TypeVar("_T")
-# peak bytes of a conversion (output and temporary fragments) per byte of the tag, measured (benchmarks/NOTES.md,
-# "Elastic resume: the universal conversion split across ranks") and rounded up
-SPACE_FACTOR = 2.0
-# DeepSpeed's single-process converter, for layouts the split does not cover: its measured rate, and the largest tag
-# it is left to (above it, the other ranks would wait for hours)
-SINGLE_PROCESS_RATE = 50 * 2**20
+# peak bytes on disk of a conversion (output and temporary fragments) per byte of the tag, measured and rounded up
+# (benchmarks/NOTES.md, "Elastic resume: the universal conversion split across ranks"): split, at most 1.47 (debug,
+# ZeRO-3, where each small tensor's file overhead counts; 0.73-1.13 for m70_memory); DeepSpeed's one-process converter
+# keeps every fragment until the end, at most 2.15 (1.19-1.45 for m70_memory)
+SPACE_FACTOR = 1.5
+SINGLE_PROCESS_SPACE_FACTOR = 2.25
+# DeepSpeed's single-process converter, for layouts the split does not cover: its measured rate (m70_memory's tag,
+# 1460 MiB in 30.1 s on 2 loaded cores), and the largest tag it is left to (about 1.2 h at that rate)
+SINGLE_PROCESS_RATE = 48 * 2**20
 SINGLE_PROCESS_LIMIT = 200 * 2**30
 
 
@@ -268,6 +271,7 @@ def _complete(tag_dir: Path, target: Path, *, split: bool) -> None:
             f"{SINGLE_PROCESS_RATE / 2**20:.0f} MB/s here: about {hours:.1f} h while every other rank waits",
             "resume on the sizes that saved it",
         )
+    _check_space(tag_dir, target.parent, SINGLE_PROCESS_SPACE_FACTOR)
     convert(tag_dir, target)
 
 
@@ -275,16 +279,16 @@ def _tag_bytes(tag_dir: Path) -> int:
     return sum(int(f["size"]) for f in read_json(tag_dir / COMPLETE_MARKER).get("files", {}).values())
 
 
-def _check_space(tag_dir: Path, folder: Path) -> None:
-    """A conversion needs SPACE_FACTOR x the tag at its peak (the temporary fragments included), before anything
-    is written."""
-    need = int(_tag_bytes(tag_dir) * SPACE_FACTOR)
+def _check_space(tag_dir: Path, folder: Path, factor: float = SPACE_FACTOR) -> None:
+    """A conversion needs `factor` x the tag at its peak (the temporary fragments included), before anything is
+    written."""
+    need = int(_tag_bytes(tag_dir) * factor)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if need > free:
         raise CheckpointError(
             "E303",
-            f"converting {tag_dir.name} needs about {need / 2**30:.2f} GB in {folder} ({SPACE_FACTOR} x the tag, its "
+            f"converting {tag_dir.name} needs about {need / 2**30:.2f} GB in {folder} ({factor} x the tag, its "
             f"temporary fragments included), {free / 2**30:.2f} GB are free",
             "free disk space",
         )
