@@ -231,6 +231,30 @@ def loads(tag: Path, ranks: int, mmap: bool, argv: list[str], work: Path) -> lis
     return [read[r] for r in sorted(read)]
 
 
+def slice_reads(work: Path, mib: int, world: int) -> None:
+    """One universal fp32.pt of `mib` MiB, as DeepSpeed's loaders take a rank's 1/world of it (torch.load, then a
+    narrow and a copy): the bytes read from the disk, mapped and whole, for each rank on its own (pages dropped)."""
+    import torch
+
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "fp32.pt"
+    torch.save({"param": torch.randn(mib * 2**18)}, path)
+    print("| file MiB | ranks | files | MiB read per rank (each alone) |\n|---:|---:|---|---|")
+    for mmap in (True, False):
+        read = []
+        for rank in range(world):
+            drop_cache(work)
+            before = _read_bytes()
+            flat = torch.load(path, weights_only=True, mmap=mmap)["param"]
+            part = flat.numel() // world
+            flat.narrow(0, rank * part, part).clone()
+            read.append(_read_bytes() - before)
+            del flat
+        shown = ", ".join(f"{b / 2**20:.0f}" for b in read)
+        print(f"| {mib} | {world} | {'mapped' if mmap else 'read whole'} | {shown} |", flush=True)
+    path.unlink()
+
+
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--probe":
         probe(argv[1:])
@@ -240,9 +264,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 4], help="none: the loads only")
     p.add_argument("--work", type=Path, default=Path("/tmp/universal_scaling"))
     p.add_argument("--load-ranks", type=int, nargs="*", default=[])
+    p.add_argument("--slice-mib", type=int, default=0, help="also: one tensor of this size sliced by --load-ranks")
     p.add_argument("--train-args", default="", help="the resumed run's arguments (preset, data, sizes, --max-steps)")
     args = p.parse_args(argv)
     tag = args.tag.resolve()
+    if args.slice_mib:
+        for n in args.load_ranks:
+            slice_reads(args.work / "slice", args.slice_mib, n)
+        return
     if args.worlds:
         conversions(tag, args.worlds, args.work)
     shutil.rmtree(args.work, ignore_errors=True)
