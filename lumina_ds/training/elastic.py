@@ -199,6 +199,8 @@ def _attempt(step: Callable[[], _T], target: Path) -> tuple[_T | None, Checkpoin
             f"cannot write the universal checkpoint {target}: {exc}",
             "free disk space, or resume on the sizes that saved the checkpoint",
         )
+    except Exception as exc:  # e.g. an unreadable checksum list: raised here alone, the others would wait forever
+        return None, CheckpointError("E303", f"the universal conversion into {target} failed: {exc!r}")
 
 
 def _together(problem: CheckpointError | None, tag_dir: Path) -> None:
