@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -243,7 +244,11 @@ class ClusterDrill(Drill):
             host.kill()
         killed_at = time.time()
         in_save = staging_step(self.run_dir / "checkpoints") is not None
-        wait_all(self.procs, timeout=SURVIVORS_EXIT_S + 30)
+        while any(p.poll() is None for p in self.procs) and time.time() - killed_at < SURVIVORS_EXIT_S:
+            time.sleep(0.1)
+        if any(p.poll() is None for p in self.procs):  # a hang: keep where the survivors wait as evidence
+            self.dump_stacks(self.workdir / f"{launch.log.stem}.stacks.txt")
+        wait_all(self.procs, timeout=30)
         teardown = time.time() - killed_at
         for each in self.cluster.hosts:  # whatever a launcher left behind (workers in sessions of their own)
             each.kill()
@@ -254,6 +259,20 @@ class ClusterDrill(Drill):
         lost = next((m for text in texts if (m := E308.search(text))), None)
         stop = f"E308: rank(s) {lost.group(1)} on {lost.group(2)}" if lost else "no E308"
         return self.event(kind, launch, killed_at, teardown, rank=rank, host=host.name, in_save=in_save, stop=stop)
+
+    def dump_stacks(self, path: Path) -> None:
+        """The Python stacks of every training process still alive (py-spy, when installed), into `path`."""
+        spy = shutil.which("py-spy")
+        with path.open("w") as out:
+            for host in self.cluster.hosts:
+                pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True, timeout=30)
+                for pid in pids.stdout.split():
+                    with contextlib.suppress(psutil.Error):
+                        out.write(f"== {host.name} pid {pid}: {' '.join(psutil.Process(int(pid)).cmdline())[:200]}\n")
+                    if spy:
+                        done = subprocess.run([spy, "dump", "--pid", pid], capture_output=True, text=True, timeout=60)
+                        out.write(done.stdout + done.stderr)
+        print(f"warning: the job outlived the kill by {SURVIVORS_EXIT_S:.0f} s; stacks in {path}", flush=True)
 
     def strike_slurm(self, kind: str, launch: Launch) -> Event:
         """A SLURM event: the stop is sent, every rank saves and exits, SLURM (or the script) requeues the job."""

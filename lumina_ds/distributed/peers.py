@@ -31,12 +31,16 @@ def where_ranks_run() -> list[Peer]:
     return [Peer(rank, host, address) for rank, (host, address) in enumerate(gathered)]
 
 
+def lost_connection(exc: BaseException) -> bool:
+    """Whether a failed collective lost its connection to a peer (the peer's process or host is gone)."""
+    return any(cause in str(exc) for cause in _LOST)
+
+
 def lost_peer_error(exc: BaseException, peers: list[Peer], *, rank: int) -> TrainingError | None:
     """E308 naming the ranks at the address a failed collective lost, or None when `exc` is no lost connection."""
-    text = str(exc)
-    if not any(cause in text for cause in _LOST):
+    if not lost_connection(exc):
         return None
-    addresses = set(_PEER.findall(text))
+    addresses = set(_PEER.findall(str(exc)))
     lost = [p for p in peers if p.address in addresses and p.rank != rank]
     if lost:
         hosts = sorted({f"{p.host} ({p.address})" for p in lost})

@@ -20,6 +20,7 @@ from lumina_ds.config.run import LoggingConfig, TrainConfig
 from lumina_ds.data.train_data import PackedBatches, PackedDataset
 from lumina_ds.distributed.collectives import Arrival, all_ranks_arrive, all_reduce, all_reduce_sum, any_rank
 from lumina_ds.distributed.env import DistInfo
+from lumina_ds.distributed.peers import lost_connection
 from lumina_ds.errors import CheckpointError, TrainingError
 from lumina_ds.monitor.callbacks import Callback
 from lumina_ds.training.checkpoint import CheckpointManager
@@ -214,6 +215,8 @@ class Trainer:
             return f"it came inside optimizer step {self.state.step + 1}, with gradients partly accumulated"
         if self._last_saved == self.state.step:
             return f"the checkpoint of step {self.state.step} is current"
+        if lost_connection(exc):  # no save can complete; the wait for every rank below would not end on ranks != 0
+            return "a peer's process or host is gone (its connection was lost)"
         return None
 
     def _say(self, message: str) -> None:
