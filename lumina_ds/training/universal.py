@@ -162,14 +162,17 @@ def _seal(tag_dir: Path, out: Path, target: Path, files: dict[str, Any]) -> None
     (out / MARKER).write_text(json.dumps(marker))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(out, target)
-    shutil.rmtree(staging(target), ignore_errors=True)
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def convert(tag_dir: Path, target: Path) -> None:
     """DeepSpeed's own converter in one process (rank 0), for what the split does not cover: staged, checksummed,
     then renamed into place."""
-    prepare(target)
-    out = staging(target) / target.name  # DeepSpeed writes `latest_universal` beside its output folder
+    # its own staging folder: one process converts, and a chat or export may convert the same tag meanwhile
+    work = target.parent / f".{target.name}.converting-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    out = work / target.name  # DeepSpeed writes `latest_universal` beside its output folder
     try:
         command = [sys.executable, "-m", "lumina_ds.training.universal", "--input_folder", str(tag_dir),
                    "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers",
@@ -180,7 +183,7 @@ def convert(tag_dir: Path, target: Path) -> None:
         files = {str(p.relative_to(out)): {"size": p.stat().st_size, "xxh3": file_digest(p)} for p in tag_files(out)}
         _seal(tag_dir, out, target, files)
     finally:
-        shutil.rmtree(staging(target), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def remove_others(target: Path) -> None:
