@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
@@ -121,7 +121,9 @@ def rank_pid(host_netns: str, rank: int) -> int:
 class ClusterDrill(Drill):
     """The reference run on the two hosts, then the drill run: launch, strike, repeat; then a launch to the end."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, cluster: LocalCluster, stack: contextlib.ExitStack):
+    def __init__(
+        self, args: argparse.Namespace, workdir: Path, cluster: LocalCluster, stack: contextlib.ExitStack
+    ) -> None:
         super().__init__(args, workdir)
         self.cluster, self.stack = cluster, stack
         self.metrics = self.run_dir / "metrics.jsonl"
@@ -349,8 +351,8 @@ def relaunch(event: Event, launch: Launch) -> str:
 
 def rows(drill: ClusterDrill, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per event (summarize() has filled in where each resumed and what it lost)."""
-    out = []
-    for event, launch, kill in zip(drill.kills, drill.segments[1:], summary["per_kill"], strict=True):
+    out, events, launches = [], cast(list[Event], drill.kills), cast(list[Launch], drill.segments)
+    for event, launch, kill in zip(events, launches[1:], summary["per_kill"], strict=True):
         survived = bool(launch.seen) and max(launch.seen) > (event.resumed_at or 0)
         out.append({**kill, "relaunch": relaunch(event, launch), "data_lost": data_lost(drill, event, launch),
                     "survived": survived and event.resumed_at == event.newest_tag,

@@ -1,8 +1,8 @@
 """benchmarks/cluster_drill.py in small: a host killed mid-run and a host killed during a save, on two namespace
 hosts of two ranks under torchrun; each relaunch resumes from the newest complete tag with the losses and data
-positions of the uninterrupted reference run. Four 4-rank launches of 8 steps (about 60 s on 2 idle cores, 110 s at
-load 10). The SLURM events are left to the benchmark (each needs the daemons and a requeue hold); test_slurm.py covers
-one stop of each kind."""
+positions of the uninterrupted reference run. Four 4-rank launches of 8 steps (53 s on 2 cores at load 4, 78 s at
+load 8-17, 102 s at load 20). The SLURM events are left to the benchmark (each needs the daemons and a requeue
+hold); test_slurm.py covers one stop of each kind."""
 
 from __future__ import annotations
 
