@@ -88,12 +88,15 @@ def all_gather_object(value: Any) -> list[Any]:
 
 
 _CONTROL_GROUP: list[Any] = []  # a gloo group for agreement that must not wait behind the training collectives
+# The longest `all_ranks_arrive` waits on a rank other than 0: gloo's monitored barrier bounds rank 0's wait by its
+# argument, the others' (a send to rank 0 and its answer) only by the group's timeout, which was the run's 2 hours.
+CONTROL_TIMEOUT_S = 120.0
 
 
-def create_control_group() -> None:
+def create_control_group(*, timeout_s: float = CONTROL_TIMEOUT_S) -> None:
     """Collective, once at start: a gloo side group (NCCL or not) for `all_ranks_arrive`."""
     if _distributed() and not _CONTROL_GROUP:
-        _CONTROL_GROUP.append(dist.new_group(backend="gloo"))
+        _CONTROL_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,9 @@ class Arrival:
 
 def all_ranks_arrive(*, timeout_s: float) -> Arrival:
     """Whether every rank calls this within `timeout_s`: a rank stuck in another collective never arrives, and the
-    caller learns it instead of hanging. A rank whose process is gone closes its connections, and the wait fails at
-    once rather than after `timeout_s`. Without a control group only a single process can tell."""
+    caller learns it instead of hanging (on a rank other than 0, after the control group's timeout at the latest:
+    CONTROL_TIMEOUT_S). A rank whose process is gone closes its connections, and the wait fails at once rather than
+    after `timeout_s`. Without a control group only a single process can tell."""
     if not _distributed():
         return Arrival(arrived=True)
     if not _CONTROL_GROUP:
