@@ -27,7 +27,7 @@ from lumina_ds.data.train_data import (
     measure_batches,
     training_texts,
 )
-from lumina_ds.distributed.collectives import any_rank, min_over_ranks, shared_by_all_ranks
+from lumina_ds.distributed.collectives import all_gather_object, any_rank, min_over_ranks, shared_by_all_ranks
 from lumina_ds.distributed.ds_config import select_precision
 from lumina_ds.distributed.env import DistInfo, barrier, init_distributed
 from lumina_ds.distributed.nvme import swap_space
@@ -140,7 +140,7 @@ def data_world(info: DistInfo) -> DataWorld:
     return DataWorld(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                      local_world_size=info.local_world_size, barrier=barrier, least_free_ram=min_over_ranks,
                      shared=lambda path: shared_by_all_ranks(path, rank=info.rank),
-                     log=lambda message: log(info, message))  # fmt: skip
+                     log=lambda message: log(info, message), all_gather=all_gather_object)  # fmt: skip
 
 
 def batching_of(run: RunConfig) -> Batching:
