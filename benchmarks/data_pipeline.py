@@ -23,6 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # its sibling modules (tests/benchmarks would shadow the package)
+
+from corpus import write_conversations  # noqa: E402
 
 from lumina_ds.config.presets import get_preset  # noqa: E402
 from lumina_ds.data import sample_texts  # noqa: E402
@@ -57,18 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def generate_corpus(path: Path, size_mb: float) -> Path:
     """The bundled conversations with a counter in every user turn, repeated until `size_mb` (no duplicates)."""
-    lines = [json.loads(line) for line in (ROOT / "examples" / "conversations.jsonl").read_text().splitlines()]
-    target, written, copy = int(size_mb * 1e6), 0, 0
-    with path.open("w") as handle:
-        while written < target:
-            for conversation in lines:
-                messages = [dict(m) for m in conversation["messages"]]
-                messages[0]["content"] = f"[{copy}] {messages[0]['content']}"
-                line = json.dumps({"messages": messages}) + "\n"
-                handle.write(line)
-                written += len(line)
-            copy += 1
-    return path
+    return write_conversations(path, size_mb)
 
 
 def timed(label: str, fn: Any) -> tuple[Any, float]:

@@ -30,6 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CODE = Path(os.environ.get("DATA_SCALING_CODE", ROOT))  # the checkout the ranks run (set by --code for them)
 sys.path.insert(0, str(CODE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, from this checkout
+
+from corpus import write_conversations  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,22 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def generate_corpus(directory: Path, size_mb: float) -> list[Path]:
     """The bundled conversations with a counter in every user turn, until `size_mb`, in files of 60/30/10%."""
-    lines = [json.loads(line) for line in (ROOT / "examples" / "conversations.jsonl").read_text().splitlines()]
-    files = []
-    for index, share in enumerate((0.6, 0.3, 0.1)):
-        path = directory / f"chats{index}.jsonl"
-        target, written, copy = int(size_mb * 1e6 * share), 0, 0
-        with path.open("w") as handle:
-            while written < target:
-                for conversation in lines:
-                    messages = [dict(m) for m in conversation["messages"]]
-                    messages[0]["content"] = f"[{index}.{copy}] {messages[0]['content']}"
-                    line = json.dumps({"messages": messages}) + "\n"
-                    handle.write(line)
-                    written += len(line)
-                copy += 1
-        files.append(path)
-    return files
+    return [write_conversations(directory / f"chats{index}.jsonl", size_mb * share, label=f"{index}.")
+            for index, share in enumerate((0.6, 0.3, 0.1))]  # fmt: skip
 
 
 def rchar() -> int:
