@@ -45,8 +45,11 @@ def build_expert_parallel_engine_and_print_group_timeouts() -> None:
     build_engine(build_model(run, world_size=2, precision="fp32"), run, info=info, total_steps=2, precision="fp32")
     print("EP", timeout_of(groups._get_expert_parallel_group("ep_size_2")).total_seconds())
     print("EDP", timeout_of(groups._get_expert_data_parallel_group("ep_size_2")).total_seconds())
-    every = sorted({timeout_of(group).total_seconds() for group in c10d._world.pg_map})
+    from lumina_ds.distributed.collectives import _CONTROL_GROUP
+
+    every = sorted({timeout_of(group).total_seconds() for group in c10d._world.pg_map if group not in _CONTROL_GROUP})
     print("GROUPS", len(c10d._world.pg_map), "TIMEOUTS", every)
+    print("CONTROL", timeout_of(_CONTROL_GROUP[0]).total_seconds())
     dist.barrier()
 
 
@@ -54,5 +57,6 @@ def test_deepspeeds_expert_parallel_groups_get_the_runs_timeout(tmp_path: Path) 
     proc = call_on_ranks(build_expert_parallel_engine_and_print_group_timeouts, cwd=tmp_path, n=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("EP 420.0") == 2 and proc.stdout.count("EDP 420.0") == 2
-    # the default group, the control group and DeepSpeed's: every one of them
+    # the default group and DeepSpeed's: every one of them; the control group keeps its own bound (collectives.py)
     assert proc.stdout.count("TIMEOUTS [420.0]") == 2, proc.stdout
+    assert proc.stdout.count("CONTROL 120.0") == 2, proc.stdout
