@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def test_b300_on_32_nodes_fits_with_zero3_and_expert_parallel() -> None:
     text = format_plan(result)
     assert "chosen" in text and "rejected: GPU" in text  # ZeRO-0/1 are shown with why they lost
     assert json.loads(json.dumps(plan_as_dict(result)))["chosen"]["zero_stage"] == 3
+    # a save: 295B x (2 bf16 module + 4 fp32 master + 8 Adam) bytes, every node writing 2 GB/s; the consolidated
+    # weights (2 bytes each) only in the last tag, by rank 0 alone; the signal lead covers a step, a save and 30 s
+    params = ParamInventory.of(get_preset("b300").model).total
+    assert result.checkpoint_bytes == params * 14 and result.weights_bytes == params * 2
+    assert result.save_seconds == pytest.approx(params * 14 / (32 * 2e9))
+    assert result.signal_lead_seconds == math.ceil(best.step_seconds + result.save_seconds + 30)
+    assert f"#SBATCH --signal=USR1@{result.signal_lead_seconds}" in text
+    slower = plan(get_preset("b300"), replace(cluster, fs_write_gbps=0.5))
+    assert slower.save_seconds == pytest.approx(4 * result.save_seconds)
 
 
 def test_b300_on_one_node_is_refused_with_what_would_fit() -> None:
