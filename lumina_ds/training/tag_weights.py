@@ -94,14 +94,17 @@ def ensure_weights(path: str | Path, *, log: Log = print) -> Path:
 def _consolidate(tag_dir: Path, run_dir: Path, log: Log) -> None:
     layout, _ = saved_layout(tag_dir)
     if not writes_weights_later(layout):
+        why = "ZeRO-0 with expert parallelism"
+        if layout.native_moe or layout.swapped_to_nvme:
+            why = "the native MoE layer" if layout.native_moe else "NVMe-swapped optimizer states"
         raise CheckpointError(
             "E303",
-            f"{tag_dir} has no consolidated weights, and its layout ({layout.describe()}, "
-            f"{'native MoE' if layout.native_moe else 'NVMe-swapped optimizer states'}) has no offline source for them",
-            "use a tag that has them (the run's last, or any tag of a run with --consolidate every)",
+            f"{tag_dir} has no consolidated weights, and its layout ({layout.describe()}, {why}) has no offline "
+            "source for them",
+            "use a tag that has model.safetensors (such layouts write it at every save unless --consolidate never)",
         )
     started = time.perf_counter()
-    log(f"{tag_dir.name} has no consolidated weights (saved with --consolidate final): writing them from its "
+    log(f"{tag_dir.name} has no consolidated weights (--consolidate final or never): writing them from its "
         "DeepSpeed files")  # fmt: skip
     try:
         _write_into(tag_dir, layout, run_dir)

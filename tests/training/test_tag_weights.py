@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lumina_ds.config.run import CheckpointConfig
 from lumina_ds.distributed.env import DistInfo
-from lumina_ds.errors import ConfigError
+from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.run_dir import COMPLETE_MARKER, WEIGHTS_FILE, list_complete_tags
 from lumina_ds.training import checkpoint, checkpoint_files
 from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader
@@ -153,3 +153,18 @@ def test_layouts_without_an_offline_source_write_weights_at_every_save(
     assert writes_weights_later(layout) is later
     manager = CheckpointManager(tmp_path, CheckpointConfig(), INFO, loader=PlainLoader(INFO), weights_later=later)
     assert manager.weights_every_save is not later
+
+
+def test_a_layout_without_an_offline_source_is_refused_and_the_tag_is_left_as_it_was(copied_run: Path) -> None:
+    """A native-MoE tag without weights (saved with --consolidate never): DeepSpeed keeps its experts in files of
+    their own that neither source reads; E303 names the layout and nothing is written."""
+    tag = copied_run / "checkpoints" / "step_00000004"
+    trainer_json = tag / "lumina_state" / "trainer.json"
+    state = json.loads(trainer_json.read_text())
+    state["config"]["distributed"]["moe_backend"] = "native"
+    trainer_json.write_text(json.dumps(state))
+    before = sorted(str(p.relative_to(tag)) for p in tag.rglob("*"))
+    with pytest.raises(CheckpointError, match=r"E303.*the native MoE layer"):
+        ensure_weights(tag, log=lambda _: None)
+    assert sorted(str(p.relative_to(tag)) for p in tag.rglob("*")) == before
+    assert not list(tag.parent.glob(".*weights*"))
