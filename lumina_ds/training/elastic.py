@@ -225,7 +225,7 @@ def _decide(tag_dir: Path, target: Path, info: DistInfo, log: Log) -> bool:
 
 
 def _start(tag_dir: Path, target: Path) -> None:
-    _check_space(tag_dir, target.parent)
+    check_conversion_space(tag_dir, target.parent)
     prepare(target)
 
 
@@ -273,7 +273,7 @@ def _complete(tag_dir: Path, target: Path, *, split: bool) -> None:
             f"{SINGLE_PROCESS_RATE / 2**20:.0f} MB/s here: about {hours:.1f} h while every other rank waits",
             "resume on the sizes that saved it",
         )
-    _check_space(tag_dir, target.parent, SINGLE_PROCESS_SPACE_FACTOR)
+    check_conversion_space(tag_dir, target.parent, SINGLE_PROCESS_SPACE_FACTOR)
     convert(tag_dir, target)
 
 
@@ -281,7 +281,7 @@ def _tag_bytes(tag_dir: Path) -> int:
     return sum(int(f["size"]) for f in read_json(tag_dir / COMPLETE_MARKER).get("files", {}).values())
 
 
-def _check_space(tag_dir: Path, folder: Path, factor: float = SPACE_FACTOR) -> None:
+def check_conversion_space(tag_dir: Path, folder: Path, factor: float = SPACE_FACTOR) -> None:
     """A conversion needs `factor` x the tag at its peak (the temporary fragments included), before anything is
     written."""
     need = int(_tag_bytes(tag_dir) * factor)

@@ -46,7 +46,13 @@ from lumina_ds.training.checkpoint_files import (
     install_weights,
     weights_only_loads,
 )
-from lumina_ds.training.elastic import UNIVERSAL_DIR, Layout, saved_layout
+from lumina_ds.training.elastic import (
+    SINGLE_PROCESS_SPACE_FACTOR,
+    UNIVERSAL_DIR,
+    Layout,
+    check_conversion_space,
+    saved_layout,
+)
 from lumina_ds.training.universal import convert, reusable
 
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
@@ -197,7 +203,7 @@ def _universal_of(tag_dir: Path, run_dir: Path) -> Iterator[Path]:
     target = run_dir / CHECKPOINTS_DIR / UNIVERSAL_DIR / tag_dir.name
     made = reusable(target, tag_dir) is not None
     if made:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        check_conversion_space(tag_dir, target.parent, SINGLE_PROCESS_SPACE_FACTOR)  # E303 before anything is written
         convert(tag_dir, target)
     try:
         yield target

@@ -6,6 +6,7 @@ the save would have written; DeepSpeed's files are checksummed while written (ne
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from lumina_ds.config.run import CheckpointConfig
 from lumina_ds.distributed.env import DistInfo
 from lumina_ds.errors import CheckpointError, ConfigError
 from lumina_ds.run_dir import COMPLETE_MARKER, WEIGHTS_FILE, list_complete_tags
-from lumina_ds.training import checkpoint, checkpoint_files
+from lumina_ds.training import checkpoint, checkpoint_files, elastic
 from lumina_ds.training.checkpoint import CheckpointManager, PlainLoader
 from lumina_ds.training.checkpoint_files import build_manifest, file_digest, file_problems, hashed_while_written
 from lumina_ds.training.elastic import Layout
@@ -65,9 +66,12 @@ def test_a_tag_gets_the_weights_its_save_would_have_written(copied_run: Path) ->
     assert not list((copied_run / "checkpoints").glob(".*weights*"))  # no staging dir or lock left behind
 
 
-def test_zero3_bf16_weights_come_from_the_universal_conversion_exactly(workdir: Path, shared_run: Path) -> None:
+def test_zero3_bf16_weights_come_from_the_universal_conversion_exactly(
+    workdir: Path, shared_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """ZeRO-3 keeps no whole weight in its model states: the fp32 master weights of DeepSpeed's universal checkpoint,
-    cast to bf16, are the module's bf16 weights bit for bit; the conversion made for it is removed after."""
+    cast to bf16, are the module's bf16 weights bit for bit; the conversion made for it is removed after. A disk
+    without room for the conversion is E303 before anything is written."""
     done = here(["train", *FAST, "--train-data", TRAIN, "--tokenizer", str(shared_run / "tokenizer.json"),
                  "--zero-stage", "3", "--precision", "bf16", "--max-steps", "2", "--save-every-n-steps", "2",
                  "--experiment-name", "z3bf16", "--consolidate", "every"], cwd=workdir)  # fmt: skip
@@ -75,6 +79,11 @@ def test_zero3_bf16_weights_come_from_the_universal_conversion_exactly(workdir: 
     tag = workdir / "runs" / "z3bf16" / "checkpoints" / "step_00000002"
     expected = weights_removed(tag)
     assert {t.dtype for t in expected.values()} == {torch.bfloat16}
+    with monkeypatch.context() as patch:
+        patch.setattr(elastic.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
+        with pytest.raises(CheckpointError, match=r"E303.*needs about .* GB .* 0\.00 GB are free"):
+            ensure_weights(tag, log=lambda _: None)
+    assert not (tag / WEIGHTS_FILE).exists() and not list((tag.parent / ".universal").iterdir())
     ensure_weights(tag, log=lambda _: None)
     assert_same(load_file(str(tag / WEIGHTS_FILE)), expected)
     assert not (tag.parent / ".universal" / tag.name).exists()
