@@ -185,6 +185,13 @@ def weights_files(tag_dir: Path) -> list[Path]:
     return files
 
 
+def has_weights(tag_dir: Path) -> bool:
+    """Whether the tag holds consolidated weights (all of them: an index's shards too)."""
+    with contextlib.suppress(CheckpointError):
+        return bool(weights_files(tag_dir))
+    return False
+
+
 class SafetensorsFiles:
     """The tensors of one or more safetensors files by name, each read when asked for (nothing up front)."""
 

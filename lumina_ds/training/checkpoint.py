@@ -24,10 +24,9 @@ from lumina_ds.errors import CheckpointError
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     COMPLETE_MARKER,
-    INDEX_FILE,
     TAG_PATTERN,
-    WEIGHTS_FILE,
     fsync_path,
+    has_weights,
     is_weights_only,
     list_complete_tags,
     resolve_checkpoint,
@@ -273,7 +272,7 @@ class CheckpointManager:
         tag_dir = self.dir / tag_for_step(step)
         if self.config.consolidate != "final" or self.weights_every_save or not tag_dir.is_dir():
             return
-        if (tag_dir / WEIGHTS_FILE).is_file() or (tag_dir / INDEX_FILE).is_file():  # a resume of a finished run
+        if has_weights(tag_dir):  # a resume of a finished run
             return
         staging = tag_dir / f"{WEIGHTS_STAGING}{broadcast_token(self.info.rank)}"
         write_consolidated(engine.module, staging, max_shard_bytes=self.config.weights_shard_mb << 20)

@@ -51,7 +51,6 @@ class HashingFile:
     is never read back to list it."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
         self._file = open(path, "wb")  # noqa: SIM115  # closed by close(), after torch.save's last write
         self._digest = xxhash.xxh3_128()
         self.size = 0

@@ -35,9 +35,9 @@ from lumina_ds.models.transformer import Transformer
 from lumina_ds.run_dir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    has_weights,
     resolve_checkpoint,
     run_dir_of,
-    weights_files,
     write_shards,
 )
 from lumina_ds.training.checkpoint_files import (
@@ -64,14 +64,6 @@ def writes_weights_later(layout: Layout) -> bool:
     if layout.native_moe or layout.swapped_to_nvme:
         return False
     return layout.zero_stage >= 1 or layout.expert_parallel_size == 1
-
-
-def has_weights(tag_dir: Path) -> bool:
-    try:
-        weights_files(tag_dir)
-    except CheckpointError:
-        return False
-    return True
 
 
 def ensure_weights(path: str | Path, *, log: Log = print) -> Path:
@@ -129,11 +121,10 @@ def _write_into(tag_dir: Path, layout: Layout, run_dir: Path) -> None:
     shard_bytes = config.checkpoint.weights_shard_mb << 20
     shapes = _parameter_shapes(config.model)
     with weights_only_loads():
-        dtypes = _module_dtypes(tag_dir)
         if layout.expert_parallel_size == 1 and layout.zero_stage <= 2:
             named = _from_model_states(tag_dir, shapes)
         else:
-            named = _from_universal(tag_dir, run_dir, shapes, dtypes)
+            named = _from_universal(tag_dir, run_dir, shapes, _module_dtypes(tag_dir))
         try:
             write_shards(named, staging, max_shard_bytes=shard_bytes)
             install_weights(tag_dir, staging)

@@ -87,9 +87,13 @@ class Trainer:
         self.module.load_state_dict(resumed.module)
         self.batches.load_state_dict(resumed.data)
 
+    def _best_step(self) -> int | None:
+        """The best evaluation's step, whose tag rotation keeps (None before any evaluation)."""
+        return self.state.best_step if self.state.history else None
+
     def save(self, *, final: bool = False) -> None:
         self._check_finite()  # never checkpoint diverged weights
-        best = self.state.best_step if self.state.history else None  # kept out of rotation
+        best = self._best_step()
         state = {"trainer": self.state.as_dict(), "module": self.module.state_dict(), "config": self.config_record}
         first = self.checkpoints.last_save_seconds is None
         self.checkpoints.save(self.module.engine, self.state.step, state=state, data=self.batches.state_dict(),
@@ -237,8 +241,7 @@ class Trainer:
         if self._last_saved != self.state.step:
             self.save(final=natural_end)
         elif natural_end:
-            best = self.state.best_step if self.state.history else None
-            self.checkpoints.add_weights(self.module.engine, self.state.step, keep_step=best)
+            self.checkpoints.add_weights(self.module.engine, self.state.step, keep_step=self._best_step())
         summary = {"steps": self.state.step, "stop_reason": stop_reason, "elapsed_s": round(elapsed, 1),
                    "exit_code": self.exit_code, "skipped_steps": self.state.skipped_steps,
                    "overflow_steps": self.state.overflow_steps, "rewinds": self.state.rewinds}  # fmt: skip
